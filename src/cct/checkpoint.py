@@ -1,0 +1,235 @@
+"""Saving and loading: self-describing checkpoints, safe loading, foreign weights.
+
+A cct checkpoint carries the model's `CCTConfig` and class names beside its weights (as
+nanoGPT keeps `model_args`), so `load_checkpoint(path)` rebuilds the model unaided. Nothing is
+ever unpickled: `.pt` files load with `torch.load(weights_only=True)`, `.safetensors` through
+safetensors. Writes are atomic (temporary file, fsync, rename), so a crash or a full disk
+leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .model import CCT, CCTConfig
+
+FORMAT = "cct-checkpoint"
+VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Call `write(file_object)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def checkpoint_dict(model: CCT, **extra: Any) -> dict:
+    """The plain-data dict stored in a `.pt` checkpoint (only tensors, numbers, strings, lists, dicts)."""
+    return {"format": FORMAT, "version": VERSION, "model_name": getattr(model, "name", None),
+            "config": model.cfg.to_dict(), "class_names": model.class_names,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+
+
+def save_checkpoint(model: CCT, path: str | Path, *, format: str | None = None, **extra: Any) -> Path:
+    """Write `model` (weights, config, class names) to `path` atomically.
+
+    Args:
+        model: a model built by `cct.create_model` or `cct.load_checkpoint`.
+        path: destination file.
+        format: "pt" (default, or inferred from a `.safetensors` suffix) or "safetensors".
+        **extra: further plain data to store in a `.pt` checkpoint (optimizer state, epoch, ...).
+    """
+    path = Path(path)
+    format = format or ("safetensors" if path.suffix == ".safetensors" else "pt")
+    assert format in ("pt", "safetensors"), f"format must be 'pt' or 'safetensors', got {format!r}"
+    if format == "pt":
+        data = checkpoint_dict(model, **extra)
+        atomic_write(path, lambda f: torch.save(data, f))
+        return path
+    from safetensors.torch import save
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "version": str(VERSION), "model_name": getattr(model, "name", None) or "",
+            "config": json.dumps(model.cfg.to_dict()), "class_names": json.dumps(model.class_names)}
+    payload = save(tensors, metadata=meta)
+    atomic_write(path, lambda f: f.write(payload))
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file into a plain dict, refusing anything that would need unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        return _read_safetensors(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"refusing to load {path}: it contains pickled Python objects, which could run "
+                                  "code (only tensors and plain data are accepted)") from None
+        raise CheckpointError(f"{path} is not a valid checkpoint ({first or 'corrupt pickle'})") from None
+    except Exception as e:  # truncated zip, random bytes, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a checkpoint or state dict")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    if meta.get("format") != FORMAT:
+        return {"state_dict": tensors}
+    return {"format": FORMAT, "version": int(meta.get("version", 1)), "model_name": meta.get("model_name") or None,
+            "config": json.loads(meta["config"]), "class_names": json.loads(meta.get("class_names", "null")),
+            "state_dict": tensors}
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> CCT:
+    """Rebuild a model from a cct checkpoint (`.pt` or `.safetensors`) without being told its name.
+
+    The returned model is in eval mode; `model.class_names` holds the class names when known.
+    """
+    data = read_checkpoint(path)
+    if data.get("format") != FORMAT or "config" not in data:
+        raise CheckpointError(f"{path} is not a cct checkpoint (no model config); to load foreign weights use "
+                              "cct.create_model(name, pretrained=path)")
+    try:
+        cfg = CCTConfig.from_dict(dict(data["config"]))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{path}: invalid model config: {e}") from None
+    model = CCT(cfg)
+    model.name = data.get("model_name")
+    _load_state(model, data["state_dict"], path)
+    model.class_names = list(data["class_names"]) if data.get("class_names") else None
+    return model.to(map_location).eval()
+
+
+def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{path}: weights do not fit the model: {detail[:300]}") from None
+
+
+# ---------------------------------------------------------------------- foreign weights
+def official_state_dict(state: dict[str, torch.Tensor], model: CCT | None = None) -> dict[str, torch.Tensor]:
+    """Map a SHI-Labs/Compact-Transformers state dict (`src/cct.py`, `cvt.py`, `vit.py`) onto cct's names.
+
+    The official modules: `tokenizer.conv_layers.{i}.0` (conv), `classifier.positional_emb`,
+    `classifier.class_emb`, `classifier.attention_pool`, `classifier.blocks.{i}.{pre_norm, self_attn.qkv,
+    self_attn.proj, linear1, norm1, linear2}`, `classifier.norm`, `classifier.fc`. A sinusoidal
+    `positional_emb` is dropped when `model` uses sine embeddings (it is recomputed, not trained).
+    """
+    renames = [("module.", ""), ("tokenizer.conv_layers.", "tokenizer.convs."), ("classifier.positional_emb", "pos_embed"),
+               ("classifier.class_emb", "cls_token"), ("classifier.fc.", "head."), ("classifier.", ""),
+               (".self_attn.", ".attn."), (".linear1.", ".fc1."), (".linear2.", ".fc2.")]
+    out = {}
+    for key, value in state.items():
+        for old, new in renames:
+            if key.startswith(old) or (old.startswith(".") and old in key):
+                key = key.replace(old, new, 1)
+        if key.startswith("tokenizer.convs.") and key.count(".") == 4:  # convs.{i}.0.weight -> convs.{i}.weight
+            parts = key.split(".")
+            key = ".".join(parts[:3] + parts[4:])
+        out[key] = value
+    if model is not None and model.cfg.positional_embedding != "learnable":
+        out.pop("pos_embed", None)
+    return out
+
+
+def _is_official(state: dict) -> bool:
+    return any(k.startswith(("classifier.", "module.classifier.", "tokenizer.conv_layers.")) for k in state)
+
+
+def adapt_state_dict(model: CCT, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fit foreign weights to `model`: resize the positional embedding, re-initialise a head of another size."""
+    from .layers import resize_pos_embed
+    state = dict(state)
+    pe = state.get("pos_embed")
+    if pe is not None and model.pos_embed is not None and pe.shape != model.pos_embed.shape:
+        n = pe.shape[1] - model.num_prefix_tokens
+        side = math.isqrt(n)
+        old_grid = getattr(model, "_source_grid", None) or (side, side)
+        if old_grid[0] * old_grid[1] != n:
+            raise CheckpointError(f"cannot resize a positional embedding of {n} tokens: not a square grid")
+        state["pos_embed"] = resize_pos_embed(pe, old_grid, model.grid, model.num_prefix_tokens)
+    head_w = state.get("head.weight")
+    if head_w is not None and isinstance(model.head, nn.Linear) and head_w.shape != model.head.weight.shape:
+        state["head.weight"] = model.head.weight.detach().clone()  # fine-tuning: keep the fresh head
+        state["head.bias"] = model.head.bias.detach().clone()
+    return state
+
+
+def load_pretrained(model: CCT, path: str | Path) -> CCT:
+    """Load weights into `model` from a cct checkpoint, an official `.pth` or a Keras `.weights.h5`."""
+    path = Path(path)
+    if path.suffix == ".h5" or path.name.endswith(".weights.h5"):
+        from .interop.keras import keras_state_dict
+        state = keras_state_dict(path)
+    else:
+        data = read_checkpoint(path)
+        if data.get("format") == FORMAT:
+            state = data["state_dict"]
+            src = CCTConfig.from_dict(dict(data["config"]))
+            model._source_grid = type(model.tokenizer)(src).grid(src.img_size)
+            if model.cfg.positional_embedding != "learnable":
+                state.pop("pos_embed", None)
+        else:
+            state = data.get("state_dict") or data.get("model") or data
+            if not isinstance(state, dict) or not _is_official(state):
+                raise CheckpointError(f"{path}: unrecognised weights (neither a cct checkpoint nor an official "
+                                      "Compact-Transformers state dict)")
+            state = official_state_dict(state, model)
+    _load_state(model, adapt_state_dict(model, state), path)
+    model.__dict__.pop("_source_grid", None)
+    return model

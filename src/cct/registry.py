@@ -1,0 +1,102 @@
+"""Named variants of the CCT family as data: name → `CCTConfig` overrides.
+
+Names follow the official SHI-Labs repository: `cct_{layers}_{kernel}x{conv layers}_{img size}`,
+`cvt_{layers}_{patch}_{img size}`, `vit_{layers}_{patch}_{img size}` (with `vit_lite_*` aliases).
+Every `_sine` variant really has sinusoidal embeddings; the official CCT and CVT factories
+silently build learnable ones for them, a bug not reproduced here.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import fields, replace
+
+from .model import CCT, CCTConfig
+
+# (depth, heads, mlp_ratio, width) of each size in the paper's Table 1
+_SIZES = {2: (2, 2, 1.0, 128), 4: (4, 2, 1.0, 128), 6: (6, 4, 2.0, 256), 7: (7, 4, 2.0, 256),
+          14: (14, 6, 3.0, 384)}
+
+
+def _size(layers: int) -> dict:
+    depth, heads, mlp_ratio, width = _SIZES[layers]
+    return dict(depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, embed_dim=width)
+
+
+def _cct(layers: int, kernel: int, conv_layers: int, img: int, num_classes: int) -> dict:
+    # the official `_cct` factory's rule: stride max(1, k//2 - 1), padding max(1, k//2)
+    return dict(_size(layers), kernel_size=kernel, conv_layers=conv_layers, stride=max(1, kernel // 2 - 1),
+                padding=max(1, kernel // 2), img_size=(img, img), num_classes=num_classes)
+
+
+def _patches(layers: int, patch: int, img: int, pooling: str) -> dict:
+    """CVT (sequence pooling) and ViT-Lite (class token): one strided conv with bias, no ReLU or pool."""
+    return dict(_size(layers), kernel_size=patch, stride=patch, padding=0, conv_layers=1, conv_bias=True,
+                conv_act=False, max_pool=False, pooling=pooling, img_size=(img, img), num_classes=10,
+                attn_drop_rate=0.1, drop_path_rate=0.1)
+
+
+_VARIANTS: dict[str, dict] = {}
+for _layers, _kernel, _convs, _img, _classes in [
+        (2, 3, 2, 32, 10), (4, 3, 2, 32, 10), (6, 3, 1, 32, 10), (6, 3, 2, 32, 10), (7, 3, 1, 32, 10),
+        (7, 3, 2, 32, 10), (7, 7, 2, 224, 102), (14, 7, 2, 224, 1000), (14, 7, 2, 384, 1000)]:
+    _name = f"cct_{_layers}_{_kernel}x{_convs}_{_img}"
+    _VARIANTS[_name] = _cct(_layers, _kernel, _convs, _img, _classes)
+    _VARIANTS[_name + "_sine"] = dict(_VARIANTS[_name], positional_embedding="sine")
+_VARIANTS["cct_7_3x1_32_c100"] = dict(_VARIANTS["cct_7_3x1_32"], num_classes=100)
+_VARIANTS["cct_7_3x1_32_sine_c100"] = dict(_VARIANTS["cct_7_3x1_32_sine"], num_classes=100)
+_VARIANTS["cct_14_7x2_384_fl"] = dict(_VARIANTS["cct_14_7x2_384"], num_classes=102)
+for _layers in (2, 4, 6, 7):
+    for _family, _pooling in (("cvt", "seq"), ("vit", "cls")):
+        _name = f"{_family}_{_layers}_4_32"
+        _VARIANTS[_name] = _patches(_layers, 4, 32, _pooling)
+        _VARIANTS[_name + "_sine"] = dict(_VARIANTS[_name], positional_embedding="sine")
+# The keras.io example: valid convs, ZeroPadding2D(1), TF-"same" pooling, Keras's pre-norm block,
+# 2 heads of key_dim 128, and dropout 0.1 everywhere it puts one.
+_VARIANTS["cct_2_3x2_32_keras"] = dict(
+    _size(2), head_dim=128, kernel_size=3, conv_layers=2, stride=1, padding=0, post_pad=1, pool_padding="same",
+    block="keras", img_size=(32, 32), num_classes=10, drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.1)
+
+_ALIASES = {f"vit_lite_{n}_4_32{s}": f"vit_{n}_4_32{s}" for n in (2, 4, 6, 7) for s in ("", "_sine")}
+_CONFIG_FIELDS = {f.name for f in fields(CCTConfig)}
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Sorted names of every registered model (aliases included), optionally filtered by a glob."""
+    names = sorted({*_VARIANTS, *_ALIASES})
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def get_config(name: str, **overrides) -> CCTConfig:
+    """The `CCTConfig` of a registered model, with overrides applied; unknown names or fields are errors."""
+    key = _ALIASES.get(name, name)
+    if key not in _VARIANTS:
+        close = [n for n in list_models() if n.startswith(name.split("_")[0])][:6]
+        raise UnknownModelError(f"unknown model {name!r}" + (f"; similar: {', '.join(close)}" if close else
+                                                             "; see `cct models`"))
+    unknown = sorted(set(overrides) - _CONFIG_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown override(s) for {name}: {', '.join(unknown)}")
+    base = CCTConfig(**_VARIANTS[key])
+    return replace(base, **overrides)
+
+
+def create_model(name: str, *, pretrained: str | None = None, **overrides) -> CCT:
+    """Build a registered model.
+
+    Args:
+        name: a name from `list_models()`.
+        pretrained: optional path to weights to load: a cct checkpoint, an official SHI-Labs `.pth`
+            state dict, or a Keras `.weights.h5` (for `cct_2_3x2_32_keras`).
+        **overrides: `CCTConfig` fields, e.g. `num_classes`, `img_size` (int or (h, w)), `in_chans`,
+            `positional_embedding`, `drop_rate`, `attn_drop_rate`, `drop_path_rate`.
+    """
+    model = CCT(get_config(name, **overrides))
+    model.name = _ALIASES.get(name, name)
+    if pretrained is not None:
+        from .checkpoint import load_pretrained
+        load_pretrained(model, pretrained)
+    return model
