@@ -1,0 +1,142 @@
+"""Checkpoints: self-describing round trips, safe loading, official SHI-Labs weights, adaptation."""
+import pickle
+
+import pytest
+import torch
+
+import cct
+from cct.checkpoint import official_state_dict, read_checkpoint
+
+
+def _same_outputs(a, b, size=(32, 32), chans=3):
+    x = torch.randn(2, chans, *size)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+@pytest.mark.parametrize("name", ["cct_2_3x2_32", "cct_2_3x2_32_sine", "cvt_2_4_32", "vit_lite_2_4_32_sine",
+                                  "cct_2_3x2_32_keras"])
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_round_trip_rebuilds_without_name(tmp_path, name, fmt):
+    model = cct.create_model(name, num_classes=3, img_size=(32, 48))
+    model.class_names = ["cat", "dog", "emu"]
+    path = cct.save_checkpoint(model, tmp_path / f"m.{fmt}", format=fmt)
+    loaded = cct.load_checkpoint(path)
+    assert loaded.cfg == model.cfg and loaded.class_names == ["cat", "dog", "emu"] and loaded.name == model.name
+    _same_outputs(model, loaded, size=(32, 48))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_pickled_object_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "cct-checkpoint", "config": {}, "state_dict": {}, "x": Evil()}, path)
+    with pytest.raises(cct.CheckpointError, match="pickled Python objects"):
+        cct.load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 10, bytes(range(256)) * 4, pickle.dumps([1, 2])])
+def test_garbage_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(cct.CheckpointError, match="bad.pt"):
+        cct.load_checkpoint(path)
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(cct.CheckpointError, match="not found"):
+        cct.load_checkpoint(tmp_path / "nope.pt")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "sd.pt")
+    with pytest.raises(cct.CheckpointError, match="not a cct checkpoint"):
+        cct.load_checkpoint(tmp_path / "sd.pt")
+    with pytest.raises(cct.CheckpointError, match="unrecognised weights"):
+        cct.create_model("cct_2_3x2_32", pretrained=tmp_path / "sd.pt")
+
+
+def test_mismatched_weights_are_a_clear_error(tmp_path):
+    path = cct.save_checkpoint(cct.create_model("cct_2_3x2_32"), tmp_path / "a.pt")
+    data = read_checkpoint(path)
+    data["config"]["embed_dim"] = 64
+    torch.save(data, path)
+    with pytest.raises(cct.CheckpointError, match="do not fit"):
+        cct.load_checkpoint(path)
+
+
+# -------------------------------------------------------------------- official SHI-Labs weights
+def official_keys(model):
+    """Our state dict renamed by hand to the official module names (src/utils/{tokenizer,transformers}.py)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("tokenizer.convs."):
+            _, _, i, p = k.split(".")
+            k = f"tokenizer.conv_layers.{i}.0.{p}"
+        elif k == "pos_embed":
+            k = "classifier.positional_emb"
+        elif k == "cls_token":
+            k = "classifier.class_emb"
+        elif k.startswith("head."):
+            k = "classifier.fc." + k[5:]
+        else:
+            k = "classifier." + k.replace(".attn.", ".self_attn.").replace(".fc1.", ".linear1.").replace(".fc2.", ".linear2.")
+        out[k] = v
+    return out
+
+
+EXPECTED_OFFICIAL_KEYS = {
+    "tokenizer.conv_layers.0.0.weight", "tokenizer.conv_layers.1.0.weight", "classifier.positional_emb",
+    "classifier.attention_pool.weight", "classifier.attention_pool.bias", "classifier.blocks.0.pre_norm.weight",
+    "classifier.blocks.0.pre_norm.bias", "classifier.blocks.0.self_attn.qkv.weight",
+    "classifier.blocks.0.self_attn.proj.weight", "classifier.blocks.0.self_attn.proj.bias",
+    "classifier.blocks.0.linear1.weight", "classifier.blocks.0.linear1.bias", "classifier.blocks.0.norm1.weight",
+    "classifier.blocks.0.norm1.bias", "classifier.blocks.0.linear2.weight", "classifier.blocks.0.linear2.bias",
+    "classifier.norm.weight", "classifier.norm.bias", "classifier.fc.weight", "classifier.fc.bias",
+}
+
+
+def test_official_key_names_are_the_real_ones():
+    keys = set(official_keys(cct.create_model("cct_2_3x2_32")))
+    assert EXPECTED_OFFICIAL_KEYS <= keys and all(k.startswith(("tokenizer.", "classifier.")) for k in keys)
+
+
+@pytest.mark.parametrize("name", ["cct_7_3x1_32", "cvt_6_4_32", "vit_lite_7_4_32"])
+def test_official_state_dict_loads(tmp_path, name):
+    src = cct.create_model(name)
+    path = tmp_path / "official.pth"
+    torch.save({"module." + k: v for k, v in official_keys(src).items()}, path)  # as saved from DDP
+    dst = cct.create_model(name, pretrained=path)
+    _same_outputs(src, dst)
+
+
+def test_official_sine_checkpoint_ignores_stored_embedding(tmp_path):
+    src = cct.create_model("cct_2_3x2_32_sine")
+    state = official_keys(src)
+    state["classifier.positional_emb"] = torch.randn(1, 64, 128)  # what the official sine factories really train
+    torch.save(state, tmp_path / "sine.pth")
+    dst = cct.create_model("cct_2_3x2_32_sine", pretrained=tmp_path / "sine.pth")
+    _same_outputs(src, dst)
+    assert official_state_dict(state, dst).keys() == dst.state_dict().keys()
+
+
+def test_fine_tuning_resizes_embedding_and_resets_head(tmp_path):
+    src = cct.create_model("cct_7_3x1_32")
+    torch.save({"state_dict": official_keys(src)}, tmp_path / "c10.pth")  # timm's trainer wraps in state_dict
+    dst = cct.create_model("cct_7_3x1_32", pretrained=tmp_path / "c10.pth", img_size=(48, 64), num_classes=5)
+    assert dst.pos_embed.shape == (1, 24 * 32, 256) and dst.head.out_features == 5
+    torch.testing.assert_close(dst.blocks[3].fc1.weight, src.blocks[3].fc1.weight)
+    assert dst(torch.randn(1, 3, 48, 64)).shape == (1, 5)
+
+
+def test_cct_checkpoint_as_pretrained_other_size(tmp_path):
+    src = cct.create_model("cct_2_3x2_32", img_size=(32, 64))
+    cct.save_checkpoint(src, tmp_path / "rect.pt")
+    dst = cct.create_model("cct_2_3x2_32", pretrained=tmp_path / "rect.pt", img_size=(64, 128))
+    assert dst.pos_embed.shape == (1, 16 * 32, 128)
+    same = cct.create_model("cct_2_3x2_32", pretrained=tmp_path / "rect.pt", img_size=(32, 64))
+    _same_outputs(src, same, size=(32, 64))

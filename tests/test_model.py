@@ -1,0 +1,222 @@
+"""Every registered model: shapes, gradients, parameter counts, positional embeddings, input sizes."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cct
+from cct.layers import sinusoidal_embedding
+from cct.model import _same_pool_padding
+
+# the official implementation's counts (default heads: 10 classes at 32 px, 102 for Flowers, 1000 for ImageNet)
+OFFICIAL_PARAMS = {
+    "cct_2_3x2_32": 283_723, "cct_4_3x2_32": 482_123, "cct_6_3x1_32": 3_233_803, "cct_6_3x2_32": 3_326_923,
+    "cct_7_3x1_32": 3_760_139, "cct_7_3x2_32": 3_853_259, "cct_7_7x2_224": 4_573_735,
+    "cct_14_7x2_224": 22_367_273, "cct_14_7x2_384": 22_513_193, "cvt_6_4_32": 3_190_283,
+    "cvt_7_4_32": 3_716_619, "vit_lite_6_4_32": 3_190_538, "vit_lite_7_4_32": 3_716_874,
+    "vit_6_4_32": 3_190_538, "cct_2_3x2_32_keras": 416_331,
+}
+SMALL = [n for n in cct.list_models() if n.endswith("_32") or n.endswith("_32_sine") or n.endswith("_keras")
+         or n.endswith("_c100")]
+
+
+@pytest.mark.parametrize("name", cct.list_models())
+def test_builds_with_config(name):
+    model = cct.create_model(name)
+    assert model.cfg.num_classes == model.head.out_features
+    if "_sine" in name:
+        assert model.cfg.positional_embedding == "sine" and model.pos_embed is None
+        assert "sine_embed" not in model.state_dict()  # recomputed, never a weight
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_parameter_count_matches_official(name):
+    assert cct.num_params(cct.create_model(name)) == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_forward_backward(name):
+    torch.manual_seed(0)
+    model = cct.create_model(name)
+    x = torch.randn(3, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (3, model.cfg.num_classes)
+    assert torch.isfinite(logits).all()
+    logits.logsumexp(-1).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    feats = model.forward_features(x)
+    assert feats.shape == (3, model.grid[0] * model.grid[1] + model.num_prefix_tokens, model.cfg.embed_dim)
+    pooled = model.forward_head(feats, pre_logits=True)
+    assert pooled.shape == (3, model.cfg.embed_dim)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+
+
+def test_large_models_forward():
+    model = cct.create_model("cct_7_7x2_224").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 102)
+
+
+def test_list_models_sorted_and_filtered():
+    names = cct.list_models()
+    assert names == sorted(names)
+    assert "vit_lite_7_4_32" in names and "vit_7_4_32" in names and "cct_2_3x2_32_keras" in names
+    assert cct.list_models("cvt_*") == [n for n in names if n.startswith("cvt_")]
+    assert all(n.endswith("_sine") for n in cct.list_models("*_sine"))
+
+
+def test_unknown_model_and_override_are_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        cct.create_model("cct_99_3x2_32")
+    with pytest.raises(TypeError, match="num_clases"):
+        cct.create_model("cct_2_3x2_32", num_clases=5)
+    with pytest.raises(AssertionError, match="positional_embedding"):
+        cct.create_model("cct_2_3x2_32", positional_embedding="rotary")
+
+
+def test_overrides():
+    model = cct.create_model("cct_7_3x1_32", num_classes=3, img_size=(24, 40), in_chans=1, drop_rate=0.2,
+                             attn_drop_rate=0.0, drop_path_rate=0.3)
+    assert model.grid == (12, 20) and model.pos_embed.shape == (1, 240, 256)
+    assert model(torch.randn(2, 1, 24, 40)).shape == (2, 3)
+    assert model.blocks[-1].drop_path == pytest.approx(0.3) and model.blocks[0].drop_path == 0.0
+
+
+@pytest.mark.parametrize("pe", ["learnable", "sine", "none"])
+@pytest.mark.parametrize("name", ["cct_2_3x2_32", "cvt_2_4_32", "vit_2_4_32", "cct_2_3x2_32_keras"])
+def test_positional_embedding_kinds(name, pe):
+    model = cct.create_model(name, positional_embedding=pe).eval()
+    learnable = cct.num_params(cct.create_model(name, positional_embedding="learnable"))
+    tokens = model.grid[0] * model.grid[1] + model.num_prefix_tokens
+    expected = learnable - (0 if pe == "learnable" else tokens * model.cfg.embed_dim)
+    assert cct.num_params(model) == expected
+    x = torch.randn(2, 3, 32, 32)
+    y = model(x)
+    if pe == "sine":  # the embedding really is added: zeroing it changes the output
+        model.sine_embed.zero_()
+        assert not torch.allclose(model(x), y)
+
+
+def test_sinusoidal_embedding_matches_official_formula():
+    n, d = 7, 6
+    ref = torch.tensor([[p / (10000 ** (2 * (i // 2) / d)) for i in range(d)] for p in range(n)])
+    ref[:, 0::2] = torch.sin(ref[:, 0::2])
+    ref[:, 1::2] = torch.cos(ref[:, 1::2])
+    torch.testing.assert_close(sinusoidal_embedding(n, d)[0], ref)
+
+
+@pytest.mark.parametrize("size", [(32, 48), (40, 24)])
+@pytest.mark.parametrize("pe", ["sine", "none", "learnable"])
+def test_rectangular_and_single_channel(size, pe):
+    model = cct.create_model("cct_2_3x2_32", img_size=size, in_chans=1, positional_embedding=pe, num_classes=4)
+    assert model(torch.randn(2, 1, *size)).shape == (2, 4)
+
+
+def test_sine_and_none_accept_other_sizes_but_learnable_says_how_to_resize():
+    for pe in ("sine", "none"):
+        assert cct.create_model("cct_2_3x2_32", positional_embedding=pe)(torch.randn(1, 3, 48, 40)).shape == (1, 10)
+    with pytest.raises(ValueError, match="set_img_size"):
+        cct.create_model("cct_2_3x2_32")(torch.randn(1, 3, 48, 48))
+
+
+def test_set_img_size_interpolates_learnable_embedding():
+    model = cct.create_model("vit_2_4_32").eval()
+    old = model.pos_embed.detach().clone()
+    model.set_img_size((48, 32))
+    assert model.grid == (12, 8) and model.pos_embed.shape == (1, 1 + 96, 128)
+    torch.testing.assert_close(model.pos_embed[:, :1], old[:, :1])  # the class token's embedding is kept
+    assert model(torch.randn(2, 3, 48, 32)).shape == (2, 10)
+    model.set_img_size(32)  # a constant embedding survives a round trip exactly
+    flat = torch.full_like(model.pos_embed, 0.5)
+    model.pos_embed.data.copy_(flat)
+    model.set_img_size(64)
+    torch.testing.assert_close(model.pos_embed, torch.full((1, 1 + 256, 128), 0.5))
+
+
+@pytest.mark.parametrize("size", [5, 6, 31, 32, 33])
+def test_tf_same_pooling_matches_definition(size):
+    # TensorFlow: out = ceil(n / s), pad total = max((out - 1) * s + k - n, 0), the extra pixel after
+    k, s = 3, 2
+    before, after = _same_pool_padding(size, k, s)
+    out = math.ceil(size / s)
+    assert before + after == max((out - 1) * s + k - size, 0) and after - before in (0, 1)
+    model = cct.create_model("cct_2_3x2_32_keras", img_size=size + 4, positional_embedding="none")
+    x = torch.randn(1, 64, size, size)
+    y = model.tokenizer._pool(x)
+    assert y.shape[-1] == out
+    # brute force: each output is the max over its window clipped to the image
+    ref = torch.stack([torch.stack([x[..., max(i * s - before, 0):i * s - before + k, max(j * s - before, 0):j * s - before + k]
+                                    .amax(dim=(-2, -1)) for j in range(out)], -1) for i in range(out)], -2)
+    torch.testing.assert_close(y, ref)
+
+
+def test_keras_layout():
+    model = cct.create_model("cct_2_3x2_32_keras")
+    blk = model.blocks[0]
+    assert blk.attn.num_heads == 2 and blk.attn.head_dim == 128 and blk.attn.qkv.bias is not None
+    assert [b.drop_path for b in model.blocks] == [0.0, pytest.approx(0.1)]
+    assert model.grid == (8, 8) and model.cfg.norm_eps == 1e-5
+    # the MLP applies the tanh GELU after both Dense layers
+    x = torch.randn(4, 64, 128)
+    blk.eval()
+    ref = F.gelu(blk.fc2(F.gelu(blk.fc1(x), approximate="tanh")), approximate="tanh")
+    torch.testing.assert_close(blk.mlp(x), ref)
+
+
+def test_official_block_normalises_residual_stream():
+    model = cct.create_model("cct_2_3x2_32", drop_path_rate=0.0, attn_drop_rate=0.0).eval()
+    blk = model.blocks[0]
+    x = torch.randn(2, 64, 128)
+    h = x + blk.attn(blk.pre_norm(x))
+    h = blk.norm1(h)
+    ref = h + blk.fc2(F.gelu(blk.fc1(h)))
+    torch.testing.assert_close(blk(x), ref)
+    assert blk.attn.qkv.bias is None and blk.attn.proj.bias is not None
+
+
+def test_attention_matches_explicit_softmax():
+    model = cct.create_model("cct_2_3x2_32_keras").eval()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 10, 128)
+    q, k, v = attn.qkv(x).view(2, 10, 3, 2, 128).permute(2, 0, 3, 1, 4)
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(128), dim=-1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 10, 256))
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_stochastic_depth_and_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = cct.create_model("cct_2_3x2_32_keras")
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+
+
+def test_forward_computes_in_parameter_dtype():
+    model = cct.create_model("cct_2_3x2_32").to(torch.bfloat16).eval()
+    assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+    model = cct.create_model("cct_2_3x2_32").double().eval()
+    assert model(torch.randn(2, 3, 32, 32)).dtype == torch.float64
+
+
+def test_timm_interface():
+    model = cct.create_model("cct_7_3x1_32")
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    model.class_names = ["a"] * 10
+    model.reset_classifier(5)
+    assert model.head.out_features == 5 and model.cfg.num_classes == 5 and model.class_names is None
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 256)
+
+
+def test_count_macs():
+    # cct_2_3x2_32_keras: ≈ 0.041 GMACs, i.e. ≈ 0.25 GFLOP per training image (forward + backward ≈ 3 × forward)
+    macs = cct.count_macs(cct.create_model("cct_2_3x2_32_keras"))
+    conv = 30 * 30 * 64 * 27 + 14 * 14 * 128 * 576
+    assert conv < macs < conv + 2 * 64 * (128 * 768 + 256 * 128 + 2 * 128 * 128 + 2 * 64 * 256) + 64 * 129 + 1290 + 1
+    assert 6 * macs / 1e9 == pytest.approx(0.25, rel=0.05)
