@@ -1,0 +1,45 @@
+"""The `cct` command's shared behaviour: model table, argument errors, exit codes."""
+import subprocess
+import sys
+
+import pytest
+
+from cct.cli import main
+
+
+def test_models_table(capsys):
+    assert main(["models", "cct_2*"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["name", "params", "MACs"]
+    row = next(line for line in out if line.startswith("cct_2_3x2_32_keras "))
+    assert "416,331" in row and "32x32" in row and "learnable" in row
+    sine = next(line for line in out if line.startswith("cct_2_3x2_32_sine "))
+    assert sine.rstrip().endswith("sine")
+
+
+def test_models_no_match_is_exit_2(capsys):
+    assert main(["models", "resnet*"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resnet*" in err
+
+
+def test_unknown_command_and_flag_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["models", "--colour"])
+    assert e.value.code == 2
+    assert "--colour" in capsys.readouterr().err
+
+
+def test_import_keras_missing_file(tmp_path, capsys):
+    assert main(["import-keras", str(tmp_path / "none.weights.h5"), "--output", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "none.weights.h5" in err and "Traceback" not in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_python_m_cct_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "cct", "models", "cvt_7*", "--no-macs"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "3,716,619" in proc.stdout
