@@ -113,8 +113,10 @@ def _legacy_weights(group: h5py.Group) -> dict[str, np.ndarray]:
 
 
 def _leaf(weights: dict[str, np.ndarray], leaf: str) -> np.ndarray:
-    (value,) = [v for k, v in weights.items() if k.rsplit("/", 1)[-1] == leaf]
-    return value
+    matches = [v for k, v in weights.items() if k.rsplit("/", 1)[-1] == leaf]
+    if len(matches) != 1:
+        raise ValueError(f"expected one weight named {leaf!r} among {sorted(weights)}")
+    return matches[0]
 
 
 def _read_legacy(root: h5py.File) -> _Layers:
