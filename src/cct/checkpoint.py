@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,12 @@ FORMAT = "cct-checkpoint"
 VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
@@ -35,6 +42,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -102,11 +110,10 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if re.search(r"GLOBAL|Unsupported global", str(e)):
             raise CheckpointError(f"refusing to load {path}: it contains pickled Python objects, which could run "
                                   "code (only tensors and plain data are accepted)") from None
-        raise CheckpointError(f"{path} is not a valid checkpoint ({first or 'corrupt pickle'})") from None
+        raise CheckpointError(f"{path} is not a valid checkpoint (corrupt or not a PyTorch file)") from None
     except Exception as e:  # truncated zip, random bytes, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None

@@ -1,0 +1,855 @@
+"""Training: recipes, the loop, resume — `cct train`.
+
+The loop follows nanoGPT's train.py: one `train(config) -> results` function whose body is an
+ordered list of obvious steps (set lr → augment → forward → loss → backward → step → zero_grad →
+log), with the learning-rate schedule a small pure function of the step (`lr_at`).
+
+Recipes are data: a name → `TrainConfig` overrides.
+* `keras`: the keras.io CCT example (https://keras.io/examples/vision/cct/): AdamW(1e-3, weight
+  decay 1e-4 on every variable, epsilon 1e-7), label smoothing 0.1, batch 128, 30 epochs, a 10%
+  validation split, horizontal flips, images scaled to [0, 1], and the best-validation weights
+  restored before the test evaluation. Its RandomCrop(32, 32) on 32×32 images is the identity, so
+  there is nothing to reproduce. One deliberate difference: Keras's `validation_split` takes the
+  last 10% of the arrays unshuffled; we take a seeded, stratified 10%.
+* `paper`: SHI-Labs' `configs/pretrained/cct_7-3x1_cifar10_300epochs.yml` run by timm's trainer:
+  AdamW 5.5e-4, weight decay 6e-2 on weights only, 10 warm-up epochs from 1e-5, cosine to 1e-5 over
+  300 epochs then 10 cooldown epochs, RandomResizedCrop(0.8, 1) with a random interpolation, flips,
+  RandAugment rand-m9-mstd0.5-inc1, MixUp 0.8 / CutMix 1.0 (batch mode, switch 0.5) until epoch 175,
+  label smoothing 0.1, CIFAR mean/std. timm updates this schedule once per epoch; `lr_at` is the same
+  curve evaluated per step. The official run selects the best epoch on the test set; we train on the
+  whole training set and report the last epoch (add `--val-split 0.1` for validation curves).
+* `fast`: warm-up + cosine, flips and 4-px translations, bf16 where the CPU runs it fast, no
+  validation split; `--time-budget MINUTES` sizes the run to the budget.
+
+Interruption (SIGINT/SIGTERM): the current step finishes, `last.pt` records the position inside the
+epoch (the epoch's shuffling seed, the batch index and the running sums), and `--resume` continues
+from that very batch, so an interrupted run ends exactly as an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import io
+import itertools
+import json
+import math
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import atomic_write, read_checkpoint, save_checkpoint
+from .errors import CCTError, CheckpointError
+from .model import num_params
+from .registry import create_model, get_config
+from .runtime import autocast, resolve_device, resolve_precision
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; every field but the first four is a `cct train` flag."""
+    model: str = "cct_2_3x2_32_keras"
+    data: str = ""
+    out: str = ""
+    recipe: str = "keras"
+    # schedule and optimiser
+    epochs: int = _f(30, "epochs in all, cooldown included")
+    batch_size: int = _f(128, "global batch size (split across processes when distributed)")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
+    warmup_lr: float = _f(0.0, "learning rate at the first warm-up step")
+    warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
+    cooldown_epochs: float = _f(0.0, "epochs at min_lr after the cosine (included in --epochs)")
+    schedule: str = _f("constant", "learning-rate schedule after the warm-up", choices=("constant", "cosine"))
+    weight_decay: float = _f(1e-4, "decoupled weight decay (AdamW)")
+    weight_decay_all: bool = _f(True, "decay every parameter (Keras) instead of weights only (timm)")
+    eps: float = _f(1e-7, "AdamW epsilon")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy")
+    # data
+    val_split: float = _f(0.1, "fraction of the training set held out (seeded, stratified), in [0, 1)")
+    train_limit: int | None = _f(None, "use at most this many training images")
+    img_size: int | None = _f(None, "resize images to this size (default: the data's own)")
+    in_chans: int | None = _f(None, "1 (grayscale) or 3 (RGB) input channels (default: the data's)")
+    num_classes: int | None = _f(None, "classifier outputs (default: the data's number of classes)")
+    skip_bad_images: bool = _f(False, "skip undecodable images instead of failing")
+    normalize: str = _f("none", "input normalisation: none (x/255), cifar mean/std, or the training set's",
+                        choices=("none", "cifar", "dataset"))
+    # augmentation (cct.augment)
+    hflip: bool = _f(True, "random horizontal flips")
+    translate: int = _f(0, "random translation by up to this many pixels (zero padded)")
+    rrc_scale: tuple[float, float] | None = _f(None, "random-resized-crop area scale range, e.g. 0.8 1")
+    rrc_interpolation: str = _f("random", "random-resized-crop interpolation", choices=("random", "bilinear", "bicubic"))
+    rand_augment: str | None = _f(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
+    auto_augment: bool = _f(False, "AutoAugment's CIFAR-10 policy")
+    erasing: float = _f(0.0, "random-erasing probability")
+    mixup_alpha: float = _f(0.0, "MixUp alpha (0: off)")
+    cutmix_alpha: float = _f(0.0, "CutMix alpha (0: off)")
+    mix_prob: float = _f(1.0, "probability of mixing a batch")
+    switch_prob: float = _f(0.5, "probability of CutMix rather than MixUp when both are on")
+    mix_mode: str = _f("batch", "MixUp/CutMix granularity", choices=("batch", "elem"))
+    mix_off_epoch: int | None = _f(None, "stop MixUp/CutMix from this epoch on")
+    # evaluation
+    restore_best: bool = _f(True, "test the best-validation weights rather than the last ones")
+    eval_batch_size: int = _f(256, "batch size of validation, test and `cct eval`")
+    tta: bool = _f(False, "test-time augmentation (average with the flipped image)")
+    # runtime
+    seed: int = _f(0, "seed of initialisation, split, shuffling and augmentation")
+    precision: str = _f("auto", "compute precision (auto: bf16 where the CPU runs it natively, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = _f("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    workers: int = _f(0, "CPU threads for compute (0: torch's default); data lives in memory, no loader processes")
+    time_budget: float | None = _f(None, "minutes: the run (data loading and evaluation included) is sized to end within them")
+    skip_nonfinite: bool = _f(False, "skip (and count) steps whose loss is not finite instead of stopping")
+    log_interval: int = _f(20, "steps between progress-bar updates (each costs a device sync)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rrc_scale"] = list(self.rrc_scale) if self.rrc_scale else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("rrc_scale") is not None:
+            d["rrc_scale"] = tuple(d["rrc_scale"])
+        return cls(**d)
+
+
+_CIFAR_MEAN_STD = "cifar"
+
+# name → TrainConfig overrides (on top of the dataclass defaults)
+RECIPES: dict[str, dict] = {
+    "keras": dict(epochs=30, batch_size=128, lr=1e-3, schedule="constant", weight_decay=1e-4, weight_decay_all=True,
+                  eps=1e-7, label_smoothing=0.1, val_split=0.1, hflip=True, normalize="none", restore_best=True,
+                  precision="auto"),
+    "paper": dict(epochs=310, cooldown_epochs=10, batch_size=128, lr=5.5e-4, min_lr=1e-5, warmup_lr=1e-5,
+                  warmup_epochs=10, schedule="cosine", weight_decay=6e-2, weight_decay_all=False, eps=1e-8,
+                  label_smoothing=0.1, val_split=0.0, hflip=True, rrc_scale=(0.8, 1.0), rrc_interpolation="random",
+                  rand_augment="rand-m9-mstd0.5-inc1", erasing=0.0, mixup_alpha=0.8, cutmix_alpha=1.0,
+                  mix_prob=1.0, switch_prob=0.5, mix_mode="batch", mix_off_epoch=175, normalize="cifar",
+                  restore_best=False, precision="auto"),
+    "fast": dict(epochs=10, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=1,
+                 schedule="cosine", weight_decay=5e-2, weight_decay_all=False, eps=1e-8, label_smoothing=0.1,
+                 val_split=0.0, hflip=True, translate=4, normalize="dataset", restore_best=False,
+                 precision="auto"),
+}
+
+# flags that `--resume` accepts (everything else comes from the run's checkpoint)
+RESUME_OVERRIDES = ("data", "device", "workers", "quiet")
+
+
+def default_recipe(model_name: str) -> str:
+    return "keras" if model_name.endswith("_keras") else "paper"
+
+
+def make_config(model: str, data: str, out: str, recipe: str | None = None, **overrides) -> TrainConfig:
+    """A `TrainConfig`: the dataclass defaults, then the recipe's values, then `overrides`."""
+    recipe = recipe or default_recipe(model)
+    if recipe not in RECIPES:
+        raise CCTError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise CCTError(f"unknown training option(s): {', '.join(unknown)}")
+    return TrainConfig(model=model, data=data, out=out, recipe=recipe, **{**RECIPES[recipe], **overrides})
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise a one-line `CCTError` for values out of range (before any data is read)."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise CCTError(message)
+    get_config(cfg.model)  # unknown model → UnknownModelError
+    need(cfg.recipe in RECIPES, f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPES)}")
+    need(cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}")
+    need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {cfg.eval_batch_size}")
+    need(0.0 <= cfg.val_split < 1.0, f"--val-split must be in [0, 1), got {cfg.val_split}")
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be positive, got {cfg.lr}")
+    need(cfg.min_lr >= 0 and cfg.warmup_lr >= 0, "--min-lr and --warmup-lr must be non-negative")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be non-negative, got {cfg.weight_decay}")
+    need(cfg.eps > 0, f"--eps must be positive, got {cfg.eps}")
+    need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
+    need(0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(cfg.warmup_epochs >= 0 and cfg.cooldown_epochs >= 0, "--warmup-epochs and --cooldown-epochs must be >= 0")
+    need(cfg.train_limit is None or cfg.train_limit >= 1, f"--train-limit must be at least 1, got {cfg.train_limit}")
+    need(cfg.img_size is None or cfg.img_size >= 1, f"--img-size must be positive, got {cfg.img_size}")
+    need(cfg.in_chans in (None, 1, 3), f"--in-chans must be 1 or 3, got {cfg.in_chans}")
+    need(cfg.num_classes is None or cfg.num_classes >= 1, f"--num-classes must be positive, got {cfg.num_classes}")
+    need(not (cfg.rand_augment and cfg.auto_augment), "choose --rand-augment or --auto-augment, not both")
+    need(cfg.translate >= 0, f"--translate must be non-negative, got {cfg.translate}")
+    need(0.0 <= cfg.erasing <= 1.0, f"--erasing must be in [0, 1], got {cfg.erasing}")
+    need(cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha must be >= 0")
+    need(0.0 <= cfg.mix_prob <= 1.0 and 0.0 <= cfg.switch_prob <= 1.0, "--mix-prob and --switch-prob must be in [0, 1]")
+    need(cfg.rrc_scale is None or 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1,
+         f"--rrc-scale must satisfy 0 < min <= max <= 1, got {cfg.rrc_scale}")
+    need(cfg.time_budget is None or cfg.time_budget > 0, f"--time-budget must be positive, got {cfg.time_budget}")
+    need(cfg.workers >= 0, f"--workers must be non-negative, got {cfg.workers}")
+    need(cfg.log_interval >= 1, f"--log-interval must be at least 1, got {cfg.log_interval}")
+    for name, choices in (("precision", ("auto", "fp32", "bf16", "fp16")), ("device", ("auto", "cpu", "cuda")),
+                          ("normalize", ("none", "cifar", "dataset")), ("schedule", ("constant", "cosine"))):
+        need(getattr(cfg, name) in choices, f"--{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+
+
+# ---------------------------------------------------------------------- schedule and optimiser
+def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, warmup_lr: float = 0.0,
+          min_lr: float = 0.0, cooldown_steps: int = 0, schedule: str = "cosine") -> float:
+    """The learning rate of optimisation step `step` (0-based).
+
+    Linear warm-up from `warmup_lr`, then constant or a cosine from `lr` to `min_lr` over the steps
+    before the cooldown, then `min_lr`. As timm's CosineLRScheduler (warmup_prefix=False), the cosine
+    is counted from step 0, so the warm-up overlaps its start.
+    """
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    if schedule == "constant":
+        return lr
+    decay_steps = max(1, total_steps - cooldown_steps)
+    if step >= decay_steps:
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * step / decay_steps))
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
+    """Keras decays every variable; timm exempts biases, norms (ndim < 2) and `no_weight_decay()` names."""
+    if decay_all:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+
+
+def augment_config(cfg: TrainConfig, mean, std):
+    from .augment import AugmentConfig
+    return AugmentConfig(translate=cfg.translate, hflip=cfg.hflip, rrc_scale=cfg.rrc_scale,
+                         rrc_interpolation=cfg.rrc_interpolation, rand_augment=cfg.rand_augment,
+                         auto_augment=cfg.auto_augment,
+                         erasing=cfg.erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+                         mix_prob=cfg.mix_prob, switch_prob=cfg.switch_prob, mix_mode=cfg.mix_mode,
+                         label_smoothing=cfg.label_smoothing, mean=mean, std=std)
+
+
+# ---------------------------------------------------------------------- the step
+class NonFiniteLossError(CCTError):
+    """The loss became NaN or infinite."""
+
+
+class TrainStep:
+    """One optimisation step on a uint8 batch: augment → forward → loss → backward → step → zero_grad.
+
+    `train()` and `cct bench` both call this object, so a benchmark times exactly what training does.
+    Running sums (loss, correct, images) stay on the device; `totals()` syncs once to read them.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg, *, precision: str,
+                 device: torch.device | str, label_smoothing: float, num_classes: int, generator: torch.Generator,
+                 skip_nonfinite: bool = False):
+        self.model, self.optimizer, self.aug_cfg = model, optimizer, aug_cfg
+        self.precision, self.device = precision, torch.device(device)
+        self.label_smoothing, self.num_classes, self.generator = label_smoothing, num_classes, generator
+        self.skip_nonfinite = skip_nonfinite
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.skipped = 0
+        self.reset_totals()
+
+    def reset_totals(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def totals(self) -> tuple[float, float, int]:
+        """(mean loss, top-1 accuracy, images) since `reset_totals()`, summed over processes."""
+        loss_sum, correct, seen = reduce_metrics(torch.stack([self.loss_sum, self.correct.double(), self.seen.double()]))
+        seen = int(seen)
+        return (float(loss_sum) / seen, float(correct) / seen, seen) if seen else (float("nan"), float("nan"), 0)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float, *, mix: bool = True) -> torch.Tensor:
+        """Train on one batch of uint8 images (B, C, H, W) and int64 labels; returns the detached loss."""
+        from .augment import augment_batch
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, targets = augment_batch(images, labels, self.generator, self.aug_cfg, num_classes=self.num_classes, mix=mix)
+        x = x.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with autocast(self.precision, self.device):
+            logits = self.model(x)
+        # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
+        smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        if not torch.isfinite(loss):  # the one sync per step: never step on a NaN
+            self.optimizer.zero_grad(set_to_none=True)
+            if not self.skip_nonfinite:
+                raise NonFiniteLossError(f"the loss became {loss.item()}")
+            self.skipped += 1
+            return loss.detach()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        hard = targets if targets.ndim == 1 else targets.argmax(-1)
+        self.loss_sum += loss.detach().double() * labels.shape[0]
+        self.correct += (logits.detach().argmax(-1) == hard).sum()
+        self.seen += labels.shape[0]
+        return loss.detach()
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen.cpu(),
+                "skipped": self.skipped, "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.correct = state["correct"].to(self.device)
+        self.seen = state["seen"].to(self.device)
+        self.skipped = int(state["skipped"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def make_train_step(model, optimizer, aug_cfg, *, precision, device, label_smoothing, num_classes, generator,
+                    skip_nonfinite: bool = False) -> TrainStep:
+    """The per-batch work of `train()`: `step(x_uint8, labels, lr, mix=True) -> loss`."""
+    return TrainStep(model, optimizer, aug_cfg, precision=precision, device=device, label_smoothing=label_smoothing,
+                     num_classes=num_classes, generator=generator, skip_nonfinite=skip_nonfinite)
+
+
+# ---------------------------------------------------------------------- distributed hooks (world_size 1 today)
+def wrap_model(model: nn.Module, world_size: int = 1) -> nn.Module:
+    """The one place where the model would be wrapped for data-parallel training."""
+    assert world_size == 1, "distributed training is not implemented yet"
+    return model
+
+
+def reduce_metrics(values: torch.Tensor, world_size: int = 1) -> torch.Tensor:
+    """The one place where per-process metric sums would be all-reduced."""
+    return values.cpu()
+
+
+# ---------------------------------------------------------------------- interruption
+class TrainingInterrupted(CCTError):
+    """Training stopped early (a signal, or `stop_at_step`); `last.pt` holds where it stopped."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: types.SimpleNamespace):
+    """SIGINT/SIGTERM set `stop.signum` so the loop ends after the current step; a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.signum is not None:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving last.pt "
+              "(send it again to abort without saving)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------- outputs
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds")
+
+
+def _history_line(row: dict) -> list[str]:
+    def num(v, spec):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    return [str(row["epoch"]), num(row["lr"], ".6g"), num(row["train_loss"], ".6f"), num(row["train_top1"], ".6f"),
+            num(row["val_loss"], ".6f"), num(row["val_top1"], ".6f"), num(row["val_top5"], ".6f"),
+            num(row["seconds"], ".2f")]
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(HISTORY_COLUMNS)
+    writer.writerows(_history_line(r) for r in rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def write_json(path: Path, obj: dict) -> None:
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _log(cfg_quiet: bool, *parts) -> None:
+    if not cfg_quiet:
+        print(*parts, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- data and model
+def _load_data(cfg: TrainConfig, dataset, quiet: bool):
+    from . import data as data_mod
+    if dataset is None:
+        dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                                skip_bad_images=cfg.skip_bad_images, progress=not quiet)
+    train_set, val_set = data_mod.split(dataset, train_limit=cfg.train_limit, val_split=cfg.val_split, seed=cfg.seed)
+    if len(train_set.labels) == 0:
+        raise CCTError(f"{cfg.data}: no training images")
+    return dataset, train_set, val_set
+
+
+def _mean_std(cfg: TrainConfig, train_images: torch.Tensor) -> tuple[tuple | None, tuple | None]:
+    """The normalisation as fractions of 255 (None: x / 255), recorded in every checkpoint."""
+    channels = train_images.shape[1]
+    if cfg.normalize == "none":
+        return None, None
+    if cfg.normalize == "cifar":
+        from .data import CIFAR_MEAN, CIFAR_STD
+        if channels != len(CIFAR_MEAN):
+            raise CCTError(f"--normalize cifar needs {len(CIFAR_MEAN)}-channel images, the data has {channels}; "
+                           "use --normalize dataset")
+        return tuple(CIFAR_MEAN), tuple(CIFAR_STD)
+    sums = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for chunk in train_images.split(4096):
+        x = chunk.double() / 255
+        sums += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    n = train_images.shape[0] * train_images.shape[2] * train_images.shape[3]
+    mean = sums / n
+    std = (squares / n - mean ** 2).clamp_min(1e-12).sqrt()
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+def eval_settings_dict(cfg: TrainConfig, precision: str, mean, std, img_size, in_chans) -> dict:
+    """What `cct eval` and `cct predict` reuse, stored under the checkpoint's "eval" key."""
+    return {"precision": precision, "batch_size": cfg.eval_batch_size, "tta": cfg.tta,
+            "mean": list(mean) if mean else None, "std": list(std) if std else None,
+            "img_size": list(img_size), "in_chans": in_chans}
+
+
+def _rng_state(data_epoch_state: torch.Tensor, data_gen: torch.Generator, aug_gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "data_epoch_start": data_epoch_state, "data": data_gen.get_state(),
+             "augment": aug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+# ---------------------------------------------------------------------- the loop
+def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: bool = False,
+          stop_at_step: int | None = None, rank: int = 0, world_size: int = 1) -> dict:
+    """Train a model as `config` says, writing checkpoints, history, curves and results to `config.out`.
+
+    Args:
+        config: the run's configuration (see `make_config`).
+        dataset: an in-memory `cct.data.Dataset` to use instead of loading `config.data`.
+        resume: continue the run in `config.out` from its `last.pt`.
+        quiet: no progress bar or per-epoch lines.
+        stop_at_step: stop as if interrupted after this many optimisation steps (for tests and sessions).
+        rank, world_size: this process's place in a data-parallel job (only 1 is implemented).
+    Returns:
+        the contents of `results.json`.
+    Raises:
+        TrainingInterrupted: after a signal or `stop_at_step`, once `last.pt` is written.
+    """
+    t_start = time.perf_counter()
+    cfg = config
+    validate(cfg)
+    is_main = rank == 0
+    quiet = quiet or not is_main
+    out = Path(cfg.out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    checkpoint = None
+    if resume:
+        checkpoint = read_checkpoint(last_path)
+        if checkpoint.get("train_state", {}).get("finished") and (out / "results.json").is_file():
+            _log(quiet, f"{out}: this run is already finished ({checkpoint['train_state']['epoch']} epochs); "
+                        f"results in {out / 'results.json'}")
+            return json.loads((out / "results.json").read_text())
+    elif last_path.exists():
+        raise CCTError(f"{out} already holds a run (last.pt): continue it with `cct train --resume {out}`, "
+                       "or choose another --out")
+    if cfg.workers:
+        torch.set_num_threads(cfg.workers)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+
+    # data
+    dataset, train_set, val_set = _load_data(cfg, dataset, quiet)
+    n_train, (in_chans, height, width) = len(train_set.labels), tuple(train_set.images.shape[1:])
+    num_classes = cfg.num_classes or len(dataset.classes)
+    if num_classes < len(dataset.classes):
+        raise CCTError(f"--num-classes {num_classes} is fewer than the data's {len(dataset.classes)} classes")
+    mean, std = _mean_std(cfg, train_set.images)
+    if checkpoint is not None:  # the recorded normalisation, even if "dataset" statistics would now differ
+        mean, std = checkpoint["eval"]["mean"], checkpoint["eval"]["std"]
+        mean, std = (tuple(mean) if mean else None), (tuple(std) if std else None)
+    eval_settings = eval_settings_dict(cfg, precision, mean, std, (height, width), in_chans)
+
+    # model and optimiser
+    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, img_size=(height, width))
+    model.class_names = list(dataset.classes)
+    model = wrap_model(model.to(device), world_size)
+    optimizer = make_optimizer(model, cfg)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    step = make_train_step(model, optimizer, augment_config(cfg, mean, std), precision=precision, device=device,
+                           label_smoothing=cfg.label_smoothing, num_classes=num_classes, generator=aug_gen,
+                           skip_nonfinite=cfg.skip_nonfinite)
+    local_batch = cfg.batch_size // world_size  # --batch-size is global
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+
+    # where we are: fresh, or from last.pt
+    state = {"epoch": 0, "batch": 0, "step": 0, "total_steps": cfg.epochs * steps_per_epoch, "best_top1": -1.0,
+             "best_epoch": 0, "train_seconds": 0.0, "images": 0, "finished": False}
+    history: list[dict] = []
+    data_epoch_state = data_gen.get_state()
+    if checkpoint is not None:
+        _restore(checkpoint, model, optimizer, step, last_path)
+        state.update(checkpoint["train_state"])
+        history = [dict(r) for r in checkpoint["history"] if r["epoch"] <= state["epoch"]]
+        data_epoch_state = checkpoint["rng"]["data_epoch_start"]
+        data_gen.set_state(checkpoint["rng"]["data"])
+        aug_gen.set_state(checkpoint["rng"]["augment"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        if is_main:  # rows past the checkpoint's epoch (written after it, by a run that then died) go
+            write_history(out / "history.csv", history)
+        _log(quiet, f"resuming {out} at epoch {state['epoch'] + 1}" + (f", batch {state['batch']}" if state["batch"] else ""))
+    deadline = final_reserve = None  # a budgeted run re-fits its length as it goes (not after a resume)
+    if checkpoint is None and cfg.time_budget is not None:
+        deadline = t_start + cfg.time_budget * 60
+        state["total_steps"], final_reserve = _fit_to_budget(
+            cfg, model, step, train_set, val_set, dataset.test, steps_per_epoch, budget_end=deadline,
+            local_batch=local_batch, quiet=quiet)
+    total_epochs = math.ceil(state["total_steps"] / steps_per_epoch)
+    # a run shortened by --epochs or --time-budget keeps a schedule: warm-up at most half, cooldown a quarter
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), state["total_steps"] // 2)
+    cooldown_steps = min(round(cfg.cooldown_epochs * steps_per_epoch), state["total_steps"] // 4)
+
+    def learning_rate(i: int) -> float:
+        return lr_at(i, lr=cfg.lr, total_steps=state["total_steps"], warmup_steps=warmup_steps, warmup_lr=cfg.warmup_lr,
+                     min_lr=cfg.min_lr, cooldown_steps=cooldown_steps, schedule=cfg.schedule)
+
+    resolved = {**cfg.to_dict(), "precision_resolved": precision, "device_resolved": str(device),
+                "total_steps": state["total_steps"], "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
+                "in_chans": in_chans, "img_size_resolved": [height, width], "mean": eval_settings["mean"],
+                "std": eval_settings["std"], "world_size": world_size}
+    if is_main:
+        write_json(out / "config.json", resolved)
+
+    def save_last(path: Path = last_path) -> None:
+        if is_main:
+            save_checkpoint(model, path, train_config=cfg.to_dict(), resolved_config=resolved, eval=eval_settings,
+                            optimizer=optimizer.state_dict(), step_state=step.state_dict(), train_state=dict(state),
+                            rng=_rng_state(data_epoch_state, data_gen, aug_gen), history=history)
+
+    from .evaluate import evaluate
+    from . import data as data_mod
+
+    def run_eval(images, labels, smoothing=0.0) -> dict:
+        return evaluate(model, images, labels, precision=precision, batch_size=cfg.eval_batch_size, tta=cfg.tta,
+                        mean=mean, std=std, device=device, label_smoothing=smoothing)
+
+    stop = types.SimpleNamespace(signum=None)
+    t_loop, first_step = time.perf_counter(), state["step"]
+    with _stop_on_signals(stop):
+        while state["epoch"] < total_epochs:
+            epoch = state["epoch"]
+            t_epoch = time.perf_counter()
+            if state["batch"] == 0:
+                data_epoch_state = data_gen.get_state()
+                step.reset_totals()
+            data_gen.set_state(data_epoch_state)  # the epoch's permutation, re-drawn identically on resume
+            batches = data_mod.batch_indices(n_train, cfg.batch_size, data_gen, shuffle=True, drop_last=False,
+                                             rank=rank, world_size=world_size)
+            batches = itertools.islice(batches, state["batch"], None)
+            mix = cfg.mix_off_epoch is None or epoch < cfg.mix_off_epoch
+            steps_this_epoch = min(steps_per_epoch, state["total_steps"] - epoch * steps_per_epoch)
+            bar = _progress(quiet, epoch, total_epochs, n_train, state["batch"] * local_batch)
+            lr = learning_rate(state["step"])
+            for idx in batches:
+                if state["batch"] >= steps_this_epoch:
+                    break
+                lr = learning_rate(state["step"])
+                try:
+                    step(train_set.images[idx], train_set.labels[idx], lr, mix=mix)
+                except NonFiniteLossError as e:
+                    if bar is not None:
+                        bar.close()
+                    raise NonFiniteLossError(
+                        f"{e} at epoch {epoch + 1}, step {state['batch'] + 1}; stopped without saving — the last good "
+                        f"checkpoint is {last_path}; try a lower --lr, --precision fp32, or --skip-nonfinite") from None
+                state["batch"] += 1
+                state["step"] += 1
+                state["images"] += len(idx) * world_size
+                if bar is not None:
+                    bar.update(len(idx) * world_size)
+                    if state["batch"] % cfg.log_interval == 0 or state["batch"] == steps_this_epoch:
+                        bar.set_postfix_str(f"loss {step.totals()[0]:.4f} lr {lr:.3g}", refresh=False)
+                if stop.signum is not None or state["step"] == stop_at_step:
+                    break
+                if deadline is not None and time.perf_counter() > deadline - final_reserve:
+                    state["total_steps"] = state["step"]  # out of time: this epoch is the last
+                    steps_this_epoch, total_epochs = state["batch"], epoch + 1
+                    break
+            if bar is not None:
+                bar.close()
+            state["train_seconds"] += time.perf_counter() - t_epoch
+            if state["batch"] < steps_this_epoch:  # interrupted inside the epoch: record the position
+                save_last()
+                _interrupted(stop, out, state, steps_this_epoch, quiet)
+
+            # end of epoch: evaluate, then best.pt → last.pt → history.csv (a crash between them is harmless)
+            train_loss, train_top1, _ = step.totals()
+            val = run_eval(val_set.images, val_set.labels, cfg.label_smoothing) if val_set is not None else None
+            state.update(epoch=epoch + 1, batch=0)
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_top1": train_top1,
+                   "val_loss": val["loss"] if val else None, "val_top1": val["top1"] if val else None,
+                   "val_top5": val["top5"] if val else None, "seconds": time.perf_counter() - t_epoch}
+            history.append(row)
+            improved = val is None or val["top1"] > state["best_top1"]
+            if improved:
+                state.update(best_top1=val["top1"] if val else -1.0, best_epoch=epoch + 1)
+                if is_main:
+                    save_checkpoint(model, best_path, train_config=cfg.to_dict(), eval=eval_settings,
+                                    epoch=epoch + 1, val=_brief(val))
+            if deadline is not None:  # measured cost of a step, evaluation and saving included
+                per_step = (time.perf_counter() - t_loop) / max(1, state["step"] - first_step)
+                fit = state["step"] + int((deadline - final_reserve - time.perf_counter()) / per_step)
+                if fit < state["total_steps"]:
+                    state["total_steps"] = max(fit, state["step"])
+                    total_epochs = math.ceil(state["total_steps"] / steps_per_epoch)
+                    resolved["total_steps"] = state["total_steps"]
+                    if is_main:
+                        write_json(out / "config.json", resolved)
+            state["finished"] = state["epoch"] >= total_epochs
+            data_epoch_state = data_gen.get_state()
+            save_last()
+            if is_main:
+                write_history(out / "history.csv", history)
+                _plot_curves(history, out / "curves.png")
+            _log(quiet, _epoch_line(row, total_epochs, step.skipped))
+            if stop.signum is not None or state["step"] == stop_at_step:
+                if state["epoch"] < total_epochs:
+                    _interrupted(stop, out, state, steps_per_epoch, quiet)
+
+    # test: with the best validation weights when asked (the Keras example's ModelCheckpoint + load_weights)
+    if cfg.restore_best and val_set is not None and best_path.is_file():
+        model.load_state_dict(read_checkpoint(best_path)["state_dict"])
+    test = run_eval(dataset.test.images, dataset.test.labels) if dataset.test is not None else None
+    results = {
+        "model": cfg.model, "recipe": cfg.recipe, "params": num_params(model), "epochs": state["epoch"],
+        "steps": state["step"], "test_top1": test["top1"] if test else None, "test_top5": test["top5"] if test else None,
+        "test_loss": test["loss"] if test else None, "test_images": len(dataset.test.labels) if test else 0,
+        "best_epoch": state["best_epoch"], "best_val_top1": state["best_top1"] if val_set is not None else None,
+        "weights": "best" if cfg.restore_best and val_set is not None else "last",
+        "train_seconds": round(state["train_seconds"], 2),
+        "images_per_second": round(state["images"] / max(state["train_seconds"], 1e-9), 1),
+        "train_images": n_train, "val_images": len(val_set.labels) if val_set is not None else 0,
+        "data": cfg.data, "classes": list(dataset.classes), "skipped_images": dataset.skipped,
+        "skipped_steps": step.skipped, "precision": precision, "seed": cfg.seed, "world_size": world_size,
+        "device": str(device),
+    }
+    if is_main:
+        write_json(out / "results.json", results)
+        _log(quiet, f"done: {results['epochs']} epochs in {results['train_seconds']:.0f}s "
+                    f"({results['images_per_second']:.0f} images/s)" +
+             (f"; test top-1 {results['test_top1']:.4f}, top-5 {results['test_top5']:.4f}" if test else "") +
+             f"; outputs in {out}")
+    return results
+
+
+def _restore(checkpoint: dict, model: nn.Module, optimizer, step: TrainStep, path: Path) -> None:
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step.load_state_dict(checkpoint["step_state"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not match this run: {str(e).strip().splitlines()[0][:200]}") from None
+
+
+def _interrupted(stop, out: Path, state: dict, steps_this_epoch: int, quiet: bool):
+    where = (f"epoch {state['epoch'] + 1}, batch {state['batch']}/{steps_this_epoch}" if state["batch"]
+             else f"the end of epoch {state['epoch']}")
+    code = 128 + stop.signum if stop.signum is not None else 0
+    message = f"stopped at {where}; saved {out / 'last.pt'}; resume with: cct train --resume {out}"
+    raise TrainingInterrupted(message, code)
+
+
+def _brief(metrics: dict | None) -> dict | None:
+    return None if metrics is None else {k: metrics[k] for k in ("top1", "top5", "loss")}
+
+
+def _epoch_line(row: dict, total_epochs: int, skipped: int) -> str:
+    line = (f"epoch {row['epoch']}/{total_epochs}: lr {row['lr']:.3g}, train loss {row['train_loss']:.4f}, "
+            f"top-1 {row['train_top1']:.4f}")
+    if row["val_top1"] is not None:
+        line += f"; val loss {row['val_loss']:.4f}, top-1 {row['val_top1']:.4f}, top-5 {row['val_top5']:.4f}"
+    line += f"; {row['seconds']:.1f}s"
+    return line + (f"; {skipped} non-finite steps skipped" if skipped else "")
+
+
+def _progress(quiet: bool, epoch: int, total_epochs: int, n_images: int, done: int):
+    if quiet:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=n_images, initial=done, desc=f"epoch {epoch + 1}/{total_epochs}", unit="img", unit_scale=True,
+                file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    from .plots import plot_curves
+    plot_curves(history, path)
+
+
+# ---------------------------------------------------------------------- time budget
+def _fit_to_budget(cfg, model, step: TrainStep, train_set, val_set, test_set, steps_per_epoch: int, *,
+                   budget_end: float, local_batch: int, quiet: bool) -> tuple[int, float]:
+    """Time the step on copies of the model and optimiser, then choose the number of steps that fits.
+
+    Copies and a throwaway generator keep the real run untouched, so a budgeted run is still the
+    seeded run, only of a measured length. Returns (steps, seconds to keep for the final test). The
+    loop then shortens the run at each epoch's end from the time it really took, and stops at once
+    if it runs out of time.
+    """
+    torch_state = torch.get_rng_state()
+    trial_model, trial_opt = copy.deepcopy(model), None
+    trial_opt = make_optimizer(trial_model, cfg)
+    trial = make_train_step(trial_model, trial_opt, step.aug_cfg, precision=step.precision, device=step.device,
+                            label_smoothing=step.label_smoothing, num_classes=step.num_classes,
+                            generator=torch.Generator().manual_seed(12345))
+    n = len(train_set.labels)
+    g = torch.Generator().manual_seed(0)
+    warm, timed = 2, 6
+    times = []
+    for i in range(warm + timed):
+        idx = torch.randint(0, n, (min(local_batch, n),), generator=g)
+        t = time.perf_counter()
+        trial(train_set.images[idx], train_set.labels[idx], cfg.lr * 1e-3)
+        times.append(time.perf_counter() - t)
+    torch.set_rng_state(torch_state)
+    del trial_model, trial_opt, trial
+    step_seconds = sorted(times[warm:])[timed // 2]
+    # evaluation costs roughly a third of a training step per image
+    eval_seconds_per_image = step_seconds / local_batch / 3
+    val_seconds = (len(val_set.labels) if val_set is not None else 0) * eval_seconds_per_image
+    test_seconds = (len(test_set.labels) if test_set is not None else 0) * eval_seconds_per_image
+    final_reserve = test_seconds + 1.0
+    remaining = (budget_end - time.perf_counter()) * 0.95 - final_reserve
+    per_step = step_seconds + (val_seconds + 0.5) / steps_per_epoch
+    total_steps = max(1, int(remaining / per_step))
+    _log(quiet, f"time budget {cfg.time_budget:g} min: {step_seconds * 1e3:.0f} ms/step → {total_steps} steps "
+                f"({total_steps / steps_per_epoch:.2f} epochs)")
+    return total_steps, final_reserve
+
+
+# ---------------------------------------------------------------------- command line
+def _flag_type(tp):
+    """(argparse type, nargs) of a TrainConfig field annotation."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = args[0]
+        args = list(typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return typing.get_args(tp)[0], len(typing.get_args(tp))
+    return tp, None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model", "data", "out", "recipe")) -> None:
+    """One flag per TrainConfig field (`--batch-size`, `--hflip/--no-hflip`, ...); unset flags stay None."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("recipe overrides (default: the recipe's value)")
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind, nargs = _flag_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, nargs=nargs, default=None, choices=f.metadata.get("choices"),
+                               metavar=f.name.upper() if nargs is None and "choices" not in f.metadata else None,
+                               help=help_text)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model (recipes: keras, paper, fast)",
+                              description="Train a model; writes last.pt, best.pt, history.csv, curves.png, "
+                                          "config.json and results.json to --out.")
+    p.add_argument("--model", help="a name from `cct models`")
+    p.add_argument("--data", help="data source (a directory of class folders, an archive, ...)")
+    p.add_argument("--out", metavar="DIR", help="output directory")
+    p.add_argument("--recipe", choices=tuple(RECIPES), help="keras (default for *_keras models), paper (default "
+                                                            "otherwise) or fast")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_config_flags(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if f.name not in ("model", "data", "out", "recipe") and getattr(args, f.name) is not None}
+    if overrides.get("rrc_scale") is not None:
+        overrides["rrc_scale"] = tuple(overrides["rrc_scale"])
+    if args.resume:
+        extra = [k for k in ("model", "out", "recipe") if getattr(args, k) is not None]
+        extra += [k for k in overrides if k not in RESUME_OVERRIDES]
+        if extra:
+            raise CCTError("--resume takes the run's configuration from its last.pt; drop "
+                           + ", ".join("--" + k.replace("_", "-") for k in extra))
+        cfg = resume_config(args.resume, **overrides, **({"data": args.data} if args.data else {}))
+    else:
+        missing = [k for k in ("model", "data", "out") if not getattr(args, k)]
+        if missing:
+            raise CCTError("missing " + ", ".join("--" + k for k in missing) + " (or --resume DIR)")
+        cfg = make_config(args.model, args.data, args.out, args.recipe, **overrides)
+    try:
+        train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    except TrainingInterrupted as e:
+        print(f"cct train: {e}", file=sys.stderr)
+        return e.exit_code or 130
+    return 0
+
+
+def resume_config(out: str | Path, **overrides) -> TrainConfig:
+    """The configuration of the run in `out`, from its last.pt, with `data`/`device`/`workers` overrides."""
+    path = Path(out) / "last.pt"
+    if not path.is_file():
+        raise CCTError(f"nothing to resume: {path} not found")
+    checkpoint = read_checkpoint(path)
+    if "train_config" not in checkpoint or "train_state" not in checkpoint:
+        raise CheckpointError(f"{path} is not a training checkpoint (no train_config/train_state)")
+    cfg = TrainConfig.from_dict(checkpoint["train_config"])
+    return replace(cfg, out=str(out), **{k: v for k, v in overrides.items() if k != "quiet"})

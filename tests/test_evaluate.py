@@ -1,0 +1,121 @@
+"""cct.evaluate: metrics, logits with TTA and normalisation, checkpoint settings, and `cct eval`."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cct import cli, create_model, save_checkpoint
+from cct.evaluate import EvalSettings, load_for_eval, metrics, predict_logits, preprocess
+
+CLASSES = ["ant", "bee", "cat"]
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCT_DATA", str(tmp_path / "cache"))
+
+
+def make_tree(root: Path, classes=CLASSES, per_class=4, size=16) -> Path:
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 90, (size, size, 3)) + 70 * c
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def tiny_checkpoint(path: Path, num_classes=3, eval_settings=None) -> Path:
+    torch.manual_seed(0)
+    model = create_model("cct_2_3x2_32", num_classes=num_classes, img_size=16)
+    model.class_names = CLASSES[:num_classes] if num_classes <= 3 else None
+    extra = {"eval": eval_settings} if eval_settings is not None else {}
+    save_checkpoint(model, path, **extra)
+    return path
+
+
+def run_cli(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_metrics_top_k_per_class_and_confusion():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 2.0], [1.0, 3.0, 2.0], [2.0, 0.0, 1.0]])
+    labels = torch.tensor([0, 1, 2, 0])
+    m = metrics(logits, labels, class_names=CLASSES)
+    assert m["top1"] == 0.5 and m["top5_k"] == 3 and m["top5"] == 1.0
+    assert m["per_class"] == {"ant": 1.0, "bee": 0.0, "cat": 0.0}
+    assert m["confusion"] == [[2, 0, 0], [0, 0, 1], [0, 1, 0]]
+    assert m["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), abs=1e-6)
+    m2 = metrics(torch.randn(6, 10), torch.arange(6))
+    assert m2["top5_k"] == 5 and m2["per_class"]["9"] is None
+
+
+def test_predict_logits_normalisation_tta_and_batching():
+    torch.manual_seed(0)
+    model = create_model("cct_2_3x2_32", num_classes=3, img_size=16).eval()
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    logits = predict_logits(model, images, precision="fp32", batch_size=4, mean=mean, std=std)
+    with torch.no_grad():
+        expected = model(preprocess(images, mean, std))
+    assert logits.shape == (10, 3) and torch.allclose(logits, expected, atol=1e-5)
+    with torch.no_grad():
+        flipped = model(preprocess(images.flip(-1), mean, std))
+    tta = predict_logits(model, images, precision="fp32", batch_size=10, tta=True, mean=mean, std=std)
+    assert torch.allclose(tta, (expected + flipped) / 2, atol=1e-5)
+    plain = predict_logits(model, images, precision="fp32", batch_size=3)  # no recorded settings: x / 255
+    with torch.no_grad():
+        assert torch.allclose(plain, model(images.float() / 255), atol=1e-5)
+    model.eval_settings = EvalSettings(mean=mean, std=std)  # as load_for_eval attaches it
+    assert torch.allclose(predict_logits(model, images, precision="fp32", batch_size=4), logits)
+
+
+def test_settings_come_from_the_checkpoint(tmp_path):
+    settings = {"precision": "fp32", "batch_size": 7, "tta": True, "mean": [0.1, 0.2, 0.3], "std": [0.3, 0.2, 0.1],
+                "img_size": [16, 16], "in_chans": 3}
+    model, got = load_for_eval(tiny_checkpoint(tmp_path / "a.pt", eval_settings=settings))
+    assert (got.batch_size, got.tta, got.mean, got.img_size) == (7, True, (0.1, 0.2, 0.3), (16, 16))
+    assert model.eval_settings is got and not model.training
+    _, default = load_for_eval(tiny_checkpoint(tmp_path / "b.pt"))  # not from `cct train`
+    assert (default.precision, default.batch_size, default.tta, default.mean) == ("fp32", 256, False, None)
+
+
+def test_eval_cli_text_json_and_plot(tmp_path, capsys):
+    tree = make_tree(tmp_path / "tree")
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    code, out, err = run_cli(["eval", str(ckpt), "--data", str(tree), "--json", "--plot", str(tmp_path / "cm.png")],
+                             capsys)
+    assert code == 0
+    report = json.loads(out)
+    for key in ("top1", "top5", "loss", "per_class", "confusion"):
+        assert key in report
+    assert report["n"] == 12 and 0 <= report["top1"] <= 1 and set(report["per_class"]) == set(CLASSES)
+    assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = run_cli(["eval", str(ckpt), "--data", str(tree), "--tta", "--batch-size", "5"], capsys)
+    assert code == 0 and "top-1" in out and "TTA" in out and "ant" in out
+
+
+def test_eval_errors_are_one_line(tmp_path, capsys):
+    tree = make_tree(tmp_path / "tree")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 64)
+    cases = [
+        ([str(tmp_path / "missing.pt")], "not found"),
+        ([str(garbage)], "garbage.pt"),
+        ([str(tiny_checkpoint(tmp_path / "five.pt", num_classes=5))], "5 classes"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(["eval", *args, "--data", str(tree), "--json"], capsys)
+        assert code == 2 and out == "" and message in err, (args, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, out, err = run_cli(["eval", str(tmp_path / "five.pt"), "--data", str(tmp_path / "nodata")], capsys)
+    assert code == 2 and "not found" in err
