@@ -140,3 +140,11 @@ def test_cct_checkpoint_as_pretrained_other_size(tmp_path):
     assert dst.pos_embed.shape == (1, 16 * 32, 128)
     same = cct.create_model("cct_2_3x2_32", pretrained=tmp_path / "rect.pt", img_size=(32, 64))
     _same_outputs(src, same, size=(32, 64))
+
+
+def test_safetensors_keeps_eval_settings(tmp_path):
+    model = cct.create_model("cct_2_3x2_32")
+    settings = {"precision": "bf16", "batch_size": 64, "tta": True, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}
+    path = cct.save_checkpoint(model, tmp_path / "m.safetensors", eval=settings, optimizer={"ignored": 1})
+    data = read_checkpoint(path)
+    assert data["eval"] == settings and "optimizer" not in data

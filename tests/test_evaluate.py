@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from cct import cli, create_model, save_checkpoint
+from cct.data import CIFAR_MEAN
 from cct.evaluate import EvalSettings, load_for_eval, metrics, predict_logits, preprocess
 
 CLASSES = ["ant", "bee", "cat"]
@@ -86,7 +87,8 @@ def test_settings_come_from_the_checkpoint(tmp_path):
     assert (got.batch_size, got.tta, got.mean, got.img_size) == (7, True, (0.1, 0.2, 0.3), (16, 16))
     assert model.eval_settings is got and not model.training
     _, default = load_for_eval(tiny_checkpoint(tmp_path / "b.pt"))  # not from `cct train`
-    assert (default.precision, default.batch_size, default.tta, default.mean) == ("fp32", 256, False, None)
+    # an official-layout model not trained here: the official recipes' CIFAR statistics (as `cct predict` uses)
+    assert (default.precision, default.batch_size, default.tta, default.mean) == ("fp32", 256, False, CIFAR_MEAN)
 
 
 def test_eval_cli_text_json_and_plot(tmp_path, capsys):

@@ -25,6 +25,7 @@ from .model import CCT, CCTConfig
 
 FORMAT = "cct-checkpoint"
 VERSION = 1
+SAFETENSORS_EXTRAS = ("eval",)  # plain-data extras that safetensors metadata carries too (as JSON)
 
 
 def _umask() -> int:
@@ -80,7 +81,8 @@ def save_checkpoint(model: CCT, path: str | Path, *, format: str | None = None, 
         model: a model built by `cct.create_model` or `cct.load_checkpoint`.
         path: destination file.
         format: "pt" (default, or inferred from a `.safetensors` suffix) or "safetensors".
-        **extra: further plain data to store in a `.pt` checkpoint (optimizer state, epoch, ...).
+        **extra: further plain data to store in a `.pt` checkpoint (optimizer state, epoch, ...); a
+            safetensors file keeps only the evaluation settings (`eval`) among them.
     """
     path = Path(path)
     format = format or ("safetensors" if path.suffix == ".safetensors" else "pt")
@@ -92,7 +94,8 @@ def save_checkpoint(model: CCT, path: str | Path, *, format: str | None = None, 
     from safetensors.torch import save
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "version": str(VERSION), "model_name": getattr(model, "name", None) or "",
-            "config": json.dumps(model.cfg.to_dict()), "class_names": json.dumps(model.class_names)}
+            "config": json.dumps(model.cfg.to_dict()), "class_names": json.dumps(model.class_names),
+            **{k: json.dumps(v) for k, v in extra.items() if k in SAFETENSORS_EXTRAS}}
     payload = save(tensors, metadata=meta)
     atomic_write(path, lambda f: f.write(payload))
     return path
@@ -136,7 +139,7 @@ def _read_safetensors(path: Path) -> dict:
         return {"state_dict": tensors}
     return {"format": FORMAT, "version": int(meta.get("version", 1)), "model_name": meta.get("model_name") or None,
             "config": json.loads(meta["config"]), "class_names": json.loads(meta.get("class_names", "null")),
-            "state_dict": tensors}
+            "state_dict": tensors, **{k: json.loads(meta[k]) for k in SAFETENSORS_EXTRAS if k in meta}}
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> CCT:

@@ -14,7 +14,7 @@ import sys
 from .errors import CCTError
 
 # subcommand modules, in the order `cct --help` lists them
-COMMAND_MODULES = ["cct.train", "cct.evaluate", "cct.export", "cct.explain", "cct.bench"]
+COMMAND_MODULES = ["cct.train", "cct.evaluate", "cct.predict", "cct.export", "cct.explain", "cct.bench"]
 
 
 def _models(args: argparse.Namespace) -> int:

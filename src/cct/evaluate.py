@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_checkpoint, read_checkpoint
+from .data import CIFAR_MEAN, CIFAR_STD
 from .errors import CCTError, CheckpointError
 from .runtime import autocast, resolve_device, resolve_precision
 
@@ -36,12 +37,18 @@ class EvalSettings:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "EvalSettings":
-        """The settings recorded by `cct train`; defaults (fp32, 256, no TTA, x/255) for other checkpoints."""
+        """The settings recorded by `cct train`; defaults (fp32, 256, no TTA, the model's usual normalisation) otherwise."""
         d = dict(checkpoint.get("eval") or {})
         config = checkpoint.get("config") or {}
+        if "mean" in d:
+            mean, std = d.get("mean"), d.get("std")
+        else:  # not trained by `cct train`: the Keras example feeds x / 255, the official recipes CIFAR statistics
+            mean, std = (None, None) if config.get("block") == "keras" else (CIFAR_MEAN, CIFAR_STD)
+            if len(mean or ()) != config.get("in_chans", 3):
+                mean, std = None, None
         return cls(precision=d.get("precision", "fp32"), batch_size=int(d.get("batch_size", 256)),
                    tta=bool(d.get("tta", False)),
-                   mean=tuple(d["mean"]) if d.get("mean") else None, std=tuple(d["std"]) if d.get("std") else None,
+                   mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
                    img_size=tuple(d.get("img_size") or config.get("img_size") or ()) or None,
                    in_chans=d.get("in_chans", config.get("in_chans")))
 

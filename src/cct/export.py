@@ -1,0 +1,237 @@
+"""Deployable copies of a checkpoint: ONNX, TorchScript and safetensors — `cct export`.
+
+Every exported graph maps a float32 image batch (N, C, H, W), already preprocessed, to the
+logits `model(x)` — no softmax and no normalisation inside — so it computes exactly what the
+checkpoint computes. What the graph leaves out travels with it: class names and the
+preprocessing (see `cct.predict.Preprocessing`) go into the ONNX model's `metadata_props`
+or the TorchScript archive's extra files (`extra/class_names.json`, `extra/preprocessing.json`,
+`extra/config.json`). Each export is run against PyTorch on random input before it is written,
+and refused when the largest absolute difference of the logits exceeds `TOLERANCE`.
+
+ONNX goes through PyTorch's `torch.export`-based exporter (`torch.onnx.export(..., dynamo=True)`,
+which needs onnxscript; the TorchScript-based one is deprecated since PyTorch 2.9), and is checked
+with ONNX Runtime. `F.scaled_dot_product_attention` becomes MatMul/Softmax nodes. TorchScript
+is a `torch.jit.trace` (deprecated by PyTorch in favour of `torch.export`, still loadable from C++).
+The batch axis is dynamic unless a batch size is given; the spatial size is the checkpoint's
+`img_size`, which a learnable positional embedding fixes anyway.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .errors import CCTError
+from .model import CCT
+from .predict import Preprocessing, onnx_session
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+DEFAULT_OPSET = 18  # the lowest opset the torch.export-based exporter writes natively
+TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    format: str
+    max_abs_diff: float  # largest |exported - PyTorch| over the logits of the check
+    checked_batch_sizes: tuple[int, ...]
+    opset: int | None = None
+
+    def __str__(self) -> str:
+        opset = f", opset {self.opset}" if self.opset else ""
+        sizes = ", ".join(map(str, self.checked_batch_sizes))
+        return (f"wrote {self.path} ({self.format}{opset}); max |diff| against PyTorch = {self.max_abs_diff:.2e} "
+                f"at batch size {sizes} (tolerance {TOLERANCE:g})")
+
+
+def require_onnx():
+    """The onnx module, or a `CCTError` saying how to install the optional extra."""
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401  (checks the export)
+        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
+    except ImportError as e:
+        raise CCTError(f"ONNX export needs the optional extra of onnx, onnxscript and onnxruntime (missing: "
+                       f"{e.name or 'onnx'}): pip install 'cct[export]'") from None
+    return onnx
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep the exporters' progress lines and deprecation notices off stdout and the user's screen."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _prepare(model: CCT) -> CCT:
+    return copy.deepcopy(model).float().eval()  # never change the caller's model (mode, dtype)
+
+
+def _example(model: CCT, batch: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, model.cfg.in_chans, *model.cfg.img_size, generator=generator)
+
+
+def _check_sizes(batch_size: int | None) -> tuple[int, ...]:
+    return (batch_size,) if batch_size else (1, 3)
+
+
+def _compare(model: CCT, run, sizes: tuple[int, ...], path: Path, fmt: str) -> float:
+    worst = 0.0
+    for i, n in enumerate(sizes):
+        x = _example(model, n, seed=i)
+        with torch.inference_mode():
+            expected = model(x)
+        worst = max(worst, (run(x) - expected).abs().max().item())
+    if not worst <= TOLERANCE:  # also catches NaN
+        raise CCTError(f"the {fmt} export differs from PyTorch by {worst:.3g} (> {TOLERANCE:g}); {path} not written")
+    return worst
+
+
+def _metadata(model: CCT, preprocessing: Preprocessing | None) -> dict[str, str]:
+    from . import __version__
+    preprocessing = preprocessing or Preprocessing(model.cfg.img_size, model.cfg.in_chans)
+    return {"class_names": json.dumps(model.class_names), "preprocessing": json.dumps(preprocessing.to_dict()),
+            "config": json.dumps(model.cfg.to_dict()), "model_name": getattr(model, "name", None) or "",
+            "cct_version": __version__}
+
+
+def export_onnx(model: CCT, path: str | Path, *, opset: int = DEFAULT_OPSET, batch_size: int | None = None,
+                preprocessing: Preprocessing | None = None) -> ExportReport:
+    """Write `model` as an ONNX graph and check it with ONNX Runtime.
+
+    Args:
+        model: a CCT; exported in eval mode and float32 at `model.cfg.img_size`.
+        path: destination `.onnx` file.
+        opset: ONNX operator set (below 18 the exporter converts versions, which may fail).
+        batch_size: a fixed batch size; None leaves the batch axis dynamic.
+        preprocessing: stored in the metadata; default x / 255 at the model's size.
+    """
+    onnx = require_onnx()
+    path = Path(path)
+    model = _prepare(model)
+    x = _example(model, batch_size or 2)
+    dynamic = None if batch_size else {"x": {0: torch.export.Dim("batch", min=1)}}
+    try:
+        with _quiet():
+            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["images"],
+                                        output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+        proto = program.model_proto
+    except Exception as e:
+        raise CCTError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from e
+    existing = {p.key: p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**existing, **_metadata(model, preprocessing)})
+    payload = proto.SerializeToString()
+    session = onnx_session(payload)  # checked before anything is written
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"images": t.numpy()})[0])
+
+    diff = _compare(model, run, _check_sizes(batch_size), path, "ONNX")
+    atomic_write(path, lambda f: f.write(payload))
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return ExportReport(path, "onnx", diff, _check_sizes(batch_size), opset)
+
+
+def export_torchscript(model: CCT, path: str | Path, *, batch_size: int | None = None,
+                       preprocessing: Preprocessing | None = None) -> ExportReport:
+    """Write `model` as a traced TorchScript archive, with the metadata as extra files, and check it.
+
+    Args: as `export_onnx`. A trace is shape-generic in the batch, so `batch_size` only picks the
+    example it is traced and checked with (and is recorded in `extra/preprocessing.json`).
+    """
+    path = Path(path)
+    model = _prepare(model)
+    meta = _metadata(model, preprocessing)
+    if batch_size:
+        meta["preprocessing"] = json.dumps({**json.loads(meta["preprocessing"]), "batch_size": batch_size})
+    extra = {f"{key}.json": value for key, value in meta.items() if key in ("class_names", "preprocessing", "config")}
+    with _quiet(), torch.inference_mode():
+        traced = torch.jit.trace(model, _example(model, batch_size or 2), check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files=extra)
+    with _quiet():
+        loaded = torch.jit.load(io.BytesIO(buffer.getvalue()))  # checked before anything is written
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return loaded(t)
+
+    diff = _compare(model, run, _check_sizes(batch_size), path, "TorchScript")
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return ExportReport(path, "torchscript", diff, _check_sizes(batch_size))
+
+
+def read_torchscript_metadata(path: str | Path) -> dict:
+    """The class names, preprocessing and config stored in a TorchScript export (decoded JSON)."""
+    extra = {"class_names.json": "", "preprocessing.json": "", "config.json": ""}
+    with _quiet():
+        torch.jit.load(str(path), _extra_files=extra)
+    return {name.removesuffix(".json"): json.loads(value) if value else None for name, value in extra.items()}
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, format: str, *, opset: int = DEFAULT_OPSET,
+                      batch_size: int | None = None) -> ExportReport:
+    """Export a cct checkpoint; its recorded preprocessing (see `cct.predict`) goes into the metadata."""
+    assert format in FORMATS, f"format must be one of {FORMATS}, got {format!r}"
+    if batch_size is not None and batch_size < 1:
+        raise CCTError(f"--batch-size must be at least 1 or 'dynamic', got {batch_size}")
+    model = load_checkpoint(checkpoint)
+    data = read_checkpoint(checkpoint)
+    preprocessing = Preprocessing.from_checkpoint(data)
+    if format == "onnx":
+        return export_onnx(model, output, opset=opset, batch_size=batch_size, preprocessing=preprocessing)
+    if format == "torchscript":
+        return export_torchscript(model, output, batch_size=batch_size, preprocessing=preprocessing)
+    path = save_checkpoint(model, output, format="safetensors", **({"eval": data["eval"]} if "eval" in data else {}))
+    loaded = load_checkpoint(path)
+    diff = _compare(model, lambda t: loaded(t), (2,), path, "safetensors")
+    return ExportReport(path, "safetensors", diff, (2,))
+
+
+# ---------------------------------------------------------------------- command line
+def _batch_size(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'dynamic' or a positive integer, got {text!r}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.format == "safetensors" and (args.batch_size or args.opset != DEFAULT_OPSET):
+        raise CCTError("--batch-size and --opset apply to graphs (onnx, torchscript), not to safetensors weights")
+    report = export_checkpoint(args.checkpoint, args.output, args.format, opset=args.opset, batch_size=args.batch_size)
+    print(report)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export a checkpoint to ONNX, TorchScript or safetensors",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--output", required=True, metavar="FILE")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--batch-size", type=_batch_size, default=None, metavar="dynamic|N",
+                   help="batch axis of the graph (default dynamic)")
+    p.set_defaults(func=_run)

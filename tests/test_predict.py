@@ -1,0 +1,144 @@
+"""Prediction: image files of any size and mode, checkpoints and ONNX files, JSON output, bad input."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cct
+from cct.cli import main
+from cct.errors import CCTError
+from cct.predict import Preprocessing, load_image, open_classifier, predict
+
+
+def _checkpoint(tmp_path, name="cct_2_3x2_32", fmt="pt", **overrides):
+    torch.manual_seed(0)
+    model = cct.create_model(name, num_classes=4, **overrides)
+    model.class_names = ["ant", "bee", "cow", "doe"]
+    return cct.save_checkpoint(model, tmp_path / f"m.{fmt}", format=fmt)
+
+
+def _images(tmp_path):
+    """Files of several sizes and Pillow modes, as users have them."""
+    rng = np.random.default_rng(0)
+    files = []
+    for name, size, mode in (("rgb.jpg", (45, 61), "RGB"), ("rgba.png", (32, 32), "RGBA"),
+                             ("gray.png", (10, 90), "L"), ("palette.gif", (40, 20), "P"), ("cmyk.jpg", (33, 33), "CMYK"),
+                             ("bits.bmp", (64, 64), "1"), ("deep.png", (16, 24), "I;16")):
+        array = rng.integers(0, 255, size=(size[0], size[1], 3), dtype=np.uint8)
+        im = Image.fromarray(array).convert(mode)
+        im.save(tmp_path / name)
+        files.append(str(tmp_path / name))
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_predicts_images_of_any_size_and_mode(tmp_path, fmt):
+    files = _images(tmp_path)
+    results = predict(_checkpoint(tmp_path, fmt=fmt), files, topk=3)
+    assert [r["image"] for r in results] == files
+    for r in results:
+        probs = [p["probability"] for p in r["predictions"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert {p["class"] for p in r["predictions"]} <= {"ant", "bee", "cow", "doe"}
+
+
+def test_topk_is_capped_at_the_number_of_classes(tmp_path):
+    results = predict(_checkpoint(tmp_path), _images(tmp_path)[:1], topk=10)
+    assert len(results[0]["predictions"]) == 4
+    assert sum(p["probability"] for p in results[0]["predictions"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_predictions_match_the_model(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    files = _images(tmp_path)[:2]
+    model = cct.load_checkpoint(ckpt)
+    prep = Preprocessing.from_checkpoint(cct.checkpoint.read_checkpoint(ckpt))
+    x = prep(torch.stack([load_image(f, (32, 32), 3) for f in files]))
+    with torch.no_grad():
+        probs = torch.softmax(model(x), 1)
+    results = predict(ckpt, files, topk=1)
+    for r, p in zip(results, probs):
+        assert r["predictions"][0]["index"] == p.argmax().item()
+        assert r["predictions"][0]["probability"] == pytest.approx(p.max().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("batch", ["dynamic", "3"])
+def test_predict_on_an_onnx_file_matches_the_checkpoint(tmp_path, batch):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    ckpt = _checkpoint(tmp_path, "cct_2_3x2_32_keras")
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--output", str(onnx_path), "--batch-size", batch]) == 0
+    files = _images(tmp_path)  # 7 images: more than the fixed batch of 3
+    from_onnx = predict(onnx_path, files, topk=4)
+    from_ckpt = predict(ckpt, files, topk=4)
+    for a, b in zip(from_onnx, from_ckpt):
+        assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+        for pa, pb in zip(a["predictions"], b["predictions"]):
+            assert pa["probability"] == pytest.approx(pb["probability"], abs=1e-5)
+
+
+def test_json_output_is_only_json(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    files = _images(tmp_path)[:2]
+    assert main(["predict", str(ckpt), *files, "--topk", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in out["results"]] == files
+    assert all(len(r["predictions"]) == 2 for r in out["results"])
+
+
+def test_human_output(tmp_path, capsys):
+    files = _images(tmp_path)[:1]
+    assert main(["predict", str(_checkpoint(tmp_path)), *files, "--topk", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == files[0] and len(lines) == 3 and lines[1].strip().endswith(("ant", "bee", "cow", "doe"))
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", None])
+def test_bad_image_is_one_line_naming_the_file(tmp_path, capsys, content):
+    bad = tmp_path / "broken.png"
+    if content is not None:
+        bad.write_bytes(content)
+    with pytest.raises(CCTError, match="broken.png"):
+        predict(_checkpoint(tmp_path), [str(bad)])
+    assert main(["predict", str(tmp_path / "m.pt"), *_images(tmp_path)[:1], str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "broken.png" in captured.err
+
+
+def test_truncated_image_is_an_error(tmp_path):
+    good = _images(tmp_path)[0]
+    data = open(good, "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CCTError, match="cut.jpg"):
+        predict(_checkpoint(tmp_path), [str(tmp_path / "cut.jpg")])
+
+
+def test_grayscale_model_and_size(tmp_path):
+    ckpt = _checkpoint(tmp_path, in_chans=1, img_size=(24, 40))
+    clf = open_classifier(ckpt)
+    assert clf.preprocessing.in_chans == 1 and clf.preprocessing.mean is None  # CIFAR statistics need 3 channels
+    assert load_image(_images(tmp_path)[0], (24, 40), 1).shape == (1, 24, 40)
+    assert len(predict(clf, _images(tmp_path), topk=1)) == 7
+
+
+def test_recorded_normalisation_is_used(tmp_path):
+    torch.manual_seed(0)
+    model = cct.create_model("cct_2_3x2_32", num_classes=4)
+    path = cct.save_checkpoint(model, tmp_path / "m.pt", eval={"mean": None, "std": None, "precision": "fp32"})
+    assert open_classifier(path).preprocessing.mean is None
+
+
+def test_onnx_needs_onnxruntime(tmp_path, monkeypatch):
+    (tmp_path / "m.onnx").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(CCTError, match=r"cct\[export\]"):
+        predict(tmp_path / "m.onnx", _images(tmp_path)[:1])
+
+
+def test_topk_must_be_positive(tmp_path):
+    with pytest.raises(CCTError, match="topk"):
+        predict(_checkpoint(tmp_path), _images(tmp_path)[:1], topk=0)
