@@ -8,8 +8,12 @@ Two encoder-block layouts live here, each exactly as its source writes it:
 * `KerasBlock` follows the keras.io example "Compact Convolutional Transformers": a plain
   pre-norm block whose MLP applies the tanh-approximate GELU after *each* Dense layer.
 
-Attention goes through `F.scaled_dot_product_attention`, which never materialises the
-attention matrix on CPU for the shapes used here.
+Speed on a CPU (measured by benchmarks/bench_cpu.py; same math, only cheaper to compute):
+* dropout masks come from 16 random bits per element (`dropout`), several times cheaper than
+  `bernoulli_` on a CPU, where the random numbers dominate the cost of dropout;
+* in evaluation attention goes through `F.scaled_dot_product_attention` (its fused CPU kernel);
+  in training, with attention dropout on, `F.scaled_dot_product_attention` falls back to an
+  unfused path that is slower than the plain matmul → softmax → dropout → matmul written here.
 """
 from __future__ import annotations
 
@@ -18,6 +22,45 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The multiplier of inverted dropout: 0 with probability p, else 1 / (1 - p).
+
+    On a CPU the random numbers are most of the cost of dropout, so each element gets 16 random
+    bits (a quarter of a 64-bit draw) rather than a float: the drop probability is p rounded to a
+    multiple of 2^-16 (|error| <= 7.6e-6), and the kept scale uses that same rounded p, so the
+    expectation is exactly preserved.
+    """
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    bits = bits.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+    dropped = round(p * 65536)
+    keep = bits >= dropped - 32768  # true with probability 1 - dropped / 65536
+    return keep.to(dtype).mul_(65536 / (65536 - dropped))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout`, with the cheaper CPU mask of `dropout_mask` (CUDA keeps PyTorch's fused kernel)."""
+    if p == 0.0 or not training:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    return x * dropout_mask(x.shape, p, dtype=x.dtype, device=x.device)
+
+
+class Dropout(nn.Module):
+    """`nn.Dropout` computed by `dropout` (no parameters, so state dicts are unaffected)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -91,14 +134,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(inner, dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.proj_drop = Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        dropout_p = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, N, head_dim)
+        if self.training and self.attn_drop > 0:
+            attn = (q @ k.transpose(-2, -1)).mul_(self.head_dim ** -0.5).softmax(dim=-1)  # (B, heads, N, N)
+            x = dropout(attn, self.attn_drop, True) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
 
@@ -115,7 +161,7 @@ class OfficialBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.dropout = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.dropout = Dropout(drop) if drop > 0 else nn.Identity()
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +183,7 @@ class KerasBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.dropout = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.dropout = Dropout(drop) if drop > 0 else nn.Identity()
         self.drop_path = drop_path
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:

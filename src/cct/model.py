@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import KerasBlock, OfficialBlock, glorot_uniform_, he_normal_, resize_pos_embed, sinusoidal_embedding
+from .layers import Dropout, KerasBlock, OfficialBlock, glorot_uniform_, he_normal_, resize_pos_embed, sinusoidal_embedding
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 BLOCKS = ("official", "keras")
@@ -92,6 +92,18 @@ def _same_pool_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def _pool_out_sizes(size, kernel: int, stride: int, padding: int, ceil_mode: bool) -> list[int]:
+    """PyTorch's max_pool2d output sizes (a ceil-mode window must start inside the input or left padding)."""
+    out = []
+    for n in size:
+        span = n + 2 * padding - kernel
+        o = (-(-span // stride) if ceil_mode else span // stride) + 1
+        if ceil_mode and (o - 1) * stride >= n + padding:
+            o -= 1
+        out.append(o)
+    return out
+
+
 class ConvTokenizer(nn.Module):
     """Images → tokens. CCT stacks conv → ReLU → max-pool; CVT/ViT-Lite use one strided conv."""
 
@@ -114,10 +126,47 @@ class ConvTokenizer(nn.Module):
             x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
         return F.max_pool2d(x, cfg.pool_kernel, cfg.pool_stride)
 
+    def _pool_then_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """relu → zero-pad → max-pool, computed as max-pool → relu on the un-padded conv output.
+
+        The same numbers, gradients included: ReLU is monotone, so it commutes with the max, and a
+        zero pixel added after the ReLU can change a pooled value only where the window's maximum is
+        negative, where the ReLU after the pool gives 0 too. So the zero border becomes part of the
+        pool's -inf padding, and the ReLU runs on a quarter of the pixels with no padded copy.
+        """
+        cfg = self.cfg
+        k, s = cfg.pool_kernel, cfg.pool_stride
+        size = x.shape[-2:]
+        pads = []  # (before, after) per spatial axis, ReLU zeros and pool padding together
+        for n in size:
+            padded = n + 2 * cfg.post_pad
+            if cfg.pool_padding == "same":
+                before, after = _same_pool_padding(padded, k, s)
+            else:
+                before = after = cfg.pool_padding
+            pads.append((before + cfg.post_pad, after + cfg.post_pad))
+        before = pads[0][0]
+        if all(b == before for b, _ in pads) and before <= k // 2:
+            # max_pool2d pads `before` on both sides; a longer tail comes from ceil_mode when that
+            # yields exactly the output size of the full padding
+            wanted = [(n + b + a - k) // s + 1 for n, (b, a) in zip(size, pads)]
+            for ceil_mode in (False, True):
+                if _pool_out_sizes(size, k, s, before, ceil_mode) == wanted:
+                    return F.relu(F.max_pool2d(x, k, s, before, ceil_mode=ceil_mode))
+        (top, bottom), (left, right) = pads
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.relu(F.max_pool2d(x, k, s))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
+        # channels-last (NHWC): oneDNN's convolutions and max-pool run several times faster so on a
+        # CPU, and the last one's output flattens into (B, tokens, D) without a copy
+        x = x.contiguous(memory_format=torch.channels_last)
         for conv in self.convs:
             x = conv(x)
+            if cfg.conv_act and cfg.max_pool:
+                x = self._pool_then_relu(x)
+                continue
             if cfg.conv_act:
                 x = F.relu(x)
             if cfg.post_pad:
@@ -163,7 +212,7 @@ class CCT(nn.Module):
         elif cfg.positional_embedding == "sine":
             # a buffer, not a weight: deterministic, recomputed for the input size, never saved
             self.register_buffer("sine_embed", sinusoidal_embedding(num_tokens, D), persistent=False)
-        self.pos_drop = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else nn.Identity()
+        self.pos_drop = Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else nn.Identity()
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         if cfg.block == "keras":
             self.blocks = nn.ModuleList(
@@ -271,7 +320,7 @@ class CCT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.attention_pool is not None:
-            x = torch.einsum("bn,bnd->bd", self.pool_weights(x), x)  # (B, D) sequence pooling
+            x = (self.pool_weights(x).unsqueeze(1) @ x).squeeze(1)  # (B, D) sequence pooling
         else:
             x = x[:, 0]  # class token
         return x if pre_logits else self.head(x)

@@ -49,3 +49,19 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set the CPU threads of intra-op parallelism (default: one per core, torch's own choice); returns it.
+
+    On a small CPU every thread should compute: torch's default is already one per physical core,
+    so this only pins a requested count (e.g. `--workers` / `--threads`) and keeps the inter-op
+    pool at one thread, since a training step has no independent operators worth overlapping.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first inter-op parallel work
+        pass
+    return torch.get_num_threads()

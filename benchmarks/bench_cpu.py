@@ -1,0 +1,194 @@
+"""Micro-benchmarks behind cct's CPU speed-ups: each row times a variant against the one it replaced.
+
+Every pair computes the same thing (the script checks it before timing); variants are timed
+alternately, round after round, in one process, and the median per variant is printed, so a
+machine whose load drifts affects both sides alike. Shapes are those of `cct_2_3x2_32_keras`
+at batch 128 (and cct_7_3x1_32's attention with --model).
+
+    .venv/bin/python benchmarks/bench_cpu.py                    # all groups, bf16 and fp32
+    .venv/bin/python benchmarks/bench_cpu.py --groups dropout attention --threads 1 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cct
+from cct.layers import dropout_mask
+from cct.model import _same_pool_padding
+
+
+def timeit(variants: dict, rounds: int, reps: int) -> dict:
+    """Median milliseconds per call of each variant, timed alternately."""
+    for fn in variants.values():
+        fn()
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[name].append((time.perf_counter() - start) / reps * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# ---------------------------------------------------------------------- groups
+def group_dropout(precision: str, batch: int):
+    """Dropout on an MLP activation (B, 64, 128): bernoulli_ mask vs 16 random bits per element."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x = torch.randn(batch, 64, 128, dtype=dtype)
+    p = 0.1
+    return {
+        "F.dropout (bernoulli_)": lambda: F.dropout(x, p, True),
+        "cct dropout (int16 mask)": lambda: x * dropout_mask(x.shape, p, dtype=x.dtype, device=x.device),
+    }
+
+
+def _attention_inputs(model: str, batch: int, precision: str):
+    blk = cct.create_model(model).blocks[0].attn
+    tokens = 64 if model.endswith("_keras") or "x2" in model else 256
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    qkv = torch.randn(batch, tokens, 3 * blk.num_heads * blk.head_dim, dtype=dtype, requires_grad=True)
+    grad = torch.randn(batch, blk.num_heads, tokens, blk.head_dim, dtype=dtype)
+    return blk.num_heads, blk.head_dim, qkv, grad
+
+
+def group_attention(precision: str, batch: int, model: str):
+    """Training attention with dropout 0.1, forward + backward: SDPA (its unfused dropout path) vs
+    matmul → softmax → cheap dropout → matmul."""
+    heads, head_dim, qkv, grad = _attention_inputs(model, batch, precision)
+    B, N = qkv.shape[:2]
+    p = 0.1
+
+    def split():
+        return qkv.view(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def sdpa():
+        q, k, v = split()
+        F.scaled_dot_product_attention(q, k, v, dropout_p=p).backward(grad)
+
+    def manual():
+        q, k, v = split()
+        attn = (q @ k.transpose(-2, -1)).mul_(head_dim ** -0.5).softmax(-1)
+        (attn * dropout_mask(attn.shape, p, dtype=attn.dtype, device=attn.device) @ v).backward(grad)
+
+    def sdpa_no_dropout():
+        q, k, v = split()
+        F.scaled_dot_product_attention(q, k, v).backward(grad)
+
+    return {"SDPA dropout 0.1": sdpa, "manual dropout 0.1": manual, "(SDPA, no dropout)": sdpa_no_dropout}
+
+
+def group_tokenizer(precision: str, batch: int):
+    """The Keras tokenizer, forward + backward: conv → relu → zero pad → -inf pad → pool (NCHW), vs
+    conv → pool with padding → relu, NCHW and channels-last."""
+    torch.manual_seed(0)
+    tok = cct.create_model("cct_2_3x2_32_keras").tokenizer
+    x = torch.randn(batch, 3, 32, 32)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def reference(inp):
+        for conv in tok.convs:
+            y = F.pad(F.relu(conv(inp)), (1, 1, 1, 1))
+            top, bottom = _same_pool_padding(y.shape[-2], 3, 2)
+            inp = F.max_pool2d(F.pad(y, (top, bottom, top, bottom), value=float("-inf")), 3, 2)
+        return inp
+
+    def fused(inp):
+        for conv in tok.convs:
+            inp = F.relu(F.max_pool2d(conv(inp), 3, 2, 1, ceil_mode=True))
+        return inp
+
+    with torch.no_grad():
+        assert torch.allclose(reference(x), fused(x), atol=1e-5)
+
+    def run(fn, inp):
+        def go():
+            with autocast(precision):
+                out = fn(inp)
+            out.float().sum().backward()
+        return go
+
+    return {"relu→pad→pool NCHW (before)": run(reference, x), "pool→relu NCHW": run(fused, x),
+            "relu→pad→pool channels-last": run(reference, x_cl), "pool→relu channels-last (now)": run(fused, x_cl)}
+
+
+def group_optimizer(precision: str, batch: int):
+    """AdamW step over cct_2_3x2_32_keras's parameters: for-loop vs foreach vs fused."""
+    variants = {}
+    for kind in ("for-loop", "foreach", "fused"):
+        model = cct.create_model("cct_2_3x2_32_keras")
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        kw = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, **kw)
+        variants[f"AdamW {kind}"] = opt.step
+    return variants
+
+
+def group_pooling(precision: str, batch: int):
+    """Sequence pooling of (B, 64, 128) tokens, forward + backward: einsum vs batched matmul."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x = torch.randn(batch, 64, 128, dtype=dtype, requires_grad=True)
+    w = torch.randn(batch, 64, dtype=dtype).softmax(-1).requires_grad_()
+
+    def einsum():
+        torch.einsum("bn,bnd->bd", w, x).sum().backward()
+
+    def matmul():
+        (w.unsqueeze(1) @ x).squeeze(1).sum().backward()
+
+    return {"einsum": einsum, "matmul": matmul}
+
+
+GROUPS = {"dropout": group_dropout, "attention": group_attention, "tokenizer": group_tokenizer,
+          "optimizer": group_optimizer, "pooling": group_pooling}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--model", default="cct_2_3x2_32_keras", help="whose attention shapes to time")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    for group in args.groups:
+        for precision in args.precisions:
+            if group == "optimizer" and precision == "bf16":
+                continue  # the optimiser always updates fp32 weights
+            kw = {"model": args.model} if group == "attention" else {}
+            variants = GROUPS[group](precision, args.batch_size, **kw)
+            ms = timeit(variants, args.rounds, args.reps)
+            base = next(iter(ms.values()))
+            for name, t in ms.items():
+                rows.append({"group": group, "precision": precision, "variant": name, "ms": round(t, 3),
+                             "speedup": round(base / t, 2)})
+                if not args.json:
+                    print(f"{group:10s} {precision:5s} {name:34s} {t:9.3f} ms  ×{base / t:5.2f}", flush=True)
+    if args.json:
+        print(json.dumps({"threads": torch.get_num_threads(), "batch_size": args.batch_size, "rows": rows}))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

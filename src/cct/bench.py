@@ -1,0 +1,239 @@
+"""Throughput and FLOP accounting — `cct bench`.
+
+A timed training step is exactly what `cct train` does per batch, through the same object
+(`cct.train.make_train_step`): a uint8 batch → the recipe's augmentation → forward with dropout on
+→ loss → backward → optimiser step. A timed inference step is what `cct eval` does per batch
+(`cct.evaluate.predict_logits`: normalise → forward in eval mode → logits). Each rate is the median
+of several timed windows of consecutive steps, after warm-up steps that absorb one-time costs
+(allocator growth, oneDNN kernel selection).
+
+Achieved GFLOP/s count 2 FLOPs per multiply-accumulate of `cct.model.count_macs` (convolutions,
+linears, attention); a training step costs three forward passes (forward, and backward through
+activations and weights). The share of peak compares them with the GEMM rate this machine reaches
+right now in the same precision (a large square matmul), so a loaded machine lowers both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from .runtime import autocast, configure_threads, cpu_supports_bf16, resolve_device, resolve_precision
+
+
+def timed_windows(fn: Callable[[], object], *, warmup: int, steps: int, windows: int) -> list[float]:
+    """Seconds taken by each of `windows` windows of `steps` consecutive calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def gemm_peak_gflops(precision: str, device: torch.device | str = "cpu", *, size: int = 2048,
+                     min_seconds: float = 0.3) -> float:
+    """GFLOP/s of a (size × size) @ (size × size) matmul in `precision` (median of a few timings)."""
+    device = torch.device(device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up
+    flops = 2 * size ** 3
+    rates = []
+    for _ in range(5):
+        start, n = time.perf_counter(), 0
+        while True:
+            a @ b
+            n += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds / 5:
+                break
+        rates.append(n * flops / elapsed / 1e9)
+    return statistics.median(rates)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA's allocator peak on a GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+def _log(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer_batch_size: int = 256,
+              precision: str = "auto", steps: int = 10, windows: int = 5, warmup: int = 10,
+              recipe: str | None = None, device: str = "auto", threads: int | None = None,
+              train: bool = True, infer: bool = True, peak: bool = True, seed: int = 0,
+              quiet: bool = True) -> dict:
+    """Training and inference throughput of a registered model on random CIFAR-like data.
+
+    Args:
+        model: a registered model name.
+        batch_size: training batch.
+        infer_batch_size: inference batch.
+        precision: "auto" (bf16 where the CPU runs it natively, else fp32), "fp32", "bf16".
+        steps: steps per timed window; the reported rate is the median over `windows` windows.
+        warmup: untimed steps before the windows.
+        recipe: the training recipe whose augmentation and optimiser are timed (default: the model's).
+        device: "auto", "cpu" or "cuda".
+        threads: CPU threads (default: as `cct train` sets them, see `cct.runtime.configure_threads`).
+        train, infer, peak: which measurements to make.
+    Returns:
+        a dict with `train_images_per_second`, `infer_images_per_second`, GFLOP/s, share of the
+        measured GEMM peak, peak memory and the settings.
+    """
+    from .model import count_macs, num_params
+    from .registry import create_model
+    from . import train as train_mod
+
+    threads = configure_threads(threads)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    torch.manual_seed(seed)
+    net = create_model(model)
+    macs = count_macs(net)  # at the model's native input size, before it moves
+    net = net.to(dev)
+    C, (H, W) = net.cfg.in_chans, net.cfg.img_size
+    num_classes = max(net.cfg.num_classes, 1)
+    g = torch.Generator().manual_seed(seed)
+    result: dict = {
+        "model": model, "params": num_params(net), "gflops_per_image_forward": round(2 * macs / 1e9, 4),
+        "precision": prec, "device": str(dev), "threads": threads, "batch_size": batch_size,
+        "infer_batch_size": infer_batch_size, "steps_per_window": steps, "windows": windows, "warmup": warmup,
+        "torch": torch.__version__, "cpu_bf16": cpu_supports_bf16(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+
+    if train:
+        recipe = recipe or train_mod.default_recipe(model)
+        cfg = train_mod.make_config(model, "", "", recipe=recipe, batch_size=batch_size, precision=prec)
+        mean = std = None
+        if cfg.normalize != "none":  # the cost of normalising does not depend on the values
+            mean, std = (0.5,) * C, (0.25,) * C
+        optimizer = train_mod.make_optimizer(net, cfg)
+        step = train_mod.make_train_step(net, optimizer, train_mod.augment_config(cfg, mean, std), precision=prec,
+                                         device=dev, label_smoothing=cfg.label_smoothing, num_classes=num_classes,
+                                         generator=torch.Generator().manual_seed(seed + 1))
+        pool = 8  # distinct batches, cycled, so no step sees a cached input
+        images = torch.randint(0, 256, (pool, batch_size, C, H, W), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, num_classes, (pool, batch_size), generator=g)
+        net.train()
+        counter = iter(range(1 << 62))
+
+        def train_step() -> None:
+            i = next(counter) % pool
+            step(images[i], labels[i], cfg.lr * 1e-3)  # a small lr: random data must not blow the weights up
+
+        _log(quiet, f"timing training: {model}, batch {batch_size}, {prec}, recipe {recipe}, {threads} threads")
+        seconds = timed_windows(train_step, warmup=warmup, steps=steps, windows=windows)
+        rates = [steps * batch_size / s for s in seconds]
+        rate = statistics.median(rates)
+        result.update(recipe=recipe, train_images_per_second=round(rate, 1),
+                      train_window_rates=[round(r, 1) for r in rates],
+                      train_ms_per_step=round(1e3 * batch_size / rate, 2),
+                      train_gflops=round(rate * 3 * 2 * macs / 1e9, 1))
+        del step, optimizer
+
+    if infer:
+        from .evaluate import predict_logits
+        net.eval()
+        pool = 4
+        images = torch.randint(0, 256, (pool, infer_batch_size, C, H, W), dtype=torch.uint8, generator=g)
+        counter = iter(range(1 << 62))
+
+        def infer_step() -> None:
+            predict_logits(net, images[next(counter) % pool], precision=prec, batch_size=infer_batch_size,
+                           mean=None, std=None, device=dev)
+
+        _log(quiet, f"timing inference: batch {infer_batch_size}, {prec}")
+        seconds = timed_windows(infer_step, warmup=max(2, warmup // 2), steps=steps, windows=windows)
+        rates = [steps * infer_batch_size / s for s in seconds]
+        rate = statistics.median(rates)
+        result.update(infer_images_per_second=round(rate, 1), infer_window_rates=[round(r, 1) for r in rates],
+                      infer_gflops=round(rate * 2 * macs / 1e9, 1))
+
+    if peak:
+        _log(quiet, f"measuring the {prec} GEMM peak")
+        gemm = gemm_peak_gflops(prec, dev)
+        result["gemm_peak_gflops"] = round(gemm, 1)
+        for kind in ("train", "infer"):
+            if f"{kind}_gflops" in result:
+                result[f"{kind}_share_of_peak"] = round(result[f"{kind}_gflops"] / gemm, 3)
+    result["peak_memory_mb"] = round(peak_memory_mb(dev), 1)
+    return result
+
+
+def format_result(r: dict) -> str:
+    lines = [f"{r['model']} ({r['params']:,} parameters, {r['gflops_per_image_forward']:.3f} GFLOP/image forward), "
+             f"{r['precision']} on {r['device']}, {r['threads']} threads"]
+    peak = r.get("gemm_peak_gflops")
+    for kind, batch in (("train", r["batch_size"]), ("infer", r["infer_batch_size"])):
+        if f"{kind}_images_per_second" not in r:
+            continue
+        line = (f"{'training' if kind == 'train' else 'inference'} batch {batch}: "
+                f"{r[f'{kind}_images_per_second']:,.0f} images/s, {r[f'{kind}_gflops']:.0f} GFLOP/s")
+        if peak:
+            line += f" ({100 * r[f'{kind}_share_of_peak']:.0f}% of the {peak:.0f} GFLOP/s GEMM peak)"
+        lines.append(line)
+    lines.append(f"peak memory {r['peak_memory_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="training and inference throughput of a model on this machine",
+                              description="Training and inference images/s (median of timed windows), achieved "
+                                          "GFLOP/s and their share of a measured GEMM peak, peak memory.")
+    p.add_argument("--model", default="cct_2_3x2_32_keras", help="a registered model (see `cct models`)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch")
+    p.add_argument("--infer-batch-size", type=int, default=256, help="inference batch")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 where the CPU supports it natively, fp32 elsewhere")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    p.add_argument("--recipe", default=None, help="training recipe whose augmentation and optimiser are timed")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    p.add_argument("--no-train", action="store_true", help="skip the training measurement")
+    p.add_argument("--no-infer", action="store_true", help="skip the inference measurement")
+    p.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    for name in ("batch_size", "infer_batch_size", "steps", "windows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    result = benchmark(args.model, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size,
+                       precision=args.precision, steps=args.steps, windows=args.windows, warmup=args.warmup,
+                       recipe=args.recipe, device=args.device, threads=args.threads, train=not args.no_train,
+                       infer=not args.no_infer, peak=not args.no_peak, quiet=False)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_result(result))
+    return 0

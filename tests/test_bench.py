@@ -1,0 +1,156 @@
+"""cct.bench, and the speed-ups it measures: each must compute the same model as before."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cct
+from cct import bench
+from cct.cli import main
+from cct.layers import Attention, dropout, dropout_mask
+from cct.model import _pool_out_sizes, _same_pool_padding
+from cct.runtime import configure_threads
+
+
+# ---------------------------------------------------------------------- cheap dropout masks
+def test_dropout_mask_has_dropout_statistics():
+    torch.manual_seed(0)
+    p = 0.1
+    mask = dropout_mask((256, 64, 128), p, dtype=torch.float32, device=torch.device("cpu"))
+    values = mask.unique()
+    assert len(values) == 2 and values[0] == 0
+    kept = (mask > 0).float().mean().item()
+    assert kept == pytest.approx(1 - p, abs=2e-3)
+    assert values[1].item() == pytest.approx(1 / (1 - p), rel=1e-4)
+    assert mask.mean().item() == pytest.approx(1.0, abs=3e-3)  # expectation preserved
+
+
+def test_dropout_masks_are_independent_and_seeded():
+    torch.manual_seed(1)
+    a = dropout_mask((4096,), 0.5, dtype=torch.float32, device=torch.device("cpu"))
+    b = dropout_mask((4096,), 0.5, dtype=torch.float32, device=torch.device("cpu"))
+    torch.manual_seed(1)
+    a2 = dropout_mask((4096,), 0.5, dtype=torch.float32, device=torch.device("cpu"))
+    assert torch.equal(a, a2)
+    agree = ((a > 0) == (b > 0)).float().mean().item()
+    assert agree == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("shape", [(3,), (5, 7), (2, 3, 5)])  # sizes that are not multiples of 4
+def test_dropout_mask_odd_sizes_and_dtypes(shape):
+    mask = dropout_mask(shape, 0.3, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert mask.shape == shape and mask.dtype == torch.bfloat16
+
+
+def test_dropout_is_identity_when_off():
+    x = torch.randn(4, 5)
+    assert dropout(x, 0.1, training=False) is x
+    assert dropout(x, 0.0, training=True) is x
+
+
+def test_dropout_gradient_uses_the_same_mask():
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, requires_grad=True)
+    y = dropout(x, 0.25, training=True)
+    y.sum().backward()
+    assert torch.allclose(x.grad, y.detach() / x.detach())
+
+
+# ---------------------------------------------------------------------- attention
+@pytest.mark.parametrize("heads,head_dim", [(2, None), (2, 128), (4, None)])
+def test_training_attention_path_matches_sdpa(heads, head_dim):
+    """With a mask that keeps everything, the training path (matmul → softmax → dropout → matmul) is SDPA."""
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=heads, head_dim=head_dim, qkv_bias=True, attn_drop=1e-9)  # rounds to p = 0
+    x = torch.randn(3, 17, 64)
+    attn.train()
+    train_out = attn(x)
+    attn.eval()
+    eval_out = attn(x)
+    assert (train_out - eval_out).abs().max().item() < 1e-5
+
+
+def test_model_trains_with_dropout_in_bf16():
+    model = cct.create_model("cct_2_3x2_32_keras").train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32))
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- tokenizer: pool before ReLU
+def _reference_tokenizer(tok, x):
+    """The tokenizer as its sources write it: conv → ReLU → zero pad → max-pool (TF 'same' with -inf)."""
+    cfg = tok.cfg
+    for conv in tok.convs:
+        x = F.relu(conv(x))
+        if cfg.post_pad:
+            x = F.pad(x, (cfg.post_pad,) * 4)
+        if cfg.pool_padding == "same":
+            top, bottom = _same_pool_padding(x.shape[-2], cfg.pool_kernel, cfg.pool_stride)
+            left, right = _same_pool_padding(x.shape[-1], cfg.pool_kernel, cfg.pool_stride)
+            x = F.max_pool2d(F.pad(x, (left, right, top, bottom), value=float("-inf")), cfg.pool_kernel, cfg.pool_stride)
+        else:
+            x = F.max_pool2d(x, cfg.pool_kernel, cfg.pool_stride, cfg.pool_padding)
+    return x.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("name,size", [("cct_2_3x2_32_keras", 32), ("cct_2_3x2_32_keras", 29), ("cct_7_3x1_32", 32),
+                                       ("cct_2_3x2_32", 31), ("cct_7_7x2_224", 64)])
+def test_tokenizer_matches_relu_pad_pool_exactly(name, size):
+    torch.manual_seed(0)
+    tok = cct.create_model(name).tokenizer
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    ours = tok(x)
+    ours.square().sum().backward()
+    grads = [x.grad.clone()] + [c.weight.grad.clone() for c in tok.convs]
+    x.grad = None
+    tok.zero_grad()
+    ref = _reference_tokenizer(tok, x.contiguous(memory_format=torch.channels_last))  # the same conv kernels
+    ref.square().sum().backward()
+    ref_grads = [x.grad] + [c.weight.grad for c in tok.convs]
+    assert ours.shape == ref.shape and torch.equal(ours, ref)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", range(5, 20))
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_pool_out_sizes_match_pytorch(n, padding, ceil_mode):
+    out = F.max_pool2d(torch.zeros(1, 1, n, n), 3, 2, padding, ceil_mode=ceil_mode)
+    assert _pool_out_sizes((n, n), 3, 2, padding, ceil_mode) == list(out.shape[-2:])
+
+
+# ---------------------------------------------------------------------- the benchmark
+def test_benchmark_reports_rates():
+    r = bench.benchmark("cct_2_3x2_32_keras", batch_size=8, infer_batch_size=8, precision="fp32", steps=1,
+                        windows=2, warmup=1, peak=False)
+    assert r["train_images_per_second"] > 0 and r["infer_images_per_second"] > 0
+    assert len(r["train_window_rates"]) == 2 and r["precision"] == "fp32" and r["recipe"] == "keras"
+    assert r["gflops_per_image_forward"] == pytest.approx(0.082, abs=0.002)
+    assert r["peak_memory_mb"] > 0
+
+
+def test_gemm_peak_is_positive():
+    assert bench.gemm_peak_gflops("fp32", size=128, min_seconds=0.01) > 0
+
+
+def test_configure_threads():
+    assert configure_threads() == torch.get_num_threads() >= 1
+
+
+def test_cli_json_prints_one_object(capsys):
+    code = main(["bench", "--model", "cct_2_3x2_32", "--batch-size", "4", "--infer-batch-size", "4", "--steps", "1",
+                 "--windows", "1", "--warmup", "0", "--no-peak", "--precision", "fp32", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    result = json.loads(captured.out)
+    assert {"train_images_per_second", "infer_images_per_second"} <= set(result)
+    assert "timing training" in captured.err
+
+
+def test_cli_rejects_bad_values(capsys):
+    assert main(["bench", "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
