@@ -8,12 +8,14 @@ leaves the previous file intact.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +39,9 @@ def _umask() -> int:
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        _write_in_place(path, write)  # a device or FIFO (/dev/null, /dev/full): renaming over it would replace it
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -65,6 +70,30 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _write_in_place(path: Path, write: Callable[[Any], None]) -> None:
+    try:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files `atomic_write` left beside `names` in `folder` when a process died mid-write.
+
+    Only call this where no other process is writing those files (e.g. when a run starts)."""
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def checkpoint_dict(model: CCT, **extra: Any) -> dict:
@@ -111,7 +140,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         return _read_safetensors(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the outcome is what we report
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if re.search(r"GLOBAL|Unsupported global", str(e)):
             raise CheckpointError(f"refusing to load {path}: it contains pickled Python objects, which could run "
@@ -137,9 +168,12 @@ def _read_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != FORMAT:
         return {"state_dict": tensors}
-    return {"format": FORMAT, "version": int(meta.get("version", 1)), "model_name": meta.get("model_name") or None,
-            "config": json.loads(meta["config"]), "class_names": json.loads(meta.get("class_names", "null")),
-            "state_dict": tensors, **{k: json.loads(meta[k]) for k in SAFETENSORS_EXTRAS if k in meta}}
+    try:
+        return {"format": FORMAT, "version": int(meta.get("version", 1)), "model_name": meta.get("model_name") or None,
+                "config": json.loads(meta["config"]), "class_names": json.loads(meta.get("class_names", "null")),
+                "state_dict": tensors, **{k: json.loads(meta[k]) for k in SAFETENSORS_EXTRAS if k in meta}}
+    except (KeyError, ValueError) as e:  # damaged or hand-made metadata
+        raise CheckpointError(f"{path}: unreadable cct metadata ({type(e).__name__}: {e})") from None
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> CCT:
@@ -153,13 +187,36 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
                               "cct.create_model(name, pretrained=path)")
     try:
         cfg = CCTConfig.from_dict(dict(data["config"]))
-    except (TypeError, ValueError, AssertionError) as e:
-        raise CheckpointError(f"{path}: invalid model config: {e}") from None
-    model = CCT(cfg)
+        _check_fields(data, cfg, path)
+        model = CCT(cfg)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: invalid model config: {str(e) or 'a value is out of range'}") from None
     model.name = data.get("model_name")
     _load_state(model, data["state_dict"], path)
     model.class_names = list(data["class_names"]) if data.get("class_names") else None
     return model.to(map_location).eval()
+
+
+def _check_fields(data: dict, cfg: CCTConfig, path: str | Path) -> None:
+    """The entries that loaders and `cct eval`/`predict` index into, so a damaged or crafted file is a clear error."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{path} is not a valid cct checkpoint: {what}")
+    state = data.get("state_dict")
+    need(isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()),
+         "no state_dict of named tensors")
+    names = data.get("class_names")
+    need(names is None or (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)),
+         "class_names is not a list of names")
+    settings = data.get("eval")
+    need(settings is None or isinstance(settings, dict), "its eval settings are not a dict")
+    for key in ("mean", "std"):
+        value = (settings or {}).get(key)
+        need(value is None or (isinstance(value, (list, tuple)) and len(value) == cfg.in_chans
+                               and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)),
+             f"eval {key} is not {cfg.in_chans} numbers")
 
 
 def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:

@@ -15,6 +15,7 @@ Class order is the official one for CIFAR and the sorted folder names for trees.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -30,6 +31,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -176,6 +178,9 @@ def _read_tar(path: Path) -> dict[str, bytes]:
                     raise DataError(f"{path}: refused, member {m.name!r} is a link or special file")
                 if m.isfile():
                     blobs[posixpath.normpath(m.name)] = tf.extractfile(m).read()
+            tf.fileobj.seek(tf.offset)  # tarfile ends quietly at a cut header: only zero blocks may follow
+            if tf.fileobj.read(1 << 16).strip(b"\0"):
+                raise DataError(f"{path}: cannot read archive (truncated or corrupt after {len(blobs)} files)")
         return blobs
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read archive ({e})") from None
@@ -259,8 +264,11 @@ def _decode_cifar(files: _Files, kind: str) -> tuple[dict[str, tuple[np.ndarray,
         try:
             images = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows are R, G, B planes
             labels = np.asarray(d[release.label_key], dtype=np.int64)
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise DataError(f"{files.path}/{fname}: not a {release.title} batch ({e})") from None
+        if labels.shape != (len(images),):
+            raise DataError(f"{files.path}/{fname}: not a {release.title} batch ({len(images)} images, "
+                            f"{labels.size} labels)")
         return images, labels
 
     train = [batch(f) for f in release.train_files]
@@ -270,6 +278,10 @@ def _decode_cifar(files: _Files, kind: str) -> tuple[dict[str, tuple[np.ndarray,
     if release.names_key not in meta:
         raise DataError(f"{files.path}: {release.meta_file} has no {release.names_key}")
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[release.names_key]]
+    for split, (_, labels) in splits.items():
+        if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
+            raise DataError(f"{files.path}: {split} labels outside 0..{len(classes) - 1}, not an official "
+                            f"{release.title} copy")
     return splits, classes
 
 
@@ -333,10 +345,19 @@ def _tree_entries(files: _Files) -> dict[str, list[tuple[str, str]]]:
     return entries
 
 
+@contextlib.contextmanager
+def refusing_decompression_bombs():
+    """Pillow's DecompressionBombWarning (more than Image.MAX_IMAGE_PIXELS) raised as an error, as it already
+    is past twice the limit: a huge image is refused, never decoded after a warning nobody reads."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def _decode_image(data: bytes | str, size: tuple[int, int] | None, mode: str | None) -> np.ndarray | str:
     """One image as (H, W) or (H, W, 3) uint8, or the error message. Runs in worker processes."""
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+        with refusing_decompression_bombs(), Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             if size is not None and im.format == "JPEG":
                 im.draft(mode or im.mode, (size[1], size[0]))  # let libjpeg shrink large photos while decoding
             if im.mode == "P" or im.mode == "PA":
@@ -520,6 +541,8 @@ def load(source: str | Path, *, img_size: int | tuple[int, int] | None = None, i
         raise DataError(f"in_chans must be 1 or 3, got {in_chans}")
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = str(source)
+    if not name.strip():
+        raise DataError("no data source given (an empty path)")
     if name.lower() in _CIFAR and not Path(name).exists():
         path = _find_or_download_cifar(name.lower(), cache_dir, download, progress)
     else:
@@ -598,6 +621,9 @@ def split(ds: Dataset, *, train_limit: int | None, val_split: float, seed: int) 
         return train, None
     counts = torch.bincount(train.labels, minlength=num_classes).tolist()
     quota = [min(max(1, round(n * val_split)), n - 1) if n > 1 else 0 for n in counts]
+    if not sum(quota):  # else the run would train an epoch, then fail on an empty validation set
+        raise DataError(f"--val-split {val_split} leaves no validation image: every class has a single training "
+                        "image (use --val-split 0, or more images)")
     val_idx = _stratified_pick(train.labels, quota, g)
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_idx] = False

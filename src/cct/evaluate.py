@@ -155,7 +155,7 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
     device = resolve_device(device)
     model, settings = load_for_eval(path, device)
     precision = resolve_precision(precision or settings.precision, device)
-    batch_size = batch_size or settings.batch_size
+    batch_size = settings.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise CCTError(f"--batch-size must be at least 1, got {batch_size}")
     tta = settings.tta if tta is None else tta

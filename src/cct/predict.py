@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import DataError
+from .data import DataError, refusing_decompression_bombs
 from .errors import CCTError
 
 RESIZE = "bicubic"  # as cct.data resizes image-folder datasets
@@ -85,7 +85,7 @@ def load_image(path: str | Path, img_size: tuple[int, int], in_chans: int) -> to
         raise CCTError(f"cannot feed image files to a model of {in_chans} input channels (only 1 or 3)")
     h, w = img_size
     try:
-        with Image.open(path) as im:
+        with refusing_decompression_bombs(), Image.open(path) as im:
             if im.format == "JPEG":
                 im.draft("L" if in_chans == 1 else "RGB", (w, h))
             if im.mode in ("P", "PA"):

@@ -24,6 +24,13 @@ Recipes are data: a name → `TrainConfig` overrides.
 Interruption (SIGINT/SIGTERM): the current step finishes, `last.pt` records the position inside the
 epoch (the epoch's shuffling seed, the batch index and the running sums), and `--resume` continues
 from that very batch, so an interrupted run ends exactly as an uninterrupted one would.
+
+Several processes (`torchrun --nproc_per_node N -m cct train ...`, see `cct.distributed`): data-parallel
+training with DistributedDataParallel. `--batch-size` stays the global batch; every rank draws the
+same epoch permutation and trains on its shard of each batch; augmentation and dropout are seeded per
+rank; metric sums are all-reduced; validation and test are sharded and gathered; only rank 0 writes.
+`last.pt` keeps every rank's random streams, so a resumed run with the same number of processes
+continues exactly.
 """
 from __future__ import annotations
 
@@ -48,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_write, read_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import atomic_write, read_checkpoint, remove_stale_temporaries, save_checkpoint
 from .errors import CCTError, CheckpointError
 from .model import num_params
 from .registry import create_model, get_config
@@ -87,7 +95,14 @@ class TrainConfig:
     img_size: int | None = _f(None, "resize images to this size (default: the data's own)")
     in_chans: int | None = _f(None, "1 (grayscale) or 3 (RGB) input channels (default: the data's)")
     num_classes: int | None = _f(None, "classifier outputs (default: the data's number of classes)")
+    drop_rate: float | None = _f(None, "dropout rate (default: the model's)")
+    attn_drop_rate: float | None = _f(None, "attention dropout rate (default: the model's)")
+    drop_path_rate: float | None = _f(None, "stochastic depth rate (default: the model's)")
     skip_bad_images: bool = _f(False, "skip undecodable images instead of failing")
+    stream: bool | None = _f(None, "decode an image-folder tree from disk in loader processes (default: only when "
+                                   "it would take more than --stream-threshold of the available memory)")
+    stream_threshold: float = _f(0.25, "fraction of the available memory above which a tree is streamed")
+    loader_workers: int = _f(4, "DataLoader processes decoding a streamed dataset, per training process")
     normalize: str = _f("none", "input normalisation: none (x/255), cifar mean/std, or the training set's",
                         choices=("none", "cifar", "dataset"))
     # augmentation (cct.augment)
@@ -112,8 +127,9 @@ class TrainConfig:
     seed: int = _f(0, "seed of initialisation, split, shuffling and augmentation")
     precision: str = _f("auto", "compute precision (auto: bf16 where the CPU runs it natively, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = _f("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    workers: int = _f(0, "CPU threads for compute (0: torch's default); data lives in memory, no loader processes")
-    time_budget: float | None = _f(None, "minutes: the run (data loading and evaluation included) is sized to end within them")
+    workers: int = _f(0, "CPU threads for compute per process (0: torch's default; cores / processes under torchrun)")
+    time_budget: float | None = _f(None, "minutes of training, first step to last (validation included; data loading "
+                                         "and the final test excluded): the run is sized to end within them")
     skip_nonfinite: bool = _f(False, "skip (and count) steps whose loss is not finite instead of stopping")
     log_interval: int = _f(20, "steps between progress-bar updates (each costs a device sync)")
 
@@ -151,7 +167,7 @@ RECIPES: dict[str, dict] = {
 }
 
 # flags that `--resume` accepts (everything else comes from the run's checkpoint)
-RESUME_OVERRIDES = ("data", "device", "workers", "quiet")
+RESUME_OVERRIDES = ("data", "device", "workers", "quiet", "stream", "stream_threshold", "loader_workers")
 
 
 def default_recipe(model_name: str) -> str:
@@ -200,6 +216,11 @@ def validate(cfg: TrainConfig) -> None:
          f"--rrc-scale must satisfy 0 < min <= max <= 1, got {cfg.rrc_scale}")
     need(cfg.time_budget is None or cfg.time_budget > 0, f"--time-budget must be positive, got {cfg.time_budget}")
     need(cfg.workers >= 0, f"--workers must be non-negative, got {cfg.workers}")
+    need(cfg.loader_workers >= 0, f"--loader-workers must be non-negative, got {cfg.loader_workers}")
+    need(0 < cfg.stream_threshold <= 1, f"--stream-threshold must be in (0, 1], got {cfg.stream_threshold}")
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        need(getattr(cfg, name) is None or 0 <= getattr(cfg, name) < 1,
+             f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
     need(cfg.log_interval >= 1, f"--log-interval must be at least 1, got {cfg.log_interval}")
     for name, choices in (("precision", ("auto", "fp32", "bf16", "fp16")), ("device", ("auto", "cpu", "cuda")),
                           ("normalize", ("none", "cifar", "dataset")), ("schedule", ("constant", "cosine"))):
@@ -299,7 +320,7 @@ class TrainStep:
         # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
         smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-        if not torch.isfinite(loss):  # the one sync per step: never step on a NaN
+        if not distributed.all_finite(loss):  # the one sync per step: never step on a NaN (on any rank)
             self.optimizer.zero_grad(set_to_none=True)
             if not self.skip_nonfinite:
                 raise NonFiniteLossError(f"the loss became {loss.item()}")
@@ -339,16 +360,31 @@ def make_train_step(model, optimizer, aug_cfg, *, precision, device, label_smoot
                      num_classes=num_classes, generator=generator, skip_nonfinite=skip_nonfinite)
 
 
-# ---------------------------------------------------------------------- distributed hooks (world_size 1 today)
+# ---------------------------------------------------------------------- distributed hooks
 def wrap_model(model: nn.Module, world_size: int = 1) -> nn.Module:
-    """The one place where the model would be wrapped for data-parallel training."""
-    assert world_size == 1, "distributed training is not implemented yet"
-    return model
+    """The model the training step calls: itself for one process, else DistributedDataParallel.
+
+    On CUDA the weights go channels-last (the convolutional tokenizer's fast layout). DDP starts by
+    copying rank 0's weights to every rank; the model has no running statistics, so no buffers are
+    synchronised in forward. Checkpoints, evaluation and the optimiser keep using the unwrapped `model`.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if world_size == 1:
+        return model
+    assert distributed.is_active(), "world_size > 1 needs a process group (cct.distributed.process_group)"
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel
+    # the only buffer (a sine positional embedding) is the same everywhere: never sync it in forward
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}  # the older name
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def reduce_metrics(values: torch.Tensor, world_size: int = 1) -> torch.Tensor:
-    """The one place where per-process metric sums would be all-reduced."""
-    return values.cpu()
+    """Per-process metric sums (loss × images, correct, images) summed over processes, on the CPU."""
+    return distributed.all_reduce_sum(values)
 
 
 # ---------------------------------------------------------------------- interruption
@@ -383,6 +419,7 @@ def _stop_on_signals(stop: types.SimpleNamespace):
 
 
 # ---------------------------------------------------------------------- outputs
+OUTPUT_FILES = ("last.pt", "best.pt", "history.csv", "config.json", "results.json", "curves.png")
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds")
 
 
@@ -416,8 +453,12 @@ def _log(cfg_quiet: bool, *parts) -> None:
 def _load_data(cfg: TrainConfig, dataset, quiet: bool):
     from . import data as data_mod
     if dataset is None:
-        dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
-                                skip_bad_images=cfg.skip_bad_images, progress=not quiet)
+        from . import stream
+        with distributed.main_process_first():  # rank 0 decodes and caches; the others then read the cache
+            dataset = stream.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                                  skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
+                                  threshold=cfg.stream_threshold, workers=cfg.loader_workers,
+                                  processes_per_machine=distributed.env_from_environ().local_world_size)
     train_set, val_set = data_mod.split(dataset, train_limit=cfg.train_limit, val_split=cfg.val_split, seed=cfg.seed)
     if len(train_set.labels) == 0:
         raise CCTError(f"{cfg.data}: no training images")
@@ -454,6 +495,29 @@ def eval_settings_dict(cfg: TrainConfig, precision: str, mean, std, img_size, in
             "img_size": list(img_size), "in_chans": in_chans}
 
 
+def _rank_rng_state(aug_gen: torch.Generator) -> dict:
+    """This rank's own random streams (augmentation, dropout), gathered into rank 0's `last.pt`."""
+    state = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rank_rng(rng: dict, aug_gen: torch.Generator, *, seed: int, rank: int, world_size: int,
+                      step: int) -> None:
+    """Each rank's streams from `last.pt`; with another number of processes, fresh ones for ranks > 0."""
+    ranks = rng.get("ranks") or []
+    if len(ranks) == world_size:
+        mine = ranks[rank]
+        aug_gen.set_state(mine["augment"])
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
+    elif rank > 0:  # rank 0 keeps the recorded streams; the others must not replay the start of the run
+        aug_gen.manual_seed(distributed.rank_seed(seed + 2, rank) + step)
+        torch.manual_seed(distributed.rank_seed(seed, rank) + step)
+
+
 def _rng_state(data_epoch_state: torch.Tensor, data_gen: torch.Generator, aug_gen: torch.Generator) -> dict:
     state = {"torch": torch.get_rng_state(), "data_epoch_start": data_epoch_state, "data": data_gen.get_state(),
              "augment": aug_gen.get_state()}
@@ -473,32 +537,41 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
         resume: continue the run in `config.out` from its `last.pt`.
         quiet: no progress bar or per-epoch lines.
         stop_at_step: stop as if interrupted after this many optimisation steps (for tests and sessions).
-        rank, world_size: this process's place in a data-parallel job (only 1 is implemented).
+        rank, world_size: this process's place in a data-parallel job; world_size > 1 needs the process
+            group joined first (`cct.distributed.process_group`, which `cct train` enters under torchrun).
     Returns:
         the contents of `results.json`.
     Raises:
         TrainingInterrupted: after a signal or `stop_at_step`, once `last.pt` is written.
     """
-    t_start = time.perf_counter()
     cfg = config
     validate(cfg)
     is_main = rank == 0
     quiet = quiet or not is_main
+    if cfg.batch_size % world_size:
+        raise CCTError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the {world_size} "
+                       "processes")
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
     checkpoint = None
+    if resume and not last_path.is_file() and (out / "config.json").is_file():
+        _log(quiet, f"{out} has no last.pt (the run stopped before its first epoch ended): starting it again")
+        resume = False
     if resume:
         checkpoint = read_checkpoint(last_path)
-        if checkpoint.get("train_state", {}).get("finished") and (out / "results.json").is_file():
+        finished = checkpoint.get("train_state", {}).get("finished") and (out / "results.json").is_file()
+        if distributed.from_main(finished):  # rank 0's view, so that no rank trains alone
             _log(quiet, f"{out}: this run is already finished ({checkpoint['train_state']['epoch']} epochs); "
                         f"results in {out / 'results.json'}")
             return json.loads((out / "results.json").read_text())
     elif last_path.exists():
         raise CCTError(f"{out} already holds a run (last.pt): continue it with `cct train --resume {out}`, "
                        "or choose another --out")
+    if is_main:  # what writes cut short by a kill left behind (never read, but they take space)
+        remove_stale_temporaries(out, OUTPUT_FILES)
     if cfg.workers:
         torch.set_num_threads(cfg.workers)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
 
@@ -515,13 +588,19 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
     eval_settings = eval_settings_dict(cfg, precision, mean, std, (height, width), in_chans)
 
     # model and optimiser
-    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, img_size=(height, width))
+    drop_rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
+                  if getattr(cfg, k) is not None}
+    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, img_size=(height, width), **drop_rates)
     model.class_names = list(dataset.classes)
-    model = wrap_model(model.to(device), world_size)
+    model = model.to(device)  # unwrapped: checkpoints, evaluation, optimiser; the step trains through wrap_model
     optimizer = make_optimizer(model, cfg)
+    # the data order is shared by every rank; augmentation and dropout differ by rank (rank 0's: one process's)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    step = make_train_step(model, optimizer, augment_config(cfg, mean, std), precision=precision, device=device,
+    aug_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 2, rank))
+    if rank:
+        torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
+    step = make_train_step(wrap_model(model, world_size), optimizer, augment_config(cfg, mean, std),
+                           precision=precision, device=device,
                            label_smoothing=cfg.label_smoothing, num_classes=num_classes, generator=aug_gen,
                            skip_nonfinite=cfg.skip_nonfinite)
     local_batch = cfg.batch_size // world_size  # --batch-size is global
@@ -542,15 +621,20 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        if world_size > 1:
+            _restore_rank_rng(checkpoint["rng"], aug_gen, seed=cfg.seed, rank=rank, world_size=world_size,
+                              step=state["step"])
+            if rank:  # last.pt holds the running sums of all ranks, restored on rank 0 only
+                step.reset_totals()
         if is_main:  # rows past the checkpoint's epoch (written after it, by a run that then died) go
             write_history(out / "history.csv", history)
         _log(quiet, f"resuming {out} at epoch {state['epoch'] + 1}" + (f", batch {state['batch']}" if state["batch"] else ""))
-    deadline = final_reserve = None  # a budgeted run re-fits its length as it goes (not after a resume)
-    if checkpoint is None and cfg.time_budget is not None:
-        deadline = t_start + cfg.time_budget * 60
-        state["total_steps"], final_reserve = _fit_to_budget(
-            cfg, model, step, train_set, val_set, dataset.test, steps_per_epoch, budget_end=deadline,
-            local_batch=local_batch, quiet=quiet)
+    deadline = None  # a budgeted run re-fits its length as it goes (not after a resume)
+    budgeted = checkpoint is None and cfg.time_budget is not None
+    if budgeted:
+        state["total_steps"] = _fit_to_budget(cfg, model, step, train_set, val_set, steps_per_epoch,
+                                              budget_seconds=cfg.time_budget * 60, local_batch=local_batch, quiet=quiet)
+        state["total_steps"] = distributed.min_int(state["total_steps"])  # every rank the same length
     total_epochs = math.ceil(state["total_steps"] / steps_per_epoch)
     # a run shortened by --epochs or --time-budget keeps a schedule: warm-up at most half, cooldown a quarter
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), state["total_steps"] // 2)
@@ -568,20 +652,38 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
         write_json(out / "config.json", resolved)
 
     def save_last(path: Path = last_path) -> None:
+        """Every rank calls this (it gathers); rank 0 writes."""
+        step_state, rng = step.state_dict(), _rng_state(data_epoch_state, data_gen, aug_gen)
+        if world_size > 1:  # the running sums of all ranks, and each rank's own random streams
+            loss_sum, correct, seen = reduce_metrics(torch.stack([step.loss_sum, step.correct.double(),
+                                                                  step.seen.double()]))
+            step_state.update(loss_sum=loss_sum, correct=correct.long(), seen=seen.long())
+            rng["ranks"] = distributed.all_gather_object(_rank_rng_state(aug_gen))
         if is_main:
             save_checkpoint(model, path, train_config=cfg.to_dict(), resolved_config=resolved, eval=eval_settings,
-                            optimizer=optimizer.state_dict(), step_state=step.state_dict(), train_state=dict(state),
-                            rng=_rng_state(data_epoch_state, data_gen, aug_gen), history=history)
+                            optimizer=optimizer.state_dict(), step_state=step_state, train_state=dict(state),
+                            rng=rng, history=history)
+        distributed.barrier()  # no rank goes on (to a resume, say) before last.pt is whole
 
     from .evaluate import evaluate
     from . import data as data_mod
+    from . import stream as stream_mod
 
     def run_eval(images, labels, smoothing=0.0) -> dict:
-        return evaluate(model, images, labels, precision=precision, batch_size=cfg.eval_batch_size, tta=cfg.tta,
-                        mean=mean, std=std, device=device, label_smoothing=smoothing)
+        if world_size == 1:
+            return evaluate(model, images, labels, precision=precision, batch_size=cfg.eval_batch_size, tta=cfg.tta,
+                            mean=mean, std=std, device=device, label_smoothing=smoothing)
+        from .evaluate import metrics, predict_logits
+        # each rank predicts its share; the gathered logits give every rank the same metrics
+        logits = distributed.sharded_rows(lambda part: predict_logits(
+            model, part, precision=precision, batch_size=cfg.eval_batch_size, tta=cfg.tta, mean=mean, std=std,
+            device=device), images)
+        return metrics(logits, labels, label_smoothing=smoothing, class_names=model.class_names)
 
     stop = types.SimpleNamespace(signum=None)
     t_loop, first_step = time.perf_counter(), state["step"]
+    if budgeted:  # the budget counts from the first training step, as the time to accuracy is measured
+        deadline = t_loop + cfg.time_budget * 60
     with _stop_on_signals(stop):
         while state["epoch"] < total_epochs:
             epoch = state["epoch"]
@@ -597,12 +699,12 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
             steps_this_epoch = min(steps_per_epoch, state["total_steps"] - epoch * steps_per_epoch)
             bar = _progress(quiet, epoch, total_epochs, n_train, state["batch"] * local_batch)
             lr = learning_rate(state["step"])
-            for idx in batches:
+            for idx, images, labels in stream_mod.load_batches(train_set, batches, pin_memory=device.type == "cuda"):
                 if state["batch"] >= steps_this_epoch:
                     break
                 lr = learning_rate(state["step"])
                 try:
-                    step(train_set.images[idx], train_set.labels[idx], lr, mix=mix)
+                    step(images, labels, lr, mix=mix)
                 except NonFiniteLossError as e:
                     if bar is not None:
                         bar.close()
@@ -615,10 +717,14 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                 if bar is not None:
                     bar.update(len(idx) * world_size)
                     if state["batch"] % cfg.log_interval == 0 or state["batch"] == steps_this_epoch:
-                        bar.set_postfix_str(f"loss {step.totals()[0]:.4f} lr {lr:.3g}", refresh=False)
-                if stop.signum is not None or state["step"] == stop_at_step:
+                        # this rank's running loss: rank 0 alone shows a bar, so no collective here
+                        local_loss = float(step.loss_sum) / max(1, int(step.seen))
+                        bar.set_postfix_str(f"loss {local_loss:.4f} lr {lr:.3g}", refresh=False)
+                stopping, out_of_time = distributed.any_true(  # one decision for all ranks, or some would wait
+                    stop.signum is not None, deadline is not None and time.perf_counter() > deadline)
+                if stopping or state["step"] == stop_at_step:
                     break
-                if deadline is not None and time.perf_counter() > deadline - final_reserve:
+                if out_of_time:
                     state["total_steps"] = state["step"]  # out of time: this epoch is the last
                     steps_this_epoch, total_epochs = state["batch"], epoch + 1
                     break
@@ -645,8 +751,11 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                                     epoch=epoch + 1, val=_brief(val))
             if deadline is not None:  # measured cost of a step, evaluation and saving included
                 per_step = (time.perf_counter() - t_loop) / max(1, state["step"] - first_step)
-                fit = state["step"] + int((deadline - final_reserve - time.perf_counter()) / per_step)
-                if fit < state["total_steps"]:
+                fit = state["step"] + int((deadline - time.perf_counter()) * 0.98 / per_step)
+                fit = distributed.min_int(fit)
+                # shorten whenever the run would overshoot; lengthen only in its first half, while the
+                # schedule can still absorb it (a slow first measurement would otherwise waste the budget)
+                if fit < state["total_steps"] or (fit > state["total_steps"] and 2 * state["step"] < state["total_steps"]):
                     state["total_steps"] = max(fit, state["step"])
                     total_epochs = math.ceil(state["total_steps"] / steps_per_epoch)
                     resolved["total_steps"] = state["total_steps"]
@@ -659,13 +768,15 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                 write_history(out / "history.csv", history)
                 _plot_curves(history, out / "curves.png")
             _log(quiet, _epoch_line(row, total_epochs, step.skipped))
-            if stop.signum is not None or state["step"] == stop_at_step:
+            if distributed.any_true(stop.signum is not None)[0] or state["step"] == stop_at_step:
                 if state["epoch"] < total_epochs:
                     _interrupted(stop, out, state, steps_per_epoch, quiet)
 
     # test: with the best validation weights when asked (the Keras example's ModelCheckpoint + load_weights)
-    if cfg.restore_best and val_set is not None and best_path.is_file():
-        model.load_state_dict(read_checkpoint(best_path)["state_dict"])
+    if cfg.restore_best and val_set is not None and distributed.from_main(is_main and best_path.is_file()):
+        if is_main:  # other machines may not see rank 0's files: rank 0 reads, then sends the weights
+            model.load_state_dict(read_checkpoint(best_path)["state_dict"])
+        distributed.broadcast_module(model)
     test = run_eval(dataset.test.images, dataset.test.labels) if dataset.test is not None else None
     results = {
         "model": cfg.model, "recipe": cfg.recipe, "params": num_params(model), "epochs": state["epoch"],
@@ -686,6 +797,7 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                     f"({results['images_per_second']:.0f} images/s)" +
              (f"; test top-1 {results['test_top1']:.4f}, top-5 {results['test_top5']:.4f}" if test else "") +
              f"; outputs in {out}")
+    distributed.barrier()  # every output is written before any rank returns
     return results
 
 
@@ -733,14 +845,13 @@ def _plot_curves(history: list[dict], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- time budget
-def _fit_to_budget(cfg, model, step: TrainStep, train_set, val_set, test_set, steps_per_epoch: int, *,
-                   budget_end: float, local_batch: int, quiet: bool) -> tuple[int, float]:
+def _fit_to_budget(cfg, model, step: TrainStep, train_set, val_set, steps_per_epoch: int, *,
+                   budget_seconds: float, local_batch: int, quiet: bool) -> int:
     """Time the step on copies of the model and optimiser, then choose the number of steps that fits.
 
     Copies and a throwaway generator keep the real run untouched, so a budgeted run is still the
-    seeded run, only of a measured length. Returns (steps, seconds to keep for the final test). The
-    loop then shortens the run at each epoch's end from the time it really took, and stops at once
-    if it runs out of time.
+    seeded run, only of a measured length. Returns the number of steps. The loop then re-fits the
+    run at each epoch's end from the time it really took, and stops at once if it runs out of time.
     """
     torch_state = torch.get_rng_state()
     trial_model, trial_opt = copy.deepcopy(model), None
@@ -763,14 +874,12 @@ def _fit_to_budget(cfg, model, step: TrainStep, train_set, val_set, test_set, st
     # evaluation costs roughly a third of a training step per image
     eval_seconds_per_image = step_seconds / local_batch / 3
     val_seconds = (len(val_set.labels) if val_set is not None else 0) * eval_seconds_per_image
-    test_seconds = (len(test_set.labels) if test_set is not None else 0) * eval_seconds_per_image
-    final_reserve = test_seconds + 1.0
-    remaining = (budget_end - time.perf_counter()) * 0.95 - final_reserve
+    remaining = budget_seconds * 0.97
     per_step = step_seconds + (val_seconds + 0.5) / steps_per_epoch
     total_steps = max(1, int(remaining / per_step))
     _log(quiet, f"time budget {cfg.time_budget:g} min: {step_seconds * 1e3:.0f} ms/step → {total_steps} steps "
                 f"({total_steps / steps_per_epoch:.2f} epochs)")
-    return total_steps, final_reserve
+    return total_steps
 
 
 # ---------------------------------------------------------------------- command line
@@ -836,7 +945,8 @@ def _run(args: argparse.Namespace) -> int:
             raise CCTError("missing " + ", ".join("--" + k for k in missing) + " (or --resume DIR)")
         cfg = make_config(args.model, args.data, args.out, args.recipe, **overrides)
     try:
-        train(cfg, resume=bool(args.resume), quiet=args.quiet)
+        with distributed.process_group(cfg.device, threads=cfg.workers) as job:  # a no-op without torchrun
+            train(cfg, resume=bool(args.resume), quiet=args.quiet, rank=job.rank, world_size=job.world_size)
     except TrainingInterrupted as e:
         print(f"cct train: {e}", file=sys.stderr)
         return e.exit_code or 130
@@ -846,6 +956,13 @@ def _run(args: argparse.Namespace) -> int:
 def resume_config(out: str | Path, **overrides) -> TrainConfig:
     """The configuration of the run in `out`, from its last.pt, with `data`/`device`/`workers` overrides."""
     path = Path(out) / "last.pt"
+    if not path.is_file() and (Path(out) / "config.json").is_file():  # stopped before its first last.pt
+        try:
+            cfg = TrainConfig.from_dict(json.loads((Path(out) / "config.json").read_text()))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"nothing to resume: no {path}, and {Path(out) / 'config.json'} is unreadable "
+                                  f"({e})") from None
+        return replace(cfg, out=str(out), **{k: v for k, v in overrides.items() if k != "quiet"})
     if not path.is_file():
         raise CCTError(f"nothing to resume: {path} not found")
     checkpoint = read_checkpoint(path)
