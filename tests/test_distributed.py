@@ -11,31 +11,19 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cct import cli, distributed
 from cct.train import make_config, train
+from helpers import make_tree
 
 MODEL = "cct_2_3x2_32"
-CLASSES = ["ant", "bee", "cat"]
 # keras recipe without its random flips, and no dropout: one process and two then compute the same thing
 SAME_MATH = ["--recipe", "keras", "--no-hflip", "--drop-rate", "0", "--attn-drop-rate", "0", "--drop-path-rate", "0",
              "--precision", "fp32", "--epochs", "2", "--batch-size", "12", "--val-split", "0.25", "--workers", "1"]
 
 
-def make_tree(root: Path, train_per_class=16, test_per_class=6, size=16) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for c, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 90, (size, size, 3)) + 70 * c
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 def torchrun(args: list[str], tmp_path: Path, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -49,9 +49,10 @@ import cct
 from cct import cli
 from cct import train as train_mod
 from cct.checkpoint import read_checkpoint
+import helpers
+from helpers import CLASSES
 
 MODEL = "cct_2_3x2_32"
-CLASSES = ["ant", "bee", "cat"]
 EPOCHS = 3
 # 27 training images (36 less a 25% validation split) in batches of 8: 4 steps per epoch
 TRAIN_FLAGS = ["--img-size", "16", "--epochs", str(EPOCHS), "--workers", "1", "--precision", "fp32",
@@ -76,16 +77,7 @@ def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
 
 
 def make_tree(root: Path, classes=CLASSES, train_per_class=12, test_per_class=4, size=16) -> Path:
-    """root/{train,test}/<class>/*.png, each class its own mean colour."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = (rng.integers(0, 90, (size, size, 3)) + 70 * c).astype(np.uint8)
-                (folder / f"{i}.png").write_bytes(png_bytes(pixels))
-    return root
+    return helpers.make_tree(root, classes, train_per_class, test_per_class, size)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -8,18 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cct import cli
 from cct import train as train_mod
 from cct.data import Dataset, ImageSet
 from cct.train import (HISTORY_COLUMNS, RECIPES, TrainingInterrupted, lr_at, make_config, param_groups, train)
+from helpers import CLASSES, make_tree
 
 MODEL = "cct_2_3x2_32"  # at the data's 16×16: 16 tokens, a fraction of a second per epoch
-CLASSES = ["ant", "bee", "cat"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,17 +27,6 @@ def data_cache(tmp_path_factory):
         yield
 
 
-def make_tree(root: Path, classes=CLASSES, train_per_class=16, test_per_class=6, size=16) -> Path:
-    """root/{train,test}/<class>/*.png: each class a different mean colour, so it is learnable."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 90, (size, size, 3)) + 70 * c
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 def memory_dataset(n_train=90, n_test=30, size=16) -> Dataset:

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .runtime import autocast, configure_threads, cpu_supports_bf16, resolve_device, resolve_precision
+from .runtime import configure_threads, cpu_supports_bf16, resolve_device, resolve_precision
 
 
 def timed_windows(fn: Callable[[], object], *, warmup: int, steps: int, windows: int) -> list[float]:

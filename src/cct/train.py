@@ -163,7 +163,10 @@ RECIPES: dict[str, dict] = {
     "fast": dict(epochs=10, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=1,
                  schedule="cosine", weight_decay=5e-2, weight_decay_all=False, eps=1e-8, label_smoothing=0.1,
                  val_split=0.0, hflip=True, translate=4, normalize="dataset", restore_best=False,
-                 precision="auto"),
+                 precision="auto", tta=True,
+                 # a run of a few epochs needs little regularisation; without attention dropout the
+                 # fused attention kernel runs in training too
+                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.05),
 }
 
 # flags that `--resume` accepts (everything else comes from the run's checkpoint)
