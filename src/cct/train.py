@@ -728,7 +728,9 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                 if stopping or state["step"] == stop_at_step:
                     break
                 if out_of_time:
-                    state["total_steps"] = state["step"]  # out of time: this epoch is the last
+                    state["total_steps"] = resolved["total_steps"] = state["step"]  # out of time: this epoch is the last
+                    if is_main:
+                        write_json(out / "config.json", resolved)
                     steps_this_epoch, total_epochs = state["batch"], epoch + 1
                     break
             if bar is not None:
