@@ -103,7 +103,7 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
     """
     from .model import count_macs, num_params
     from .registry import create_model
-    from . import train as train_mod
+    from . import recipes, train as train_mod
 
     threads = configure_threads(threads)
     dev = resolve_device(device)
@@ -124,8 +124,8 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
     }
 
     if train:
-        recipe = recipe or train_mod.default_recipe(model)
-        cfg = train_mod.make_config(model, "", "", recipe=recipe, batch_size=batch_size, precision=prec)
+        recipe = recipe or recipes.default_recipe(model)
+        cfg = recipes.make_config(model, "", "", recipe=recipe, batch_size=batch_size, precision=prec)
         mean = std = None
         if cfg.normalize != "none":  # the cost of normalising does not depend on the values
             mean, std = (0.5,) * C, (0.25,) * C

@@ -4,22 +4,7 @@ The loop follows nanoGPT's train.py: one `train(config) -> results` function who
 ordered list of obvious steps (set lr → augment → forward → loss → backward → step → zero_grad →
 log), with the learning-rate schedule a small pure function of the step (`lr_at`).
 
-Recipes are data: a name → `TrainConfig` overrides.
-* `keras`: the keras.io CCT example (https://keras.io/examples/vision/cct/): AdamW(1e-3, weight
-  decay 1e-4 on every variable, epsilon 1e-7), label smoothing 0.1, batch 128, 30 epochs, a 10%
-  validation split, horizontal flips, images scaled to [0, 1], and the best-validation weights
-  restored before the test evaluation. Its RandomCrop(32, 32) on 32×32 images is the identity, so
-  there is nothing to reproduce. One deliberate difference: Keras's `validation_split` takes the
-  last 10% of the arrays unshuffled; we take a seeded, stratified 10%.
-* `paper`: SHI-Labs' `configs/pretrained/cct_7-3x1_cifar10_300epochs.yml` run by timm's trainer:
-  AdamW 5.5e-4, weight decay 6e-2 on weights only, 10 warm-up epochs from 1e-5, cosine to 1e-5 over
-  300 epochs then 10 cooldown epochs, RandomResizedCrop(0.8, 1) with a random interpolation, flips,
-  RandAugment rand-m9-mstd0.5-inc1, MixUp 0.8 / CutMix 1.0 (batch mode, switch 0.5) until epoch 175,
-  label smoothing 0.1, CIFAR mean/std. timm updates this schedule once per epoch; `lr_at` is the same
-  curve evaluated per step. The official run selects the best epoch on the test set; we train on the
-  whole training set and report the last epoch (add `--val-split 0.1` for validation curves).
-* `fast`: warm-up + cosine, flips and 4-px translations, bf16 where the CPU runs it fast, no
-  validation split; `--time-budget MINUTES` sizes the run to the budget.
+Recipes (`keras`, `paper`, `fast`) and `TrainConfig` live in `cct.recipes`.
 
 Interruption (SIGINT/SIGTERM): the current step finishes, `last.pt` records the position inside the
 epoch (the epoch's shuffling seed, the batch index and the running sums), and `--resume` continues
@@ -48,7 +33,7 @@ import threading
 import time
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -59,175 +44,9 @@ from . import distributed
 from .checkpoint import atomic_write, read_checkpoint, remove_stale_temporaries, save_checkpoint
 from .errors import CCTError, CheckpointError
 from .model import num_params
-from .registry import create_model, get_config
+from .recipes import RECIPES, RESUME_OVERRIDES, TrainConfig, make_config, validate
+from .registry import create_model
 from .runtime import autocast, resolve_device, resolve_precision
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; every field but the first four is a `cct train` flag."""
-    model: str = "cct_2_3x2_32_keras"
-    data: str = ""
-    out: str = ""
-    recipe: str = "keras"
-    # schedule and optimiser
-    epochs: int = _f(30, "epochs in all, cooldown included")
-    batch_size: int = _f(128, "global batch size (split across processes when distributed)")
-    lr: float = _f(1e-3, "peak learning rate")
-    min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
-    warmup_lr: float = _f(0.0, "learning rate at the first warm-up step")
-    warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
-    cooldown_epochs: float = _f(0.0, "epochs at min_lr after the cosine (included in --epochs)")
-    schedule: str = _f("constant", "learning-rate schedule after the warm-up", choices=("constant", "cosine"))
-    weight_decay: float = _f(1e-4, "decoupled weight decay (AdamW)")
-    weight_decay_all: bool = _f(True, "decay every parameter (Keras) instead of weights only (timm)")
-    eps: float = _f(1e-7, "AdamW epsilon")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
-    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy")
-    # data
-    val_split: float = _f(0.1, "fraction of the training set held out (seeded, stratified), in [0, 1)")
-    train_limit: int | None = _f(None, "use at most this many training images")
-    img_size: int | None = _f(None, "resize images to this size (default: the data's own)")
-    in_chans: int | None = _f(None, "1 (grayscale) or 3 (RGB) input channels (default: the data's)")
-    num_classes: int | None = _f(None, "classifier outputs (default: the data's number of classes)")
-    drop_rate: float | None = _f(None, "dropout rate (default: the model's)")
-    attn_drop_rate: float | None = _f(None, "attention dropout rate (default: the model's)")
-    drop_path_rate: float | None = _f(None, "stochastic depth rate (default: the model's)")
-    skip_bad_images: bool = _f(False, "skip undecodable images instead of failing")
-    stream: bool | None = _f(None, "decode an image-folder tree from disk in loader processes (default: only when "
-                                   "it would take more than --stream-threshold of the available memory)")
-    stream_threshold: float = _f(0.25, "fraction of the available memory above which a tree is streamed")
-    loader_workers: int = _f(4, "DataLoader processes decoding a streamed dataset, per training process")
-    normalize: str = _f("none", "input normalisation: none (x/255), cifar mean/std, or the training set's",
-                        choices=("none", "cifar", "dataset"))
-    # augmentation (cct.augment)
-    hflip: bool = _f(True, "random horizontal flips")
-    translate: int = _f(0, "random translation by up to this many pixels (zero padded)")
-    rrc_scale: tuple[float, float] | None = _f(None, "random-resized-crop area scale range, e.g. 0.8 1")
-    rrc_interpolation: str = _f("random", "random-resized-crop interpolation", choices=("random", "bilinear", "bicubic"))
-    rand_augment: str | None = _f(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
-    auto_augment: bool = _f(False, "AutoAugment's CIFAR-10 policy")
-    erasing: float = _f(0.0, "random-erasing probability")
-    mixup_alpha: float = _f(0.0, "MixUp alpha (0: off)")
-    cutmix_alpha: float = _f(0.0, "CutMix alpha (0: off)")
-    mix_prob: float = _f(1.0, "probability of mixing a batch")
-    switch_prob: float = _f(0.5, "probability of CutMix rather than MixUp when both are on")
-    mix_mode: str = _f("batch", "MixUp/CutMix granularity", choices=("batch", "elem"))
-    mix_off_epoch: int | None = _f(None, "stop MixUp/CutMix from this epoch on")
-    # evaluation
-    restore_best: bool = _f(True, "test the best-validation weights rather than the last ones")
-    eval_batch_size: int = _f(256, "batch size of validation, test and `cct eval`")
-    tta: bool = _f(False, "test-time augmentation (average with the flipped image)")
-    # runtime
-    seed: int = _f(0, "seed of initialisation, split, shuffling and augmentation")
-    precision: str = _f("auto", "compute precision (auto: bf16 where the CPU runs it natively, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
-    device: str = _f("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    workers: int = _f(0, "CPU threads for compute per process (0: torch's default; cores / processes under torchrun)")
-    time_budget: float | None = _f(None, "minutes of training, first step to last (validation included; data loading "
-                                         "and the final test excluded): the run is sized to end within them")
-    skip_nonfinite: bool = _f(False, "skip (and count) steps whose loss is not finite instead of stopping")
-    log_interval: int = _f(20, "steps between progress-bar updates (each costs a device sync)")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["rrc_scale"] = list(self.rrc_scale) if self.rrc_scale else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if d.get("rrc_scale") is not None:
-            d["rrc_scale"] = tuple(d["rrc_scale"])
-        return cls(**d)
-
-
-_CIFAR_MEAN_STD = "cifar"
-
-# name → TrainConfig overrides (on top of the dataclass defaults)
-RECIPES: dict[str, dict] = {
-    "keras": dict(epochs=30, batch_size=128, lr=1e-3, schedule="constant", weight_decay=1e-4, weight_decay_all=True,
-                  eps=1e-7, label_smoothing=0.1, val_split=0.1, hflip=True, normalize="none", restore_best=True,
-                  precision="auto"),
-    "paper": dict(epochs=310, cooldown_epochs=10, batch_size=128, lr=5.5e-4, min_lr=1e-5, warmup_lr=1e-5,
-                  warmup_epochs=10, schedule="cosine", weight_decay=6e-2, weight_decay_all=False, eps=1e-8,
-                  label_smoothing=0.1, val_split=0.0, hflip=True, rrc_scale=(0.8, 1.0), rrc_interpolation="random",
-                  rand_augment="rand-m9-mstd0.5-inc1", erasing=0.0, mixup_alpha=0.8, cutmix_alpha=1.0,
-                  mix_prob=1.0, switch_prob=0.5, mix_mode="batch", mix_off_epoch=175, normalize="cifar",
-                  restore_best=False, precision="auto"),
-    "fast": dict(epochs=10, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=1,
-                 schedule="cosine", weight_decay=5e-2, weight_decay_all=False, eps=1e-8, label_smoothing=0.1,
-                 val_split=0.0, hflip=True, translate=4, normalize="dataset", restore_best=False,
-                 precision="auto", tta=True,
-                 # a run of a few epochs needs little regularisation; without attention dropout the
-                 # fused attention kernel runs in training too
-                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.05),
-}
-
-# flags that `--resume` accepts (everything else comes from the run's checkpoint)
-RESUME_OVERRIDES = ("data", "device", "workers", "quiet", "stream", "stream_threshold", "loader_workers")
-
-
-def default_recipe(model_name: str) -> str:
-    return "keras" if model_name.endswith("_keras") else "paper"
-
-
-def make_config(model: str, data: str, out: str, recipe: str | None = None, **overrides) -> TrainConfig:
-    """A `TrainConfig`: the dataclass defaults, then the recipe's values, then `overrides`."""
-    recipe = recipe or default_recipe(model)
-    if recipe not in RECIPES:
-        raise CCTError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise CCTError(f"unknown training option(s): {', '.join(unknown)}")
-    return TrainConfig(model=model, data=data, out=out, recipe=recipe, **{**RECIPES[recipe], **overrides})
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Raise a one-line `CCTError` for values out of range (before any data is read)."""
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise CCTError(message)
-    get_config(cfg.model)  # unknown model → UnknownModelError
-    need(cfg.recipe in RECIPES, f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPES)}")
-    need(cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}")
-    need(cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}")
-    need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {cfg.eval_batch_size}")
-    need(0.0 <= cfg.val_split < 1.0, f"--val-split must be in [0, 1), got {cfg.val_split}")
-    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be positive, got {cfg.lr}")
-    need(cfg.min_lr >= 0 and cfg.warmup_lr >= 0, "--min-lr and --warmup-lr must be non-negative")
-    need(cfg.weight_decay >= 0, f"--weight-decay must be non-negative, got {cfg.weight_decay}")
-    need(cfg.eps > 0, f"--eps must be positive, got {cfg.eps}")
-    need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
-    need(0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    need(cfg.warmup_epochs >= 0 and cfg.cooldown_epochs >= 0, "--warmup-epochs and --cooldown-epochs must be >= 0")
-    need(cfg.train_limit is None or cfg.train_limit >= 1, f"--train-limit must be at least 1, got {cfg.train_limit}")
-    need(cfg.img_size is None or cfg.img_size >= 1, f"--img-size must be positive, got {cfg.img_size}")
-    need(cfg.in_chans in (None, 1, 3), f"--in-chans must be 1 or 3, got {cfg.in_chans}")
-    need(cfg.num_classes is None or cfg.num_classes >= 1, f"--num-classes must be positive, got {cfg.num_classes}")
-    need(not (cfg.rand_augment and cfg.auto_augment), "choose --rand-augment or --auto-augment, not both")
-    need(cfg.translate >= 0, f"--translate must be non-negative, got {cfg.translate}")
-    need(0.0 <= cfg.erasing <= 1.0, f"--erasing must be in [0, 1], got {cfg.erasing}")
-    need(cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha must be >= 0")
-    need(0.0 <= cfg.mix_prob <= 1.0 and 0.0 <= cfg.switch_prob <= 1.0, "--mix-prob and --switch-prob must be in [0, 1]")
-    need(cfg.rrc_scale is None or 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1,
-         f"--rrc-scale must satisfy 0 < min <= max <= 1, got {cfg.rrc_scale}")
-    need(cfg.time_budget is None or cfg.time_budget > 0, f"--time-budget must be positive, got {cfg.time_budget}")
-    need(cfg.workers >= 0, f"--workers must be non-negative, got {cfg.workers}")
-    need(cfg.loader_workers >= 0, f"--loader-workers must be non-negative, got {cfg.loader_workers}")
-    need(0 < cfg.stream_threshold <= 1, f"--stream-threshold must be in (0, 1], got {cfg.stream_threshold}")
-    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-        need(getattr(cfg, name) is None or 0 <= getattr(cfg, name) < 1,
-             f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
-    need(cfg.log_interval >= 1, f"--log-interval must be at least 1, got {cfg.log_interval}")
-    for name, choices in (("precision", ("auto", "fp32", "bf16", "fp16")), ("device", ("auto", "cpu", "cuda")),
-                          ("normalize", ("none", "cifar", "dataset")), ("schedule", ("constant", "cosine"))):
-        need(getattr(cfg, name) in choices, f"--{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
 
 
 # ---------------------------------------------------------------------- schedule and optimiser
