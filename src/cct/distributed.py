@@ -97,6 +97,9 @@ def process_group(device: str = "auto", *, threads: int = 0, timeout_minutes: fl
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
     try:
         yield env
+        # every rank reaches the teardown together: a rank that destroys its group while a peer is
+        # still inside a collective can die in gloo's threads (SIGABRT) on exit
+        barrier()
     finally:
         dist.destroy_process_group()
 
