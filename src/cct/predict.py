@@ -62,13 +62,9 @@ class Preprocessing:
         return cls(tuple(d["img_size"]), int(d["in_chans"]), _tuple(d.get("mean")), _tuple(d.get("std")))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) → float32 model input."""
-        x = images.float() / 255
-        if self.mean is None:
-            return x
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (x - mean) / std
+        """uint8 (N, C, H, W) → float32 model input, computed as training and `cct eval` compute it."""
+        from .augment import normalize
+        return normalize(images, self.mean, self.std)
 
 
 def _tuple(values) -> tuple[float, ...] | None:
