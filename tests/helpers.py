@@ -2,7 +2,10 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from cct import train as train_mod
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -18,3 +21,18 @@ def make_tree(root: Path, classes=CLASSES, train_per_class=16, test_per_class=6,
                 pixels = rng.integers(0, 90, (size, size, 3)) + 70 * c
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+def poison_loss(monkeypatch, at_call: int) -> None:
+    """Make the `at_call`-th training loss (counted over calls with gradients) NaN."""
+    real = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, targets, **kwargs):
+        loss = real(logits, targets, **kwargs)
+        if logits.requires_grad:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                return loss * float("nan")
+        return loss
+    monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)

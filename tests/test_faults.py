@@ -405,25 +405,11 @@ def test_second_sigint_aborts_without_saving(tree, tmp_path, monkeypatch, capsys
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def _poison_loss(monkeypatch, at_call: int) -> None:
-    real = torch.nn.functional.cross_entropy
-    calls = {"n": 0}
-
-    def poisoned(logits, targets, **kwargs):
-        loss = real(logits, targets, **kwargs)
-        if logits.requires_grad:
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                return loss * float("nan")
-        return loss
-    monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
-
-
 def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_resumes(tree, reference, tmp_path, monkeypatch,
                                                                    capsys):
     out = tmp_path / "out"
     with monkeypatch.context() as mp:
-        _poison_loss(mp, at_call=6)  # epoch 2, step 2
+        helpers.poison_loss(mp, at_call=6)  # epoch 2, step 2
         code, _, err = run_cli(train_argv(tree, out), capsys)
     assert_one_line_error(code, err, "loss became nan", "epoch 2, step 2", "last good checkpoint")
     assert read_checkpoint(out / "last.pt")["train_state"]["epoch"] == 1
@@ -433,7 +419,7 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_resumes(tree, referen
 
 def test_nan_loss_skipped_and_counted(tree, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    _poison_loss(monkeypatch, at_call=6)
+    helpers.poison_loss(monkeypatch, at_call=6)
     code, _, err = run_cli(train_argv(tree, out, "--skip-nonfinite"), capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())

@@ -15,7 +15,7 @@ from cct import cli
 from cct import train as train_mod
 from cct.data import Dataset, ImageSet
 from cct.train import (HISTORY_COLUMNS, RECIPES, TrainingInterrupted, lr_at, make_config, param_groups, train)
-from helpers import CLASSES, make_tree
+from helpers import CLASSES, make_tree, poison_loss
 
 MODEL = "cct_2_3x2_32"  # at the data's 16×16: 16 tokens, a fraction of a second per epoch
 
@@ -177,22 +177,13 @@ def test_sigint_saves_and_exits_130(tmp_path, monkeypatch):
 
 
 def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
-    real = torch.nn.functional.cross_entropy
-    calls = {"n": 0}
-
-    def poisoned(logits, targets, **kwargs):
-        loss = real(logits, targets, **kwargs)
-        if logits.requires_grad:
-            calls["n"] += 1
-            if calls["n"] == 5:  # epoch 2, batch 2
-                return loss * float("nan")
-        return loss
-    monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
+    poison_loss(monkeypatch, at_call=5)  # epoch 2, batch 2
     out = tmp_path / "stop"
     with pytest.raises(train_mod.NonFiniteLossError, match="epoch 2, step 2.*last good checkpoint"):
         train(_resume_config(out), dataset=memory_dataset(), quiet=True)
     assert torch.load(out / "last.pt", weights_only=True)["train_state"]["epoch"] == 1
-    calls["n"] = 0
+    monkeypatch.undo()
+    poison_loss(monkeypatch, at_call=5)  # a fresh count for the second run
     results = train(_resume_config(tmp_path / "skip", skip_nonfinite=True), dataset=memory_dataset(), quiet=True)
     assert results["skipped_steps"] == 1 and results["epochs"] == 2
 
