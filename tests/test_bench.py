@@ -10,7 +10,9 @@ from cct import bench
 from cct.cli import main
 from cct.layers import Attention, dropout, dropout_mask
 from cct.model import _pool_out_sizes, _same_pool_padding
-from cct.runtime import configure_threads
+import platform
+
+from cct.runtime import configure_threads, tune_allocator
 
 
 # ---------------------------------------------------------------------- cheap dropout masks
@@ -69,6 +71,29 @@ def test_training_attention_path_matches_sdpa(heads, head_dim):
     attn.eval()
     eval_out = attn(x)
     assert (train_out - eval_out).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("tokens,training,attn_drop,dtype,matmul", [
+    (64, False, 0.0, torch.bfloat16, True),      # bf16 inference, short sequence: two matmuls beat SDPA
+    (256, False, 0.0, torch.bfloat16, False),    # bf16 inference, long sequence: SDPA
+    (256, True, 0.0, torch.bfloat16, True),      # bf16 training: matmuls at every length measured
+    (64, False, 0.0, torch.float32, False),      # fp32: SDPA
+    (64, True, 0.0, torch.float32, False),
+    (64, True, 0.1, torch.float32, True),        # attention dropout: SDPA would fall back to its unfused path
+    (64, False, 0.1, torch.float32, False),
+])
+def test_attention_path_choice_and_equivalence(tokens, training, attn_drop, dtype, matmul):
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=2, qkv_bias=True, attn_drop=attn_drop).train(training)
+    x = torch.randn(2, tokens, 64)
+    assert attn._matmul_path(torch.empty(1, 2, tokens, 32, dtype=dtype)) is matmul
+    if attn_drop == 0:  # either path: the same numbers as SDPA in this dtype
+        attn = attn.to(dtype)
+        out = attn(x.to(dtype)).float()
+        q, k, v = attn.qkv(x.to(dtype)).view(2, tokens, 3, 2, 32).permute(2, 0, 3, 1, 4)
+        ref = attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, tokens, 64)).float()
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 def test_model_trains_with_dropout_in_bf16():
@@ -131,6 +156,22 @@ def test_benchmark_reports_rates():
     assert len(r["train_window_rates"]) == 2 and r["precision"] == "fp32" and r["recipe"] == "keras"
     assert r["gflops_per_image_forward"] == pytest.approx(0.082, abs=0.002)
     assert r["peak_memory_mb"] > 0
+
+
+def test_benchmark_builds_the_model_of_its_recipe():
+    """`--recipe fast` turns dropout off, which changes the attention path: the timed model must follow."""
+    fast = bench.benchmark("cct_2_3x2_32_keras", batch_size=4, steps=1, windows=1, warmup=0, recipe="fast",
+                           precision="fp32", infer=False, peak=False)
+    keras = bench.benchmark("cct_2_3x2_32_keras", batch_size=4, steps=1, windows=1, warmup=0,
+                            precision="fp32", infer=False, peak=False)
+    assert fast["drop_rates"] == {"drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.05}
+    assert keras["drop_rates"] == {}  # the keras recipe keeps the model's own rates
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_tune_allocator_on_glibc():
+    assert tune_allocator() is True
+    assert tune_allocator() is True  # idempotent
 
 
 def test_gemm_peak_is_positive():

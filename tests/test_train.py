@@ -67,6 +67,13 @@ def finished_run(tree, tmp_path_factory):
     return out
 
 
+def test_recipe_supplies_the_model_when_none_is_given(tree, tmp_path):
+    out = tmp_path / "fast"
+    assert cli.main(["train", "--recipe", "fast", "--data", str(tree), "--out", str(out), "--epochs", "1",
+                     "--batch-size", "16", "--precision", "fp32", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["model"] == "cct_2_3x2_32"
+
+
 # ---------------------------------------------------------------------- outputs
 def test_two_epoch_run_writes_every_output(finished_run, tree):
     out = finished_run
@@ -196,6 +203,28 @@ def test_time_budget_fits_the_run(tmp_path):
     assert results["steps"] == config["total_steps"] >= 1
     # the budget covers training, first step to last (data loading and the final test excluded)
     assert results["train_seconds"] < 0.08 * 60 + 3.0
+
+
+def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch):
+    """A slow first epoch (a busy machine) shortens the plan; faster epochs after it lengthen it again."""
+    import time
+    calls = {"n": 0}
+    real_call = train_mod.TrainStep.__call__
+
+    def slow_first_epoch(self, *args, **kwargs):
+        calls["n"] += 1
+        if 8 < calls["n"] <= 16:  # the 8 trial steps of the fit are fast; the first epoch's 8 are not
+            time.sleep(0.15)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.TrainStep, "__call__", slow_first_epoch)
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
+                      precision="fp32")
+    results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    # after the slow epoch the plan is ~20 steps (~1.3 s); re-fitting from the latest epoch's rate
+    # brings it back towards the 3 s budget
+    assert results["steps"] > 40 and results["train_seconds"] > 1.8
+    assert results["train_seconds"] < 0.05 * 60 + 3.0
 
 
 # ---------------------------------------------------------------------- schedule and optimiser

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .runtime import configure_threads, cpu_supports_bf16, resolve_device, resolve_precision
+from .runtime import configure_threads, cpu_supports_bf16, resolve_device, resolve_precision, tune_allocator
 
 
 def timed_windows(fn: Callable[[], object], *, warmup: int, steps: int, windows: int) -> list[float]:
@@ -109,7 +109,12 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     torch.manual_seed(seed)
-    net = create_model(model)
+    recipe = recipe or recipes.default_recipe(model)
+    cfg = recipes.make_config(model, "", "", recipe=recipe, batch_size=batch_size, precision=prec)
+    # the model as `cct train` builds it for this recipe: its dropout rates decide the attention path
+    drop_rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
+                  if getattr(cfg, k) is not None}
+    net = create_model(model, **drop_rates)
     macs = count_macs(net)  # at the model's native input size, before it moves
     net = net.to(dev)
     C, (H, W) = net.cfg.in_chans, net.cfg.img_size
@@ -120,12 +125,10 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         "precision": prec, "device": str(dev), "threads": threads, "batch_size": batch_size,
         "infer_batch_size": infer_batch_size, "steps_per_window": steps, "windows": windows, "warmup": warmup,
         "torch": torch.__version__, "cpu_bf16": cpu_supports_bf16(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "drop_rates": drop_rates, "allocator_tuned": tune_allocator(),
     }
 
     if train:
-        recipe = recipe or recipes.default_recipe(model)
-        cfg = recipes.make_config(model, "", "", recipe=recipe, batch_size=batch_size, precision=prec)
         mean = std = None
         if cfg.normalize != "none":  # the cost of normalising does not depend on the values
             mean, std = (0.5,) * C, (0.25,) * C

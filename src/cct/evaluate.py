@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, read_checkpoint
 from .data import CIFAR_MEAN, CIFAR_STD
 from .errors import CCTError, CheckpointError
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, resolve_device, resolve_precision, tune_allocator
 
 
 @dataclass
@@ -95,6 +95,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, precision: str, ba
         std = settings.std if settings is not None else None
     device = torch.device(device) if device is not None else next(model.parameters()).device
     precision = resolve_precision(precision, device)
+    tune_allocator()
     was_training = model.training
     model.eval()
     outputs = []

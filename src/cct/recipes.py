@@ -136,6 +136,11 @@ RECIPES: dict[str, dict] = {
 RESUME_OVERRIDES = ("data", "device", "workers", "quiet", "stream", "stream_threshold", "loader_workers")
 
 
+# the model `cct train --recipe R` trains when --model is not given: the one each recipe was made for;
+# for `fast`, the fastest to a given accuracy in our time-budget trials (benchmarks/README.md)
+RECIPE_MODELS = {"keras": "cct_2_3x2_32_keras", "paper": "cct_7_3x1_32", "fast": "cct_2_3x2_32"}
+
+
 def default_recipe(model_name: str) -> str:
     return "keras" if model_name.endswith("_keras") else "paper"
 

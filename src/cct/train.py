@@ -44,9 +44,9 @@ from . import distributed
 from .checkpoint import atomic_write, read_checkpoint, remove_stale_temporaries, save_checkpoint
 from .errors import CCTError, CheckpointError
 from .model import num_params
-from .recipes import RECIPES, RESUME_OVERRIDES, TrainConfig, make_config, validate
+from .recipes import RECIPE_MODELS, RECIPES, RESUME_OVERRIDES, TrainConfig, make_config, validate
 from .registry import create_model
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, configure_threads, resolve_device, resolve_precision
 
 
 # ---------------------------------------------------------------------- schedule and optimiser
@@ -391,8 +391,7 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                        "or choose another --out")
     if is_main:  # what writes cut short by a kill left behind (never read, but they take space)
         remove_stale_temporaries(out, OUTPUT_FILES)
-    if cfg.workers:
-        torch.set_num_threads(cfg.workers)
+    configure_threads(cfg.workers or None)
     device = distributed.local_device(resolve_device(cfg.device))
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
@@ -503,13 +502,13 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
         return metrics(logits, labels, label_smoothing=smoothing, class_names=model.class_names)
 
     stop = types.SimpleNamespace(signum=None)
-    t_loop, first_step = time.perf_counter(), state["step"]
+    t_loop = time.perf_counter()
     if budgeted:  # the budget counts from the first training step, as the time to accuracy is measured
         deadline = t_loop + cfg.time_budget * 60
     with _stop_on_signals(stop):
         while state["epoch"] < total_epochs:
             epoch = state["epoch"]
-            t_epoch = time.perf_counter()
+            t_epoch, epoch_first_step = time.perf_counter(), state["step"]
             if state["batch"] == 0:
                 data_epoch_state = data_gen.get_state()
                 step.reset_totals()
@@ -573,13 +572,15 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                 if is_main:
                     save_checkpoint(model, best_path, train_config=cfg.to_dict(), eval=eval_settings,
                                     epoch=epoch + 1, val=_brief(val))
-            if deadline is not None:  # measured cost of a step, evaluation and saving included
-                per_step = (time.perf_counter() - t_loop) / max(1, state["step"] - first_step)
+            if deadline is not None:
+                # this epoch's cost of a step, evaluation and saving included: the latest rate, so that
+                # one slow epoch (a busy machine, the first epoch's warm-up) does not cut the run for good
+                per_step = (time.perf_counter() - t_epoch) / max(1, state["step"] - epoch_first_step)
                 fit = state["step"] + int((deadline - time.perf_counter()) * 0.98 / per_step)
                 fit = distributed.min_int(fit)
-                # shorten whenever the run would overshoot; lengthen only in its first half, while the
-                # schedule can still absorb it (a slow first measurement would otherwise waste the budget)
-                if fit < state["total_steps"] or (fit > state["total_steps"] and 2 * state["step"] < state["total_steps"]):
+                # shorten whenever the run would overshoot; lengthen while a quarter of the schedule
+                # remains to absorb it
+                if fit < state["total_steps"] or (fit > state["total_steps"] and 4 * state["step"] < 3 * state["total_steps"]):
                     state["total_steps"] = max(fit, state["step"])
                     total_epochs = math.ceil(state["total_steps"] / steps_per_epoch)
                     resolved["total_steps"] = state["total_steps"]
@@ -740,7 +741,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model (recipes: keras, paper, fast)",
                               description="Train a model; writes last.pt, best.pt, history.csv, curves.png, "
                                           "config.json and results.json to --out.")
-    p.add_argument("--model", help="a name from `cct models`")
+    p.add_argument("--model", help="a name from `cct models` (default: the recipe's own: "
+                                   + ", ".join(f"{m} for {r}" for r, m in RECIPE_MODELS.items()) + ")")
     p.add_argument("--data", help="data source (a directory of class folders, an archive, ...)")
     p.add_argument("--out", metavar="DIR", help="output directory")
     p.add_argument("--recipe", choices=tuple(RECIPES), help="keras (default for *_keras models), paper (default "
@@ -764,10 +766,11 @@ def _run(args: argparse.Namespace) -> int:
                            + ", ".join("--" + k.replace("_", "-") for k in extra))
         cfg = resume_config(args.resume, **overrides, **({"data": args.data} if args.data else {}))
     else:
-        missing = [k for k in ("model", "data", "out") if not getattr(args, k)]
+        missing = [k for k in ("data", "out") if not getattr(args, k)]
         if missing:
             raise CCTError("missing " + ", ".join("--" + k for k in missing) + " (or --resume DIR)")
-        cfg = make_config(args.model, args.data, args.out, args.recipe, **overrides)
+        model = args.model or RECIPE_MODELS[args.recipe or "keras"]
+        cfg = make_config(model, args.data, args.out, args.recipe, **overrides)
     try:
         with distributed.process_group(cfg.device, threads=cfg.workers) as job:  # a no-op without torchrun
             train(cfg, resume=bool(args.resume), quiet=args.quiet, rank=job.rank, world_size=job.world_size)
