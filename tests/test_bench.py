@@ -195,3 +195,27 @@ def test_cli_json_prints_one_object(capsys):
 def test_cli_rejects_bad_values(capsys):
     assert main(["bench", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_cli_procs_times_the_whole_job(capsys):
+    """`--procs 2`: two processes, one thread each, each on half of every batch; one JSON object."""
+    code = main(["bench", "--model", "cct_2_3x2_32", "--batch-size", "4", "--infer-batch-size", "4", "--steps", "2",
+                 "--windows", "2", "--warmup", "1", "--precision", "fp32", "--json", "--procs", "2"])
+    captured = capsys.readouterr()
+    assert code == 0
+    result = json.loads(captured.out)
+    assert result["procs"] == 2 and result["threads"] == 1 and result["batch_size"] == 4
+    assert result["train_images_per_second"] > 0 and result["infer_images_per_second"] > 0
+    assert result["gemm_peak_gflops"] > 0 and result["train_share_of_peak"] > 0  # measured by the first process
+
+
+def test_cli_procs_defaults_to_the_recipe(capsys, monkeypatch):
+    from cct import distributed
+    monkeypatch.setattr(distributed, "_cpu_cores", lambda: 2)
+    assert main(["bench", "--model", "cct_2_3x2_32_keras", "--batch-size", "4", "--infer-batch-size", "4", "--steps",
+                 "1", "--windows", "1", "--warmup", "0", "--no-peak", "--no-infer", "--json"]) == 0
+    keras = json.loads(capsys.readouterr().out)
+    assert keras["procs"] == 2  # the keras recipe: a process per core
+    assert main(["bench", "--model", "cct_2_3x2_32_keras", "--recipe", "fast", "--batch-size", "4", "--steps", "1",
+                 "--windows", "1", "--warmup", "0", "--no-peak", "--no-infer", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["procs"] == 1

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cct import cli, distributed
+from cct.errors import CCTError
 from cct.train import make_config, train
 from helpers import make_tree
 
@@ -70,7 +71,8 @@ def test_one_and_two_processes_agree(two_process_run, tree, tmp_path, monkeypatc
     out2, _ = two_process_run
     monkeypatch.setenv("CCT_DATA", str(tmp_path / "cache"))
     out1 = tmp_path / "one"
-    assert cli.main(["train", "--model", MODEL, "--data", str(tree), "--out", str(out1), "--quiet", *SAME_MATH]) == 0
+    assert cli.main(["train", "--model", MODEL, "--data", str(tree), "--out", str(out1), "--quiet", *SAME_MATH,
+                     "--procs", "1"]) == 0  # the keras recipe's default is a process per core
     one, two = read_history(out1 / "history.csv"), read_history(out2 / "history.csv")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):  # same global batches, gradients averaged over the shards: only rounding differs
@@ -83,6 +85,111 @@ def test_one_and_two_processes_agree(two_process_run, tree, tmp_path, monkeypatc
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=2e-4, rtol=1e-3, msg=k)
+
+
+# ---------------------------------------------------------------------- --procs: the job cct starts by itself
+def cct_subprocess(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CCT_DATA": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "cct", *args], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path, **kw)
+
+
+def test_procs_is_the_torchrun_job(two_process_run, tree, tmp_path):
+    out = tmp_path / "procs"
+    proc = cct_subprocess(["train", "--model", MODEL, "--data", str(tree), "--out", str(out), *SAME_MATH,
+                           "--procs", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("done: 2 epochs") == 1  # the first process alone reports
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["best.pt", "last.pt", "history.csv", "curves.png", "config.json", "results.json"])
+    # the same ranks, seeds and shards as torchrun's two processes: the same numbers, bit for bit
+    assert read_history(out / "history.csv") == read_history(two_process_run[0] / "history.csv")
+    mine, theirs = (json.loads((o / "results.json").read_text()) for o in (out, two_process_run[0]))
+    assert mine["world_size"] == 2 and (mine["test_loss"], mine["test_top1"]) == (theirs["test_loss"], theirs["test_top1"])
+    w1, w2 = (torch.load(o / "last.pt", weights_only=True)["state_dict"] for o in (out, two_process_run[0]))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_procs_workers_die_with_the_first_process(tree, tmp_path):
+    import signal
+    import time
+    env = {**os.environ, "CCT_DATA": str(tmp_path / "cache")}
+    parent = subprocess.Popen([sys.executable, "-m", "cct", "train", "--model", MODEL, "--data", str(tree),
+                               "--out", str(tmp_path / "out"), "--epochs", "500", "--batch-size", "12", "--procs", "2",
+                               "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not _children(parent.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(parent.pid)
+        assert workers, "no worker process was started"
+        time.sleep(1)  # the worker is starting up, not yet joined: nothing but the kernel would stop it
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "a worker outlived the process that started it"
+    finally:
+        parent.kill()
+        for w in workers if "workers" in locals() else []:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_failing_worker_ends_the_job(tmp_path):
+    """A worker that fails alone: its message, exit status 2, instead of a wait in a collective."""
+    script = ("import time\nfrom cct import distributed\n"
+              "with distributed.local_workers(2, ['no-such-command'], grace_seconds=0.5):\n    time.sleep(60)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "process 1 of 2 failed (exit status 2)" in proc.stderr, proc.stderr
+    assert "invalid choice: 'no-such-command'" in proc.stderr  # the worker's own last line
+    with pytest.raises(CCTError, match="process 1 of 2 failed"):  # one that fails while the block is ending
+        with distributed.local_workers(2, ["no-such-command"], grace_seconds=60):
+            import time
+            time.sleep(1.5)
+    assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--procs", "-1"], "--procs must be 0 (one per core) or positive"),
+    (["--procs", "2", "--batch-size", "7"], "--batch-size 7 must be a multiple of --procs 2"),
+    (["--procs", "2", "--data", "no-such-dir"], "no-such-dir"),  # found by both processes, said once
+])
+def test_procs_errors_are_one_line(tree, tmp_path, extra, message):
+    args = ["train", "--model", MODEL, "--data", str(tree), "--out", str(tmp_path / "out"), "--epochs", "1", *extra]
+    proc = cct_subprocess(args, tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_resolve_procs(monkeypatch):
+    monkeypatch.setattr(distributed, "_cpu_cores", lambda: 6)
+    assert distributed.resolve_procs(0, "cpu") == 6 and distributed.resolve_procs(3, "cpu") == 3
+    assert distributed.resolve_procs(0, "cpu", batch_sizes=(128, 256)) == 4  # as many as split the batches evenly
+    assert distributed.resolve_procs(0, "cpu", batch_sizes=(7,)) == 1
+    assert distributed.resolve_procs(0, "cuda") == 1 and distributed.resolve_procs(1, "cuda") == 1
+    with pytest.raises(Exception, match="torchrun"):
+        distributed.resolve_procs(2, "cuda")
+    with pytest.raises(Exception, match="--procs"):
+        distributed.resolve_procs(-1, "cpu")
+    with distributed.local_workers(1, ["train"]) as n:  # one process: nothing is started
+        assert n == 1 and "WORLD_SIZE" not in os.environ
 
 
 # ---------------------------------------------------------------------- resume, inside one process group
@@ -143,6 +250,7 @@ def test_one_process_helpers_are_identities(monkeypatch):
         assert distributed.any_true(True, False) == (True, False)
         assert distributed.all_finite(torch.tensor(1.0)) and not distributed.all_finite(torch.tensor(float("nan")))
         assert distributed.min_int(7) == 7 and distributed.from_main(True)
+        assert distributed.average_gradients([torch.zeros(2)], finite=False, flags=(True, False)) == (False, (True, False))
         assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
         assert distributed.shard_bounds(10) == (0, 10)
         assert torch.equal(distributed.sharded_rows(lambda x: x * 2, torch.arange(5)), torch.arange(5) * 2)

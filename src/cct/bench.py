@@ -26,18 +26,25 @@ from typing import Callable
 
 import torch
 
+from . import distributed
 from .runtime import configure_threads, cpu_supports_bf16, resolve_device, resolve_precision, tune_allocator
 
 
 def timed_windows(fn: Callable[[], object], *, warmup: int, steps: int, windows: int) -> list[float]:
-    """Seconds taken by each of `windows` windows of `steps` consecutive calls, after `warmup` calls."""
+    """Seconds taken by each of `windows` windows of `steps` consecutive calls, after `warmup` calls.
+
+    In a job of several processes (`--procs`) every window starts and ends at a barrier, so that it
+    times the whole job's work.
+    """
     for _ in range(warmup):
         fn()
     seconds = []
     for _ in range(windows):
+        distributed.barrier()
         start = time.perf_counter()
         for _ in range(steps):
             fn()
+        distributed.barrier()
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -83,7 +90,7 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
               precision: str = "auto", steps: int = 10, windows: int = 5, warmup: int = 10,
               recipe: str | None = None, device: str = "auto", threads: int | None = None,
               train: bool = True, infer: bool = True, peak: bool = True, seed: int = 0,
-              quiet: bool = True) -> dict:
+              quiet: bool = True, world_size: int = 1) -> dict:
     """Training and inference throughput of a registered model on random CIFAR-like data.
 
     Args:
@@ -97,6 +104,8 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         device: "auto", "cpu" or "cuda".
         threads: CPU threads (default: as `cct train` sets them, see `cct.runtime.configure_threads`).
         train, infer, peak: which measurements to make.
+        world_size: processes of the job this one belongs to (`--procs`, inside `distributed.process_group`):
+            each computes its share of every batch, as `cct train --procs` does; rates are the job's.
     Returns:
         a dict with `train_images_per_second`, `infer_images_per_second`, GFLOP/s, share of the
         measured GEMM peak, peak memory and the settings.
@@ -105,6 +114,9 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
     from .registry import create_model
     from . import recipes, train as train_mod
 
+    if world_size > 1 and (batch_size % world_size or infer_batch_size % world_size):
+        raise ValueError(f"--batch-size {batch_size} and --infer-batch-size {infer_batch_size} must be multiples "
+                         f"of the {world_size} processes")
     threads = configure_threads(threads)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -126,19 +138,22 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         "infer_batch_size": infer_batch_size, "steps_per_window": steps, "windows": windows, "warmup": warmup,
         "torch": torch.__version__, "cpu_bf16": cpu_supports_bf16(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "drop_rates": drop_rates, "allocator_tuned": tune_allocator(),
+        "procs": world_size,
     }
+    local_batch, local_infer_batch = batch_size // world_size, infer_batch_size // world_size
 
     if train:
         mean = std = None
         if cfg.normalize != "none":  # the cost of normalising does not depend on the values
             mean, std = (0.5,) * C, (0.25,) * C
         optimizer = train_mod.make_optimizer(net, cfg)
-        step = train_mod.make_train_step(net, optimizer, train_mod.augment_config(cfg, mean, std), precision=prec,
-                                         device=dev, label_smoothing=cfg.label_smoothing, num_classes=num_classes,
-                                         generator=torch.Generator().manual_seed(seed + 1))
+        step = train_mod.make_train_step(train_mod.wrap_model(net, world_size), optimizer,
+                                         train_mod.augment_config(cfg, mean, std), precision=prec, device=dev,
+                                         label_smoothing=cfg.label_smoothing, num_classes=num_classes,
+                                         generator=torch.Generator().manual_seed(seed + 1), world_size=world_size)
         pool = 8  # distinct batches, cycled, so no step sees a cached input
-        images = torch.randint(0, 256, (pool, batch_size, C, H, W), dtype=torch.uint8, generator=g)
-        labels = torch.randint(0, num_classes, (pool, batch_size), generator=g)
+        images = torch.randint(0, 256, (pool, local_batch, C, H, W), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, num_classes, (pool, local_batch), generator=g)
         net.train()
         counter = iter(range(1 << 62))
 
@@ -146,7 +161,8 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
             i = next(counter) % pool
             step(images[i], labels[i], cfg.lr * 1e-3)  # a small lr: random data must not blow the weights up
 
-        _log(quiet, f"timing training: {model}, batch {batch_size}, {prec}, recipe {recipe}, {threads} threads")
+        _log(quiet, f"timing training: {model}, batch {batch_size}, {prec}, recipe {recipe}, "
+                    f"{world_size} process(es) of {threads} thread(s)")
         seconds = timed_windows(train_step, warmup=warmup, steps=steps, windows=windows)
         rates = [steps * batch_size / s for s in seconds]
         rate = statistics.median(rates)
@@ -160,11 +176,11 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         from .evaluate import predict_logits
         net.eval()
         pool = 4
-        images = torch.randint(0, 256, (pool, infer_batch_size, C, H, W), dtype=torch.uint8, generator=g)
+        images = torch.randint(0, 256, (pool, local_infer_batch, C, H, W), dtype=torch.uint8, generator=g)
         counter = iter(range(1 << 62))
 
         def infer_step() -> None:
-            predict_logits(net, images[next(counter) % pool], precision=prec, batch_size=infer_batch_size,
+            predict_logits(net, images[next(counter) % pool], precision=prec, batch_size=local_infer_batch,
                            mean=None, std=None, device=dev)
 
         _log(quiet, f"timing inference: batch {infer_batch_size}, {prec}")
@@ -176,7 +192,13 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
 
     if peak:
         _log(quiet, f"measuring the {prec} GEMM peak")
-        gemm = gemm_peak_gflops(prec, dev)
+        distributed.barrier()
+        all_threads = torch.get_num_threads()
+        if world_size > 1:  # the other processes wait: the first measures with every core
+            torch.set_num_threads(threads * world_size)
+        gemm = gemm_peak_gflops(prec, dev) if distributed.env_from_environ().is_main else 0.0
+        torch.set_num_threads(all_threads)
+        gemm = float(distributed.all_reduce_sum(torch.tensor([gemm], dtype=torch.float64))[0])  # rank 0's
         result["gemm_peak_gflops"] = round(gemm, 1)
         for kind in ("train", "infer"):
             if f"{kind}_gflops" in result:
@@ -187,7 +209,8 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
 
 def format_result(r: dict) -> str:
     lines = [f"{r['model']} ({r['params']:,} parameters, {r['gflops_per_image_forward']:.3f} GFLOP/image forward), "
-             f"{r['precision']} on {r['device']}, {r['threads']} threads"]
+             f"{r['precision']} on {r['device']}, " + (f"{r['procs']} processes of " if r.get("procs", 1) > 1 else "")
+             + f"{r['threads']} threads"]
     peak = r.get("gemm_peak_gflops")
     for kind, batch in (("train", r["batch_size"]), ("infer", r["infer_batch_size"])):
         if f"{kind}_images_per_second" not in r:
@@ -215,7 +238,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     p.add_argument("--recipe", default=None, help="training recipe whose augmentation and optimiser are timed")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: one per core, "
+                                                             "shared out between --procs processes)")
+    p.add_argument("--procs", type=int, default=None,
+                   help="data-parallel processes, as `cct train --procs` (default: the recipe's; 0: one per core)")
     p.add_argument("--no-train", action="store_true", help="skip the training measurement")
     p.add_argument("--no-infer", action="store_true", help="skip the inference measurement")
     p.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
@@ -231,10 +257,21 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    result = benchmark(args.model, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size,
-                       precision=args.precision, steps=args.steps, windows=args.windows, warmup=args.warmup,
-                       recipe=args.recipe, device=args.device, threads=args.threads, train=not args.no_train,
-                       infer=not args.no_infer, peak=not args.no_peak, quiet=False)
+    from . import recipes
+    if args.procs is None:
+        recipe = args.recipe or recipes.default_recipe(args.model)
+        args.procs = recipes.RECIPES.get(recipe, {}).get("procs", recipes.TrainConfig.procs)
+    procs = distributed.resolve_procs(args.procs, resolve_device(args.device),
+                                      batch_sizes=(args.batch_size, args.infer_batch_size))
+    with distributed.local_workers(procs, args.argv), \
+            distributed.process_group(args.device, threads=args.threads or 0) as job:
+        result = benchmark(args.model, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size,
+                           precision=args.precision, steps=args.steps, windows=args.windows, warmup=args.warmup,
+                           recipe=args.recipe, device=args.device, threads=args.threads, train=not args.no_train,
+                           infer=not args.no_infer, peak=not args.no_peak, quiet=not job.is_main,
+                           world_size=job.world_size)
+    if not job.is_main:
+        return 0
     if args.json:
         print(json.dumps(result))
     else:

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv)  # what `--procs` workers are started with
     try:
         return int(args.func(args) or 0)
     except (CCTError, ValueError, FileNotFoundError) as e:

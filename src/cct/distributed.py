@@ -13,14 +13,28 @@ Who draws what (the contract `cct.train` follows):
   ranks do not repeat each other's random crops and masks; rank 0's streams are a single process's;
 - every decision that ends or reshapes the loop (a non-finite loss, a signal, the time budget) is
   agreed through a collective, so no rank waits forever for the others.
+
+`local_workers(procs, argv)` is a torchrun of one machine built into `cct train` and `cct bench`
+(`--procs`): on a small CPU, N processes of one thread each, every one on its share of the batch,
+can outrun one process whose N threads split every operation, because most operations of these
+small models are too short for a thread team to pay off (on the 2-core test machine,
+`cct_2_3x2_32_keras` trains at 907 against 764 images/s; benchmarks/README.md, bench_procs.py).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -90,7 +104,8 @@ def process_group(device: str = "auto", *, threads: int = 0, timeout_minutes: fl
             raise CCTError(f"process {env.local_rank} of this machine has no GPU: {torch.cuda.device_count()} "
                            "visible; start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(env.local_rank)
-    else:
+    threads_before = torch.get_num_threads()
+    if not use_cuda:
         torch.set_num_threads(threads or max(1, _cpu_cores() // env.local_world_size))
     backend = "nccl" if use_cuda else "gloo"
     kwargs = {"device_id": torch.device("cuda", env.local_rank)} if use_cuda else {}
@@ -102,6 +117,123 @@ def process_group(device: str = "auto", *, threads: int = 0, timeout_minutes: fl
         barrier()
     finally:
         dist.destroy_process_group()
+        torch.set_num_threads(threads_before)
+
+
+# marks the processes `local_workers` starts (ranks 1..N-1), for whoever needs to tell them apart
+LOCAL_WORKER_ENV = "CCT_LOCAL_WORKER"
+
+
+def resolve_procs(procs: int, device: torch.device | str, batch_sizes: tuple[int, ...] = ()) -> int:
+    """`--procs`: 0 means one process per logical CPU, as many as divide every batch in `batch_sizes`.
+
+    On a GPU it is one process (start one per GPU with torchrun).
+    """
+    if procs < 0:
+        raise CCTError(f"--procs must be 0 (one per core) or positive, got {procs}")
+    if torch.device(device).type != "cpu":
+        if procs > 1:
+            raise CCTError("--procs is for CPU training; start one process per GPU with torchrun")
+        return 1
+    if procs:
+        return procs
+    n = _cpu_cores()
+    while n > 1 and any(b % n for b in batch_sizes):  # the global batch is split evenly
+        n -= 1
+    return n
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the child killed when this process dies (Linux's PR_SET_PDEATHSIG).
+
+    The C function is looked up here, before the fork; the child only calls it, then exits if this
+    process already died before the setting took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
+
+
+def _last_line(log) -> str:
+    log.seek(0)
+    lines = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no message"
+
+
+@contextlib.contextmanager
+def local_workers(procs: int, argv: list[str], *, grace_seconds: float = 5.0) -> Iterator[int]:
+    """Make this process rank 0 of a `procs`-process job on this machine for the duration of the block.
+
+    Ranks 1..procs-1 are `python -m cct *argv` started here with torchrun's environment variables
+    (loopback rendezvous on a free port); `process_group()` then joins them as under torchrun. Their
+    output goes to files of their own, so that the user reads rank 0 alone. They are killed if this
+    process dies (Linux), and stopped if the block raises. A worker that fails while the block runs
+    ends the job: if rank 0 has not stopped with an error of its own after `grace_seconds` (it
+    usually meets the same one), the worker's last line is printed and this process exits with 2,
+    rather than wait in a collective that will never complete. A no-op for one process or inside a
+    job torchrun started. Yields the number of processes.
+    """
+    if procs <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield 1
+        return
+    job = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(procs),
+           "LOCAL_WORLD_SIZE": str(procs), "GROUP_RANK": "0"}
+    saved = {k: os.environ.get(k) for k in (*job, "RANK", "LOCAL_RANK")}
+    workers: list[tuple[int, subprocess.Popen, object]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            # 130 and 143: a stop every rank agreed on (a signal), which rank 0 is handling too
+            failed = [(rank, w, log) for rank, w, log in workers if w.poll() not in (None, 0, 130, 143)]
+            if failed and not done.wait(grace_seconds):
+                rank, w, log = failed[0]
+                print(f"cct: process {rank} of {procs} failed (exit status {w.returncode}): {_last_line(log)}",
+                      file=sys.stderr, flush=True)
+                os._exit(2)
+
+    try:
+        for rank in range(1, procs):
+            env = {**os.environ, **job, "RANK": str(rank), "LOCAL_RANK": str(rank), LOCAL_WORKER_ENV: "1"}
+            log = tempfile.TemporaryFile()
+            workers.append((rank, subprocess.Popen([sys.executable, "-m", "cct", *argv], env=env,
+                                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                                   preexec_fn=_die_with_parent()), log))
+        threading.Thread(target=watch, name="cct-local-workers", daemon=True).start()
+        os.environ.update(job, RANK="0", LOCAL_RANK="0")
+        yield procs
+        done.set()
+        for rank, w, log in workers:
+            if w.wait() != 0:
+                raise CCTError(f"process {rank} of {procs} failed (exit status {w.returncode}): {_last_line(log)}")
+    finally:
+        done.set()
+        for _, w, log in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+            log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -180,6 +312,33 @@ def all_gather_object(obj) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def average_gradients(params: Iterable[torch.Tensor], *, finite: bool = True,
+                      flags: tuple[bool, ...] = ()) -> tuple[bool, tuple[bool, ...]]:
+    """Replace every gradient by its mean over processes, in one collective that also carries decisions.
+
+    What DistributedDataParallel does, without its bucketing, hooks and communication thread, which
+    with one CPU core per process cost more than one exchange of a small model's gradients after the
+    backward pass. `finite` (this rank's loss) comes back AND-ed over processes and `flags` OR-ed, so
+    that a step synchronises the processes once. A parameter that no rank gave a gradient keeps none
+    (the optimiser skips it, as in one process). Returns (finite everywhere, flags).
+    """
+    if not is_active():
+        return bool(finite), tuple(bool(f) for f in flags)
+    params = list(params)
+    decisions = torch.tensor([float(not finite), *map(float, flags), *(float(p.grad is not None) for p in params)])
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), decisions]).to(_comm_device())
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    decided = flat[-len(decisions):].tolist()
+    flat = flat[:-len(decisions)].div_(dist.get_world_size())
+    offset = 0
+    for p, g, has_grad in zip(params, grads, decided[1 + len(flags):]):
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+        p.grad = g if has_grad else None
+    return decided[0] == 0, tuple(v > 0 for v in decided[1:1 + len(flags)])
 
 
 def broadcast_module(module: nn.Module) -> None:

@@ -10,8 +10,9 @@ Interruption (SIGINT/SIGTERM): the current step finishes, `last.pt` records the 
 epoch (the epoch's shuffling seed, the batch index and the running sums), and `--resume` continues
 from that very batch, so an interrupted run ends exactly as an uninterrupted one would.
 
-Several processes (`torchrun --nproc_per_node N -m cct train ...`, see `cct.distributed`): data-parallel
-training with DistributedDataParallel. `--batch-size` stays the global batch; every rank draws the
+Several processes (`cct train --procs N` on one CPU, or `torchrun --nproc_per_node N -m cct train ...`,
+see `cct.distributed`): data-parallel training, gradients averaged by DistributedDataParallel on GPUs
+and by one exchange per step on CPUs. `--batch-size` stays the global batch; every rank draws the
 same epoch permutation and trains on its shard of each batch; augmentation and dropout are seeded per
 rank; metric sums are all-reduced; validation and test are sharded and gathered; only rank 0 writes.
 `last.pt` keeps every rank's random streams, so a resumed run with the same number of processes
@@ -80,9 +81,20 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# devices with a fused AdamW kernel: one pass over each parameter instead of a dozen foreach passes
+# (on the 2-core test machine 0.27 ms against 2.1 ms a step for cct_2_3x2_32_keras; bench_cpu.py)
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if all(p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for g in groups for p in g["params"]):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:  # PyTorch before 2.4 has no fused AdamW on CPUs
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def augment_config(cfg: TrainConfig, mean, std):
@@ -109,13 +121,15 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg, *, precision: str,
                  device: torch.device | str, label_smoothing: float, num_classes: int, generator: torch.Generator,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, sync_grads: bool = False):
         self.model, self.optimizer, self.aug_cfg = model, optimizer, aug_cfg
+        self.sync_grads = sync_grads  # average gradients over processes here (a model not wrapped in DDP)
         self.precision, self.device = precision, torch.device(device)
         self.label_smoothing, self.num_classes, self.generator = label_smoothing, num_classes, generator
         self.skip_nonfinite = skip_nonfinite
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.skipped = 0
+        self.shared: tuple[bool, ...] = ()
         self.reset_totals()
 
     def reset_totals(self) -> None:
@@ -129,8 +143,14 @@ class TrainStep:
         seen = int(seen)
         return (float(loss_sum) / seen, float(correct) / seen, seen) if seen else (float("nan"), float("nan"), 0)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float, *, mix: bool = True) -> torch.Tensor:
-        """Train on one batch of uint8 images (B, C, H, W) and int64 labels; returns the detached loss."""
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float, *, mix: bool = True,
+                 share: typing.Callable[[], tuple[bool, ...]] | None = None) -> torch.Tensor:
+        """Train on one batch of uint8 images (B, C, H, W) and int64 labels; returns the detached loss.
+
+        `share`: the loop's stop decisions, read once the gradients are computed, OR-ed over processes
+        and left in `self.shared`; they travel in the step's own collective where it has one, so that
+        a step synchronises the processes once.
+        """
         from .augment import augment_batch
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -142,18 +162,33 @@ class TrainStep:
         # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
         smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-        if not distributed.all_finite(loss):  # the one sync per step: never step on a NaN (on any rank)
+        if self.sync_grads:  # backward first: the gradients, the loss's finiteness and the flags in one exchange
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            finite, self.shared = distributed.average_gradients(params, finite=bool(torch.isfinite(loss)),
+                                                                flags=share() if share else ())
+        else:  # DDP exchanges in backward, which every rank must then run: agree on the loss first
+            finite = distributed.all_finite(loss)
+            self.shared = ()
+        try:
+            return self._update(loss, logits, targets, labels, finite)
+        finally:
+            if share and not self.sync_grads:
+                self.shared = distributed.any_true(*share())
+
+    def _update(self, loss, logits, targets, labels, finite: bool) -> torch.Tensor:
+        if not finite:  # never step on a NaN (on any rank)
             self.optimizer.zero_grad(set_to_none=True)
             if not self.skip_nonfinite:
                 raise NonFiniteLossError(f"the loss became {loss.item()}")
             self.skipped += 1
             return loss.detach()
+        if not self.sync_grads:
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         hard = targets if targets.ndim == 1 else targets.argmax(-1)
@@ -176,19 +211,27 @@ class TrainStep:
 
 
 def make_train_step(model, optimizer, aug_cfg, *, precision, device, label_smoothing, num_classes, generator,
-                    skip_nonfinite: bool = False) -> TrainStep:
-    """The per-batch work of `train()`: `step(x_uint8, labels, lr, mix=True) -> loss`."""
+                    skip_nonfinite: bool = False, world_size: int = 1) -> TrainStep:
+    """The per-batch work of `train()`: `step(x_uint8, labels, lr, mix=True) -> loss`.
+
+    With `world_size` > 1, `model` is what `wrap_model` returned: DistributedDataParallel on GPUs, else
+    the plain model, whose gradients the step averages over processes itself.
+    """
+    sync = world_size > 1 and not isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return TrainStep(model, optimizer, aug_cfg, precision=precision, device=device, label_smoothing=label_smoothing,
-                     num_classes=num_classes, generator=generator, skip_nonfinite=skip_nonfinite)
+                     num_classes=num_classes, generator=generator, skip_nonfinite=skip_nonfinite, sync_grads=sync)
 
 
 # ---------------------------------------------------------------------- distributed hooks
 def wrap_model(model: nn.Module, world_size: int = 1) -> nn.Module:
-    """The model the training step calls: itself for one process, else DistributedDataParallel.
+    """The model the training step calls: itself for one process or on CPUs, else DistributedDataParallel.
 
-    On CUDA the weights go channels-last (the convolutional tokenizer's fast layout). DDP starts by
-    copying rank 0's weights to every rank; the model has no running statistics, so no buffers are
-    synchronised in forward. Checkpoints, evaluation and the optimiser keep using the unwrapped `model`.
+    On CUDA the weights go channels-last (the convolutional tokenizer's fast layout). Every rank starts
+    from rank 0's weights; the model has no running statistics, so no buffers are synchronised in
+    forward. On CPUs (gloo) the step averages the gradients in one exchange after the backward pass
+    (`distributed.average_gradients`), which measured faster than DDP's overlapped buckets with one
+    core per process (cct_2_3x2_32_keras, 2 processes: see benchmarks/README.md). Checkpoints,
+    evaluation and the optimiser keep using the unwrapped `model`.
     """
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -196,6 +239,9 @@ def wrap_model(model: nn.Module, world_size: int = 1) -> nn.Module:
     if world_size == 1:
         return model
     assert distributed.is_active(), "world_size > 1 needs a process group (cct.distributed.process_group)"
+    if device.type == "cpu":
+        distributed.broadcast_module(model)
+        return model
     import inspect
     from torch.nn.parallel import DistributedDataParallel
     # the only buffer (a sine positional embedding) is the same everywhere: never sync it in forward
@@ -423,7 +469,7 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
     step = make_train_step(wrap_model(model, world_size), optimizer, augment_config(cfg, mean, std),
                            precision=precision, device=device,
                            label_smoothing=cfg.label_smoothing, num_classes=num_classes, generator=aug_gen,
-                           skip_nonfinite=cfg.skip_nonfinite)
+                           skip_nonfinite=cfg.skip_nonfinite, world_size=world_size)
     local_batch = cfg.batch_size // world_size  # --batch-size is global
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
 
@@ -524,8 +570,9 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                 if state["batch"] >= steps_this_epoch:
                     break
                 lr = learning_rate(state["step"])
-                try:
-                    step(images, labels, lr, mix=mix)
+                try:  # with the step's exchange: one decision for all ranks, or some would wait
+                    step(images, labels, lr, mix=mix, share=lambda: (
+                        stop.signum is not None, deadline is not None and time.perf_counter() > deadline))
                 except NonFiniteLossError as e:
                     if bar is not None:
                         bar.close()
@@ -541,8 +588,7 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                         # this rank's running loss: rank 0 alone shows a bar, so no collective here
                         local_loss = float(step.loss_sum) / max(1, int(step.seen))
                         bar.set_postfix_str(f"loss {local_loss:.4f} lr {lr:.3g}", refresh=False)
-                stopping, out_of_time = distributed.any_true(  # one decision for all ranks, or some would wait
-                    stop.signum is not None, deadline is not None and time.perf_counter() > deadline)
+                stopping, out_of_time = step.shared
                 if stopping or state["step"] == stop_at_step:
                     break
                 if out_of_time:
@@ -578,9 +624,9 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                 per_step = (time.perf_counter() - t_epoch) / max(1, state["step"] - epoch_first_step)
                 fit = state["step"] + int((deadline - time.perf_counter()) * 0.98 / per_step)
                 fit = distributed.min_int(fit)
-                # shorten whenever the run would overshoot; lengthen while a quarter of the schedule
-                # remains to absorb it
-                if fit < state["total_steps"] or (fit > state["total_steps"] and 4 * state["step"] < 3 * state["total_steps"]):
+                # shorten whenever the run would overshoot; lengthen while a quarter of the longer
+                # schedule remains to absorb it
+                if fit < state["total_steps"] or (fit > state["total_steps"] and 4 * state["step"] < 3 * fit):
                     state["total_steps"] = max(fit, state["step"])
                     total_epochs = math.ceil(state["total_steps"] / steps_per_epoch)
                     resolved["total_steps"] = state["total_steps"]
@@ -684,6 +730,7 @@ def _fit_to_budget(cfg, model, step: TrainStep, train_set, val_set, steps_per_ep
     trial = make_train_step(trial_model, trial_opt, step.aug_cfg, precision=step.precision, device=step.device,
                             label_smoothing=step.label_smoothing, num_classes=step.num_classes,
                             generator=torch.Generator().manual_seed(12345))
+    trial.sync_grads = step.sync_grads  # time the gradient exchange too (every rank runs the trial)
     n = len(train_set.labels)
     g = torch.Generator().manual_seed(0)
     warm, timed = 2, 6
@@ -771,8 +818,14 @@ def _run(args: argparse.Namespace) -> int:
             raise CCTError("missing " + ", ".join("--" + k for k in missing) + " (or --resume DIR)")
         model = args.model or RECIPE_MODELS[args.recipe or "keras"]
         cfg = make_config(model, args.data, args.out, args.recipe, **overrides)
+    validate(cfg)
+    procs = distributed.resolve_procs(cfg.procs, resolve_device(cfg.device), batch_sizes=(cfg.batch_size,))
+    if procs > 1 and cfg.batch_size % procs:
+        raise CCTError(f"--batch-size {cfg.batch_size} must be a multiple of --procs {procs}")
     try:
-        with distributed.process_group(cfg.device, threads=cfg.workers) as job:  # a no-op without torchrun
+        # --procs N: this process becomes rank 0 of N on this machine; without it (or under torchrun) a no-op
+        with distributed.local_workers(procs, args.argv), \
+                distributed.process_group(cfg.device, threads=cfg.workers) as job:  # a no-op for one process
             train(cfg, resume=bool(args.resume), quiet=args.quiet, rank=job.rank, world_size=job.world_size)
     except TrainingInterrupted as e:
         print(f"cct train: {e}", file=sys.stderr)
