@@ -4,7 +4,9 @@ Each round runs the Keras example's model (benchmarks/keras_reference.py, in the
 + TensorFlow venv that benchmarks/setup_keras_env.sh builds) and then `cct bench --json` in each
 requested precision, in alternating order, so that drift in the machine's load reaches both sides.
 The ratios are of the medians over rounds. Keras trains in float32 (its default policy), so
-`fp32` is the like-for-like row and `auto` (bf16 autocast on CPUs with native bf16) is cct's default.
+`fp32` is the like-for-like row and `auto` (bf16 autocast on CPUs with native bf16) is cct's default;
+each precision is timed with the recipe's own `--procs` (keras: one process per core) and with one
+process (`--procs 1`), so that the gain of each is visible.
 
     .venv/bin/python benchmarks/compare_keras.py --rounds 3
     .venv/bin/python benchmarks/compare_keras.py --setup --keras-venv /tmp/kerasenv --json
@@ -34,6 +36,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--setup", action="store_true", help="build the Keras venv first (setup_keras_env.sh)")
     parser.add_argument("--model", default="cct_2_3x2_32_keras")
     parser.add_argument("--precisions", nargs="+", default=["auto", "fp32"], choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--procs", nargs="+", default=["default", "1"],
+                        help="cct bench --procs values to time; 'default' is the recipe's own (keras: one per core)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--infer-batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed window (both sides)")
@@ -49,14 +53,17 @@ def main(argv=None) -> dict:
                  "--infer-batch-size", str(args.infer_batch_size), "--window", str(args.steps),
                  "--windows", str(args.windows)]
 
-    def cct_cmd(precision: str) -> list[str]:
+    def cct_cmd(side: str) -> list[str]:
+        precision, procs = side.split(" procs=")
         return [sys.executable, "-m", "cct", "bench", "--json", "--model", args.model, "--precision", precision,
                 "--batch-size", str(args.batch_size), "--infer-batch-size", str(args.infer_batch_size),
-                "--steps", str(args.steps), "--windows", str(args.windows)]
+                "--steps", str(args.steps), "--windows", str(args.windows),
+                *([] if procs == "default" else ["--procs", procs])]
 
-    runs: dict[str, list[dict]] = {"keras": [], **{p: [] for p in args.precisions}}
+    sides = [f"{p} procs={n}" for p in args.precisions for n in args.procs]
+    runs: dict[str, list[dict]] = {"keras": [], **{s: [] for s in sides}}
     for i in range(args.rounds):
-        order = ["keras", *args.precisions]
+        order = ["keras", *sides]
         if i % 2:
             order.reverse()
         for side in order:
@@ -75,9 +82,10 @@ def main(argv=None) -> dict:
                "keras": {"train_images_per_second": keras_train, "infer_images_per_second": keras_infer,
                          "versions": {k: runs["keras"][0].get(k) for k in ("keras", "tensorflow", "backend")}},
                "cct": {}}
-    for p in args.precisions:
+    for p in sides:
         train, infer = median(p, "train_images_per_second"), median(p, "infer_images_per_second")
-        summary["cct"][p] = {"precision_resolved": runs[p][0]["precision"], "train_images_per_second": train,
+        summary["cct"][p] = {"precision_resolved": runs[p][0]["precision"], "procs_resolved": runs[p][0].get("procs", 1),
+                             "train_images_per_second": train,
                              "infer_images_per_second": infer, "train_ratio": round(train / keras_train, 2),
                              "infer_ratio": round(infer / keras_infer, 2)}
     summary["runs"] = runs
@@ -89,7 +97,8 @@ def main(argv=None) -> dict:
         print(f"  Keras {summary['keras']['versions']['keras']} + TF {summary['keras']['versions']['tensorflow']} "
               f"(float32): train {keras_train:8.1f}/s   infer {keras_infer:8.1f}/s")
         for p, row in summary["cct"].items():
-            print(f"  cct --precision {p:4s} ({row['precision_resolved']}):  train {row['train_images_per_second']:8.1f}/s "
+            print(f"  cct {p:18s} ({row['precision_resolved']}, {row['procs_resolved']} proc):  "
+                  f"train {row['train_images_per_second']:8.1f}/s "
                   f"(×{row['train_ratio']:.2f})   infer {row['infer_images_per_second']:8.1f}/s (×{row['infer_ratio']:.2f})")
     return summary
 
