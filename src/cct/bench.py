@@ -257,10 +257,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    from . import recipes
-    if args.procs is None:
-        recipe = args.recipe or recipes.default_recipe(args.model)
-        args.procs = recipes.RECIPES.get(recipe, {}).get("procs", recipes.TrainConfig.procs)
+    if args.procs is None:  # as `cct train` would run this model and recipe
+        from .recipes import make_config
+        args.procs = make_config(args.model, "", "", recipe=args.recipe).procs
     procs = distributed.resolve_procs(args.procs, resolve_device(args.device),
                                       batch_sizes=(args.batch_size, args.infer_batch_size))
     with distributed.local_workers(procs, args.argv), \

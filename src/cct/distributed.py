@@ -170,10 +170,12 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def _last_line(log) -> str:
+def _failure(rank: int, procs: int, worker: subprocess.Popen, log) -> str:
+    """What a failed worker said last, for the one line the user reads."""
     log.seek(0)
     lines = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no message"
+    return (f"process {rank} of {procs} failed (exit status {worker.returncode}): "
+            + (lines[-1].strip() if lines else "no message"))
 
 
 @contextlib.contextmanager
@@ -204,8 +206,7 @@ def local_workers(procs: int, argv: list[str], *, grace_seconds: float = 5.0) ->
             failed = [(rank, w, log) for rank, w, log in workers if w.poll() not in (None, 0, 130, 143)]
             if failed and not done.wait(grace_seconds):
                 rank, w, log = failed[0]
-                print(f"cct: process {rank} of {procs} failed (exit status {w.returncode}): {_last_line(log)}",
-                      file=sys.stderr, flush=True)
+                print(f"cct: {_failure(rank, procs, w, log)}", file=sys.stderr, flush=True)
                 os._exit(2)
 
     try:
@@ -221,7 +222,7 @@ def local_workers(procs: int, argv: list[str], *, grace_seconds: float = 5.0) ->
         done.set()
         for rank, w, log in workers:
             if w.wait() != 0:
-                raise CCTError(f"process {rank} of {procs} failed (exit status {w.returncode}): {_last_line(log)}")
+                raise CCTError(_failure(rank, procs, w, log))
     finally:
         done.set()
         for _, w, log in workers:

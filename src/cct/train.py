@@ -170,11 +170,10 @@ class TrainStep:
         else:  # DDP exchanges in backward, which every rank must then run: agree on the loss first
             finite = distributed.all_finite(loss)
             self.shared = ()
-        try:
-            return self._update(loss, logits, targets, labels, finite)
-        finally:
-            if share and not self.sync_grads:
-                self.shared = distributed.any_true(*share())
+        loss = self._update(loss, logits, targets, labels, finite)  # raises on every rank together, or on none
+        if share and not self.sync_grads:
+            self.shared = distributed.any_true(*share())
+        return loss
 
     def _update(self, loss, logits, targets, labels, finite: bool) -> torch.Tensor:
         if not finite:  # never step on a NaN (on any rank)
