@@ -501,7 +501,12 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
         state["total_steps"] = _fit_to_budget(cfg, model, step, train_set, val_set, steps_per_epoch,
                                               budget_seconds=cfg.time_budget * 60, local_batch=local_batch, quiet=quiet)
         state["total_steps"] = distributed.min_int(state["total_steps"])  # every rank the same length
-    total_epochs = math.ceil(state["total_steps"] / steps_per_epoch)
+
+    def epochs_to_cover() -> int:
+        """Epochs until total_steps, from the steps taken (an epoch cut short by a re-fit stays short)."""
+        return state["epoch"] + math.ceil((state["total_steps"] - state["step"] + state["batch"]) / steps_per_epoch)
+
+    total_epochs = epochs_to_cover()
     # a run shortened by --epochs or --time-budget keeps a schedule: warm-up at most half, cooldown a quarter
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), state["total_steps"] // 2)
     cooldown_steps = min(round(cfg.cooldown_epochs * steps_per_epoch), state["total_steps"] // 4)
@@ -562,7 +567,7 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                                              rank=rank, world_size=world_size)
             batches = itertools.islice(batches, state["batch"], None)
             mix = cfg.mix_off_epoch is None or epoch < cfg.mix_off_epoch
-            steps_this_epoch = min(steps_per_epoch, state["total_steps"] - epoch * steps_per_epoch)
+            steps_this_epoch = min(steps_per_epoch, state["total_steps"] - state["step"] + state["batch"])
             bar = _progress(quiet, epoch, total_epochs, n_train, state["batch"] * local_batch)
             lr = learning_rate(state["step"])
             for idx, images, labels in stream_mod.load_batches(train_set, batches, pin_memory=device.type == "cuda"):
@@ -627,7 +632,7 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
                 # schedule remains to absorb it
                 if fit < state["total_steps"] or (fit > state["total_steps"] and 4 * state["step"] < 3 * fit):
                     state["total_steps"] = max(fit, state["step"])
-                    total_epochs = math.ceil(state["total_steps"] / steps_per_epoch)
+                    total_epochs = epochs_to_cover()
                     resolved["total_steps"] = state["total_steps"]
                     if is_main:
                         write_json(out / "config.json", resolved)
