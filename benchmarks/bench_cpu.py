@@ -46,14 +46,51 @@ def autocast(precision: str):
 
 # ---------------------------------------------------------------------- groups
 def group_dropout(precision: str, batch: int):
-    """Dropout on an MLP activation (B, 64, 128): bernoulli_ mask vs 16 random bits per element."""
+    """Dropout on an MLP activation (B, 64, 128): bernoulli_ mask vs 16 random bits per element, turned
+    into the mask by a comparison and a bool cast (before) or by integer arithmetic (now)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     x = torch.randn(batch, 64, 128, dtype=dtype)
     p = 0.1
+    dropped = round(p * 65536)
+
+    def compare_and_cast():
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n]
+        return x * (bits.view(x.shape) >= dropped - 32768).to(dtype).mul_(65536 / (65536 - dropped))
+
+    torch.manual_seed(0)
+    expected = compare_and_cast()
+    torch.manual_seed(0)
+    assert torch.equal(expected, x * dropout_mask(x.shape, p, dtype=dtype, device=x.device))
     return {
         "F.dropout (bernoulli_)": lambda: F.dropout(x, p, True),
-        "cct dropout (int16 mask)": lambda: x * dropout_mask(x.shape, p, dtype=x.dtype, device=x.device),
+        "int16 bits, compare + cast (before)": compare_and_cast,
+        "int16 bits, integer mask (now)": lambda: x * dropout_mask(x.shape, p, dtype=x.dtype, device=x.device),
     }
+
+
+def group_attention_inference(precision: str, batch: int):
+    """Inference attention of cct_2_3x2_32_keras (2 heads of 128 on a 128 stream, 64 tokens): the plain
+    qkv → attention → proj against the folded weights (`Attention._folded_forward`)."""
+    torch.manual_seed(0)
+    folded = cct.create_model("cct_2_3x2_32_keras").blocks[0].attn.eval()
+    with torch.no_grad():
+        for param in folded.parameters():
+            param.normal_(0, 0.05)  # non-zero biases, as after training
+    plain = cct.create_model("cct_2_3x2_32_keras").blocks[0].attn.eval()
+    plain.load_state_dict(folded.state_dict())
+    plain._folds = lambda: False
+    x = torch.randn(batch, 64, 128)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), folded(x), atol=1e-4)
+
+    def run(module):
+        def go():
+            with torch.inference_mode(), autocast(precision):
+                module(x)
+        return go
+
+    return {"plain qkv + proj (before)": run(plain), "folded (now)": run(folded)}
 
 
 def _attention_inputs(model: str, batch: int, precision: str):
@@ -153,8 +190,8 @@ def group_pooling(precision: str, batch: int):
     return {"einsum": einsum, "matmul": matmul}
 
 
-GROUPS = {"dropout": group_dropout, "attention": group_attention, "tokenizer": group_tokenizer,
-          "optimizer": group_optimizer, "pooling": group_pooling}
+GROUPS = {"dropout": group_dropout, "attention": group_attention, "attention_inference": group_attention_inference,
+          "tokenizer": group_tokenizer, "optimizer": group_optimizer, "pooling": group_pooling}
 
 
 def main(argv=None) -> list[dict]:

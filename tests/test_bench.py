@@ -1,5 +1,6 @@
 """cct.bench, and the speed-ups it measures: each must compute the same model as before."""
 import json
+import math
 
 import pytest
 import torch
@@ -43,6 +44,29 @@ def test_dropout_masks_are_independent_and_seeded():
 def test_dropout_mask_odd_sizes_and_dtypes(shape):
     mask = dropout_mask(shape, 0.3, dtype=torch.bfloat16, device=torch.device("cpu"))
     assert mask.shape == shape and mask.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_is_its_definition_bit_for_bit(dtype, p):
+    """The integer arithmetic gives exactly the comparison-and-scale mask, from the same random bits."""
+    shape = (33, 65)
+    torch.manual_seed(3)
+    mask = dropout_mask(shape, p, dtype=dtype, device=torch.device("cpu"))
+    torch.manual_seed(3)  # the same draw, turned into the mask the plain way
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n].view(shape)
+    dropped = round(p * 65536)
+    scale = torch.ones((), dtype=dtype).mul_(65536 / (65536 - dropped))
+    reference = torch.where(bits >= dropped - 32768, scale, torch.zeros((), dtype=dtype))
+    assert mask.dtype == dtype and torch.equal(mask, reference)
+    assert not torch.signbit(mask).any()  # dropped elements are +0.0
+
+
+def test_dropout_mask_extremes():
+    cpu = torch.device("cpu")
+    assert torch.equal(dropout_mask((5,), 1e-7, dtype=torch.float32, device=cpu), torch.ones(5))  # rounds to none
+    assert torch.equal(dropout_mask((5,), 1.0, dtype=torch.bfloat16, device=cpu), torch.zeros(5, dtype=torch.bfloat16))
 
 
 def test_dropout_is_identity_when_off():

@@ -187,6 +187,54 @@ def test_attention_matches_explicit_softmax():
     torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("route", ["sdpa", "matmul"])
+def test_inference_folds_wide_heads_into_the_same_function(route, monkeypatch):
+    """Heads wider than half the stream (the Keras example's) run folded in inference: the same outputs
+    as the plain path, through either attention route, and recomputed whenever a weight changes."""
+    from cct.layers import Attention
+    torch.manual_seed(0)
+    attn = Attention(128, num_heads=2, head_dim=128, qkv_bias=True).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.1)  # non-zero biases (Keras initialises them to 0): the fold must carry them
+    monkeypatch.setattr(Attention, "_matmul_path", lambda self, q: route == "matmul")
+    x = torch.randn(4, 64, 128)
+
+    def check() -> torch.Tensor:
+        plain = attn(x).detach()  # with gradients on: the unfolded path, as training uses it
+        with torch.inference_mode():
+            folded = attn(x)
+        torch.testing.assert_close(folded, plain, atol=2e-5, rtol=1e-5)
+        return plain
+
+    before = check()
+    assert attn._fold_cache is not None and not any("fold" in k for k in attn.state_dict())
+    optimizer = torch.optim.AdamW(attn.parameters(), lr=0.01)  # weights change in place...
+    attn(x).square().mean().backward()
+    optimizer.step()
+    after = check()  # ...and the fold follows
+    assert (after - before).abs().max() > 0.01
+    attn.load_state_dict(Attention(128, num_heads=2, head_dim=128, qkv_bias=True).state_dict())
+    assert (check() - after).abs().max() > 0.01
+
+
+def test_fold_only_where_it_pays():
+    from cct.layers import Attention
+    x = torch.randn(2, 16, 256)
+    official = Attention(256, num_heads=4).eval()  # head_dim 64 on a 256 stream: more multiplies folded
+    keras = Attention(128, num_heads=2, head_dim=128, qkv_bias=True)
+    with torch.no_grad():
+        official(x)
+        keras.train()(x[..., :128])  # training never folds
+    assert official._fold_cache is None and keras._fold_cache is None
+    model = cct.create_model("cct_2_3x2_32_keras").eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        folded = model(images)
+    assert all(blk.attn._fold_cache is not None for blk in model.blocks)
+    torch.testing.assert_close(folded, model(images).detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_stochastic_depth_and_dropout_only_in_training():
     torch.manual_seed(0)
     model = cct.create_model("cct_2_3x2_32_keras")

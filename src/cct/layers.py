@@ -15,6 +15,10 @@ Speed on a CPU (measured by benchmarks/bench_cpu.py; same math, only cheaper to 
   the fastest, and through a plain matmul → softmax → dropout → matmul where SDPA would fall
   back to an unfused path (attention dropout) or is slower (bf16, short sequences; see
   `Attention._matmul_path`).
+* in inference, attention whose heads are wider than half the stream (the Keras example's 2 heads
+  of 128 on a 128-wide stream) runs *folded* (`Attention._folded_forward`): query·key and
+  value·output products merged into one matrix per head, half the projection GEMMs, the same
+  function up to rounding.
 """
 from __future__ import annotations
 
@@ -25,20 +29,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def dropout_mask(shape: tuple[int, ...], p: float, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The multiplier of inverted dropout: 0 with probability p, else 1 / (1 - p).
 
     On a CPU the random numbers are most of the cost of dropout, so each element gets 16 random
     bits (a quarter of a 64-bit draw) rather than a float: the drop probability is p rounded to a
     multiple of 2^-16 (|error| <= 7.6e-6), and the kept scale uses that same rounded p, so the
-    expectation is exactly preserved.
+    expectation is exactly preserved. The bits become the mask by integer arithmetic, several times
+    cheaper than a comparison and a bool → float conversion: a clamp gives 0/1, and multiplying by
+    the bit pattern of the scale gives the float's bits (0 → +0.0).
     """
+    dropped = round(p * 65536)
+    if dropped == 0 or dropped == 65536:  # nothing (p < 7.6e-6) or everything dropped
+        return torch.full(shape, 1.0 if dropped == 0 else 0.0, dtype=dtype, device=device)
     n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
     bits = bits.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-    dropped = round(p * 65536)
-    keep = bits >= dropped - 32768  # true with probability 1 - dropped / 65536
-    return keep.to(dtype).mul_(65536 / (65536 - dropped))
+    threshold = dropped - 32768  # kept where bits >= threshold: probability 1 - dropped / 65536
+    keep = bits.clamp(threshold - 1, threshold).sub_(threshold - 1)  # int16 0/1
+    scale = torch.ones((), dtype=dtype).mul_(65536 / (65536 - dropped))  # rounded as 1 * scale would be
+    integer = _INT_OF_WIDTH[dtype.itemsize]
+    return keep.to(integer).mul_(int(scale.view(integer))).view(dtype)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -139,6 +153,7 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self._fold_cache: tuple | None = None  # (weights' identity and versions, folded weights)
 
     def _matmul_path(self, q: torch.Tensor) -> bool:
         """matmul → softmax → matmul rather than `F.scaled_dot_product_attention`, where that is faster.
@@ -155,7 +170,70 @@ class Attention(nn.Module):
             return False
         return self.training or q.shape[-2] <= _BF16_MATMUL_MAX_TOKENS
 
+    def _folds(self) -> bool:
+        """Inference through `_folded_forward`: where it costs fewer multiplies and nothing traces it."""
+        if self.training or torch.is_grad_enabled() or 2 * self.head_dim <= self.qkv.in_features:
+            return False
+        compiling = getattr(torch.compiler, "is_compiling", lambda: False)()  # torch >= 2.3
+        return not (torch.jit.is_tracing() or compiling)  # exports keep the plain graph
+
+    def _folded_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w_qk, b_qk, w_vo, b_o) of `_folded_forward`, recomputed whenever a weight has changed.
+
+        Per head h, with scale s = head_dim^-0.5 and nn.Linear's weights (out, in):
+            s·q_h·k_hᵀ = s·(x Wq_hᵀ + bq_h)(Wk_h xᵀ + bk_hᵀ) = (x A_h + c_h) xᵀ + (terms constant along
+            each row, which softmax cancels), with A_h = s Wq_hᵀ Wk_h and c_h = s bq_h Wk_h;
+            Σ_h P_h (x Wv_hᵀ + bv_h) Wo_hᵀ + bo = Σ_h P_h x (Wv_hᵀ Wo_hᵀ) + (bo + Σ_h bv_h Wo_hᵀ),
+        as every row of P_h sums to 1. Computed in float64 from the parameters.
+        """
+        params = (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+        key = tuple(None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1]
+        H, d, D = self.num_heads, self.head_dim, self.qkv.in_features
+        weight = self.qkv.weight
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            w = weight.double()
+            b = self.qkv.bias.double() if self.qkv.bias is not None else w.new_zeros(3 * H * d)
+            wq, wk, wv = w.view(3, H, d, D).unbind(0)  # each (heads, head_dim, dim)
+            bq, _, bv = b.view(3, H, d).unbind(0)
+            wo = self.proj.weight.double().view(D, H, d)
+            bo = self.proj.bias.double() if self.proj.bias is not None else w.new_zeros(D)
+            s = d ** -0.5
+            w_qk = s * torch.einsum("hdi,hdj->hji", wq, wk)  # (heads, dim_out, dim_in): A_hᵀ as Linear weights
+            b_qk = s * torch.einsum("hd,hdj->hj", bq, wk)
+            w_vo = torch.einsum("hdi,ohd->hoi", wv, wo)  # (heads, dim_out, dim_in)
+            b_o = bo + torch.einsum("hd,ohd->o", bv, wo)
+            folded = tuple(t.to(weight.dtype) for t in (w_qk.reshape(H * D, D), b_qk.reshape(H * D),
+                                                         w_vo.reshape(H * D, D), b_o))
+        self._fold_cache = (key, folded)
+        return folded
+
+    def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference with the folded weights: the keys are the tokens themselves, and each head's values
+        are already through its share of the output projection, so the heads just add up.
+
+        Per token that is 2·heads·dim² multiplies instead of 4·heads·head_dim·dim: fewer whenever
+        head_dim > dim / 2. The same function, up to rounding (float32 logits agree to ~1e-6).
+        """
+        B, N, D = x.shape
+        H = self.num_heads
+        w_qk, b_qk, w_vo, b_o = self._folded_weights()
+        q = F.linear(x, w_qk, b_qk)  # (B, N, heads*dim)
+        v = F.linear(x, w_vo)  # (B, N, heads*dim)
+        k = x.to(q.dtype)  # (B, N, dim)
+        if self._matmul_path(q):
+            attn = (q.view(B, N * H, D) @ k.transpose(1, 2)).softmax(dim=-1)  # (B, N*heads, N), rows (token, head)
+            v = v.view(B, N, H, D).transpose(1, 2).reshape(B, H * N, D)  # rows (head, token)
+            x = attn.view(B, N, H * N) @ v  # the sum over heads and keys in one matmul: (B, N, dim)
+        else:
+            q, v = (t.view(B, N, H, D).transpose(1, 2) for t in (q, v))  # (B, heads, N, dim)
+            x = F.scaled_dot_product_attention(q, k.unsqueeze(1).expand(B, H, N, D), v, scale=1.0).sum(1)
+        return x + b_o
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._folds():
+            return self._folded_forward(x)
         B, N, _ = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)

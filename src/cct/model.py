@@ -370,7 +370,7 @@ def count_macs(model: CCT) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # the model as defined, not the folded attention of no-grad inference
             model(torch.zeros(1, model.cfg.in_chans, *model.cfg.img_size))
     finally:
         for h in hooks:
