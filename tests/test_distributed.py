@@ -181,8 +181,11 @@ def test_procs_errors_are_one_line(tree, tmp_path, extra, message):
 def test_resolve_procs(monkeypatch):
     monkeypatch.setattr(distributed, "_cpu_cores", lambda: 6)
     assert distributed.resolve_procs(0, "cpu") == 6 and distributed.resolve_procs(3, "cpu") == 3
-    assert distributed.resolve_procs(0, "cpu", batch_sizes=(128, 256)) == 4  # as many as split the batches evenly
-    assert distributed.resolve_procs(0, "cpu", batch_sizes=(7,)) == 1
+    batches = {"--batch-size": 128, "--infer-batch-size": 256}
+    assert distributed.resolve_procs(0, "cpu", batch_sizes=batches) == 4  # as many as split the batches evenly
+    assert distributed.resolve_procs(0, "cpu", batch_sizes={"--batch-size": 7}) == 1
+    with pytest.raises(CCTError, match="--infer-batch-size 256 must be a multiple of --procs 3"):
+        distributed.resolve_procs(3, "cpu", batch_sizes={"--batch-size": 129, "--infer-batch-size": 256})
     assert distributed.resolve_procs(0, "cuda") == 1 and distributed.resolve_procs(1, "cuda") == 1
     with pytest.raises(Exception, match="torchrun"):
         distributed.resolve_procs(2, "cuda")

@@ -263,7 +263,8 @@ def _run(args: argparse.Namespace) -> int:
         from .recipes import make_config
         args.procs = make_config(args.model, "", "", recipe=args.recipe).procs
     procs = distributed.resolve_procs(args.procs, resolve_device(args.device),
-                                      batch_sizes=(args.batch_size, args.infer_batch_size))
+                                      batch_sizes={"--batch-size": args.batch_size,
+                                                   "--infer-batch-size": args.infer_batch_size})
     with distributed.local_workers(procs, args.argv), \
             distributed.process_group(args.device, threads=args.threads or 0) as job:
         result = benchmark(args.model, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size,

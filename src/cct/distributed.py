@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -124,8 +124,11 @@ def process_group(device: str = "auto", *, threads: int = 0, timeout_minutes: fl
 LOCAL_WORKER_ENV = "CCT_LOCAL_WORKER"
 
 
-def resolve_procs(procs: int, device: torch.device | str, batch_sizes: tuple[int, ...] = ()) -> int:
-    """`--procs`: 0 means one process per logical CPU, as many as divide every batch in `batch_sizes`.
+def resolve_procs(procs: int, device: torch.device | str, batch_sizes: Mapping[str, int] | None = None
+                  ) -> int:
+    """`--procs`: 0 means one process per logical CPU, as many as divide every batch in `batch_sizes`
+    (flag → global batch); an explicit count that does not divide one is an error, raised before any
+    process is started.
 
     On a GPU it is one process (start one per GPU with torchrun).
     """
@@ -135,11 +138,13 @@ def resolve_procs(procs: int, device: torch.device | str, batch_sizes: tuple[int
         if procs > 1:
             raise CCTError("--procs is for CPU training; start one process per GPU with torchrun")
         return 1
-    if procs:
-        return procs
-    n = _cpu_cores()
-    while n > 1 and any(b % n for b in batch_sizes):  # the global batch is split evenly
+    batch_sizes = batch_sizes or {}
+    n = procs or _cpu_cores()
+    while not procs and n > 1 and any(b % n for b in batch_sizes.values()):  # the global batch is split evenly
         n -= 1
+    for flag, batch in batch_sizes.items():
+        if batch % n:
+            raise CCTError(f"{flag} {batch} must be a multiple of --procs {n}")
     return n
 
 

@@ -823,9 +823,8 @@ def _run(args: argparse.Namespace) -> int:
         model = args.model or RECIPE_MODELS[args.recipe or "keras"]
         cfg = make_config(model, args.data, args.out, args.recipe, **overrides)
     validate(cfg)
-    procs = distributed.resolve_procs(cfg.procs, resolve_device(cfg.device), batch_sizes=(cfg.batch_size,))
-    if procs > 1 and cfg.batch_size % procs:
-        raise CCTError(f"--batch-size {cfg.batch_size} must be a multiple of --procs {procs}")
+    procs = distributed.resolve_procs(cfg.procs, resolve_device(cfg.device),
+                                      batch_sizes={"--batch-size": cfg.batch_size})
     try:
         # --procs N: this process becomes rank 0 of N on this machine; without it (or under torchrun) a no-op
         with distributed.local_workers(procs, args.argv), \
