@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import cct
-from cct.layers import dropout_mask
+from cct.layers import dropout_mask, gelu_tanh
 from cct.model import _same_pool_padding
+from cct.runtime import tune_allocator
 
 
 def timeit(variants: dict, rounds: int, reps: int) -> dict:
@@ -69,17 +70,72 @@ def group_dropout(precision: str, batch: int):
     }
 
 
-def group_attention_inference(precision: str, batch: int):
-    """Inference attention of cct_2_3x2_32_keras (2 heads of 128 on a 128 stream, 64 tokens): the plain
-    qkv → attention → proj against the folded weights (`Attention._folded_forward`)."""
+def _gelu_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(batch, 64, 128).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(batch, 64, 128).to(torch.bfloat16)
+    assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))
+    assert torch.equal(*(torch.autograd.grad(f(x), x, grad)[0] for f in (gelu_tanh, _reference_gelu)))
+    return x, grad
+
+
+def _reference_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def group_gelu(precision: str, batch: int):
+    """The MLP's tanh-GELU on (B, 64, 128) in bf16, forward + backward: `F.gelu` against the
+    65,536-entry table of `cct.layers.gelu_tanh` (bit for bit the same values and gradients)."""
+    x, grad = _gelu_inputs(batch)
+    return {"F.gelu (before)": lambda: _reference_gelu(x).backward(grad),
+            "table (now)": lambda: gelu_tanh(x).backward(grad)}
+
+
+def group_gelu_inference(precision: str, batch: int):
+    """The same GELU forward only, with gradients off."""
+    x, _ = _gelu_inputs(batch)
+    x = x.detach()
+    return {"F.gelu (before)": lambda: _reference_gelu(x), "table (now)": lambda: gelu_tanh(x)}
+
+
+def _keras_attention_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """cct_2_3x2_32_keras's first attention layer (2 heads of 128 on a 128 stream, 64 tokens, attention
+    dropout 0.1), folded and plain (`Attention.fold = False`), with the same weights."""
     torch.manual_seed(0)
-    folded = cct.create_model("cct_2_3x2_32_keras").blocks[0].attn.eval()
+    folded = cct.create_model("cct_2_3x2_32_keras", attn_drop_rate=0.1).blocks[0].attn
     with torch.no_grad():
         for param in folded.parameters():
             param.normal_(0, 0.05)  # non-zero biases, as after training
-    plain = cct.create_model("cct_2_3x2_32_keras").blocks[0].attn.eval()
+    plain = cct.create_model("cct_2_3x2_32_keras", attn_drop_rate=0.1).blocks[0].attn
     plain.load_state_dict(folded.state_dict())
-    plain._folds = lambda: False
+    plain.fold = False
+    return folded, plain
+
+
+def group_attention_training(precision: str, batch: int):
+    """Training attention of cct_2_3x2_32_keras, forward (dropout on) + backward: the plain
+    qkv → attention → proj against the fold inside the graph (`Attention._folded_forward`)."""
+    folded, plain = _keras_attention_pair()
+    x = torch.randn(batch, 64, 128, requires_grad=True)
+    grad = torch.randn(batch, 64, 128)
+    outs = []
+    for module in (folded, plain):
+        torch.manual_seed(1)  # the same dropout mask
+        outs.append(module.train()(x))
+    assert torch.allclose(*outs, atol=1e-4)
+
+    def run(module):
+        def go():
+            with autocast(precision):
+                out = module(x)
+            out.float().backward(grad)
+        return go
+
+    return {"plain qkv + proj (before)": run(plain), "folded (now)": run(folded)}
+
+
+def group_attention_inference(precision: str, batch: int):
+    """Inference attention of cct_2_3x2_32_keras: plain against the cached folded weights."""
+    folded, plain = (m.eval() for m in _keras_attention_pair())
     x = torch.randn(batch, 64, 128)
     with torch.no_grad():
         assert torch.allclose(plain(x), folded(x), atol=1e-4)
@@ -190,7 +246,9 @@ def group_pooling(precision: str, batch: int):
     return {"einsum": einsum, "matmul": matmul}
 
 
-GROUPS = {"dropout": group_dropout, "attention": group_attention, "attention_inference": group_attention_inference,
+GROUPS = {"dropout": group_dropout, "gelu": group_gelu, "gelu_inference": group_gelu_inference,
+          "attention": group_attention, "attention_training": group_attention_training,
+          "attention_inference": group_attention_inference,
           "tokenizer": group_tokenizer, "optimizer": group_optimizer, "pooling": group_pooling}
 
 
@@ -207,12 +265,13 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_allocator()  # as `cct train` and `cct bench` do: otherwise page faults distort each fresh tensor
     torch.manual_seed(0)
     rows = []
     for group in args.groups:
         for precision in args.precisions:
-            if group == "optimizer" and precision == "bf16":
-                continue  # the optimiser always updates fp32 weights
+            if (group == "optimizer" and precision == "bf16") or (group.startswith("gelu") and precision == "fp32"):
+                continue  # the optimiser always updates fp32 weights; the GELU table is bf16's
             kw = {"model": args.model} if group == "attention" else {}
             variants = GROUPS[group](precision, args.batch_size, **kw)
             ms = timeit(variants, args.rounds, args.reps)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import cct
 from cct import bench
 from cct.cli import main
-from cct.layers import Attention, dropout, dropout_mask
+from cct.layers import Attention, dropout, dropout_mask, gelu_tanh
 from cct.model import _pool_out_sizes, _same_pool_padding
 import platform
 
@@ -81,6 +81,48 @@ def test_dropout_gradient_uses_the_same_mask():
     y = dropout(x, 0.25, training=True)
     y.sum().backward()
     assert torch.allclose(x.grad, y.detach() / x.detach())
+
+
+# ---------------------------------------------------------------------- GELU by table
+def _bf16_values() -> torch.Tensor:
+    """All 65,536 bfloat16 bit patterns: every finite value, ±0, ±inf and the NaNs."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    return bits.view(torch.bfloat16)
+
+
+def test_gelu_tanh_is_f_gelu_bit_for_bit_on_every_bf16():
+    x = _bf16_values().clone().requires_grad_()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    y = gelu_tanh(x)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = F.gelu(ref_x, approximate="tanh")
+    (ref_dx,) = torch.autograd.grad(ref, ref_x, grad)
+    assert y.grad_fn.name() == "_GeluTanhBF16Backward"  # the table, not F.gelu
+    for ours, theirs in ((y, ref), (dx, ref_dx)):
+        nan = theirs.isnan()
+        assert torch.equal(ours.isnan(), nan)
+        assert torch.equal(ours[~nan].view(torch.int16), theirs[~nan].view(torch.int16))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_gelu_tanh_shapes_and_other_dtypes(monkeypatch):
+    monkeypatch.setattr(cct.layers, "_GELU_TABLES", {})
+    with torch.inference_mode():  # tables built in inference mode still serve training
+        gelu_tanh(torch.randn(8).to(torch.bfloat16))
+    x = torch.randn(8).to(torch.bfloat16).requires_grad_()
+    gelu_tanh(x).sum().backward()
+    assert torch.equal(x.grad, torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)[0])
+    x = torch.randn(3, 5, 7).to(torch.bfloat16)[:, ::2]  # not contiguous
+    assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))
+    x = torch.randn(4, 9, dtype=torch.float64)  # no table: PyTorch's kernel
+    assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))
+    traced = torch.jit.trace(gelu_tanh, torch.randn(4, 9).to(torch.bfloat16))  # exports keep aten::gelu
+    assert "aten::gelu" in str(traced.graph) and "index_select" not in str(traced.graph)
+    model = cct.create_model("cct_2_3x2_32_keras").train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32)).float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------- attention

@@ -201,7 +201,9 @@ def test_inference_folds_wide_heads_into_the_same_function(route, monkeypatch):
     x = torch.randn(4, 64, 128)
 
     def check() -> torch.Tensor:
-        plain = attn(x).detach()  # with gradients on: the unfolded path, as training uses it
+        attn.fold = False
+        plain = attn(x).detach()
+        attn.fold = True
         with torch.inference_mode():
             folded = attn(x)
         torch.testing.assert_close(folded, plain, atol=2e-5, rtol=1e-5)
@@ -223,9 +225,10 @@ def test_fold_only_where_it_pays():
     x = torch.randn(2, 16, 256)
     official = Attention(256, num_heads=4).eval()  # head_dim 64 on a 256 stream: more multiplies folded
     keras = Attention(128, num_heads=2, head_dim=128, qkv_bias=True)
+    assert not official._folds() and keras._folds()
     with torch.no_grad():
         official(x)
-        keras.train()(x[..., :128])  # training never folds
+        keras.train()(x[..., :128])  # training folds from the parameters each step, with no cache
     assert official._fold_cache is None and keras._fold_cache is None
     model = cct.create_model("cct_2_3x2_32_keras").eval()
     images = torch.randn(3, 3, 32, 32)
@@ -233,6 +236,46 @@ def test_fold_only_where_it_pays():
         folded = model(images)
     assert all(blk.attn._fold_cache is not None for blk in model.blocks)
     torch.testing.assert_close(folded, model(images).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_drop", [0.0, 0.2])
+@pytest.mark.parametrize("training", [True, False])
+def test_folded_attention_has_the_plain_paths_gradients(attn_drop, training):
+    """With gradients on (training, or eval with grad) the fold is part of the graph: the same outputs and
+    the same gradients for the input and every parameter as the plain path, with the same dropout mask."""
+    from cct.layers import Attention
+    torch.manual_seed(0)
+    attn = Attention(128, num_heads=2, head_dim=128, qkv_bias=True, attn_drop=attn_drop).double().train(training)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(3, 17, 128, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 17, 128, dtype=torch.float64)
+    results = []
+    for fold in (True, False):
+        attn.fold = fold
+        torch.manual_seed(5)  # the same dropout draw
+        out = attn(x)
+        results.append((out, *torch.autograd.grad(out, [x, *attn.parameters()], grad)))
+    assert attn._fold_cache is None  # nothing cached on this path
+    for folded, plain in zip(*results):
+        torch.testing.assert_close(folded, plain, atol=1e-12, rtol=1e-12)
+
+
+def test_folded_training_in_bf16_follows_the_plain_path():
+    from cct.layers import Attention
+    torch.manual_seed(0)
+    attn = Attention(128, num_heads=2, head_dim=128, qkv_bias=True, attn_drop=0.1).train()
+    x = torch.randn(8, 64, 128, requires_grad=True)
+    grads = []
+    for fold in (True, False):
+        attn.fold = fold
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x)
+        grads.append(torch.autograd.grad(out.float().square().sum(), [x, attn.qkv.weight, attn.proj.weight]))
+    for folded, plain in zip(*grads):  # bf16 rounding apart
+        assert (folded - plain).norm() / plain.norm() < 0.02
 
 
 def test_stochastic_depth_and_dropout_only_in_training():

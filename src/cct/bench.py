@@ -11,8 +11,9 @@ Achieved GFLOP/s count 2 FLOPs per multiply-accumulate of `cct.model.count_macs`
 linears, attention); a training step costs three forward passes (forward, and backward through
 activations and weights). The share of peak compares them with the GEMM rate this machine reaches
 right now in the same precision (a large square matmul), so a loaded machine lowers both. The
-count is the model's as defined: where inference runs folded attention (`cct.layers.Attention`,
-heads wider than half the stream) it does fewer multiplies, so its GFLOP/s are effective ones.
+count is the model's as defined: where attention runs folded (`cct.layers.Attention`, heads wider
+than half the stream, in training and inference) it does fewer multiplies, so its GFLOP/s are
+effective ones.
 """
 from __future__ import annotations
 

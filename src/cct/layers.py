@@ -15,10 +15,12 @@ Speed on a CPU (measured by benchmarks/bench_cpu.py; same math, only cheaper to 
   the fastest, and through a plain matmul → softmax → dropout → matmul where SDPA would fall
   back to an unfused path (attention dropout) or is slower (bf16, short sequences; see
   `Attention._matmul_path`).
-* in inference, attention whose heads are wider than half the stream (the Keras example's 2 heads
-  of 128 on a 128-wide stream) runs *folded* (`Attention._folded_forward`): query·key and
-  value·output products merged into one matrix per head, half the projection GEMMs, the same
-  function up to rounding.
+* the tanh-approximate GELU of a bfloat16 tensor is looked up in a table of all 65,536 bf16 values
+  (`gelu_tanh`), bit for bit PyTorch's, whose CPU tanh is the slowest elementwise kernel of a step;
+* attention whose heads are wider than half the stream (the Keras example's 2 heads of 128 on a
+  128-wide stream) runs *folded* (`Attention._folded_forward`), in training as in inference:
+  query·key and value·output products merged into one matrix per head, half the projection GEMMs,
+  the same function and gradients up to rounding.
 """
 from __future__ import annotations
 
@@ -62,6 +64,66 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
     return x * dropout_mask(x.shape, p, dtype=x.dtype, device=x.device)
+
+
+def _gelu_tanh_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every bfloat16's tanh-GELU (bf16) and its derivative (float32), by PyTorch's own kernels.
+
+    Indexed by the value's 16 bits read as unsigned; built once per device.
+    """
+    tables = _GELU_TABLES.get(device)
+    if tables is None:
+        index = torch.arange(65536, dtype=torch.int32, device=device)
+        values = torch.where(index >= 32768, index - 65536, index).to(torch.int16).view(torch.bfloat16)
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
+            gelu = F.gelu(values, approximate="tanh")
+            slope = torch.ops.aten.gelu_backward(torch.ones(65536, device=device), values.float(), approximate="tanh")
+        tables = _GELU_TABLES[device] = (gelu, slope)
+    return tables
+
+
+_GELU_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _table_index(x: torch.Tensor) -> torch.Tensor:
+    """The unsigned 16 bits of each bfloat16 in x, as flat int32 indices into a 65,536-entry table."""
+    return x.reshape(-1).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+
+
+class _GeluTanhBF16(torch.autograd.Function):
+    """tanh-GELU of a bfloat16 tensor by table lookup, bit for bit `F.gelu(x, approximate="tanh")`.
+
+    PyTorch computes the tanh on a CPU with an accurate but slow vectorised routine (≈2 ns an
+    element on the test machine, 10× a multiply); a bf16 has only 65,536 values, so looking them
+    up is ≈3× faster forward and 2× backward, where the derivative's float32 table times the
+    gradient, rounded once, is also what `gelu_backward` computes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        gelu, _ = _gelu_tanh_tables(x.device)
+        ctx.save_for_backward(x)
+        return gelu.index_select(0, _table_index(x)).view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        _, slope = _gelu_tanh_tables(x.device)
+        return slope.index_select(0, _table_index(x)).view(x.shape).mul_(grad).to(grad.dtype)
+
+
+def _tracing() -> bool:
+    """Whether a tracer or compiler records this call: exports keep PyTorch's own operators."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()  # torch >= 2.3
+    return torch.jit.is_tracing() or compiling
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(x, approximate="tanh")` (Keras 3's GELU), by table lookup for bfloat16 on a CPU."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _tracing():
+        return _GeluTanhBF16.apply(x)
+    return F.gelu(x, approximate="tanh")
 
 
 class Dropout(nn.Module):
@@ -153,6 +215,7 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.fold = True  # compute through `_folded_forward` where that pays (False: the plain path)
         self._fold_cache: tuple | None = None  # (weights' identity and versions, folded weights)
 
     def _matmul_path(self, q: torch.Tensor) -> bool:
@@ -171,65 +234,86 @@ class Attention(nn.Module):
         return self.training or q.shape[-2] <= _BF16_MATMUL_MAX_TOKENS
 
     def _folds(self) -> bool:
-        """Inference through `_folded_forward`: where it costs fewer multiplies and nothing traces it."""
-        if self.training or torch.is_grad_enabled() or 2 * self.head_dim <= self.qkv.in_features:
-            return False
-        compiling = getattr(torch.compiler, "is_compiling", lambda: False)()  # torch >= 2.3
-        return not (torch.jit.is_tracing() or compiling)  # exports keep the plain graph
+        """Through `_folded_forward`: where it costs fewer multiplies, unless turned off or traced."""
+        return self.fold and 2 * self.head_dim > self.qkv.in_features and not _tracing()
 
-    def _folded_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w_qk, b_qk, w_vo, b_o) of `_folded_forward`, recomputed whenever a weight has changed.
+    def _fold(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                                 torch.Tensor | None, torch.Tensor | None]:
+        """(w_qk, b_qk, w_vo, b_vo, b_o) of `_folded_forward`, from the parameters in `dtype`.
 
         Per head h, with scale s = head_dim^-0.5 and nn.Linear's weights (out, in):
             s·q_h·k_hᵀ = s·(x Wq_hᵀ + bq_h)(Wk_h xᵀ + bk_hᵀ) = (x A_h + c_h) xᵀ + (terms constant along
             each row, which softmax cancels), with A_h = s Wq_hᵀ Wk_h and c_h = s bq_h Wk_h;
-            Σ_h P_h (x Wv_hᵀ + bv_h) Wo_hᵀ + bo = Σ_h P_h x (Wv_hᵀ Wo_hᵀ) + (bo + Σ_h bv_h Wo_hᵀ),
-        as every row of P_h sums to 1. Computed in float64 from the parameters.
+            Σ_h P_h (x Wv_hᵀ + bv_h) Wo_hᵀ + bo = Σ_h P_h (x V_h + e_h) + bo, with V_h = Wv_hᵀ Wo_hᵀ and
+            e_h = bv_h Wo_hᵀ.
+        Differentiable: gradients reach the parameters through these products (bk gets none, as it has
+        no effect on the output). Weights in Linear layout (heads·dim, dim), biases (heads·dim).
         """
+        H, d, D = self.num_heads, self.head_dim, self.qkv.in_features
+        wq, wk, wv = self.qkv.weight.to(dtype).view(3, H, d, D).unbind(0)  # each (heads, head_dim, dim)
+        wo = self.proj.weight.to(dtype).view(D, H, d)
+        s = d ** -0.5
+        w_qk = (s * torch.einsum("hdi,hdj->hji", wq, wk)).reshape(H * D, D)  # A_hᵀ as Linear weights
+        w_vo = torch.einsum("hdi,ohd->hoi", wv, wo).reshape(H * D, D)
+        b_qk = b_vo = None
+        if self.qkv.bias is not None:
+            bq, _, bv = self.qkv.bias.to(dtype).view(3, H, d).unbind(0)
+            b_qk = (s * torch.einsum("hd,hdj->hj", bq, wk)).reshape(H * D)
+            b_vo = torch.einsum("hd,ohd->ho", bv, wo).reshape(H * D)
+        b_o = None if self.proj.bias is None else self.proj.bias.to(dtype)
+        return w_qk, b_qk, w_vo, b_vo, b_o
+
+    def _folded_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """`_fold` for inference: computed in float64, the value biases moved into the output bias (every
+        row of P_h sums to 1 without dropout), cached until a weight changes."""
         params = (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
         key = tuple(None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._fold_cache is not None and self._fold_cache[0] == key:
             return self._fold_cache[1]
-        H, d, D = self.num_heads, self.head_dim, self.qkv.in_features
-        weight = self.qkv.weight
-        with torch.inference_mode(False), torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-            w = weight.double()
-            b = self.qkv.bias.double() if self.qkv.bias is not None else w.new_zeros(3 * H * d)
-            wq, wk, wv = w.view(3, H, d, D).unbind(0)  # each (heads, head_dim, dim)
-            bq, _, bv = b.view(3, H, d).unbind(0)
-            wo = self.proj.weight.double().view(D, H, d)
-            bo = self.proj.bias.double() if self.proj.bias is not None else w.new_zeros(D)
-            s = d ** -0.5
-            w_qk = s * torch.einsum("hdi,hdj->hji", wq, wk)  # (heads, dim_out, dim_in): A_hᵀ as Linear weights
-            b_qk = s * torch.einsum("hd,hdj->hj", bq, wk)
-            w_vo = torch.einsum("hdi,ohd->hoi", wv, wo)  # (heads, dim_out, dim_in)
-            b_o = bo + torch.einsum("hd,ohd->o", bv, wo)
-            folded = tuple(t.to(weight.dtype) for t in (w_qk.reshape(H * D, D), b_qk.reshape(H * D),
-                                                         w_vo.reshape(H * D, D), b_o))
+        dtype = self.qkv.weight.dtype
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(self.qkv.weight.device.type, enabled=False):
+            w_qk, b_qk, w_vo, b_vo, b_o = self._fold(torch.float64)
+            if b_vo is not None:
+                b_vo = b_vo.view(self.num_heads, -1).sum(0)
+                b_o = b_vo if b_o is None else b_o + b_vo
+            folded = tuple(None if t is None else t.to(dtype) for t in (w_qk, b_qk, w_vo, b_o))
         self._fold_cache = (key, folded)
         return folded
 
     def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference with the folded weights: the keys are the tokens themselves, and each head's values
-        are already through its share of the output projection, so the heads just add up.
+        """Attention through the folded weights: the keys are the tokens themselves, and each head's
+        values are already through its share of the output projection, so the heads just add up.
 
         Per token that is 2·heads·dim² multiplies instead of 4·heads·head_dim·dim: fewer whenever
-        head_dim > dim / 2. The same function, up to rounding (float32 logits agree to ~1e-6).
+        head_dim > dim / 2 (for the Keras example's 2 heads of 128 on 128, half the projection work).
+        The same function, up to rounding, and in training the same gradients: the fold is part of the
+        graph, computed from the parameters each step (in their dtype, outside autocast), and the
+        attention dropout is the plain path's mask, element for element. Inference with gradients off
+        uses cached float64 products instead.
         """
         B, N, D = x.shape
         H = self.num_heads
-        w_qk, b_qk, w_vo, b_o = self._folded_weights()
-        q = F.linear(x, w_qk, b_qk)  # (B, N, heads*dim)
-        v = F.linear(x, w_vo)  # (B, N, heads*dim)
-        k = x.to(q.dtype)  # (B, N, dim)
-        if self._matmul_path(q):
-            attn = (q.view(B, N * H, D) @ k.transpose(1, 2)).softmax(dim=-1)  # (B, N*heads, N), rows (token, head)
-            v = v.view(B, N, H, D).transpose(1, 2).reshape(B, H * N, D)  # rows (head, token)
-            x = attn.view(B, N, H * N) @ v  # the sum over heads and keys in one matmul: (B, N, dim)
+        cached = not (self.training or torch.is_grad_enabled())
+        if cached:
+            w_qk, b_qk, w_vo, b_o = self._folded_weights()
+            b_vo = None
         else:
+            with torch.autocast(x.device.type, enabled=False):
+                w_qk, b_qk, w_vo, b_vo, b_o = self._fold(self.qkv.weight.dtype)
+        q = F.linear(x, w_qk, b_qk)  # (B, N, heads*dim)
+        v = F.linear(x, w_vo, b_vo)  # (B, N, heads*dim)
+        k = x.to(q.dtype)  # (B, N, dim)
+        if cached and not self._matmul_path(q):
             q, v = (t.view(B, N, H, D).transpose(1, 2) for t in (q, v))  # (B, heads, N, dim)
             x = F.scaled_dot_product_attention(q, k.unsqueeze(1).expand(B, H, N, D), v, scale=1.0).sum(1)
-        return x + b_o
+        else:
+            attn = (q.view(B, N * H, D) @ k.transpose(1, 2)).softmax(dim=-1)  # (B, N*heads, N), rows (token, head)
+            if self.training and self.attn_drop > 0:  # the plain path's mask (on a CPU), drawn as (B, heads, N, N)
+                mask = dropout_mask((B, H, N, N), self.attn_drop, dtype=attn.dtype, device=attn.device)
+                attn = attn.view(B, N, H, N) * mask.transpose(1, 2)
+            v = v.view(B, N, H, D).transpose(1, 2).reshape(B, H * N, D)  # rows (head, token)
+            x = attn.reshape(B, N, H * N) @ v  # the sum over heads and keys in one matmul: (B, N, dim)
+        return self.proj_drop(x if b_o is None else x + b_o)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._folds():
@@ -284,8 +368,8 @@ class KerasBlock(nn.Module):
         self.drop_path = drop_path
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(F.gelu(self.fc1(x), approximate="tanh"))  # Keras 3 `keras.ops.gelu` default
-        return self.dropout(F.gelu(self.fc2(x), approximate="tanh"))
+        x = self.dropout(gelu_tanh(self.fc1(x)))  # Keras 3 `keras.ops.gelu` default: tanh-approximate
+        return self.dropout(gelu_tanh(self.fc2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)

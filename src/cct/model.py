@@ -368,13 +368,18 @@ def count_macs(model: CCT) -> int:
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
     was_training = model.training
+    folds = [(blk.attn, blk.attn.fold) for blk in model.blocks]
     model.eval()
     try:
-        with torch.enable_grad():  # the model as defined, not the folded attention of no-grad inference
+        for attn, _ in folds:
+            attn.fold = False  # the model as defined, not its folded attention
+        with torch.no_grad():
             model(torch.zeros(1, model.cfg.in_chans, *model.cfg.img_size))
     finally:
         for h in hooks:
             h.remove()
+        for attn, fold in folds:
+            attn.fold = fold
         model.train(was_training)
     tokens = model.grid[0] * model.grid[1] + model.num_prefix_tokens
     for blk in model.blocks:  # q·k and attn·v: 2 × tokens² × width
