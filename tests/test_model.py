@@ -217,7 +217,15 @@ def test_inference_folds_wide_heads_into_the_same_function(route, monkeypatch):
     after = check()  # ...and the fold follows
     assert (after - before).abs().max() > 0.01
     attn.load_state_dict(Attention(128, num_heads=2, head_dim=128, qkv_bias=True).state_dict())
-    assert (check() - after).abs().max() > 0.01
+    loaded = check()
+    assert (loaded - after).abs().max() > 0.01
+    fused = torch.optim.AdamW(attn.parameters(), lr=0.01, fused=True)  # in place, no version bump
+    attn(x).square().mean().backward()
+    fused.step()
+    assert (check() - loaded).abs().max() > 0.01
+    with torch.no_grad():
+        attn.proj.bias.data.add_(1.0)  # nor through .data
+    assert (check() - loaded).abs().max() > 0.5
 
 
 def test_fold_only_where_it_pays():

@@ -297,3 +297,35 @@ def test_subprocess_error_exit_code(tmp_path):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown model 'cct_nope'" in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluation_between_steps_sees_the_current_weights(precision):
+    """Validation after training steps evaluates the weights as they are now: the Keras model's folded
+    inference attention caches its products, and train's fused AdamW updates weights in place without
+    bumping their version counters (a stale cache once evaluated old weights mid-run)."""
+    from cct import create_model
+    from cct.evaluate import evaluate
+    cfg = make_config("cct_2_3x2_32_keras", "memory", "unused", "keras", batch_size=16, precision=precision)
+    torch.manual_seed(0)
+    model = create_model("cct_2_3x2_32_keras")
+    optimizer = train_mod.make_optimizer(model, cfg)
+    step = train_mod.make_train_step(model, optimizer, train_mod.augment_config(cfg, None, None), precision=precision,
+                                     device="cpu", label_smoothing=0.1, num_classes=10,
+                                     generator=torch.Generator().manual_seed(1))
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(16) % 10
+    losses = []
+    for _ in range(3):
+        model.train()
+        step(images, labels, 1e-2)
+        model.eval()
+        folded = evaluate(model, images, labels, precision=precision, batch_size=16)["loss"]
+        for blk in model.blocks:
+            blk.attn.fold = False
+        plain = evaluate(model, images, labels, precision=precision, batch_size=16)["loss"]
+        for blk in model.blocks:
+            blk.attn.fold = True
+        assert folded == pytest.approx(plain, rel=2e-2 if precision == "bf16" else 1e-4)
+        losses.append(plain)
+    assert len(set(losses)) == 3  # the weights did move

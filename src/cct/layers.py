@@ -216,7 +216,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.fold = True  # compute through `_folded_forward` where that pays (False: the plain path)
-        self._fold_cache: tuple | None = None  # (weights' identity and versions, folded weights)
+        self._fold_cache: tuple | None = None  # (the weights it was computed from, folded weights)
 
     def _matmul_path(self, q: torch.Tensor) -> bool:
         """matmul → softmax → matmul rather than `F.scaled_dot_product_attention`, where that is faster.
@@ -265,11 +265,17 @@ class Attention(nn.Module):
 
     def _folded_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """`_fold` for inference: computed in float64, the value biases moved into the output bias (every
-        row of P_h sums to 1 without dropout), cached until a weight changes."""
-        params = (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
-        key = tuple(None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._fold_cache is not None and self._fold_cache[0] == key:
-            return self._fold_cache[1]
+        row of P_h sums to 1 without dropout), cached until a weight changes.
+
+        The cache keeps a copy of the weights it was computed from and compares values, not version
+        counters: fused AdamW (and anything through `.data`) updates weights in place without bumping
+        them, and a stale fold would evaluate old weights.
+        """
+        params = [p for p in (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias) if p is not None]
+        if self._fold_cache is not None:
+            source, folded = self._fold_cache
+            if all(a.dtype == b.dtype and a.device == b.device and torch.equal(a, b) for a, b in zip(source, params)):
+                return folded
         dtype = self.qkv.weight.dtype
         with torch.inference_mode(False), torch.no_grad(), torch.autocast(self.qkv.weight.device.type, enabled=False):
             w_qk, b_qk, w_vo, b_vo, b_o = self._fold(torch.float64)
@@ -277,7 +283,8 @@ class Attention(nn.Module):
                 b_vo = b_vo.view(self.num_heads, -1).sum(0)
                 b_o = b_vo if b_o is None else b_o + b_vo
             folded = tuple(None if t is None else t.to(dtype) for t in (w_qk, b_qk, w_vo, b_o))
-        self._fold_cache = (key, folded)
+            source = [p.detach().clone() for p in params]
+        self._fold_cache = (source, folded)
         return folded
 
     def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
