@@ -9,7 +9,9 @@ from PIL import Image
 
 from cct import cli, create_model, save_checkpoint
 from cct.data import CIFAR_MEAN
-from cct.evaluate import EvalSettings, load_for_eval, metrics, predict_logits, preprocess
+from cct.evaluate import load_for_eval, metrics, predict_logits
+from cct.kernels import FastAttention
+from cct.preprocess import Preprocessing
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -65,19 +67,20 @@ def test_predict_logits_normalisation_tta_and_batching():
     model = create_model("cct_2_3x2_32", num_classes=3, img_size=16).eval()
     images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    logits = predict_logits(model, images, precision="fp32", batch_size=4, mean=mean, std=std)
+    prep = Preprocessing((16, 16), 3, mean, std, precision="fp32", batch_size=4)
+    logits = predict_logits(model, images, prep)
     with torch.no_grad():
-        expected = model(preprocess(images, mean, std))
+        expected = model(prep(images))
     assert logits.shape == (10, 3) and torch.allclose(logits, expected, atol=1e-5)
+    assert torch.allclose(prep(images), (images.float() / 255 - torch.tensor(mean)[:, None, None])
+                          / torch.tensor(std)[:, None, None], atol=1e-6)
     with torch.no_grad():
-        flipped = model(preprocess(images.flip(-1), mean, std))
-    tta = predict_logits(model, images, precision="fp32", batch_size=10, tta=True, mean=mean, std=std)
+        flipped = model(prep(images.flip(-1)))
+    tta = predict_logits(model, images, Preprocessing((16, 16), 3, mean, std, batch_size=10, tta=True))
     assert torch.allclose(tta, (expected + flipped) / 2, atol=1e-5)
-    plain = predict_logits(model, images, precision="fp32", batch_size=3)  # no recorded settings: x / 255
+    plain = predict_logits(model, images, Preprocessing((16, 16), 3, batch_size=3))  # no normalisation: x / 255
     with torch.no_grad():
         assert torch.allclose(plain, model(images.float() / 255), atol=1e-5)
-    model.eval_settings = EvalSettings(mean=mean, std=std)  # as load_for_eval attaches it
-    assert torch.allclose(predict_logits(model, images, precision="fp32", batch_size=4), logits)
 
 
 def test_settings_come_from_the_checkpoint(tmp_path):
@@ -85,7 +88,10 @@ def test_settings_come_from_the_checkpoint(tmp_path):
                 "img_size": [16, 16], "in_chans": 3}
     model, got = load_for_eval(tiny_checkpoint(tmp_path / "a.pt", eval_settings=settings))
     assert (got.batch_size, got.tta, got.mean, got.img_size) == (7, True, (0.1, 0.2, 0.3), (16, 16))
-    assert model.eval_settings is got and not model.training
+    assert not model.training and not hasattr(model, "eval_settings")
+    assert all(type(blk.attn) is FastAttention for blk in model.blocks)  # the default kernels
+    reference, same = load_for_eval(tmp_path / "a.pt", kernels="reference")
+    assert same == got and not any(isinstance(m, FastAttention) for m in reference.modules())
     _, default = load_for_eval(tiny_checkpoint(tmp_path / "b.pt"))  # not from `cct train`
     # an official-layout model not trained here: the official recipes' CIFAR statistics (as `cct predict` uses)
     assert (default.precision, default.batch_size, default.tta, default.mean) == ("fp32", 256, False, CIFAR_MEAN)

@@ -9,7 +9,7 @@ import cct
 from cct.cli import main
 from cct.errors import CCTError
 from cct.export import export_checkpoint, export_onnx, export_torchscript, read_torchscript_metadata
-from cct.predict import Preprocessing
+from cct.preprocess import Preprocessing
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

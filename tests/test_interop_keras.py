@@ -12,10 +12,7 @@ import torch
 
 import cct
 
-try:
-    from cct import from_keras
-except ImportError:  # not re-exported by the package yet
-    from cct.interop.keras import from_keras
+from cct import from_keras
 from cct.interop.keras import KerasWeightsError, keras_state_dict, layer_order_key, sort_layer_names
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -10,7 +10,8 @@ from PIL import Image
 import cct
 from cct.cli import main
 from cct.errors import CCTError
-from cct.predict import Preprocessing, load_image, open_classifier, predict
+from cct.predict import load_image, open_classifier, predict
+from cct.preprocess import Preprocessing
 
 
 def _checkpoint(tmp_path, name="cct_2_3x2_32", fmt="pt", **overrides):

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .interop.keras import keras_state_dict
+from .interop.official import is_official, official_state_dict
+from .layers import resize_pos_embed
 from .model import CCT, CCTConfig
+
+__all__ = ["adapt_state_dict", "atomic_write", "load_checkpoint", "load_pretrained", "official_state_dict",
+           "read_checkpoint", "remove_stale_temporaries", "save_checkpoint"]
 
 FORMAT = "cct-checkpoint"
 VERSION = 1
@@ -228,39 +234,9 @@ def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit the model: {detail[:300]}") from None
 
 
-# ---------------------------------------------------------------------- foreign weights
-def official_state_dict(state: dict[str, torch.Tensor], model: CCT | None = None) -> dict[str, torch.Tensor]:
-    """Map a SHI-Labs/Compact-Transformers state dict (`src/cct.py`, `cvt.py`, `vit.py`) onto cct's names.
-
-    The official modules: `tokenizer.conv_layers.{i}.0` (conv), `classifier.positional_emb`,
-    `classifier.class_emb`, `classifier.attention_pool`, `classifier.blocks.{i}.{pre_norm, self_attn.qkv,
-    self_attn.proj, linear1, norm1, linear2}`, `classifier.norm`, `classifier.fc`. A sinusoidal
-    `positional_emb` is dropped when `model` uses sine embeddings (it is recomputed, not trained).
-    """
-    renames = [("module.", ""), ("tokenizer.conv_layers.", "tokenizer.convs."), ("classifier.positional_emb", "pos_embed"),
-               ("classifier.class_emb", "cls_token"), ("classifier.fc.", "head."), ("classifier.", ""),
-               (".self_attn.", ".attn."), (".linear1.", ".fc1."), (".linear2.", ".fc2.")]
-    out = {}
-    for key, value in state.items():
-        for old, new in renames:
-            if key.startswith(old) or (old.startswith(".") and old in key):
-                key = key.replace(old, new, 1)
-        if key.startswith("tokenizer.convs.") and key.count(".") == 4:  # convs.{i}.0.weight -> convs.{i}.weight
-            parts = key.split(".")
-            key = ".".join(parts[:3] + parts[4:])
-        out[key] = value
-    if model is not None and model.cfg.positional_embedding != "learnable":
-        out.pop("pos_embed", None)
-    return out
-
-
-def _is_official(state: dict) -> bool:
-    return any(k.startswith(("classifier.", "module.classifier.", "tokenizer.conv_layers.")) for k in state)
-
-
+# ---------------------------------------------------------------------- foreign weights (filters in cct.interop)
 def adapt_state_dict(model: CCT, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fit foreign weights to `model`: resize the positional embedding, re-initialise a head of another size."""
-    from .layers import resize_pos_embed
     state = dict(state)
     pe = state.get("pos_embed")
     if pe is not None and model.pos_embed is not None and pe.shape != model.pos_embed.shape:
@@ -281,7 +257,6 @@ def load_pretrained(model: CCT, path: str | Path) -> CCT:
     """Load weights into `model` from a cct checkpoint, an official `.pth` or a Keras `.weights.h5`."""
     path = Path(path)
     if path.suffix == ".h5" or path.name.endswith(".weights.h5"):
-        from .interop.keras import keras_state_dict
         state = keras_state_dict(path)
     else:
         data = read_checkpoint(path)
@@ -293,7 +268,7 @@ def load_pretrained(model: CCT, path: str | Path) -> CCT:
                 state.pop("pos_embed", None)
         else:
             state = data.get("state_dict") or data.get("model") or data
-            if not isinstance(state, dict) or not _is_official(state):
+            if not isinstance(state, dict) or not is_official(state):
                 raise CheckpointError(f"{path}: unrecognised weights (neither a cct checkpoint nor an official "
                                       "Compact-Transformers state dict)")
             state = official_state_dict(state, model)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from .checkpoint import atomic_write, load_checkpoint, read_checkpoint
 from .errors import CCTError
 from .model import CCT
-from .predict import Preprocessing, load_image
+from .predict import load_image
+from .preprocess import Preprocessing
 
 METHODS = ("auto", "pool", "rollout")
 PANEL_INCHES = 3.0

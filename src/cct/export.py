@@ -30,10 +30,13 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import CCTError
+from .kernels import use_kernels
 from .model import CCT
-from .predict import Preprocessing, onnx_session
+from .predict import onnx_session
+from .preprocess import Preprocessing
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 DEFAULT_OPSET = 18  # the lowest opset the torch.export-based exporter writes natively
@@ -82,7 +85,9 @@ def _quiet():
 
 
 def _prepare(model: CCT) -> CCT:
-    return copy.deepcopy(model).float().eval()  # never change the caller's model (mode, dtype)
+    """A float32 copy in eval mode with the reference layers: exports hold PyTorch's own operators, never
+    the CPU kernels of `cct.kernels` (the caller's model keeps its mode, dtype and kernels)."""
+    return use_kernels(copy.deepcopy(model).float().eval(), "reference")
 
 
 def _example(model: CCT, batch: int, seed: int = 0) -> torch.Tensor:
@@ -107,7 +112,6 @@ def _compare(model: CCT, run, sizes: tuple[int, ...], path: Path, fmt: str) -> f
 
 
 def _metadata(model: CCT, preprocessing: Preprocessing | None) -> dict[str, str]:
-    from . import __version__
     preprocessing = preprocessing or Preprocessing(model.cfg.img_size, model.cfg.in_chans)
     return {"class_names": json.dumps(model.class_names), "preprocessing": json.dumps(preprocessing.to_dict()),
             "config": json.dumps(model.cfg.to_dict()), "model_name": getattr(model, "name", None) or "",

@@ -11,13 +11,13 @@ layout and initialisers for `cct_2_3x2_32_keras`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Dropout, KerasBlock, OfficialBlock, glorot_uniform_, he_normal_, resize_pos_embed, sinusoidal_embedding
+from .layers import KerasBlock, OfficialBlock, glorot_uniform_, he_normal_, resize_pos_embed, sinusoidal_embedding
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 BLOCKS = ("official", "keras")
@@ -126,47 +126,10 @@ class ConvTokenizer(nn.Module):
             x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
         return F.max_pool2d(x, cfg.pool_kernel, cfg.pool_stride)
 
-    def _pool_then_relu(self, x: torch.Tensor) -> torch.Tensor:
-        """relu → zero-pad → max-pool, computed as max-pool → relu on the un-padded conv output.
-
-        The same numbers, gradients included: ReLU is monotone, so it commutes with the max, and a
-        zero pixel added after the ReLU can change a pooled value only where the window's maximum is
-        negative, where the ReLU after the pool gives 0 too. So the zero border becomes part of the
-        pool's -inf padding, and the ReLU runs on a quarter of the pixels with no padded copy.
-        """
-        cfg = self.cfg
-        k, s = cfg.pool_kernel, cfg.pool_stride
-        size = x.shape[-2:]
-        pads = []  # (before, after) per spatial axis, ReLU zeros and pool padding together
-        for n in size:
-            padded = n + 2 * cfg.post_pad
-            if cfg.pool_padding == "same":
-                before, after = _same_pool_padding(padded, k, s)
-            else:
-                before = after = cfg.pool_padding
-            pads.append((before + cfg.post_pad, after + cfg.post_pad))
-        before = pads[0][0]
-        if all(b == before for b, _ in pads) and before <= k // 2:
-            # max_pool2d pads `before` on both sides; a longer tail comes from ceil_mode when that
-            # yields exactly the output size of the full padding
-            wanted = [(n + b + a - k) // s + 1 for n, (b, a) in zip(size, pads)]
-            for ceil_mode in (False, True):
-                if _pool_out_sizes(size, k, s, before, ceil_mode) == wanted:
-                    return F.relu(F.max_pool2d(x, k, s, before, ceil_mode=ceil_mode))
-        (top, bottom), (left, right) = pads
-        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
-        return F.relu(F.max_pool2d(x, k, s))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        # channels-last (NHWC): oneDNN's convolutions and max-pool run several times faster so on a
-        # CPU, and the last one's output flattens into (B, tokens, D) without a copy
-        x = x.contiguous(memory_format=torch.channels_last)
-        for conv in self.convs:
+        for conv in self.convs:  # (B, C, H, W) → (B, C', H', W') per layer
             x = conv(x)
-            if cfg.conv_act and cfg.max_pool:
-                x = self._pool_then_relu(x)
-                continue
             if cfg.conv_act:
                 x = F.relu(x)
             if cfg.post_pad:
@@ -212,8 +175,8 @@ class CCT(nn.Module):
         elif cfg.positional_embedding == "sine":
             # a buffer, not a weight: deterministic, recomputed for the input size, never saved
             self.register_buffer("sine_embed", sinusoidal_embedding(num_tokens, D), persistent=False)
-        self.pos_drop = Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else nn.Identity()
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.pos_drop = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else nn.Identity()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         if cfg.block == "keras":
             self.blocks = nn.ModuleList(
                 KerasBlock(D, num_heads=cfg.num_heads, head_dim=cfg.head_dim, mlp_ratio=cfg.mlp_ratio,
@@ -350,9 +313,14 @@ def num_params(model: nn.Module) -> int:
 
 
 def count_macs(model: CCT) -> int:
-    """Multiply-accumulates of one forward pass at the model's native input size (convs, linears, attention)."""
+    """Multiply-accumulates of one forward pass at the model's native input size (convs, linears, attention).
+
+    Counted on a fresh reference model of the same config (built on the meta device: shapes only), so
+    the figure is the model as defined, whatever faster kernels `model` runs with.
+    """
+    with torch.device("meta"):
+        reference = CCT(replace(model.cfg)).eval()
     macs = 0
-    hooks = []
 
     def conv_hook(m, inp, out):
         nonlocal macs
@@ -362,26 +330,14 @@ def count_macs(model: CCT) -> int:
         nonlocal macs
         macs += out.numel() // out.shape[0] * m.in_features
 
-    for m in model.modules():
+    for m in reference.modules():
         if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
+            m.register_forward_hook(conv_hook)
         elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
-    folds = [(blk.attn, blk.attn.fold) for blk in model.blocks]
-    model.eval()
-    try:
-        for attn, _ in folds:
-            attn.fold = False  # the model as defined, not its folded attention
-        with torch.no_grad():
-            model(torch.zeros(1, model.cfg.in_chans, *model.cfg.img_size))
-    finally:
-        for h in hooks:
-            h.remove()
-        for attn, fold in folds:
-            attn.fold = fold
-        model.train(was_training)
-    tokens = model.grid[0] * model.grid[1] + model.num_prefix_tokens
-    for blk in model.blocks:  # q·k and attn·v: 2 × tokens² × width
+            m.register_forward_hook(linear_hook)
+    with torch.no_grad():
+        reference(torch.zeros(1, model.cfg.in_chans, *model.cfg.img_size, device="meta"))
+    tokens = reference.grid[0] * reference.grid[1] + reference.num_prefix_tokens
+    for blk in reference.blocks:  # q·k and attn·v: 2 × tokens² × width
         macs += 2 * tokens * tokens * blk.attn.num_heads * blk.attn.head_dim
     return macs

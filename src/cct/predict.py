@@ -24,51 +24,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import load_checkpoint, read_checkpoint
 from .data import DataError, refusing_decompression_bombs
 from .errors import CCTError
+from .kernels import KERNELS, fuse, use_kernels
+from .preprocess import Preprocessing
+from .runtime import autocast, resolve_precision
 
-RESIZE = "bicubic"  # as cct.data resizes image-folder datasets
 BATCH_SIZE = 256
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How image files become a model's float input: size, channels and normalisation."""
-    img_size: tuple[int, int]
-    in_chans: int
-    mean: tuple[float, ...] | None = None  # None: inputs are x / 255
-    std: tuple[float, ...] | None = None
-
-    @classmethod
-    def from_checkpoint(cls, data: dict) -> "Preprocessing":
-        """The preprocessing recorded under a checkpoint's "eval" key, else the recipe's default."""
-        from .evaluate import EvalSettings
-        config = data.get("config") or {}
-        settings = EvalSettings.from_checkpoint(data)
-        mean, std = settings.mean, settings.std
-        in_chans = int(config.get("in_chans", 3))
-        return cls(tuple(config.get("img_size", (32, 32))), in_chans, _tuple(mean), _tuple(std))
-
-    def to_dict(self) -> dict:
-        """A self-explaining description, stored as JSON in exported models' metadata."""
-        return {"layout": "NCHW", "dtype": "float32", "img_size": list(self.img_size), "in_chans": self.in_chans,
-                "channels": "L" if self.in_chans == 1 else "RGB", "resize": RESIZE, "scale": 1 / 255,
-                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
-                "formula": "x = pixel / 255, then (x - mean) / std per channel when mean is not null",
-                "output": "logits (no softmax)"}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(tuple(d["img_size"]), int(d["in_chans"]), _tuple(d.get("mean")), _tuple(d.get("std")))
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) → float32 model input, computed as training and `cct eval` compute it."""
-        from .augment import normalize
-        return normalize(images, self.mean, self.std)
-
-
-def _tuple(values) -> tuple[float, ...] | None:
-    return tuple(float(v) for v in values) if values else None
 
 
 def load_image(path: str | Path, img_size: tuple[int, int], in_chans: int) -> torch.Tensor:
@@ -107,22 +70,21 @@ class Classifier:
     source: str
 
 
-def open_classifier(path: str | Path, precision: str | None = None) -> Classifier:
+def open_classifier(path: str | Path, precision: str | None = None, *, kernels: str = "fast") -> Classifier:
     """A checkpoint (`.pt`, `.safetensors`) or an ONNX file exported by `cct export`, ready to classify.
 
     Args:
         path: the model file.
         precision: for checkpoints, "fp32", "bf16" or "auto"; default: the one recorded by training, else fp32.
             An ONNX model always computes in float32.
+        kernels: for checkpoints, "fast" (`cct.kernels`, fused for inference) or "reference".
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return _open_onnx(path)
-    from .checkpoint import load_checkpoint, read_checkpoint
-    from .runtime import autocast, resolve_precision
-    model = load_checkpoint(path).float().eval()
-    data = read_checkpoint(path)
-    precision = resolve_precision(precision or (data.get("eval") or {}).get("precision") or "fp32", "cpu")
+    model = fuse(use_kernels(load_checkpoint(path).float().eval(), kernels))
+    prep = Preprocessing.from_checkpoint(read_checkpoint(path))
+    precision = resolve_precision(precision or prep.precision, "cpu")
 
     @torch.inference_mode()
     def logits(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +92,7 @@ def open_classifier(path: str | Path, precision: str | None = None) -> Classifie
             return model(x).float()
 
     names = _class_names(model.class_names, model.cfg.num_classes)
-    return Classifier(logits, names, Preprocessing.from_checkpoint(data), str(path))
+    return Classifier(logits, names, prep, str(path))
 
 
 def _class_names(names: list[str] | None, num_classes: int) -> list[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import fields, replace
 
+from .checkpoint import load_pretrained
+from .interop.keras import MODEL_NAME as KERAS_MODEL_NAME, KerasWeightsError, read_keras
 from .model import CCT, CCTConfig
 
 # (depth, heads, mlp_ratio, width) of each size in the paper's Table 1
@@ -97,6 +99,22 @@ def create_model(name: str, *, pretrained: str | None = None, **overrides) -> CC
     model = CCT(get_config(name, **overrides))
     model.name = _ALIASES.get(name, name)
     if pretrained is not None:
-        from .checkpoint import load_pretrained
         load_pretrained(model, pretrained)
     return model
+
+
+def from_keras(path) -> CCT:
+    """The keras.io example's model (`cct_2_3x2_32_keras`) with the weights of its `.weights.h5` file.
+
+    The sizes the example lets one edit are read from the file; its own file gives exactly
+    `create_model("cct_2_3x2_32_keras")`. The model expects images in [0, 1] (the example's
+    `Rescaling(1/255)` is not part of it) and is returned in eval mode.
+    """
+    state, overrides = read_keras(path)
+    model = create_model(KERAS_MODEL_NAME, **overrides)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise KerasWeightsError(f"{path}: weights do not fit {KERAS_MODEL_NAME}: {lines[-1][:300]}") from None
+    return model.eval()

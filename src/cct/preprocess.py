@@ -1,0 +1,76 @@
+"""How an image model's inputs are prepared and how it is evaluated: one record, stored with the model.
+
+`cct train` writes a `Preprocessing` under a checkpoint's "eval" key and `cct export` into an ONNX
+model's metadata; `cct eval`, `cct predict`, `cct export` and `cct explain` read it back, so a
+prediction sees exactly what training and evaluation saw. Images (uint8, any size) become the
+model's float input as in training: x / 255, then (x - mean) / std per channel when a normalisation
+is recorded. Checkpoints without a record get the recipe's usual input: x / 255 for the Keras
+example's model (its `Rescaling(1 / 255)`), the CIFAR-10 statistics of the official SHI-Labs recipe
+for the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .augment import normalize
+from .data import CIFAR_MEAN, CIFAR_STD
+
+RESIZE = "bicubic"  # as cct.data resizes image-folder datasets
+
+
+def _floats(values) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values else None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Input size, channels and normalisation (fractions of 255; None: x / 255), and the evaluation
+    settings training recorded (precision, batch size, test-time flip averaging)."""
+    img_size: tuple[int, int]
+    in_chans: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    precision: str = "fp32"
+    batch_size: int = 256
+    tta: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+        object.__setattr__(self, "mean", _floats(self.mean))
+        object.__setattr__(self, "std", _floats(self.std))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) → float32 model input, computed as training computes it."""
+        return normalize(images, self.mean, self.std)
+
+    def to_dict(self) -> dict:
+        """A self-explaining plain-data description: a checkpoint's "eval" entry, ONNX metadata."""
+        return {"layout": "NCHW", "dtype": "float32", "img_size": list(self.img_size), "in_chans": self.in_chans,
+                "channels": "L" if self.in_chans == 1 else "RGB", "resize": RESIZE, "scale": 1 / 255,
+                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
+                "formula": "x = pixel / 255, then (x - mean) / std per channel when mean is not null",
+                "output": "logits (no softmax)", "precision": self.precision, "batch_size": self.batch_size,
+                "tta": self.tta}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        """From `to_dict()`'s output, or from the shorter "eval" entry of checkpoints before it."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_checkpoint(cls, data: dict) -> "Preprocessing":
+        """The record of a checkpoint (`cct.checkpoint.read_checkpoint`'s dict), else the recipe's default."""
+        recorded = dict(data.get("eval") or {})
+        config = data.get("config") or {}
+        in_chans = int(recorded.get("in_chans") or config.get("in_chans", 3))
+        if "mean" not in recorded:  # not trained by `cct train`
+            mean, std = (None, None) if config.get("block") == "keras" else (CIFAR_MEAN, CIFAR_STD)
+            if len(mean or ()) != in_chans:
+                mean, std = None, None
+            recorded.update(mean=mean, std=std)
+        recorded["img_size"] = recorded.get("img_size") or config.get("img_size") or (32, 32)
+        recorded["in_chans"] = in_chans
+        return cls.from_dict(recorded)
