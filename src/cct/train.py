@@ -320,12 +320,11 @@ def _log(cfg_quiet: bool, *parts) -> None:
 def _load_data(cfg: TrainConfig, dataset, quiet: bool):
     from . import data as data_mod
     if dataset is None:
-        from . import stream
         with distributed.main_process_first():  # rank 0 decodes and caches; the others then read the cache
-            dataset = stream.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
-                                  skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
-                                  threshold=cfg.stream_threshold, workers=cfg.loader_workers,
-                                  processes_per_machine=distributed.env_from_environ().local_world_size)
+            dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                                    skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
+                                    threshold=cfg.stream_threshold, workers=cfg.loader_workers,
+                                    processes_per_machine=distributed.env_from_environ().local_world_size)
     train_set, val_set = data_mod.split(dataset, train_limit=cfg.train_limit, val_split=cfg.val_split, seed=cfg.seed)
     if len(train_set.labels) == 0:
         raise CCTError(f"{cfg.data}: no training images")
