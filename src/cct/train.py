@@ -98,7 +98,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def augment_config(cfg: TrainConfig, mean, std):
-    from .augment import AugmentConfig
+    from .policies import AugmentConfig
     return AugmentConfig(translate=cfg.translate, hflip=cfg.hflip, rrc_scale=cfg.rrc_scale,
                          rrc_interpolation=cfg.rrc_interpolation, rand_augment=cfg.rand_augment,
                          auto_augment=cfg.auto_augment,
@@ -151,7 +151,7 @@ class TrainStep:
         and left in `self.shared`; they travel in the step's own collective where it has one, so that
         a step synchronises the processes once.
         """
-        from .augment import augment_batch
+        from .policies import augment_batch
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, targets = augment_batch(images, labels, self.generator, self.aug_cfg, num_classes=self.num_classes, mix=mix)
