@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 _CACHE_VERSION = 2  # bump whenever decoding changes, so stale caches are never read
 DEFAULT_THRESHOLD = 0.25  # fraction of the available memory the in-memory tensors may take
 
+
 @dataclass
 class ImageSet:
-    """One split in memory."""
+    """One split in memory (`cct.stream.StreamImageSet` is its streamed counterpart)."""
     images: torch.Tensor  # (N, C, H, W) uint8, contiguous
     labels: torch.Tensor  # (N,) int64
 
