@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from cct import augment as A  # noqa: E402
+from cct import policies as P  # noqa: E402
 from cct.data import CIFAR_MEAN, CIFAR_STD, load  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -58,21 +59,21 @@ def bench_augment(images: torch.Tensor, batch: int, runs: int) -> float:
     x = images[:batch].contiguous()
     y = torch.randint(0, 10, (batch,), generator=g)
     xf = A.normalize(x, CIFAR_MEAN, CIFAR_STD)
-    official = A.AugmentConfig(rrc_scale=(0.8, 1.0), hflip=True, rand_augment="rand-m9-mstd0.5-inc1", erasing=0.25,
+    official = P.AugmentConfig(rrc_scale=(0.8, 1.0), hflip=True, rand_augment="rand-m9-mstd0.5-inc1", erasing=0.25,
                                mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, mean=CIFAR_MEAN, std=CIFAR_STD)
     cases = {
         "hflip": lambda: A.hflip(x, g),
         "random_translate(4)": lambda: A.random_translate(x, g, 4),
         "random_resized_crop(0.8-1)": lambda: A.random_resized_crop(x, g, 32, (0.8, 1.0)),
-        "rand_augment(m9-mstd0.5-inc1)": lambda: A.rand_augment(x, g),
-        "auto_augment_cifar10": lambda: A.auto_augment_cifar10(x, g),
+        "rand_augment(m9-mstd0.5-inc1)": lambda: P.rand_augment(x, g),
+        "auto_augment_cifar10": lambda: P.auto_augment_cifar10(x, g),
         "normalize": lambda: A.normalize(x, CIFAR_MEAN, CIFAR_STD),
         "random_erasing(0.25)": lambda: A.random_erasing(xf, g, 0.25),
         "mixup_cutmix(batch)": lambda: A.mixup_cutmix(xf, y, g, num_classes=10),
         "mixup_cutmix(elem)": lambda: A.mixup_cutmix(xf, y, g, num_classes=10, mode="elem"),
-        "airbench stack (translate+flip)": lambda: A.augment_batch(x, y, g, A.AugmentConfig(translate=4, hflip=True),
+        "airbench stack (translate+flip)": lambda: P.augment_batch(x, y, g, P.AugmentConfig(translate=4, hflip=True),
                                                                    num_classes=10),
-        "FULL official stack": lambda: A.augment_batch(x, y, g, official, num_classes=10),
+        "FULL official stack": lambda: P.augment_batch(x, y, g, official, num_classes=10),
     }
     print(f"augmentation, batch {batch} of {tuple(x.shape[1:])} uint8, median of {runs} runs, "
           f"{torch.get_num_threads()} threads:")

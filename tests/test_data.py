@@ -1,11 +1,6 @@
-"""cct.data: every source type from tiny generated fixtures, safety of archives, cache, splits, batching."""
-import io
+"""cct.data: trees in memory (sizes, channels, bad images), the cache, splits, batching, the one `load`."""
 import logging
-import os
-import pickle
 import tarfile
-import urllib.error
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,72 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cct import data
+from data_fixtures import make_tree
+from cct import data, stream
 from cct.data import DataError, Dataset, ImageSet, batch_indices, load, split
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-# ---------------------------------------------------------------------------------------------------
-# fixtures
-
-
-def make_tree(root: Path, counts: dict, size=(8, 8), mode="RGB", ext="png", seed=0) -> Path:
-    """root/<split>/<class>/<i>.<ext> random images; counts = {split: {class: n}}."""
-    rs = np.random.RandomState(seed)
-    for split_name, classes in counts.items():
-        for cls, n in classes.items():
-            d = root / split_name / cls
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                shape = (size[0], size[1]) if mode == "L" else (size[0], size[1], len(mode))
-                Image.fromarray(rs.randint(0, 256, shape).astype(np.uint8), mode).save(d / f"{i:03d}.{ext}")
-    return root
-
-
-def pack(src: Path, dest: Path, top: str | None) -> Path:
-    """A .tar, .tar.gz or .zip of the files under src, inside folder `top` or at the archive's root."""
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    arc = lambda p: (f"{top}/" if top else "") + p.relative_to(src).as_posix()
-    if dest.suffix == ".zip":
-        with zipfile.ZipFile(dest, "w") as zf:
-            for p in files:
-                zf.write(p, arc(p))
-    else:
-        with tarfile.open(dest, "w:gz" if dest.name.endswith(".gz") else "w") as tf:
-            for p in files:
-                tf.add(p, arc(p))
-    return dest
-
-
-def fake_cifar(root: Path, kind: str, per_batch: int = 4, archive: bool = True, seed=0) -> Path:
-    """A tiny copy of an official CIFAR python release: same files, keys and layout (bytes keys, as the
-    Python 2 originals load with encoding='bytes')."""
-    rs = np.random.RandomState(seed)
-    release = data._CIFAR[kind]
-    folder = root / release.folder
-    folder.mkdir(parents=True)
-    n_classes = 10 if kind == "cifar10" else 100
-
-    def batch(name, n):
-        labels = [int(v) for v in rs.randint(0, n_classes, n)]
-        d = {b"data": rs.randint(0, 256, (n, 3072)).astype(np.uint8), release.label_key.encode(): labels,
-             b"filenames": [f"img{i}.png".encode() for i in range(n)]}
-        if kind == "cifar100":
-            d[b"coarse_labels"] = [v // 5 for v in labels]
-        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
-
-    for name in release.train_files:
-        batch(name, per_batch)
-    batch(release.test_file, per_batch)
-    names = [f"class{i:02d}".encode() for i in range(n_classes)]
-    (folder / release.meta_file).write_bytes(pickle.dumps({release.names_key.encode(): names}, protocol=2))
-    if not archive:
-        return folder
-    dest = root / release.archive
-    with tarfile.open(dest, "w:gz") as tf:
-        tf.add(folder, release.folder)
-    return dest
 
 
 COUNTS = {"train": {"dog": 3, "cat": 4, "ant": 2}, "test": {"cat": 2, "dog": 1, "ant": 1}}
@@ -95,7 +29,7 @@ def tree(tmp_path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
-# sources
+# image-folder trees in memory
 
 
 def test_image_tree_folder(tree, cache):
@@ -109,15 +43,6 @@ def test_image_tree_folder(tree, cache):
     # pixels are the files' pixels, channels first
     first = np.array(Image.open(tree / "train" / "ant" / "000.png"))
     assert torch.equal(ds.train.images[0], torch.from_numpy(first).permute(2, 0, 1))
-
-
-@pytest.mark.parametrize("name", ["t.tar", "t.tar.gz", "t.zip"])
-@pytest.mark.parametrize("top", [None, "cifar-like"])
-def test_image_tree_archives(tree, tmp_path, cache, name, top):
-    reference = load(tree, cache_dir=cache, progress=False)
-    ds = load(pack(tree, tmp_path / name, top), cache_dir=cache, progress=False)
-    assert ds.classes == reference.classes
-    assert torch.equal(ds.train.images, reference.train.images) and torch.equal(ds.test.labels, reference.test.labels)
 
 
 def test_val_folder_and_no_test(tmp_path, cache):
@@ -157,117 +82,6 @@ def test_bad_image(tree, cache, caplog):
     assert load(tree, cache_dir=cache, skip_bad_images=True, progress=False).skipped == 1  # the cache keeps it
 
 
-def test_cifar10_archive_and_folder(tmp_path, cache):
-    archive = fake_cifar(tmp_path / "a", "cifar10")
-    ds = load(archive, cache_dir=cache, progress=False)
-    assert ds.classes == [f"class{i:02d}" for i in range(10)] and "CIFAR-10" in ds.source
-    assert ds.train.images.shape == (20, 3, 32, 32) and ds.test.images.shape == (4, 3, 32, 32)
-    raw = pickle.loads((tmp_path / "a" / "cifar-10-batches-py" / "data_batch_1").read_bytes(), encoding="bytes")
-    assert torch.equal(ds.train.images[:4].reshape(4, -1), torch.from_numpy(raw[b"data"]))
-    assert ds.train.labels[:4].tolist() == raw[b"labels"]
-    folder = load(tmp_path / "a" / "cifar-10-batches-py", cache_dir=cache, progress=False)
-    assert torch.equal(folder.train.images, ds.train.images)
-    small = load(archive, cache_dir=cache, img_size=16, in_chans=1, progress=False)
-    assert small.train.images.shape == (20, 1, 16, 16)
-
-
-def test_cifar100_archive(tmp_path, cache):
-    ds = load(fake_cifar(tmp_path, "cifar100", per_batch=6), cache_dir=cache, progress=False)
-    assert len(ds.classes) == 100 and ds.train.images.shape == (6, 3, 32, 32) and len(ds.test) == 6
-    raw = pickle.loads((tmp_path / "cifar-100-python" / "train").read_bytes(), encoding="bytes")
-    assert ds.train.labels.tolist() == raw[b"fine_labels"]
-
-
-def test_cifar_by_name(tmp_path, cache, monkeypatch):
-    with pytest.raises(DataError, match="cifar-10-python.tar.gz") as e:
-        load("cifar10", cache_dir=cache, download=False)
-    assert str(cache) in str(e.value) and "\n" not in str(e.value)
-
-    def offline(*a, **k):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(DataError, match="put cifar-100-python.tar.gz"):
-        load("cifar100", cache_dir=cache, progress=False)
-
-    class FakeResponse(io.BytesIO):
-        headers = {"Content-Length": "5"}
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"wrong"))
-    with pytest.raises(DataError, match="md5"):
-        load("cifar10", cache_dir=cache, progress=False)
-    assert not list(cache.glob("*.tar.gz*"))  # no partial download left behind
-
-    fake_cifar(cache, "cifar10")  # an archive in the cache directory is found by name
-    monkeypatch.setenv("CCT_DATA", str(cache))
-    assert load("cifar10", progress=False).train.images.shape == (20, 3, 32, 32)
-
-
-def test_crafted_pickle_refused(tmp_path, cache):
-    folder = fake_cifar(tmp_path, "cifar10", archive=False)
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}))
-    with pytest.raises(DataError, match="not allowed"):
-        load(folder, cache_dir=cache, progress=False)
-
-
-# ---------------------------------------------------------------------------------------------------
-# archive safety
-
-
-def _tar_with(dest: Path, member: tarfile.TarInfo, payload: bytes = b"x") -> Path:
-    with tarfile.open(dest, "w") as tf:
-        ok = tarfile.TarInfo("train/a/0.png")
-        buf = io.BytesIO()
-        Image.new("RGB", (4, 4)).save(buf, "png")
-        ok.size = len(buf.getvalue())
-        tf.addfile(ok, io.BytesIO(buf.getvalue()))
-        if member.isfile():
-            member.size = len(payload)
-            tf.addfile(member, io.BytesIO(payload))
-        else:
-            tf.addfile(member)
-    return dest
-
-
-@pytest.mark.parametrize("name", ["../evil.png", "train/../../evil.png", "/tmp/evil.png"])
-def test_traversal_refused(tmp_path, cache, name):
-    with pytest.raises(DataError, match="refused.*outside"):
-        load(_tar_with(tmp_path / "x.tar", tarfile.TarInfo(name)), cache_dir=cache, progress=False)
-    with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
-        zf.writestr("train/a/0.png", b"x")
-        zf.writestr(zipfile.ZipInfo(name), b"x")
-    with pytest.raises(DataError, match="refused.*outside"):
-        load(tmp_path / "x.zip", cache_dir=cache, progress=False)
-    assert not (tmp_path / "evil.png").exists()
-
-
-@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
-def test_tar_links_refused(tmp_path, cache, kind):
-    link = tarfile.TarInfo("train/a/link.png")
-    link.type, link.linkname = kind, "train/a/0.png"
-    with pytest.raises(DataError, match="refused.*link"):
-        load(_tar_with(tmp_path / "x.tar", link), cache_dir=cache, progress=False)
-
-
-def test_zip_symlink_refused(tmp_path, cache):
-    info = zipfile.ZipInfo("train/a/link.png")
-    info.external_attr = (0o120777 << 16)  # S_IFLNK
-    with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
-        zf.writestr(info, "/etc/passwd")
-    with pytest.raises(DataError, match="refused.*link"):
-        load(tmp_path / "x.zip", cache_dir=cache, progress=False)
-
-
-def test_missing_and_foreign_sources(tmp_path, cache):
-    with pytest.raises(DataError, match="not found"):
-        load(tmp_path / "nope", cache_dir=cache)
-    (tmp_path / "f.txt").write_text("hello")
-    with pytest.raises(DataError, match="not a folder"):
-        load(tmp_path / "f.txt", cache_dir=cache)
-
-
 # ---------------------------------------------------------------------------------------------------
 # cache
 
@@ -298,6 +112,39 @@ def test_corrupt_cache_is_ignored(tree, cache):
     (file,) = (cache / "decoded").iterdir()
     file.write_bytes(b"garbage")
     assert len(load(tree, cache_dir=cache, progress=False).train) == 9
+
+
+# ---------------------------------------------------------------------------------------------------
+# the choice between memory and streaming
+
+
+def test_streaming_is_chosen_above_the_memory_threshold(tree, cache, monkeypatch):
+    assert isinstance(load(tree, cache_dir=cache, progress=False).train, ImageSet)  # 13 tiny images fit
+    monkeypatch.setattr(data, "available_memory", lambda: 5000)  # 13×3×8×8 = 2496 B > 0.25 × 5000 B
+    assert isinstance(load(tree, cache_dir=cache, progress=False).train, stream.StreamImageSet)
+    assert isinstance(load(tree, cache_dir=cache, threshold=0.5, progress=False).train, ImageSet)
+    assert isinstance(load(tree, cache_dir=cache, stream=False, progress=False).train, ImageSet)
+    # every process on the machine holds its own copy
+    assert isinstance(load(tree, cache_dir=cache, threshold=0.5, processes_per_machine=2, progress=False).train,
+                      stream.StreamImageSet)
+    with pytest.raises(DataError, match="--stream-threshold"):
+        load(tree, threshold=0)
+
+
+def test_stream_needs_a_folder_tree(tree, tmp_path, cache):
+    archive = tmp_path / "tree.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(tree, arcname="tree")
+    with pytest.raises(DataError, match="image-folder tree"):
+        load(archive, stream=True)
+    assert isinstance(load(archive, cache_dir=cache, progress=False).train, ImageSet)  # archives load into memory
+
+
+def test_option_checks(tree):
+    with pytest.raises(DataError, match="image size must be positive"):
+        load(tree, img_size=(0, 8), stream=True)
+    with pytest.raises(DataError, match="in_chans must be 1 or 3"):
+        load(tree, in_chans=2, stream=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""cct.stream: a streamed image-folder tree yields the in-memory path's images, and trains identically."""
+"""cct.stream: a streamed image-folder tree yields the in-memory path's images, trains and evaluates identically."""
 import json
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cct import cli, data, stream
+from cct import cli, create_model, data, save_checkpoint, stream
 from cct.data import DataError
 
 CLASSES = ["ant", "bee", "cat"]
@@ -41,7 +41,7 @@ def tree(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("img_size", [None, 12])
 def test_streamed_images_equal_in_memory_images(tree, img_size):
     memory = data.load(tree, img_size=img_size, progress=False)
-    streamed = stream.load(tree, img_size=img_size, stream=True, workers=1, progress=False)
+    streamed = data.load(tree, img_size=img_size, stream=True, workers=1, progress=False)
     assert isinstance(streamed.train, stream.StreamImageSet) and streamed.classes == memory.classes
     assert streamed.in_chans == memory.in_chans == 3 and streamed.img_size == memory.img_size
     for part in ("train", "test"):
@@ -55,8 +55,8 @@ def test_streamed_images_equal_in_memory_images(tree, img_size):
     train_lazy, val_lazy = data.split(streamed, train_limit=None, val_split=0.25, seed=1)
     assert torch.equal(val_lazy.images[torch.arange(len(val_mem))], val_mem.images)
     batches = list(data.batch_indices(len(train_mem), 4, torch.Generator().manual_seed(0)))
-    got = list(stream.load_batches(train_lazy, batches))
-    want = list(stream.load_batches(train_mem, batches))
+    got = list(data.load_batches(train_lazy, batches))
+    want = list(data.load_batches(train_mem, batches))
     assert len(got) == len(want) == len(batches)
     for (i1, x1, y1), (i2, x2, y2) in zip(got, want):
         assert torch.equal(i1, i2) and torch.equal(x1, x2) and torch.equal(y1, y2) and x1.dtype == torch.uint8
@@ -68,42 +68,19 @@ def test_grayscale_tree_streams_one_channel(tmp_path):
             (tmp_path / "gray" / split / name).mkdir(parents=True)
             Image.fromarray(np.full((8, 8), 40 * len(name), np.uint8)).save(tmp_path / "gray" / split / name / "a.png")
     memory = data.load(tmp_path / "gray", progress=False)
-    streamed = stream.load(tmp_path / "gray", stream=True, workers=0)
+    streamed = data.load(tmp_path / "gray", stream=True, workers=0)
     assert streamed.in_chans == memory.in_chans == 1
     assert torch.equal(streamed.train.images[torch.arange(3)], memory.train.images)
-
-
-def test_streaming_is_chosen_above_the_memory_threshold(tree, monkeypatch):
-    assert isinstance(stream.load(tree, progress=False).train, data.ImageSet)  # 33 tiny images fit
-    monkeypatch.setattr(stream, "available_memory", lambda: 100_000)  # 33×3×16×16 = 25 KB > 0.25 × 100 KB
-    assert isinstance(stream.load(tree, progress=False).train, stream.StreamImageSet)
-    assert isinstance(stream.load(tree, threshold=0.5, progress=False).train, data.ImageSet)
-    assert isinstance(stream.load(tree, stream=False, progress=False).train, data.ImageSet)
-    # every process on the machine holds its own copy
-    assert isinstance(stream.load(tree, threshold=0.5, processes_per_machine=2, progress=False).train,
-                      stream.StreamImageSet)
-    with pytest.raises(DataError, match="--stream-threshold"):
-        stream.load(tree, threshold=0)
-
-
-def test_stream_needs_a_folder_tree(tree, tmp_path):
-    import tarfile
-    archive = tmp_path / "tree.tar"
-    with tarfile.open(archive, "w") as tf:
-        tf.add(tree, arcname="tree")
-    with pytest.raises(DataError, match="image-folder tree"):
-        stream.load(archive, stream=True)
-    assert isinstance(stream.load(archive, progress=False).train, data.ImageSet)  # archives load into memory
 
 
 def test_unreadable_image_is_one_error_or_black(tree, tmp_path):
     import shutil
     root = shutil.copytree(tree, tmp_path / "bad")
     (root / "train" / "ant" / "0.png").write_bytes(b"not an image")
-    streamed = stream.load(root, stream=True, workers=1)
+    streamed = data.load(root, stream=True, workers=1)
     with pytest.raises(DataError, match=r"cannot read image .*ant/0\.png.*--skip-bad-images"):
         list(streamed.train.images.split(4))  # raised in this process, not as a worker's traceback
-    skipping = stream.load(root, stream=True, workers=0, skip_bad_images=True)
+    skipping = data.load(root, stream=True, workers=0, skip_bad_images=True)
     first = skipping.train.images[torch.tensor([0, 1])]
     assert first.shape == (2, 3, 16, 16) and first[0].sum() == 0 and first[1].sum() > 0
 
@@ -118,3 +95,29 @@ def test_training_streamed_equals_training_in_memory(tree, tmp_path):
         assert memory[key] == streamed[key], key
     assert (tmp_path / "memory" / "history.csv").read_text().split(",")[:-1] == \
         (tmp_path / "stream" / "history.csv").read_text().split(",")[:-1]  # all but the last column, seconds
+
+
+def test_eval_streamed_equals_eval_in_memory(tree, tmp_path, monkeypatch, capsys):
+    """`cct eval` streams a test set too large for memory, batch by batch, to the same figures."""
+    torch.manual_seed(0)
+    model = create_model("cct_2_3x2_32", num_classes=3, img_size=16)
+    model.class_names = CLASSES
+    ckpt = save_checkpoint(model, tmp_path / "m.pt", eval={"precision": "fp32", "batch_size": 4, "tta": True,
+                                                            "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]})
+
+    def run_eval(available_memory):
+        monkeypatch.setattr(data, "available_memory", lambda: available_memory)
+        assert cli.main(["eval", str(ckpt), "--data", str(tree), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    memory = run_eval(None)  # memory unknown: loaded into memory
+    decoded, real = [], stream.StreamImages.batches
+
+    def spy(self, index_batches, **kwargs):
+        index_batches = list(index_batches)
+        decoded.append([len(b) for b in index_batches])
+        return real(self, index_batches, **kwargs)
+    monkeypatch.setattr(stream.StreamImages, "batches", spy)
+    streamed = run_eval(1000)  # 33 images of 3×16×16 take 25 KB: streamed
+    assert decoded == [[4, 4, 1]]  # the 9 test images, decoded in batches of the checkpoint's size
+    assert streamed == memory and memory["n"] == 9 and memory["tta"] and memory["batch_size"] == 4

@@ -1,6 +1,6 @@
 """Classify image files with a checkpoint or an exported ONNX model — `cct predict`.
 
-An image of any size and Pillow mode is decoded as `cct.data` decodes a dataset's images, so a
+An image of any size and Pillow mode is decoded as a dataset's images are (`cct.decode`), so a
 prediction sees what training and `cct eval` saw: palette images go through RGBA, the image is
 converted to the model's channels (RGB, or ITU-R 601-2 luma for one channel; alpha is dropped)
 and resized to the model's input size with Pillow's bicubic filter (JPEGs first shrink while
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, read_checkpoint
-from .data import DataError, refusing_decompression_bombs
+from .decode import decode_image
 from .errors import CCTError
 from .kernels import KERNELS, fuse, use_kernels
 from .preprocess import Preprocessing
@@ -35,30 +35,14 @@ BATCH_SIZE = 256
 
 
 def load_image(path: str | Path, img_size: tuple[int, int], in_chans: int) -> torch.Tensor:
-    """One image file as a uint8 (C, H, W) tensor of the model's size and channels.
+    """One image file as a uint8 (C, H, W) tensor of the model's size and channels, decoded by
+    `cct.decode.decode_image` as datasets are.
 
     Raises `cct.data.DataError` (a `CCTError`) naming the file when it cannot be read.
     """
-    from PIL import Image
     if in_chans not in (1, 3):
         raise CCTError(f"cannot feed image files to a model of {in_chans} input channels (only 1 or 3)")
-    h, w = img_size
-    try:
-        with refusing_decompression_bombs(), Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft("L" if in_chans == 1 else "RGB", (w, h))
-            if im.mode in ("P", "PA"):
-                im = im.convert("RGBA")
-            im = im.convert("L" if in_chans == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BICUBIC)
-            array = np.asarray(im, dtype=np.uint8).copy()
-    except Exception as e:  # Pillow raises many types for unreadable or missing files
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
-        raise DataError(f"cannot read image {path}: {reason}") from None
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (C, H, W)
+    return torch.from_numpy(decode_image(path, size=tuple(img_size), channels=in_chans))
 
 
 @dataclass

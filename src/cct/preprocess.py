@@ -15,9 +15,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from .augment import normalize
-from .data import CIFAR_MEAN, CIFAR_STD
+from .cifar import CIFAR_MEAN, CIFAR_STD
 
-RESIZE = "bicubic"  # as cct.data resizes image-folder datasets
+RESIZE = "bicubic"  # as cct.decode resizes images
 
 
 def _floats(values) -> tuple[float, ...] | None:

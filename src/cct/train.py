@@ -98,7 +98,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def augment_config(cfg: TrainConfig, mean, std):
-    from .augment import AugmentConfig
+    from .policies import AugmentConfig
     return AugmentConfig(translate=cfg.translate, hflip=cfg.hflip, rrc_scale=cfg.rrc_scale,
                          rrc_interpolation=cfg.rrc_interpolation, rand_augment=cfg.rand_augment,
                          auto_augment=cfg.auto_augment,
@@ -151,7 +151,7 @@ class TrainStep:
         and left in `self.shared`; they travel in the step's own collective where it has one, so that
         a step synchronises the processes once.
         """
-        from .augment import augment_batch
+        from .policies import augment_batch
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, targets = augment_batch(images, labels, self.generator, self.aug_cfg, num_classes=self.num_classes, mix=mix)
@@ -320,12 +320,11 @@ def _log(cfg_quiet: bool, *parts) -> None:
 def _load_data(cfg: TrainConfig, dataset, quiet: bool):
     from . import data as data_mod
     if dataset is None:
-        from . import stream
         with distributed.main_process_first():  # rank 0 decodes and caches; the others then read the cache
-            dataset = stream.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
-                                  skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
-                                  threshold=cfg.stream_threshold, workers=cfg.loader_workers,
-                                  processes_per_machine=distributed.env_from_environ().local_world_size)
+            dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                                    skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
+                                    threshold=cfg.stream_threshold, workers=cfg.loader_workers,
+                                    processes_per_machine=distributed.env_from_environ().local_world_size)
     train_set, val_set = data_mod.split(dataset, train_limit=cfg.train_limit, val_split=cfg.val_split, seed=cfg.seed)
     if len(train_set.labels) == 0:
         raise CCTError(f"{cfg.data}: no training images")
@@ -570,7 +569,7 @@ def train(config: TrainConfig, *, dataset=None, resume: bool = False, quiet: boo
             steps_this_epoch = min(steps_per_epoch, state["total_steps"] - state["step"] + state["batch"])
             bar = _progress(quiet, epoch, total_epochs, n_train, state["batch"] * local_batch)
             lr = learning_rate(state["step"])
-            for idx, images, labels in stream_mod.load_batches(train_set, batches, pin_memory=device.type == "cuda"):
+            for idx, images, labels in data_mod.load_batches(train_set, batches, pin_memory=device.type == "cuda"):
                 if state["batch"] >= steps_this_epoch:
                     break
                 lr = learning_rate(state["step"])

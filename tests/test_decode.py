@@ -1,0 +1,93 @@
+"""cct.decode: the one image decoder — modes, sizes, errors, refused bombs — shared by datasets, streaming and predict."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cct import data, decode, predict
+from cct.decode import UnreadableImageError, decode_image, decode_images, image_header, resize_image
+from cct.sources import DataError
+
+MODES = (("rgb.jpg", (45, 61), "RGB"), ("rgba.png", (32, 32), "RGBA"), ("gray.png", (10, 90), "L"),
+         ("palette.gif", (40, 20), "P"), ("cmyk.jpg", (33, 33), "CMYK"), ("bits.bmp", (64, 64), "1"),
+         ("deep.png", (16, 24), "I;16"), ("big.jpg", (120, 100), "RGB"))
+
+
+def _files(folder) -> list:
+    """Files of several sizes and Pillow modes, as users have them."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, (h, w), mode in MODES:
+        Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)).convert(mode).save(folder / name)
+        files.append(folder / name)
+    return files
+
+
+def test_modes_sizes_and_channels(tmp_path):
+    for path in _files(tmp_path):
+        with Image.open(path) as im:
+            native = im.size[::-1]
+            gray = im.mode in decode.GRAY_MODES
+        a = decode_image(path, size=None, channels=None)
+        assert a.dtype == np.uint8 and a.shape == (1 if gray else 3, *native) and a.flags.c_contiguous
+        assert decode_image(str(path), size=(12, 20), channels=1).shape == (1, 12, 20)
+        assert decode_image(path.read_bytes(), size=(12, 20), channels=3).shape == (3, 12, 20)
+        assert image_header(path) == (native, Image.open(path).mode)
+    rgba = decode_image(tmp_path / "rgba.png", size=None, channels=3)  # alpha dropped, as Pillow's convert
+    assert np.array_equal(rgba, np.asarray(Image.open(tmp_path / "rgba.png").convert("RGB")).transpose(2, 0, 1))
+    luma = decode_image(tmp_path / "rgba.png", size=None, channels=1)
+    assert np.array_equal(luma[0], np.asarray(Image.open(tmp_path / "rgba.png").convert("RGB").convert("L")))
+
+
+def test_resize_is_pillow_bicubic(tmp_path):
+    (path,) = [p for p in _files(tmp_path) if p.name == "rgba.png"]
+    a = decode_image(path, size=None, channels=3)
+    want = np.asarray(Image.open(path).convert("RGB").resize((7, 9), Image.BICUBIC)).transpose(2, 0, 1)
+    assert np.array_equal(resize_image(a, (9, 7)), want)
+    assert np.array_equal(decode_image(path, size=(9, 7), channels=3), want)  # PNG: no draft, the same resize
+    assert resize_image(a[:1], (9, 7)).shape == (1, 9, 7)
+
+
+def test_unreadable_images_name_the_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {bad}: cannot identify image file") as e:
+        decode_image(bad, size=(8, 8), channels=3)
+    assert isinstance(e.value, DataError) and type(e.value.cause).__name__ == "UnidentifiedImageError"
+    with pytest.raises(DataError, match="No such file"):
+        decode_image(tmp_path / "missing.png", size=None, channels=None)
+    with pytest.raises(DataError, match=r"cannot read image \(12 bytes\)"):
+        decode_image(b"not an image", size=None, channels=None)
+    out = decode_images([b"not an image", (tmp_path / "x.png").as_posix()], size=None, channels=None, progress=False)
+    assert out[0].startswith("UnidentifiedImageError: ") and out[1].startswith("FileNotFoundError: ")
+
+
+def test_images_past_the_pixel_limit_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    Image.new("RGB", (80, 80)).save(tmp_path / "big.png")  # above the limit, below twice it: Pillow only warns
+    with pytest.raises(DataError, match="exceeds limit"):
+        decode_image(tmp_path / "big.png", size=(8, 8), channels=3)
+    with pytest.raises(DataError, match="exceeds limit"):
+        image_header(tmp_path / "big.png")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_predict_data_and_stream_decode_identically(tmp_path, channels):
+    """One decoder: `cct predict`, the in-memory dataset and the streamed one see the same pixels, JPEG
+    draft-mode shrinking, palettes, CMYK and 16-bit images included."""
+    assert predict.decode_image is decode.decode_image
+    files = _files(tmp_path / "tree" / "train" / "a")
+    _files(tmp_path / "tree" / "test" / "a")
+    size = (24, 16)
+    memory = data.load(tmp_path / "tree", img_size=size, in_chans=channels, cache_dir=tmp_path / "cache",
+                       stream=False, progress=False)
+    streamed = data.load(tmp_path / "tree", img_size=size, in_chans=channels, stream=True, workers=0,
+                         progress=False)
+    order = sorted(files, key=lambda p: p.name)  # the dataset's file order within a class
+    from_predict = torch.stack([predict.load_image(p, size, channels) for p in order])
+    assert from_predict.shape == (len(files), channels, *size)
+    assert torch.equal(memory.train.images, from_predict)
+    assert torch.equal(streamed.train.images[torch.arange(len(files))], from_predict)
+    assert torch.equal(from_predict[0], torch.from_numpy(decode_image(order[0].read_bytes(), size=size,
+                                                                      channels=channels)))  # bytes as a path

@@ -1,0 +1,129 @@
+"""cct.sources: folders and archives as files, the safety of archives (paths, links, truncation), the tree layout."""
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from data_fixtures import make_tree, pack
+from cct.data import load
+from cct.sources import DataError, Files, tree_items
+
+COUNTS = {"train": {"dog": 3, "cat": 4, "ant": 2}, "test": {"cat": 2, "dog": 1, "ant": 1}}
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    return make_tree(tmp_path / "tree", COUNTS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sources
+
+
+@pytest.mark.parametrize("name", ["t.tar", "t.tar.gz", "t.zip"])
+@pytest.mark.parametrize("top", [None, "cifar-like"])
+def test_image_tree_archives(tree, tmp_path, cache, name, top):
+    reference = load(tree, cache_dir=cache, progress=False)
+    ds = load(pack(tree, tmp_path / name, top), cache_dir=cache, progress=False)
+    assert ds.classes == reference.classes
+    assert torch.equal(ds.train.images, reference.train.images) and torch.equal(ds.test.labels, reference.test.labels)
+
+
+def test_files_of_a_folder_and_its_archives_are_the_same(tree, tmp_path):
+    folder = Files(tree)
+    assert folder.kind == "folder" and "train/ant/000.png" in folder.names
+    for name, kind in (("t.tar.gz", "tar"), ("t.zip", "zip")):
+        archive = Files(pack(tree, tmp_path / name, None))
+        assert archive.kind == kind and archive.names == folder.names
+        assert all(archive.read(n) == folder.read(n) for n in folder.names)
+        assert isinstance(archive.handle(folder.names[0]), bytes)  # archives stay in memory
+    assert folder.handle(folder.names[0]) == str(tree / folder.names[0])  # folders are read by path
+
+
+def test_tree_items_order_and_wrapping_folder(tree, tmp_path):
+    classes, items = tree_items(Files(tree))
+    assert classes == ["ant", "cat", "dog"] and set(items) == {"train", "test"}
+    assert [label for label, _ in items["train"]] == [0, 0, 1, 1, 1, 1, 2, 2, 2]  # (class, name) order
+    assert items["train"][0] == (0, "train/ant/000.png")
+    wrapped = tree_items(Files(pack(tree, tmp_path / "w.zip", "top")))
+    assert wrapped[0] == classes and [n for _, n in wrapped[1]["test"]] == [f"top/{n}" for _, n in items["test"]]
+    (tree / "train" / ".hidden").mkdir()
+    (tree / "train" / ".hidden" / "x.png").write_bytes(b"x")  # hidden folders are no class
+    assert tree_items(Files(tree))[0] == classes
+    with pytest.raises(DataError, match="test/zebra is not a class of train"):
+        tree_items(Files(make_tree(tmp_path / "u", {"train": {"a": 1}, "test": {"zebra": 1}})))
+
+
+def test_truncated_tar_refused(tree, tmp_path):
+    archive = pack(tree, tmp_path / "t.tar", None)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(archive.read_bytes()[:archive.stat().st_size // 2 + 100])
+    with pytest.raises(DataError, match="cannot read archive"):
+        Files(cut)
+
+
+# ---------------------------------------------------------------------------------------------------
+# archive safety
+
+
+def _tar_with(dest: Path, member: tarfile.TarInfo, payload: bytes = b"x") -> Path:
+    with tarfile.open(dest, "w") as tf:
+        ok = tarfile.TarInfo("train/a/0.png")
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(buf, "png")
+        ok.size = len(buf.getvalue())
+        tf.addfile(ok, io.BytesIO(buf.getvalue()))
+        if member.isfile():
+            member.size = len(payload)
+            tf.addfile(member, io.BytesIO(payload))
+        else:
+            tf.addfile(member)
+    return dest
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "train/../../evil.png", "/tmp/evil.png"])
+def test_traversal_refused(tmp_path, cache, name):
+    with pytest.raises(DataError, match="refused.*outside"):
+        load(_tar_with(tmp_path / "x.tar", tarfile.TarInfo(name)), cache_dir=cache, progress=False)
+    with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
+        zf.writestr("train/a/0.png", b"x")
+        zf.writestr(zipfile.ZipInfo(name), b"x")
+    with pytest.raises(DataError, match="refused.*outside"):
+        load(tmp_path / "x.zip", cache_dir=cache, progress=False)
+    assert not (tmp_path / "evil.png").exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_tar_links_refused(tmp_path, cache, kind):
+    link = tarfile.TarInfo("train/a/link.png")
+    link.type, link.linkname = kind, "train/a/0.png"
+    with pytest.raises(DataError, match="refused.*link"):
+        load(_tar_with(tmp_path / "x.tar", link), cache_dir=cache, progress=False)
+
+
+def test_zip_symlink_refused(tmp_path, cache):
+    info = zipfile.ZipInfo("train/a/link.png")
+    info.external_attr = (0o120777 << 16)  # S_IFLNK
+    with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(DataError, match="refused.*link"):
+        load(tmp_path / "x.zip", cache_dir=cache, progress=False)
+
+
+def test_missing_and_foreign_sources(tmp_path, cache):
+    with pytest.raises(DataError, match="not found"):
+        load(tmp_path / "nope", cache_dir=cache)
+    (tmp_path / "f.txt").write_text("hello")
+    with pytest.raises(DataError, match="not a folder"):
+        load(tmp_path / "f.txt", cache_dir=cache)
+
+
