@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, read_checkpoint
 from .data import CIFAR_MEAN, CIFAR_STD
 from .errors import CCTError, CheckpointError
-from .runtime import autocast, resolve_device, resolve_precision, tune_allocator
+from .runtime import autocast, recorded_precision, resolve_device, resolve_precision, tune_allocator
 
 
 @dataclass
@@ -155,7 +155,7 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
     from . import data as data_mod
     device = resolve_device(device)
     model, settings = load_for_eval(path, device)
-    precision = resolve_precision(precision or settings.precision, device)
+    precision = resolve_precision(precision or recorded_precision(settings.precision, device), device)
     batch_size = settings.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise CCTError(f"--batch-size must be at least 1, got {batch_size}")

@@ -112,17 +112,19 @@ def open_classifier(path: str | Path, precision: str | None = None) -> Classifie
 
     Args:
         path: the model file.
-        precision: for checkpoints, "fp32", "bf16" or "auto"; default: the one recorded by training, else fp32.
+        precision: for checkpoints, "fp32", "bf16" or "auto"; default: the one recorded by training (fp16, a
+            CUDA precision, runs as fp32 here), else fp32.
             An ONNX model always computes in float32.
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return _open_onnx(path)
     from .checkpoint import load_checkpoint, read_checkpoint
-    from .runtime import autocast, resolve_precision
+    from .runtime import autocast, recorded_precision, resolve_precision
     model = load_checkpoint(path).float().eval()
     data = read_checkpoint(path)
-    precision = resolve_precision(precision or (data.get("eval") or {}).get("precision") or "fp32", "cpu")
+    precision = resolve_precision(precision or recorded_precision((data.get("eval") or {}).get("precision") or "fp32",
+                                                                  "cpu"), "cpu")
 
     @torch.inference_mode()
     def logits(x: torch.Tensor) -> torch.Tensor:
