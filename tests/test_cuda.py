@@ -8,7 +8,11 @@ trained in fp16 on a GPU must still evaluate and predict on a CPU.
 """
 import copy
 import csv
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +252,58 @@ def test_a_checkpoint_trained_in_fp16_evaluates_and_predicts_on_a_cpu(tree, tmp_
     assert json.loads(out)["precision"] == "fp32"
     code, _, err = run_cli(["eval", str(path), "--data", str(tree), "--device", "cpu", "--precision", "fp16"], capsys)
     assert code == 2 and "fp16" in err  # asked for explicitly, it stays an error
+
+
+# ---------------------------------------------------------------------- benchmarks/gpu_check.sh (CI runs no GPU)
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+STAGES = ["setup", "cuda_tests", "train_keras", "train_paper", "torchrun", "bench", "official"]
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_script_parses_and_lists_its_stages_in_priority_order():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    listed = subprocess.run(["bash", str(SCRIPT), "--list"], capture_output=True, text=True, check=True).stdout
+    stages = [line.split() for line in listed.splitlines()]
+    assert [name for name, _ in stages] == STAGES
+    text = SCRIPT.read_text()
+    for name, timeout in stages:
+        assert 0 < int(timeout) <= 120 and f"stage_{name}() {{" in text and f"\nrun_stage {name}" in text, name
+    assert "BUDGET=285" in text  # the whole run stays under the 5 minutes a lease can spare
+    for argv in (["--bogus"], ["--only", "nope"], ["--budget", "x"]):
+        assert subprocess.run(["bash", str(SCRIPT), *argv], capture_output=True).returncode == 2, argv
+
+
+def test_gpu_check_dry_run_writes_the_summary(tmp_path):
+    """The plumbing for real on a CPU: setup (tiny tree) and the CUDA tests (all skipped) into $OUT/summary.json."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "cuda_tests"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["mode"] == "dry-run" and summary["done"] is True
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [("setup", "ok"), ("cuda_tests", "ok")]
+    tests = summary["stages"][1]["tests"]
+    assert tests["tests"] > 50 and tests["skipped"] == tests["tests"] and tests["failed"] == []
+    assert (tmp_path / "out" / "gpu_check.log").is_file()
+    assert not list(tmp_path.glob("cct_gpu_check.*"))  # its work folder is removed
+
+
+def test_gpu_check_bench_summary_finds_the_batch_that_fills_the_gpu():
+    fill_summary = _gpu_check_module().fill_summary
+    runs = [{"model": "m", "batch_size": b, "infer_batch_size": 2 * b, "train_images_per_second": r,
+             "train_gflops": g, "infer_images_per_second": 2 * r, "infer_gflops": g / 3}
+            for b, r, g in ((128, 1000.0, 100.0), (512, 9500.0, 950.0), (2048, 10000.0, 1000.0))]
+    runs.append({"model": "m", "batch_size": 8192, "error": "timed out"})
+    entry = fill_summary(runs, peak_gflops=4000.0)["m"]
+    assert entry["train"] == {"best_images_per_second": 10000.0, "best_batch": 2048, "batch_to_fill": 512,
+                              "share_of_bf16_peak": 0.25}
+    assert entry["infer"]["best_batch"] == 4096 and entry["infer"]["batch_to_fill"] == 1024
+    assert [b["train_batch"] for b in entry["batches"]] == [128, 512, 2048]
+    assert fill_summary(runs, peak_gflops=None)["m"]["train"]["share_of_bf16_peak"] is None
