@@ -118,7 +118,7 @@ stage_setup() {
         echo "dry run: not installing (would run: $PY -m pip install --no-deps --no-build-isolation -e .)"
         run "$PY" benchmarks/gpu_check.py make-tree "$DATA" || return 1
     else
-        run nvidia-smi || return 1
+        run nvidia-smi || echo "nvidia-smi failed; torch decides below whether CUDA works"
         run "$PY" -m pip install --no-deps --no-build-isolation -e . || return 1
         [[ -f $DATA ]] || { echo "no $DATA: run benchmarks/gpu_check.sh --prepare and carry $CARRY"; return 1; }
     fi

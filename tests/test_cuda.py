@@ -10,6 +10,7 @@ import copy
 import csv
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -126,18 +127,6 @@ def runs(tree, tmp_path_factory) -> dict[str, Path]:
     return outs
 
 
-@requires_cuda
-@pytest.mark.parametrize("key, tolerance", [("fp32", 5e-3), ("bf16", 0.05), ("fp16", 0.05)])
-def test_training_in_each_precision_follows_the_cpu_run(runs, key, tolerance):
-    results = json.loads((runs[key] / "results.json").read_text())
-    assert results["device"].startswith("cuda") and results["precision"] == key
-    assert results["epochs"] == 4 and results["skipped_steps"] == 0
-    ref, got = history(runs["cpu-fp32"]), history(runs[key])
-    assert len(got) == len(ref) == 4
-    for r, g in zip(ref, got):  # fp32 differs from the CPU by cuDNN's TF32 convolutions only
-        assert abs(g["train_loss"] - r["train_loss"]) <= tolerance * max(1.0, r["train_loss"]), (r, g)
-
-
 def _find_scaler_states(obj) -> list[dict]:
     """Every GradScaler state dict (a dict with a float "scale") inside a checkpoint, wherever it is kept."""
     found = []
@@ -150,6 +139,31 @@ def _find_scaler_states(obj) -> list[dict]:
         for value in obj:
             found += _find_scaler_states(value)
     return found
+
+
+def _scaler_skips(run: Path) -> int:
+    """Steps the fp16 gradient scaler skipped on overflow: each halves its scale from 2**16 (no growth in 12 steps)."""
+    (state,) = _find_scaler_states(torch.load(run / "last.pt", weights_only=True))
+    return round(math.log2(2.0 ** 16 / state["scale"]))
+
+
+@requires_cuda
+@pytest.mark.parametrize("key, tolerance", [("fp32", 0.01), ("bf16", 0.03), ("fp16", 0.03)])
+def test_training_in_each_precision_follows_the_cpu_run(runs, key, tolerance):
+    results = json.loads((runs[key] / "results.json").read_text())
+    assert results["device"].startswith("cuda") and results["precision"] == key
+    assert results["epochs"] == 4 and results["skipped_steps"] == 0
+    if key == "fp16":  # a step the scaler skips on overflow is a step of progress missing (~0.07 of loss here)
+        skips = _scaler_skips(runs[key])
+        assert skips <= 4
+        tolerance += 0.08 * skips
+    ref, got = history(runs["cpu-fp32"]), history(runs[key])
+    assert len(got) == len(ref) == 4
+    # on a CPU this run goes from 1.16 to 0.61 (bf16 within 4e-4 of fp32); fp32 on CUDA differs from it by
+    # cuDNN's TF32 convolutions only
+    assert ref[-1]["train_loss"] < 0.8 * ref[0]["train_loss"]
+    for r, g in zip(ref, got):
+        assert abs(g["train_loss"] - r["train_loss"]) <= tolerance * max(1.0, r["train_loss"]), (r, g)
 
 
 @requires_cuda
