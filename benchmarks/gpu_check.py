@@ -4,7 +4,8 @@ official SHI-Labs model's timing, and a tiny image tree for the dry run.
 The shell script runs the stages (each under its own `timeout`) and calls `record` after each one, which
 rewrites the summary under `$OUT` atomically, so whatever a killed run leaves behind is a valid JSON file.
 Nothing here needs a GPU: with `--device cpu` every subcommand runs on a CPU (the script's `--dry-run`).
-Only the standard library and torch are imported at the top; the machine lending the GPU has no registry.
+Only the standard library is imported at the top, so that `record` after each stage starts in a moment;
+the subcommands that compute import torch (the machine lending the GPU has no registry: nothing else).
 
     python3 benchmarks/gpu_check.py init --summary OUT/summary.json --mode gpu --budget 285
     python3 benchmarks/gpu_check.py record --summary OUT/summary.json --stage NAME --status ok --rc 0 ...
@@ -21,14 +22,13 @@ import csv
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-
-import torch
 
 # a batch size "fills" the GPU when it reaches this share of the best rate measured for the model
 FILL_SHARE = 0.9
@@ -49,8 +49,46 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+# ---------------------------------------------------------------------- running a stage
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member we may not signal: still there
+        return True
+    return True
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """Run a stage in a process group of its own; on timeout SIGTERM the group (exit status 124).
+
+    `timeout` signals only the shell of a stage, which dies at once, and returns while torchrun's workers
+    or a `cct bench` child still run (and hold the GPU during the next stage). Here whatever the stage
+    leaves running gets `--grace` seconds to finish (a SIGTERMed `cct train` saves after its current
+    step), then SIGKILL.
+    """
+    with open(args.log, "ab") as log:
+        proc = subprocess.Popen(args.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            rc = 124
+        deadline = time.monotonic() + args.grace  # one grace period in all: a stage ends by timeout + grace
+        while proc.poll() is None or _group_alive(proc.pid):  # poll() reaps the shell: no zombie counts
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                log.write(f"[gpu_check] killed what the stage left running {args.grace:.0f} s on\n".encode())
+                proc.wait()
+                break
+            time.sleep(0.2)
+    sys.exit(rc)
+
+
 # ---------------------------------------------------------------------- summary
 def environment() -> dict:
+    import torch
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
            "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "machine": platform.machine()}
     if torch.cuda.is_available():
@@ -123,8 +161,9 @@ def cmd_finish(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- GEMM peak
-def gemm_peak(device: torch.device, precision: str, size: int, repeats: int = 10) -> dict:
-    """TFLOP/s of a (size × size) @ (size × size) product on random data: the median of `repeats` timings."""
+def gemm_peak(device, precision: str, size: int, repeats: int = 10) -> dict:
+    """GFLOP/s of a (size × size) @ (size × size) product on random data: the median of `repeats` timings."""
+    import torch
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -149,6 +188,7 @@ def gemm_peak(device: torch.device, precision: str, size: int, repeats: int = 10
 
 
 def cmd_peak(args: argparse.Namespace) -> None:
+    import torch
     result = gemm_peak(torch.device(args.device), args.precision, args.size)
     write_json(args.json_out, result)
     print(json.dumps(result))
@@ -232,6 +272,7 @@ def cmd_official(args: argparse.Namespace) -> None:
     autocast, label-smoothed cross-entropy, backward, AdamW step (no augmentation, in its favour); bf16
     needs no gradient scaler.
     """
+    import torch
     sys.path.insert(0, str(Path(args.repo).resolve()))  # before this repository's own src/ folder
     import src as official  # noqa: E402  (the official package: src/cct.py, src/cvt.py, src/vit.py)
     device = torch.device(args.device)
@@ -291,6 +332,7 @@ def cmd_official(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- dry-run data
 def cmd_make_tree(args: argparse.Namespace) -> None:
     """root/{train,test}/<class>/*.png at 32×32: each class its own mean colour (learnable, tiny)."""
+    import torch
     from PIL import Image
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", args.train_per_class), ("test", args.test_per_class)):
@@ -344,6 +386,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, required=True)
     p.add_argument("--commit", default=None)
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("run", help="run a stage's command in its own process group, with a timeout")
+    p.add_argument("--timeout", type=float, required=True)
+    p.add_argument("--grace", type=float, default=10.0, help="seconds left to stragglers before SIGKILL")
+    p.add_argument("--log", type=Path, required=True, help="the file the command's output is appended to")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- the command")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("record", help="add one stage's outcome to the summary")
     p.add_argument("--summary", type=Path, required=True)
@@ -408,6 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
+    if getattr(args, "argv", None) and args.argv[0] == "--":
+        args.argv = args.argv[1:]
     args.func(args)
 
 
