@@ -6,14 +6,7 @@ rewrites the summary under `$OUT` atomically, so whatever a killed run leaves be
 Nothing here needs a GPU: with `--device cpu` every subcommand runs on a CPU (the script's `--dry-run`).
 Only the standard library is imported at the top, so that `record` after each stage starts in a moment;
 the subcommands that compute import torch (the machine lending the GPU has no registry: nothing else).
-
-    python3 benchmarks/gpu_check.py init --summary OUT/summary.json --mode gpu --budget 285
-    python3 benchmarks/gpu_check.py record --summary OUT/summary.json --stage NAME --status ok --rc 0 ...
-    python3 benchmarks/gpu_check.py peak --device cuda --json-out WORK/peak.json
-    python3 benchmarks/gpu_check.py bench --device cuda --models cct_7_3x1_32 --batch-sizes 128 512 ...
-    python3 benchmarks/gpu_check.py official --repo gpu_carry/official --device cuda --batch-sizes 128 1024 ...
-    python3 benchmarks/gpu_check.py make-tree WORK/tree
-    python3 benchmarks/gpu_check.py report --summary OUT/summary.json
+`python3 benchmarks/gpu_check.py --help` lists the subcommands; gpu_check.sh shows how each is called.
 """
 from __future__ import annotations
 
@@ -53,11 +46,9 @@ def read_json(path: Path) -> dict | None:
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
+        return True
     except ProcessLookupError:
         return False
-    except PermissionError:  # a member we may not signal: still there
-        return True
-    return True
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -127,7 +118,7 @@ def train_outcome(out: Path) -> dict:
                                                    "world_size", "skipped_steps")})
     try:
         with open(out / "history.csv", newline="") as f:
-            result["history"] = [{k: v for k, v in row.items()} for row in csv.DictReader(f)]
+            result["history"] = list(csv.DictReader(f))
     except OSError:
         pass
     return result
@@ -150,13 +141,6 @@ def cmd_record(args: argparse.Namespace) -> None:
         stage["note"] = args.note
     summary["stages"] = [s for s in summary.get("stages", []) if s["name"] != args.stage] + [stage]
     summary["elapsed_s"] = args.elapsed
-    write_json(args.summary, summary)
-
-
-def cmd_finish(args: argparse.Namespace) -> None:
-    summary = read_json(args.summary) or {"stages": []}
-    summary.update(elapsed_s=args.elapsed, done=True,
-                   finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_json(args.summary, summary)
 
 
@@ -331,11 +315,11 @@ def cmd_official(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- dry-run data
 def cmd_make_tree(args: argparse.Namespace) -> None:
-    """root/{train,test}/<class>/*.png at 32×32: each class its own mean colour (learnable, tiny)."""
+    """root/{train,test}/<class>/*.png, 24 and 8 a class at 32×32: each class its own mean colour."""
     import torch
     from PIL import Image
     g = torch.Generator().manual_seed(0)
-    for split, n in (("train", args.train_per_class), ("test", args.test_per_class)):
+    for split, n in (("train", 24), ("test", 8)):
         for c, name in enumerate(("ant", "bee", "cat")):
             folder = Path(args.root) / split / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -346,8 +330,10 @@ def cmd_make_tree(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> None:
-    """A short table of the summary for the end of the script's output."""
-    s = read_json(args.summary) or {}
+    """Mark the summary complete, and print it as a short table for the end of the script's output."""
+    s = read_json(args.summary) or {"stages": []}
+    s.update(elapsed_s=args.elapsed, done=True, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    write_json(args.summary, s)
     env = s.get("environment", {})
     print(f"gpu_check ({s.get('mode')}): {env.get('gpu', 'no GPU')}, torch {env.get('torch')}, "
           f"{s.get('elapsed_s')} s of {s.get('budget_s')} s")
@@ -356,7 +342,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         tests = stage.get("tests")
         result = stage.get("result") or {}
         if tests:
-            line += f"  passed {tests['passed']}, failed {tests['failures'] + tests['errors']}, skipped {tests['skipped']}"
+            failed = tests["failures"] + tests["errors"]
+            line += f"  passed {tests['passed']}, failed {failed}, skipped {tests['skipped']}"
         elif "test_top1" in result:
             history = result.get("history") or [{}]
             line += (f"  steps {result.get('steps')}, {result.get('images_per_second')} img/s, test top-1 "
@@ -374,6 +361,17 @@ def cmd_report(args: argparse.Namespace) -> None:
                 line += f"\n      batch {run.get('batch_size')}: {run.get('train_images_per_second')} / " \
                         f"{run.get('infer_images_per_second')} img/s train / infer"
         print(line)
+
+
+def _sweep_args(p: argparse.ArgumentParser, budget: float) -> None:
+    """The options `bench` and `official` share: device, timing windows, time budget, output file."""
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch-sizes", nargs="+", type=int, required=True)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--budget", type=float, default=budget, help="seconds for the whole sweep")
+    p.add_argument("--json-out", type=Path, required=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -408,11 +406,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--elapsed", type=float, default=None)
     p.set_defaults(func=cmd_record)
 
-    p = sub.add_parser("finish", help="mark the summary complete")
-    p.add_argument("--summary", type=Path, required=True)
-    p.add_argument("--elapsed", type=float, default=None)
-    p.set_defaults(func=cmd_finish)
-
     p = sub.add_parser("peak", help="the GEMM rate of a large square product")
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
@@ -420,40 +413,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json-out", type=Path, required=True)
     p.set_defaults(func=cmd_peak)
 
-    p = sub.add_parser("bench", help="cct bench over models and batch sizes")
-    p.add_argument("--device", default="cuda")
+    p = sub.add_parser("bench", help="cct bench over models and batch sizes (inference at twice the batch)")
+    _sweep_args(p, budget=100)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--models", nargs="+", required=True)
-    p.add_argument("--batch-sizes", nargs="+", type=int, required=True)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--windows", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--timeout-each", type=float, default=60)
-    p.add_argument("--budget", type=float, default=100, help="seconds for the whole sweep")
+    p.add_argument("--timeout-each", type=float, default=60, help="seconds for one `cct bench`")
     p.add_argument("--peak", type=Path, default=None, help="the `peak` subcommand's JSON file")
-    p.add_argument("--json-out", type=Path, required=True)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("official", help="time the official SHI-Labs model with bf16 autocast")
     p.add_argument("--repo", required=True, help="a folder holding the official src/ package")
     p.add_argument("--model", default="cct_7_3x1_32")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--batch-sizes", nargs="+", type=int, required=True)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--windows", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--budget", type=float, default=40)
-    p.add_argument("--json-out", type=Path, required=True)
+    _sweep_args(p, budget=40)
     p.set_defaults(func=cmd_official)
 
     p = sub.add_parser("make-tree", help="a tiny image tree for the dry run")
     p.add_argument("root")
-    p.add_argument("--train-per-class", type=int, default=24)
-    p.add_argument("--test-per-class", type=int, default=8)
     p.set_defaults(func=cmd_make_tree)
 
-    p = sub.add_parser("report", help="print the summary as a short table")
+    p = sub.add_parser("report", help="mark the summary complete and print it as a short table")
     p.add_argument("--summary", type=Path, required=True)
+    p.add_argument("--elapsed", type=float, default=None)
     p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)

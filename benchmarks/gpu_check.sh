@@ -123,7 +123,7 @@ stage_setup() {
         run "$PY" -m pip install --no-deps --no-build-isolation -e . || return 1
         [[ -f $DATA ]] || { echo "no $DATA: run benchmarks/gpu_check.sh --prepare and carry $CARRY"; return 1; }
     fi
-    "$PY" -c "import cct, torch; print('cct', cct.__file__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())
+    "$PY" -c "import cct, torch; print('cct', cct.__file__, 'torch', torch.__version__, torch.cuda.is_available())
 assert '$MODE' == 'dry-run' or torch.cuda.is_available(), 'torch sees no CUDA device'" || return 1
 }
 stage_cuda_tests() {
@@ -197,7 +197,6 @@ run_stage torchrun --train-out "$WORK/runs/torchrun"
 run_stage bench --result-json "$OUT/bench.json"
 run_stage official --result-json "$OUT/official.json"
 
-helper finish --summary "$SUMMARY" --elapsed "$(($(date +%s) - START))" >>"$LOG" 2>&1
-helper report --summary "$SUMMARY"
+helper report --summary "$SUMMARY" --elapsed "$(($(date +%s) - START))"
 echo "summary: $SUMMARY, log: $LOG"
 rm -rf "$WORK"
