@@ -33,21 +33,28 @@ from . import distributed
 from .runtime import configure_threads, cpu_supports_bf16, resolve_device, resolve_precision, tune_allocator
 
 
-def timed_windows(fn: Callable[[], object], *, warmup: int, steps: int, windows: int) -> list[float]:
+def timed_windows(fn: Callable[[], object], *, warmup: int, steps: int, windows: int,
+                  device: torch.device | None = None) -> list[float]:
     """Seconds taken by each of `windows` windows of `steps` consecutive calls, after `warmup` calls.
 
     In a job of several processes (`--procs`) every window starts and ends at a barrier, so that it
-    times the whole job's work.
+    times the whole job's work. On a CUDA `device` it also starts and ends with a synchronisation:
+    the calls only queue GPU work, and a window must not end before that work does.
     """
+    def settle() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        distributed.barrier()
+
     for _ in range(warmup):
         fn()
     seconds = []
     for _ in range(windows):
-        distributed.barrier()
+        settle()
         start = time.perf_counter()
         for _ in range(steps):
             fn()
-        distributed.barrier()
+        settle()
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -166,7 +173,7 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
 
         _log(quiet, f"timing training: {model}, batch {batch_size}, {prec}, recipe {recipe}, "
                     f"{world_size} process(es) of {threads} thread(s)")
-        seconds = timed_windows(train_step, warmup=warmup, steps=steps, windows=windows)
+        seconds = timed_windows(train_step, warmup=warmup, steps=steps, windows=windows, device=dev)
         rates = [steps * batch_size / s for s in seconds]
         rate = statistics.median(rates)
         result.update(recipe=recipe, train_images_per_second=round(rate, 1),
@@ -187,7 +194,7 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
                            mean=None, std=None, device=dev)
 
         _log(quiet, f"timing inference: batch {infer_batch_size}, {prec}")
-        seconds = timed_windows(infer_step, warmup=max(2, warmup // 2), steps=steps, windows=windows)
+        seconds = timed_windows(infer_step, warmup=max(2, warmup // 2), steps=steps, windows=windows, device=dev)
         rates = [steps * infer_batch_size / s for s in seconds]
         rate = statistics.median(rates)
         result.update(infer_images_per_second=round(rate, 1), infer_window_rates=[round(r, 1) for r in rates],

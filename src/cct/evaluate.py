@@ -23,7 +23,7 @@ from .checkpoint import load_checkpoint, read_checkpoint
 from .errors import CCTError, CheckpointError
 from .kernels import KERNELS, fuse, use_kernels
 from .preprocess import Preprocessing
-from .runtime import PRECISIONS, autocast, resolve_device, resolve_precision, tune_allocator
+from .runtime import PRECISIONS, autocast, recorded_precision, resolve_device, resolve_precision, tune_allocator
 
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu", *,
@@ -106,6 +106,7 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
     """Evaluate a checkpoint on a data source, with the checkpoint's evaluation settings unless overridden."""
     device = resolve_device(device)
     model, prep = load_for_eval(path, device, kernels=kernels)
+    prep = replace(prep, precision=recorded_precision(prep.precision, device))
     overrides = {k: v for k, v in dict(precision=precision, batch_size=batch_size, tta=tta).items() if v is not None}
     prep = replace(prep, **overrides)
     if prep.batch_size < 1:

@@ -27,9 +27,9 @@ import torch
 from .checkpoint import load_checkpoint, read_checkpoint
 from .decode import decode_image
 from .errors import CCTError
-from .kernels import KERNELS, fuse, use_kernels
+from .kernels import fuse, use_kernels
 from .preprocess import Preprocessing
-from .runtime import autocast, resolve_precision
+from .runtime import autocast, recorded_precision, resolve_precision
 
 BATCH_SIZE = 256
 
@@ -59,7 +59,8 @@ def open_classifier(path: str | Path, precision: str | None = None, *, kernels: 
 
     Args:
         path: the model file.
-        precision: for checkpoints, "fp32", "bf16" or "auto"; default: the one recorded by training, else fp32.
+        precision: for checkpoints, "fp32", "bf16" or "auto"; default: the one recorded by training (fp16, a
+            CUDA precision, runs as fp32 here), else fp32.
             An ONNX model always computes in float32.
         kernels: for checkpoints, "fast" (`cct.kernels`, fused for inference) or "reference".
     """
@@ -68,7 +69,7 @@ def open_classifier(path: str | Path, precision: str | None = None, *, kernels: 
         return _open_onnx(path)
     model = fuse(use_kernels(load_checkpoint(path).float().eval(), kernels))
     prep = Preprocessing.from_checkpoint(read_checkpoint(path))
-    precision = resolve_precision(precision or prep.precision, "cpu")
+    precision = resolve_precision(precision or recorded_precision(prep.precision, "cpu"), "cpu")
 
     @torch.inference_mode()
     def logits(x: torch.Tensor) -> torch.Tensor:

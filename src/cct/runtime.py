@@ -46,6 +46,16 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def recorded_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """The precision a checkpoint recorded in training, for running it on `device`.
+
+    fp16 exists for CUDA (autocast with a gradient scaler); a checkpoint trained so on a GPU is
+    evaluated in fp32 on a CPU, where `resolve_precision` refuses fp16. A precision the user asks
+    for explicitly does not come through here, so `--precision fp16` on a CPU stays an error.
+    """
+    return "fp32" if precision == "fp16" and torch.device(device).type == "cpu" else precision
+
+
 def autocast(precision: str, device: torch.device | str = "cpu"):
     """An autocast context for a resolved precision ('fp32' → no autocast)."""
     device = torch.device(device)
