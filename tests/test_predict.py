@@ -105,9 +105,11 @@ def test_bad_image_is_one_line_naming_the_file(tmp_path, capsys, content):
         bad.write_bytes(content)
     with pytest.raises(CCTError, match="broken.png"):
         predict(_checkpoint(tmp_path), [str(bad)])
-    assert main(["predict", str(tmp_path / "m.pt"), *_images(tmp_path)[:1], str(bad)]) == 2
+    good = _images(tmp_path)[:1]
+    assert main(["predict", str(tmp_path / "m.pt"), *good, str(bad)]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "broken.png" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and "broken.png" in captured.err
+    assert captured.out.splitlines()[0] == good[0] and "broken.png" not in captured.out  # the others still classified
 
 
 def test_truncated_image_is_an_error(tmp_path):
