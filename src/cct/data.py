@@ -11,10 +11,16 @@ Sources accepted by `load` (and `--data SOURCE` on the command line):
 - a path to one of those archives or to its extracted folder;
 - an image-folder tree ``root/train/<class>/*``, ``root/test/<class>/*``, optionally ``root/val/<class>/*``
   (torchvision's ImageFolder layout, one per split), in any format Pillow reads (`cct.decode`);
-- a ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` of such a tree, with or without one top-level folder,
-  read without extraction after safety checks (`cct.sources`).
+- flat class folders ``root/<class>/*`` (taken when there is no train/ folder), or a CSV of
+  ``path,label`` rows naming images relative to the CSV: a seeded, stratified test split is held out
+  and recorded (`cct.holdout`, `Dataset.split_record`), and ``load(root, test_files=record)`` later
+  decodes only those test files;
+- a ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` of a tree or of class folders, with or without one
+  top-level folder, read without extraction after safety checks (`cct.sources`).
 
-Class order is the official one for CIFAR and the sorted folder names for trees.
+Class order is the official one for CIFAR and the sorted folder or label names otherwise. The cache
+(`cct.cache`) holds the decoded images of a source before any test split, so one entry serves every
+seed and fraction.
 """
 from __future__ import annotations
 
@@ -130,39 +136,12 @@ def _hold_out(ds: Dataset, meta: dict, *, test_split: float, seed: int) -> Datas
 
 def _load_recorded(path: Path, record: dict, *, size, in_chans, skip_bad: bool, progress: bool,
                    resize_mode: str) -> Dataset:
-    """Only the recorded test files of a flat folder or CSV, labelled as recorded; a changed source is
-    reported (a warning, and `Dataset.source_changed`), and its recorded files that remain are decoded."""
-    if not path.exists():
-        raise DataError(f"data source {path} not found")
-    files, classes, items, flat = layout(path.resolve(), min_per_class=0)
-    if not flat:
-        raise DataError(f"{path} has its own train/ and test/ folders: a recorded test split is for flat class "
-                        "folders and CSVs")
-    changed, message = holdout.check(record, classes, items["train"], str(path))
-    if changed:
-        log.warning("%s", message)
-    present = {n for _, n in items["train"]}
-    index = {c: i for i, c in enumerate(record["classes"])}
-    pairs = [(n, index[c]) for n, c in zip(record["test_files"], record["test_labels"]) if n in present]
-    if not pairs:
-        raise DataError(f"{path}: none of the {len(record['test_files'])} recorded test files remain")
-    arrays = decode_images([files.handle(n) for n, _ in pairs], size=size, channels=in_chans, progress=progress,
-                           resize_mode=resize_mode)
-    good, bad = [], []
-    for (name, label), a in zip(pairs, arrays):
-        if isinstance(a, str):
-            if not skip_bad:
-                raise DataError(f"cannot read image {files.path}/{name}: {a} (--skip-bad-images to skip it)")
-            bad.append(name)
-        else:
-            good.append((label, a))
-    if not good:
-        raise DataError(f"{path}: no recorded test file is readable")
-    good = uniform_images(good, size, in_chans, files.path, resize_mode)
-    images = torch.from_numpy(np.stack([a for _, a in good]))
-    labels = torch.tensor([label for label, _ in good], dtype=torch.int64)
+    """Only the recorded test files (`cct.holdout.decode_recorded`), as the test set; train is empty."""
+    images, labels, skipped, changed, where = holdout.decode_recorded(
+        path, record, size=size, in_chans=in_chans, skip_bad=skip_bad, progress=progress, resize_mode=resize_mode)
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     return Dataset(ImageSet(images[:0].contiguous(), labels[:0]), ImageSet(images, labels), None,
-                   list(record["classes"]), f"the recorded test split of {files.path}", len(bad),
+                   list(record["classes"]), f"the recorded test split of {where}", skipped,
                    split_record=record, source_changed=changed)
 
 

@@ -10,9 +10,15 @@ store it and `cct eval` can later decode exactly those files (`cct.data.load(...
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 
-from .sources import DataError, list_fingerprint
+from .decode import decode_images, uniform_images
+from .sources import DataError, layout, list_fingerprint
+
+log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
 
@@ -60,3 +66,40 @@ def check(record: dict, classes: list[str], items: list[tuple[int, str]], where:
     return True, (f"{where} changed since its test split was recorded ({record.get('num_files', '?')} files "
                   f"then, {len(items)} now; {missing} of the {len(record['test_files'])} test files missing): "
                   f"evaluating the recorded test files that remain")
+
+
+def decode_recorded(path: Path, record: dict, *, size: tuple[int, int] | None, in_chans: int | None, skip_bad: bool,
+                    progress: bool, resize_mode: str) -> tuple[np.ndarray, np.ndarray, int, bool, Path]:
+    """(uint8 images (N, C, H, W), int64 labels, images skipped, changed, root) of only the recorded test
+    files of a flat folder or CSV, labelled as recorded. A changed source is a warning (and `changed`);
+    the recorded files that remain are decoded, and no other file is read."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data source {path} not found")
+    files, classes, items, flat = layout(path.resolve(), min_per_class=0)
+    if not flat:
+        raise DataError(f"{path} has its own train/ and test/ folders: a recorded test split is for flat class "
+                        "folders and CSVs")
+    changed, message = check(record, classes, items["train"], str(path))
+    if changed:
+        log.warning("%s", message)
+    present = {n for _, n in items["train"]}
+    index = {c: i for i, c in enumerate(record["classes"])}
+    pairs = [(n, index[c]) for n, c in zip(record["test_files"], record["test_labels"]) if n in present]
+    if not pairs:
+        raise DataError(f"{path}: none of the {len(record['test_files'])} recorded test files remain")
+    arrays = decode_images([files.handle(n) for n, _ in pairs], size=size, channels=in_chans, progress=progress,
+                           resize_mode=resize_mode)
+    good, bad = [], []
+    for (name, label), a in zip(pairs, arrays):
+        if isinstance(a, str):
+            if not skip_bad:
+                raise DataError(f"cannot read image {files.path}/{name}: {a} (--skip-bad-images to skip it)")
+            bad.append(name)
+        else:
+            good.append((label, a))
+    if not good:
+        raise DataError(f"{path}: no recorded test file is readable")
+    good = uniform_images(good, size, in_chans, files.path, resize_mode)
+    labels = np.array([label for label, _ in good], dtype=np.int64)
+    return np.stack([a for _, a in good]), labels, len(bad), changed, files.path
