@@ -81,3 +81,10 @@ def test_an_inherited_variable_without_a_holder_takes_the_lock(tmp_path, monkeyp
         stranger = _start(out, 0, env=_env_without_lock())
         message = stranger.communicate(timeout=60)[0]
         assert stranger.returncode == 2 and f"(PID {os.getpid()})" in message
+
+
+def test_a_folder_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CCTError, match="cannot lock .*file"):
+        with hold_run_lock(tmp_path / "file" / "run"):
+            pass

@@ -88,8 +88,8 @@ def hold_run_lock(out: str | Path, *, rank: int = 0) -> Iterator[None]:
     if rank != 0:
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise CCTError(f"cannot lock {out}: {e.strerror or e}") from None
