@@ -51,7 +51,12 @@ def test_val_folder_and_no_test(tmp_path, cache):
     assert ds.test is None and len(ds.val) == 2
     with pytest.raises(DataError, match="not a class of train"):
         load(make_tree(tmp_path / "u", {"train": {"a": 1}, "test": {"z": 1}}), cache_dir=cache, progress=False)
-    with pytest.raises(DataError, match="train/<class>"):
+    with pytest.raises(DataError, match="no image files"):  # neither a tree nor class folders
+        (tmp_path / "w" / "notes").mkdir(parents=True)
+        (tmp_path / "w" / "notes" / "readme.txt").write_text("no image")
+        load(tmp_path / "w", cache_dir=cache, progress=False)
+    # without train/, the folders are classes (flat class folders): one of a single image is an error
+    with pytest.raises(DataError, match="class 'a' has 1 image"):
         load(make_tree(tmp_path / "v", {"a": {"b": 1}}), cache_dir=cache, progress=False)
 
 

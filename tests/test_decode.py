@@ -1,11 +1,16 @@
-"""cct.decode: the one image decoder — modes, sizes, errors, refused bombs — shared by datasets, streaming and predict."""
+"""cct.decode: the one image decoder — modes, sizes, EXIF orientation, resize modes, errors, refused bombs —
+shared by datasets, streaming and predict."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import cct
 from cct import data, decode, predict
 from cct.decode import UnreadableImageError, decode_image, decode_images, image_header, resize_image
+from cct.preprocess import Preprocessing
 from cct.sources import DataError
 
 MODES = (("rgb.jpg", (45, 61), "RGB"), ("rgba.png", (32, 32), "RGBA"), ("gray.png", (10, 90), "L"),
@@ -91,3 +96,79 @@ def test_predict_data_and_stream_decode_identically(tmp_path, channels):
     assert torch.equal(streamed.train.images[torch.arange(len(files))], from_predict)
     assert torch.equal(from_predict[0], torch.from_numpy(decode_image(order[0].read_bytes(), size=size,
                                                                       channels=channels)))  # bytes as a path
+
+
+def _sideways_photo(path, orientation=6):
+    """A JPEG stored as a phone stores it: pixels sideways (left half red, right half blue, 40x20) and an
+    EXIF orientation tag saying how to turn them upright (6: 90 degrees clockwise)."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20, 0] = 255
+    pixels[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_exif_orientation_is_applied_everywhere(tmp_path):
+    (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
+    photo = _sideways_photo(tmp_path / "tree" / "train" / "a" / "phone.jpg")
+    upright = decode_image(photo, size=None, channels=3)
+    assert upright.shape == (3, 40, 20) and image_header(photo) == ((40, 20), "RGB")  # turned: taller than wide
+    top, bottom = upright[:, :15].mean(axis=(1, 2)), upright[:, 25:].mean(axis=(1, 2))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # red was on the left: now on top
+    small = decode_image(photo, size=(8, 4), channels=3)  # the JPEG draft path, sized after turning
+    assert small.shape == (3, 8, 4) and small[0, :3].mean() > 200 and small[2, -3:].mean() > 200
+    assert torch.equal(predict.load_image(photo, (8, 4), 3), torch.from_numpy(small))
+    shutil.copy(photo, tmp_path / "tree" / "train" / "a" / "again.jpg")
+    (tmp_path / "tree" / "test" / "a").mkdir(parents=True)
+    shutil.copy(photo, tmp_path / "tree" / "test" / "a" / "phone.jpg")
+    for streamed in (False, True):
+        ds = data.load(tmp_path / "tree", img_size=(8, 4), stream=streamed, workers=0, cache_dir=tmp_path / "c",
+                       progress=False)
+        assert torch.equal(ds.test.images[torch.arange(1)][0], torch.from_numpy(small))
+    native = data.load(tmp_path / "tree", stream=True, workers=0, progress=False)
+    assert native.img_size == (40, 20)  # the probed size is the upright one
+
+
+def test_crop_mode_keeps_the_aspect_ratio(tmp_path):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)  # red sides, a green square in the centre
+    pixels[:, :, 0] = 255
+    pixels[:, 10:30] = (0, 255, 0)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    cropped = decode_image(tmp_path / "wide.png", size=(10, 10), channels=3, resize_mode="crop")
+    squashed = decode_image(tmp_path / "wide.png", size=(10, 10), channels=3)
+    assert cropped.shape == squashed.shape == (3, 10, 10)
+    assert cropped[1].min() > 220 and cropped[0].max() < 40  # only the centre square (bicubic blurs its edge)
+    assert squashed[0, :, 0].mean() > 200  # a plain resize keeps the red sides
+    assert np.array_equal(resize_image(decode_image(tmp_path / "wide.png", size=None, channels=3), (10, 10),
+                                       resize_mode="crop"), cropped)
+    with pytest.raises(AssertionError, match="resize_mode"):
+        decode_image(tmp_path / "wide.png", size=(10, 10), channels=3, resize_mode="fit")
+
+
+def test_crop_mode_through_load_the_cache_and_predict(tmp_path, monkeypatch):
+    for split in ("train", "test"):
+        for i in range(2):
+            (tmp_path / "t" / split / "a").mkdir(parents=True, exist_ok=True)
+            shutil.copy(_sideways_photo(tmp_path / "p.jpg", orientation=1), tmp_path / "t" / split / "a" / f"{i}.jpg")
+    cache = tmp_path / "cache"
+    plain = data.load(tmp_path / "t", img_size=10, cache_dir=cache, progress=False)
+    cropped = data.load(tmp_path / "t", img_size=10, cache_dir=cache, progress=False, resize_mode="crop")
+    assert len(list((cache / "decoded").glob("*.npz"))) == 2  # the mode is part of the cache key
+    assert not torch.equal(plain.train.images, cropped.train.images)
+    want = decode_image(tmp_path / "t" / "train" / "a" / "0.jpg", size=(10, 10), channels=3, resize_mode="crop")
+    assert torch.equal(cropped.train.images[0], torch.from_numpy(want))
+    with pytest.raises(DataError, match="--resize-mode"):
+        data.load(tmp_path / "t", cache_dir=cache, progress=False, resize_mode="fit")
+    model = cct.create_model("cct_2_3x2_32", num_classes=2, img_size=10)
+    prep = Preprocessing((10, 10), 3, resize_mode="crop")
+    ckpt = cct.save_checkpoint(model, tmp_path / "m.pt", eval=prep.to_dict())
+    clf = predict.open_classifier(ckpt)
+    assert clf.preprocessing.resize_mode == "crop"
+    calls = []
+    monkeypatch.setattr(predict, "decode_image", lambda *a, **k: calls.append(k["resize_mode"]) or want)
+    predict.predict(clf, [tmp_path / "t" / "train" / "a" / "0.jpg"])
+    assert calls == ["crop"]
+    old = {k: v for k, v in prep.to_dict().items() if k != "resize_mode"}  # a record from before the field
+    assert Preprocessing.from_dict(old).resize_mode == "resize"

@@ -544,11 +544,11 @@ def test_missing_and_empty_paths(checkpoint, tree, tmp_path, capsys):
         (["eval", "", "--data", tree], "not found"),
         (["eval", checkpoint, "--data", missing], "not found"),
         (["eval", checkpoint, "--data", ""], "empty path"),
-        (["eval", checkpoint, "--data", tmp_path], "no train/<class>/<image> files"),
+        (["eval", checkpoint, "--data", tmp_path], "no image files"),  # neither class folders nor a tree
         (["predict", missing / "m.pt", tree / "test" / "ant" / "0.png"], "not found"),
         (["predict", checkpoint, missing / "x.png"], "No such file"),
         (["predict", checkpoint, ""], "cannot read image"),
-        (["predict", checkpoint, tmp_path], "Is a directory"),
+        (["predict", checkpoint, tmp_path], "no image files"),  # a folder is searched for images
         (["export", missing / "m.pt", "--format", "safetensors", "--output", tmp_path / "x.safetensors"], "not found"),
         (["export", "", "--format", "safetensors", "--output", tmp_path / "x.safetensors"], "not found"),
         (["export", checkpoint, "--format", "safetensors", "--output", tmp_path], "Is a directory"),

@@ -105,9 +105,11 @@ def test_bad_image_is_one_line_naming_the_file(tmp_path, capsys, content):
         bad.write_bytes(content)
     with pytest.raises(CCTError, match="broken.png"):
         predict(_checkpoint(tmp_path), [str(bad)])
-    assert main(["predict", str(tmp_path / "m.pt"), *_images(tmp_path)[:1], str(bad)]) == 2
+    good = _images(tmp_path)[:1]
+    assert main(["predict", str(tmp_path / "m.pt"), *good, str(bad)]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "broken.png" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and "broken.png" in captured.err
+    assert captured.out.splitlines()[0] == good[0] and "broken.png" not in captured.out  # the others still classified
 
 
 def test_truncated_image_is_an_error(tmp_path):
@@ -143,3 +145,87 @@ def test_onnx_needs_onnxruntime(tmp_path, monkeypatch):
 def test_topk_must_be_positive(tmp_path):
     with pytest.raises(CCTError, match="topk"):
         predict(_checkpoint(tmp_path), _images(tmp_path)[:1], topk=0)
+
+
+def _folder(tmp_path):
+    """photos/ with images in nested folders, a broken one, a hidden one and a file that is not an image."""
+    root = tmp_path / "photos"
+    (root / "trip" / "day2").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "trip/b.JPG", "trip/day2/c.gif", ".hidden/d.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(root / name)
+    (root / "trip" / "broken.png").write_bytes(b"not an image")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _read_csv(path):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("fmt", ["pt", "onnx"])
+def test_a_folder_to_csv_with_bad_files_included(tmp_path, capsys, fmt):
+    model = _checkpoint(tmp_path)
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+        pytest.importorskip("onnxruntime")
+        assert main(["export", str(model), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
+        model = tmp_path / "m.onnx"
+    root = _folder(tmp_path)
+    extra = _images(tmp_path)[0]  # a file given by name next to the folder
+    capsys.readouterr()
+    assert main(["predict", str(model), str(root), extra, "--output", str(tmp_path / "out" / "preds.csv"),
+                 "--topk", "3"]) == 2
+    captured = capsys.readouterr()
+    failed = [line for line in captured.err.splitlines() if "cannot read image" in line]
+    assert len(failed) == 1 and "broken.png" in failed[0] and captured.out == ""
+    rows = _read_csv(tmp_path / "out" / "preds.csv")
+    expected = [str(root / n) for n in ("a.png", "trip/b.JPG", "trip/broken.png", "trip/day2/c.gif")] + [extra]
+    assert [r["path"] for r in rows] == expected  # one row per file, in order, the bad one included
+    assert list(rows[0]) == ["path", "label", "probability", "top2_label", "top2_probability", "top3_label",
+                             "top3_probability", "error"]
+    bad = rows[2]
+    assert bad["label"] == "" and "cannot identify image file" in bad["error"]
+    reference = predict(_checkpoint(tmp_path), [r["path"] for r in rows if not r["error"]], topk=3)
+    for row, want in zip([r for r in rows if not r["error"]], reference):
+        assert row["error"] == "" and row["label"] == want["predictions"][0]["class"]
+        assert [row["label"], row["top2_label"], row["top3_label"]] == [p["class"] for p in want["predictions"]]
+        assert float(row["probability"]) == pytest.approx(want["predictions"][0]["probability"], abs=1e-5)
+        assert float(row["probability"]) >= float(row["top2_probability"]) >= float(row["top3_probability"])
+
+
+def test_every_file_classified_exits_0_and_json_reports_errors(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    root = _folder(tmp_path)
+    (root / "trip" / "broken.png").unlink()
+    assert main(["predict", str(ckpt), str(root), "--output", str(tmp_path / "p.csv")]) == 0
+    assert len(_read_csv(tmp_path / "p.csv")) == 3
+    (root / "bad.jpg").write_bytes(b"\xff\xd8 cut")
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), str(root), "--json"]) == 2
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # still one object
+    bad = [r for r in out["results"] if "error" in r]
+    assert len(out["results"]) == 4 and len(bad) == 1 and bad[0]["image"].endswith("bad.jpg")
+    assert bad[0]["predictions"] == [] and all(len(r["predictions"]) == 4 for r in out["results"] if r not in bad)
+    assert "bad.jpg" in captured.err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(ckpt), str(tmp_path / "empty")]) == 2
+    assert "no image files in" in capsys.readouterr().err
+
+
+def test_batches_and_reported_errors_in_the_library(tmp_path):
+    files = _images(tmp_path) + [str(tmp_path / "missing.png")]
+    clf = open_classifier(_checkpoint(tmp_path))
+    whole = predict(clf, files, topk=2, bad_images="report")
+    in_twos = predict(clf, files, topk=2, bad_images="report", batch_size=2)
+    assert [r["image"] for r in in_twos] == files and "No such file" in in_twos[-1]["error"]
+    for a, b in zip(whole, in_twos):
+        assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+        for pa, pb in zip(a["predictions"], b["predictions"]):
+            assert pa["probability"] == pytest.approx(pb["probability"], abs=1e-5)
+    with pytest.raises(CCTError, match="missing.png"):
+        predict(clf, files)  # the default still raises on the first unreadable file

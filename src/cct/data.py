@@ -11,20 +11,22 @@ Sources accepted by `load` (and `--data SOURCE` on the command line):
 - a path to one of those archives or to its extracted folder;
 - an image-folder tree ``root/train/<class>/*``, ``root/test/<class>/*``, optionally ``root/val/<class>/*``
   (torchvision's ImageFolder layout, one per split), in any format Pillow reads (`cct.decode`);
-- a ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` of such a tree, with or without one top-level folder,
-  read without extraction after safety checks (`cct.sources`).
+- flat class folders ``root/<class>/*`` (taken when there is no train/ folder), or a CSV of
+  ``path,label`` rows naming images relative to the CSV: a seeded, stratified test split is held out
+  and recorded (`cct.holdout`, `Dataset.split_record`), and ``load(root, test_files=record)`` later
+  decodes only those test files;
+- a ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` of a tree or of class folders, with or without one
+  top-level folder, read without extraction after safety checks (`cct.sources`).
 
-Class order is the official one for CIFAR and the sorted folder names for trees.
+Class order is the official one for CIFAR and the sorted folder or label names otherwise. The cache
+(`cct.cache`) holds the decoded images of a source before any test split, so one entry serves every
+seed and fraction.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -33,15 +35,16 @@ import torch
 
 from . import stream as stream_mod
 from .cifar import CIFAR_MEAN, CIFAR_STD, RELEASES, cifar_kind, find_or_download, read_cifar
-from .decode import decode_images, resize_image
-from .sources import SPLITS, DataError, Files, default_cache_dir, fingerprint, tree_items
+from . import cache, holdout
+from .decode import RESIZE_MODES, decode_images, uniform_images
+from .sources import SPLITS, DataError, Files, content_key, default_cache_dir, is_csv, layout
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "DEFAULT_THRESHOLD", "DataError", "Dataset", "ImageSet", "available_memory",
            "batch_indices", "default_cache_dir", "load", "split"]
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 2  # bump whenever decoding changes, so stale caches are never read
+_CACHE_VERSION = 3  # bump whenever decoding changes, so stale caches are never read
 DEFAULT_THRESHOLD = 0.25  # fraction of the available memory the in-memory tensors may take
 
 
@@ -70,6 +73,8 @@ class Dataset:
     classes: list[str]
     source: str  # human-readable description of what was loaded
     skipped: int  # bad images skipped (skip_bad_images=True)
+    split_record: dict | None = None  # flat folders and CSVs: the drawn test split (`cct.holdout.make_record`)
+    source_changed: bool = False  # loaded with test_files=record: the source's file list changed since
 
     @property
     def num_classes(self) -> int:
@@ -85,15 +90,15 @@ class Dataset:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Image-folder trees in memory
+# Image folders and CSVs in memory
 
 
-def _decode_tree(files: Files, size, in_chans, skip_bad: bool, progress: bool):
-    """({split: (uint8 images (N, C, H, W), int64 labels)}, classes, images skipped) of a tree, all decoded."""
-    classes, items = tree_items(files)
+def _decode_tree(files: Files, items: dict[str, list[tuple[int, str]]], size, in_chans, skip_bad: bool,
+                 progress: bool, resize_mode: str):
+    """({split: (uint8 images (N, C, H, W), int64 labels)}, names decoded, names skipped) of {split: [(label, name)]}."""
     order = [(s, label, n) for s in SPLITS for label, n in items.get(s, [])]
-    arrays = decode_images([files.handle(n) for _, _, n in order], size=size, channels=in_chans, progress=progress)
-
+    arrays = decode_images([files.handle(n) for _, _, n in order], size=size, channels=in_chans, progress=progress,
+                           resize_mode=resize_mode)
     good, skipped = [], []
     for (s, label, name), a in zip(order, arrays):
         if isinstance(a, str):
@@ -101,78 +106,74 @@ def _decode_tree(files: Files, size, in_chans, skip_bad: bool, progress: bool):
                 raise DataError(f"cannot read image {files.path}/{name}: {a} (--skip-bad-images to skip it)")
             skipped.append(name)
         else:
-            good.append((s, label, a))
+            good.append(((s, label, name), a))
     if skipped:
         log.warning("skipped %d unreadable image(s) in %s, first: %s", len(skipped), files.path, skipped[0])
-    if not any(s == "train" for s, _, _ in good):
-        raise DataError(f"{files.path}: no readable image in train/")
-
-    if size is None:  # native size: all must share one; resize the others to the most common
-        shapes = Counter(a.shape[1:] for _, _, a in good)
-        size = shapes.most_common(1)[0][0]
-        if len(shapes) > 1:
-            log.warning("%s: images of %d sizes; resizing all to the most common, %dx%d (pass img_size to choose)",
-                        files.path, len(shapes), size[0], size[1])
-            good = [(s, l, a if a.shape[1:] == size else resize_image(a, size)) for s, l, a in good]
-    if in_chans is None:  # 3 channels unless every image is grayscale
-        if any(a.shape[0] == 3 for _, _, a in good):
-            good = [(s, l, a if a.shape[0] == 3 else np.repeat(a, 3, axis=0)) for s, l, a in good]
+    if not any(s == "train" for (s, _, _), _ in good):
+        raise DataError(f"{files.path}: no readable training image")
+    good = uniform_images(good, size, in_chans, files.path, resize_mode)
     splits = {}
     for split in SPLITS:
-        part = [(l, a) for s, l, a in good if s == split]
+        part = [(l, a) for (s, l, _), a in good if s == split]
         if part:
-            splits[split] = (np.stack([a for _, a in part]), np.array([l for l, _ in part]))  # (N, C, H, W)
-    return splits, classes, len(skipped)
+            splits[split] = (np.stack([a for _, a in part]), np.array([l for l, _ in part], dtype=np.int64))
+    return splits, [n for (_, _, n), _ in good], skipped
+
+
+def _hold_out(ds: Dataset, meta: dict, *, test_split: float, seed: int) -> Dataset:
+    """Flat folders and CSVs: the seeded, stratified test split of `cct.holdout`, drawn from the file
+    list (so the same across loads, decoded or cached) and recorded in `Dataset.split_record`."""
+    items = [(int(label), name) for label, name in meta["items"]]
+    _, test = holdout.choose_test(items, len(ds.classes), fraction=test_split, seed=seed)
+    test_names = {n for _, n in test}
+    is_test = torch.tensor([n in test_names for n in meta["names"]], dtype=torch.bool)
+    skipped = {n for _, n in items} - set(meta["names"])
+    record = holdout.make_record(seed=seed, fraction=test_split, classes=ds.classes, items=items, test=test,
+                                 skipped=skipped)
+    test_set = ds.train.subset(is_test.nonzero().squeeze(1)) if bool(is_test.any()) else None
+    return replace(ds, train=ds.train.subset((~is_test).nonzero().squeeze(1)), test=test_set, split_record=record)
+
+
+def _load_recorded(path: Path, record: dict, *, size, in_chans, skip_bad: bool, progress: bool,
+                   resize_mode: str) -> Dataset:
+    """Only the recorded test files (`cct.holdout.decode_recorded`), as the test set; train is empty."""
+    images, labels, skipped, changed, where = holdout.decode_recorded(
+        path, record, size=size, in_chans=in_chans, skip_bad=skip_bad, progress=progress, resize_mode=resize_mode)
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    return Dataset(ImageSet(images[:0].contiguous(), labels[:0]), ImageSet(images, labels), None,
+                   list(record["classes"]), f"the recorded test split of {where}", skipped,
+                   split_record=record, source_changed=changed)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The decoded-dataset cache: one uncompressed .npz per (source content, size, channels)
+# The decoded-dataset cache (`cct.cache`): one uncompressed .npz per (source content, size, channels, mode)
 
 
-def _cache_path(cache_dir: Path, path: Path, key_parts: dict) -> Path:
-    """`<name>-<key>.npz`; the name only helps people, so a moved source finds its cache by the key."""
-    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
-    existing = next((cache_dir / "decoded").glob(f"*-{key}.npz"), None)
-    return existing or cache_dir / "decoded" / f"{path.name.split('.')[0] or 'data'}-{key}.npz"
-
-
-def _read_cache(file: Path, path: Path) -> Dataset | None:
-    if not file.exists():
+def _read_cache(file: Path, path: Path) -> tuple[Dataset, dict] | None:
+    entry = cache.read_entry(file)
+    if entry is None:
         return None
+    arrays, meta = entry
     try:
-        with np.load(file, allow_pickle=False) as z:  # no pickles: a cache file cannot run code
-            meta = json.loads(str(z["meta"]))
-            sets = {s: ImageSet(torch.from_numpy(z[f"{s}_images"]), torch.from_numpy(z[f"{s}_labels"]))
-                    for s in SPLITS if f"{s}_images" in z.files}
-            source = meta["source"].replace(meta["path"], str(path))  # the same content may have moved
-    except Exception as e:  # a truncated or foreign file: decode again
+        sets = {s: ImageSet(torch.from_numpy(arrays[f"{s}_images"]), torch.from_numpy(arrays[f"{s}_labels"]))
+                for s in SPLITS if f"{s}_images" in arrays}
+        source = meta["source"].replace(meta["path"], str(path))  # the same content may have moved
+        ds = Dataset(sets["train"], sets.get("test"), sets.get("val"), meta["classes"], source, meta["skipped"])
+    except Exception as e:  # a foreign or older file: decode again
         log.warning("ignoring unreadable cache %s (%s)", file, e)
         return None
     if meta["skipped"]:
         log.warning("%s: %d unreadable image(s) were skipped", source, meta["skipped"])
-    return Dataset(sets["train"], sets.get("test"), sets.get("val"), meta["classes"], source, meta["skipped"])
+    return ds, meta
 
 
-def _write_cache(file: Path, ds: Dataset, path: Path) -> None:
-    meta = json.dumps(dict(classes=ds.classes, source=ds.source, skipped=ds.skipped, path=str(path)))
-    arrays = {"meta": np.array(meta)}
+def _write_cache(file: Path, ds: Dataset, meta: dict) -> None:
+    arrays = {}
     for split in SPLITS:
         s = getattr(ds, split)
         if s is not None:
             arrays[f"{split}_images"], arrays[f"{split}_labels"] = s.images.numpy(), s.labels.numpy()
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.stem, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-            os.replace(tmp, file)  # atomic: a concurrent or interrupted run never sees half a file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as e:
-        log.warning("could not write the dataset cache %s (%s); the next run decodes again", file, e)
+    cache.write_entry(file, arrays, meta)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,49 +207,66 @@ def available_memory() -> int | None:
 def load(source: str | Path, *, img_size: int | tuple[int, int] | None = None, in_chans: int | None = None,
          skip_bad_images: bool = False, progress: bool = True, stream: bool | None = None,
          threshold: float = DEFAULT_THRESHOLD, workers: int = 4, processes_per_machine: int = 1,
-         cache_dir: Path | None = None, download: bool = True) -> Dataset:
-    """A dataset in memory, decoded once and cached, or streamed from its image-folder tree.
+         cache_dir: Path | None = None, download: bool = True, resize_mode: str = "resize",
+         test_split: float = 0.2, seed: int = 0, test_files: dict | None = None) -> Dataset:
+    """A dataset in memory, decoded once and cached, or streamed from its image folders.
 
     Args:
         source: "cifar10", "cifar100", or a path to an official CIFAR archive or folder, an image-folder
-            tree (root/train/<class>/*, root/test/<class>/*, optional root/val/<class>/*), or a
-            .tar/.tar.gz/.zip of such a tree.
+            tree (root/train/<class>/*, root/test/<class>/*, optional root/val/<class>/*), flat class
+            folders (root/<class>/*, when there is no train/), a .tar/.tar.gz/.zip of either, or a
+            CSV of path,label rows naming image files relative to the CSV.
         img_size: (H, W) or side every image is resized to (bicubic). None keeps the native size;
             if images differ in size, all are resized to the most common one, with a warning.
         in_chans: 1 (luma) or 3 (RGB). None: 3, or 1 when every image of a tree is grayscale.
         skip_bad_images: skip unreadable images with a warning (counted in `Dataset.skipped`) instead
             of raising `DataError`; a streamed tree shows a black image in their place.
         progress: progress bars on stderr.
-        stream: True streams (the source must be an image-folder tree), False loads into memory,
-            None chooses: streaming when the uint8 tensors of every process on this machine would
-            exceed `threshold` of the available memory (decoding peaks near three times the final
-            tensor, and every process holds its own copy).
+        stream: True streams (the source must be a folder), False loads into memory, None chooses:
+            streaming when the uint8 tensors of every process on this machine would exceed
+            `threshold` of the available memory (decoding peaks near three times the final tensor,
+            and every process holds its own copy).
         threshold: that fraction, in (0, 1].
         workers: DataLoader worker processes of a streamed dataset.
         processes_per_machine: training processes on this machine.
         cache_dir: where CIFAR archives and decoded caches live; default `$CCT_DATA` or ~/.cache/cct.
         download: fetch a missing CIFAR archive (md5-checked) when online.
+        resize_mode: "resize" (to img_size, ignoring the aspect ratio) or "crop" (the short side to
+            img_size, then a center crop), see `cct.decode.decode_image`.
+        test_split: flat folders and CSVs: the fraction of each class held out for testing (seeded,
+            stratified, `cct.holdout`), recorded in `Dataset.split_record`; 0 for none.
+        seed: the seed of that split.
+        test_files: a `Dataset.split_record` of an earlier load: decode only its test files (the
+            Dataset's train set is then empty), reporting a changed source with a warning and
+            `Dataset.source_changed`.
     """
     if not 0 < threshold <= 1:
         raise DataError(f"--stream-threshold must be in (0, 1], got {threshold}")
+    if resize_mode not in RESIZE_MODES:
+        raise DataError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
+    if not 0.0 <= test_split < 1.0:
+        raise DataError(f"--test-split must be in [0, 1), got {test_split}")
     size = _pair(img_size)
     if in_chans not in (None, 1, 3):
         raise DataError(f"in_chans must be 1 or 3, got {in_chans}")
     path = Path(source).expanduser()
+    if test_files is not None:
+        return _load_recorded(path, test_files, size=size, in_chans=in_chans, skip_bad=skip_bad_images,
+                              progress=progress, resize_mode=resize_mode)
     in_memory = dict(size=size, in_chans=in_chans, cache_dir=cache_dir, skip_bad_images=skip_bad_images,
-                     download=download, progress=progress)
+                     download=download, progress=progress, resize_mode=resize_mode, test_split=test_split, seed=seed)
     if stream is False or not str(source).strip() or (stream is None and not path.is_dir()):
         return _load_in_memory(source, **in_memory)
     if not path.is_dir():
-        raise DataError(f"--stream reads an image-folder tree (root/train/<class>/*); {source} is not a folder")
+        raise DataError(f"--stream reads an image-folder tree (root/train/<class>/*) or class folders "
+                        f"(root/<class>/*); {source} is not a folder")
     files = Files(path.resolve())
     if cifar_kind(files.names) is not None:
         if stream:
             raise DataError(f"{source} is a CIFAR release, which fits in memory: drop --stream")
         return _load_in_memory(source, **in_memory)
-    classes, items = tree_items(files)
-    size, channels = stream_mod.probe_tree(files.path, [n for _, n in items.get("train", [])], size=size,
-                                           in_chans=in_chans)
+    files, classes, items, flat = layout(files.path, files)
+    size, channels = stream_mod.probe_tree(files.path, [n for _, n in items["train"]], size=size, in_chans=in_chans)
     if stream is None:
         n_images = sum(len(v) for v in items.values())
         need, have = n_images * channels * size[0] * size[1] * processes_per_machine, available_memory()
@@ -257,14 +275,22 @@ def load(source: str | Path, *, img_size: int | tuple[int, int] | None = None, i
         log.warning("%s: %d images would take %.1f GB in memory (%d process(es)), more than %g of the %.1f GB "
                     "available: streaming them from disk (--no-stream to load anyway)", source, n_images,
                     need / 1e9, processes_per_machine, threshold, have / 1e9)
+    record = None
+    if flat:  # streaming finds unreadable images only while reading them: none is left out of the record
+        every = items["train"]
+        train, test = holdout.choose_test(every, len(classes), fraction=test_split, seed=seed)
+        record = holdout.make_record(seed=seed, fraction=test_split, classes=classes, items=every, test=test,
+                                     skipped=set())
+        items = {"train": train, "test": test}
     sets = stream_mod.stream_tree(files, items, size, channels, resize_after=img_size is None,
-                                  skip_bad=skip_bad_images, workers=workers)
+                                  skip_bad=skip_bad_images, workers=workers, resize_mode=resize_mode)
     return Dataset(sets["train"], sets.get("test"), sets.get("val"), classes,
-                   f"image folders in {files.path} (streamed)", 0)
+                   f"image folders in {files.path} (streamed)", 0, split_record=record)
 
 
 def _load_in_memory(source: str | Path, *, size: tuple[int, int] | None, in_chans: int | None,
-                    cache_dir: Path | None, skip_bad_images: bool, download: bool, progress: bool) -> Dataset:
+                    cache_dir: Path | None, skip_bad_images: bool, download: bool, progress: bool,
+                    resize_mode: str, test_split: float, seed: int) -> Dataset:
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = str(source)
     if not name.strip():
@@ -274,30 +300,51 @@ def _load_in_memory(source: str | Path, *, size: tuple[int, int] | None, in_chan
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise DataError(f"data source {name} not found: expected cifar10, cifar100, a folder, "
-                            f"or a .tar/.tar.gz/.zip of root/train/<class>/* and root/test/<class>/*")
+            raise DataError(f"data source {name} not found: expected cifar10, cifar100, a folder of "
+                            f"root/<class>/* or root/train/<class>/* and root/test/<class>/*, an archive of one, "
+                            f"or a CSV of path,label rows")
     path = path.resolve()
 
-    key = dict(version=_CACHE_VERSION, content=fingerprint(path), img_size=size, in_chans=in_chans,
-               skip_bad_images=skip_bad_images)
-    cache_file = _cache_path(cache_dir, path, key)
+    # the test split is drawn after the cache: one entry serves every seed and fraction
+    key = dict(version=_CACHE_VERSION, content=content_key(path), img_size=size, in_chans=in_chans,
+               skip_bad_images=skip_bad_images, resize_mode=resize_mode)
+    cache_file = cache.entry_path(cache_dir, path, key)
     cached = _read_cache(cache_file, path)
     if cached is not None:
-        log.info("loaded %s from cache %s", cached.source, cache_file)
-        return cached
-
-    files = Files(path)
-    kind = cifar_kind(files.names)
-    if kind is not None:
-        splits, classes = read_cifar(files, kind, size=size, in_chans=in_chans)
-        skipped, what = 0, f"{RELEASES[kind].title} ({path})"
+        ds, meta = cached
+        log.info("loaded %s from cache %s", ds.source, cache_file)
     else:
-        splits, classes, skipped = _decode_tree(files, size, in_chans, skip_bad_images, progress)
-        what = f"image folders in {path}"
+        ds, meta = _decode_source(path, size=size, in_chans=in_chans, skip_bad_images=skip_bad_images,
+                                  progress=progress, resize_mode=resize_mode)
+        _write_cache(cache_file, ds, meta)
+    if meta.get("layout") == "flat":
+        ds = _hold_out(ds, meta, test_split=test_split, seed=seed)
+    return ds
+
+
+def _decode_source(path: Path, *, size, in_chans, skip_bad_images: bool, progress: bool,
+                   resize_mode: str) -> tuple[Dataset, dict]:
+    """The Dataset of a CIFAR release, tree, flat folder or CSV, all decoded, and its cache metadata."""
+    files = None if is_csv(path) else Files(path)
+    kind = cifar_kind(files.names) if files is not None else None
+    extra = {}
+    if kind is not None:
+        if resize_mode == "crop" and size is not None and size[0] != size[1]:
+            raise DataError(f"--resize-mode crop on {RELEASES[kind].title} needs a square image size, got {size}")
+        splits, classes = read_cifar(files, kind, size=size, in_chans=in_chans)
+        skipped, what, arrangement = 0, f"{RELEASES[kind].title} ({path})", "cifar"
+    else:
+        files, classes, items, flat = layout(path, files)
+        splits, names, bad = _decode_tree(files, items, size, in_chans, skip_bad_images, progress, resize_mode)
+        skipped, arrangement = len(bad), "flat" if flat else "tree"
+        what = f"{'images listed in' if is_csv(path) else 'image folders in'} {path}"
+        if flat:
+            extra = dict(items=items["train"], names=names)
     sets = {s: ImageSet(torch.from_numpy(x), torch.from_numpy(y).long()) for s, (x, y) in splits.items()}
     ds = Dataset(sets["train"], sets.get("test"), sets.get("val"), classes, what, skipped)
-    _write_cache(cache_file, ds, path)
-    return ds
+    meta = dict(classes=classes, source=what, skipped=skipped, path=str(path), layout=arrangement, **extra)
+    return ds, meta
+
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
 """Classify image files with a checkpoint or an exported ONNX model — `cct predict`.
 
+Files and folders (searched recursively for images, by extension) are decoded and classified in
+batches; `--output preds.csv` writes one row per file, with the top-k classes and probabilities,
+and an `error` column for a file that could not be read (the others are still classified). Each
+failed file is one line on stderr and the command then exits 2.
+
 An image of any size and Pillow mode is decoded as a dataset's images are (`cct.decode`), so a
 prediction sees what training and `cct eval` saw: palette images go through RGBA, the image is
 converted to the model's channels (RGB, or ITU-R 601-2 luma for one channel; alpha is dropped)
-and resized to the model's input size with Pillow's bicubic filter (JPEGs first shrink while
-decoding through libjpeg's draft mode). Pixels then become floats as in training: x / 255, then
+and resized to the model's input size with Pillow's bicubic filter, plainly or keeping the aspect
+ratio and cropping the centre, as training did (JPEGs first shrink while decoding through
+libjpeg's draft mode; the EXIF orientation is applied). Pixels then become floats as in training: x / 255, then
 (x - mean) / std per channel when the checkpoint records a normalisation.
 
 That normalisation comes from the checkpoint's "eval" entry, written by `cct train`. Checkpoints
@@ -15,6 +21,8 @@ An ONNX file exported by `cct export` carries the same description in its metada
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -24,17 +32,19 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, read_checkpoint
-from .decode import decode_image
+from .checkpoint import atomic_write, load_checkpoint, read_checkpoint
+from .decode import UnreadableImageError, decode_image
 from .errors import CCTError
 from .kernels import fuse, use_kernels
 from .preprocess import Preprocessing
 from .runtime import autocast, recorded_precision, resolve_precision
+from .sources import IMAGE_EXTENSIONS, is_image_name
 
 BATCH_SIZE = 256
 
 
-def load_image(path: str | Path, img_size: tuple[int, int], in_chans: int) -> torch.Tensor:
+def load_image(path: str | Path, img_size: tuple[int, int], in_chans: int, *,
+               resize_mode: str = "resize") -> torch.Tensor:
     """One image file as a uint8 (C, H, W) tensor of the model's size and channels, decoded by
     `cct.decode.decode_image` as datasets are.
 
@@ -42,7 +52,24 @@ def load_image(path: str | Path, img_size: tuple[int, int], in_chans: int) -> to
     """
     if in_chans not in (1, 3):
         raise CCTError(f"cannot feed image files to a model of {in_chans} input channels (only 1 or 3)")
-    return torch.from_numpy(decode_image(path, size=tuple(img_size), channels=in_chans))
+    return torch.from_numpy(decode_image(path, size=tuple(img_size), channels=in_chans, resize_mode=resize_mode))
+
+
+def image_files(paths: Sequence[str | Path]) -> list[str]:
+    """The files given, in order, with each folder replaced by the image files under it (recursively,
+    by extension, hidden ones left out, sorted). A folder without images is a `CCTError`."""
+    found = []
+    for p in paths:
+        folder = Path(p)
+        if not str(p) or not folder.is_dir():
+            found.append(str(p))  # a file, or a path that does not exist: its row reports why
+            continue
+        inside = sorted(str(f) for f in folder.rglob("*") if is_image_name(f.name) and f.is_file()
+                        and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+        if not inside:
+            raise CCTError(f"no image files in {p} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        found.extend(inside)
+    return found
 
 
 @dataclass
@@ -138,55 +165,107 @@ def _open_onnx(path: Path) -> Classifier:
 
 
 def predict(model: str | Path | Classifier, images: Sequence[str | Path], *, topk: int = 5,
-            precision: str | None = None) -> list[dict]:
+            precision: str | None = None, bad_images: str = "raise", progress: bool = False,
+            batch_size: int = BATCH_SIZE) -> list[dict]:
     """The `topk` most probable classes of each image file.
 
     Args:
         model: a checkpoint or `.onnx` path, or a `Classifier` from `open_classifier`.
-        images: image files, any size and Pillow mode.
+        images: image files, any size and Pillow mode (`image_files` expands folders).
         topk: classes per image (at most the number of classes).
         precision: see `open_classifier`.
+        bad_images: "raise" a `DataError` naming the first unreadable file, or "report" it in its
+            result ({"image", "error", "predictions": []}) and classify the others.
+        progress: a progress bar on stderr (shown when stderr is a terminal).
+        batch_size: images decoded and classified at once.
 
     Returns:
-        One dict per image: {"image": path, "predictions": [{"class", "index", "probability"}, ...]}.
+        One dict per image, in order: {"image": path, "predictions": [{"class", "index", "probability"}, ...]}.
     """
     if topk < 1:
         raise CCTError(f"--topk must be at least 1, got {topk}")
+    assert bad_images in ("raise", "report"), f"bad_images must be 'raise' or 'report', got {bad_images!r}"
+    from tqdm import tqdm
     clf = model if isinstance(model, Classifier) else open_classifier(model, precision)
     prep = clf.preprocessing
     results = []
-    for start in range(0, len(images), BATCH_SIZE):
-        files = images[start:start + BATCH_SIZE]
-        batch = torch.stack([load_image(f, prep.img_size, prep.in_chans) for f in files])
-        probs = torch.softmax(clf.logits(prep(batch)).float(), dim=1)
-        values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
-        for f, vs, ixs in zip(files, values.tolist(), indices.tolist()):
-            results.append({"image": str(f), "predictions": [
-                {"class": clf.class_names[i], "index": i, "probability": v} for v, i in zip(vs, ixs)]})
+    with tqdm(total=len(images), desc="classifying", unit="img", file=sys.stderr, leave=False,
+              disable=None if progress else True) as bar:
+        for start in range(0, len(images), batch_size):
+            files = [str(f) for f in images[start:start + batch_size]]
+            decoded: dict[int, torch.Tensor | str] = {}
+            for i, f in enumerate(files):
+                try:
+                    decoded[i] = load_image(f, prep.img_size, prep.in_chans, resize_mode=prep.resize_mode)
+                except UnreadableImageError as e:
+                    if bad_images == "raise":
+                        raise
+                    decoded[i] = str(e)
+            good = [i for i, x in decoded.items() if not isinstance(x, str)]
+            top: dict[int, list[dict]] = {}
+            if good:
+                probs = torch.softmax(clf.logits(prep(torch.stack([decoded[i] for i in good]))).float(), dim=1)
+                values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+                for i, vs, ixs in zip(good, values.tolist(), indices.tolist()):
+                    top[i] = [{"class": clf.class_names[j], "index": j, "probability": v} for v, j in zip(vs, ixs)]
+            for i, f in enumerate(files):
+                results.append({"image": f, "predictions": top[i]} if i in top
+                               else {"image": f, "error": decoded[i], "predictions": []})
+            bar.update(len(files))
     return results
+
+
+def write_csv(path: str | Path, results: list[dict], *, topk: int) -> None:
+    """`predict`'s results as a CSV, written atomically: path,label,probability, then top2_label,
+    top2_probability, ... up to `topk`, then error (empty for classified files)."""
+    header = ["path", "label", "probability"]
+    for k in range(2, topk + 1):
+        header += [f"top{k}_label", f"top{k}_probability"]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header + ["error"])
+    for r in results:
+        cells = [r["image"]]
+        for p in r["predictions"][:topk]:
+            cells += [p["class"], f"{p['probability']:.6f}"]
+        cells += [""] * (len(header) - len(cells))
+        writer.writerow(cells + [r.get("error", "")])
+    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
 
 
 # ---------------------------------------------------------------------- command line
 def _run(args: argparse.Namespace) -> int:
-    results = predict(args.model, args.images, topk=args.topk, precision=args.precision)
+    files = image_files(args.images)
+    clf = open_classifier(args.model, args.precision)
+    results = predict(clf, files, topk=args.topk, bad_images="report", progress=True)
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"cct predict: error: {r['error']}", file=sys.stderr)
+    if args.output:
+        write_csv(args.output, results, topk=min(args.topk, len(clf.class_names)))
+        print(f"wrote {args.output}: {len(results)} file(s), {len(failed)} unreadable", file=sys.stderr)
     if args.json:
         json.dump({"model": args.model, "results": results}, sys.stdout, indent=2)
         print()
-        return 0
-    for r in results:
-        print(r["image"])
-        for p in r["predictions"]:
-            print(f"  {p['probability']:7.2%}  {p['class']}")
-    return 0
+    elif not args.output:
+        for r in results:
+            if "error" not in r:
+                print(r["image"])
+                for p in r["predictions"]:
+                    print(f"  {p['probability']:7.2%}  {p['class']}")
+    return 2 if failed else 0
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="classify image files with a checkpoint or an exported .onnx model",
+    p = subparsers.add_parser("predict", help="classify image files and folders with a checkpoint or an .onnx model",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL", help="a checkpoint (.pt, .safetensors) or an ONNX file from `cct export`")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files of any size and mode")
+    p.add_argument("images", metavar="PATH", nargs="+",
+                   help="image files of any size and mode, or folders (searched recursively for images)")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5, at most all)")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    p.add_argument("--output", metavar="CSV", default=None,
+                   help="write path,label,probability, top-k columns and error per file to this CSV")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="checkpoints only; default: the precision recorded by training, else fp32")
     p.set_defaults(func=_run)

@@ -4,9 +4,11 @@
 model's metadata; `cct eval`, `cct predict`, `cct export` and `cct explain` read it back, so a
 prediction sees exactly what training and evaluation saw. Images (uint8, any size) become the
 model's float input as in training: x / 255, then (x - mean) / std per channel when a normalisation
-is recorded. Checkpoints without a record get the recipe's usual input: x / 255 for the Keras
-example's model (its `Rescaling(1 / 255)`), the CIFAR-10 statistics of the official SHI-Labs recipe
-for the others.
+is recorded. Files are resized as training resized them: plainly, or keeping the aspect ratio and
+cropping the centre (`resize_mode`, `cct.decode.decode_image`); records written before the choice
+existed resized plainly. Checkpoints without a record get the recipe's usual input: x / 255 for
+the Keras example's model (its `Rescaling(1 / 255)`), the CIFAR-10 statistics of the official
+SHI-Labs recipe for the others.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from .augment import normalize
 from .cifar import CIFAR_MEAN, CIFAR_STD
+from .decode import RESIZE_MODES
 
 RESIZE = "bicubic"  # as cct.decode resizes images
 
@@ -26,8 +29,9 @@ def _floats(values) -> tuple[float, ...] | None:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Input size, channels and normalisation (fractions of 255; None: x / 255), and the evaluation
-    settings training recorded (precision, batch size, test-time flip averaging)."""
+    """Input size, channels, how files are resized ("resize" or "crop") and normalisation (fractions
+    of 255; None: x / 255), and the evaluation settings training recorded (precision, batch size,
+    test-time flip averaging)."""
     img_size: tuple[int, int]
     in_chans: int
     mean: tuple[float, ...] | None = None
@@ -35,8 +39,10 @@ class Preprocessing:
     precision: str = "fp32"
     batch_size: int = 256
     tta: bool = False
+    resize_mode: str = "resize"
 
     def __post_init__(self):
+        assert self.resize_mode in RESIZE_MODES, f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}"
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
         object.__setattr__(self, "mean", _floats(self.mean))
         object.__setattr__(self, "std", _floats(self.std))
@@ -48,7 +54,8 @@ class Preprocessing:
     def to_dict(self) -> dict:
         """A self-explaining plain-data description: a checkpoint's "eval" entry, ONNX metadata."""
         return {"layout": "NCHW", "dtype": "float32", "img_size": list(self.img_size), "in_chans": self.in_chans,
-                "channels": "L" if self.in_chans == 1 else "RGB", "resize": RESIZE, "scale": 1 / 255,
+                "channels": "L" if self.in_chans == 1 else "RGB", "resize": RESIZE, "resize_mode": self.resize_mode,
+                "scale": 1 / 255,
                 "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
                 "formula": "x = pixel / 255, then (x - mean) / std per channel when mean is not null",
                 "output": "logits (no softmax)", "precision": self.precision, "batch_size": self.batch_size,

@@ -5,13 +5,21 @@ An archive is read into memory, never written to disk, after every member passed
 extraction makes (no absolute or `..` paths, no links or devices, no truncation): one bad member
 refuses the whole archive, so a hostile download cannot write outside a folder or point at other files.
 
-A tree is torchvision's ImageFolder layout, one per split: ``root/train/<class>/*``,
-``root/test/<class>/*``, optionally ``root/val/<class>/*``, with or without one top-level folder
-around it in an archive; class order is the sorted folder names of train/.
+Three layouts name the images and their classes, each with the sorted class names as class order:
+- a tree, torchvision's ImageFolder layout once per split: ``root/train/<class>/*``,
+  ``root/test/<class>/*``, optionally ``root/val/<class>/*``, with or without one top-level folder
+  around it in an archive (`tree_items`);
+- flat class folders, ``root/<class>/*`` (ImageFolder, Keras' ``image_dataset_from_directory``),
+  taken when there is no train/ folder (`flat_items`); files are images by their extension;
+- a CSV of ``path,label`` rows, paths relative to the CSV (Kaggle's usual layout), optionally with a
+  header row (`csv_items`).
+Flat folders and CSVs have no test split of their own: `cct.holdout` draws and records one.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import os
 import posixpath
 import stat
@@ -22,6 +30,14 @@ from pathlib import Path
 from .errors import CCTError
 
 SPLITS = ("train", "test", "val")
+# what Pillow reads and people store photos as (torchvision's IMG_EXTENSIONS, plus a few)
+IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".jpe", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".gif",
+                              ".tif", ".tiff", ".webp", ".jfif"))
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (case-insensitive)."""
+    return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 class DataError(CCTError, ValueError):
@@ -36,10 +52,13 @@ def default_cache_dir() -> Path:
 class Files:
     """The regular files of a folder or an archive, as sorted relative posix `names` and their bytes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, names: list[str] | None = None):
+        """`names`: the files of folder `path` when already known (a CSV's rows), so it is not listed."""
         self.path = path
         self._blobs: dict[str, bytes] | None = None
-        if path.is_dir():
+        if names is not None:
+            self.kind, self.names = "folder", sorted(names)
+        elif path.is_dir():
             self.kind = "folder"
             self.names = sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file())
         elif tarfile.is_tarfile(path):
@@ -120,12 +139,25 @@ def fingerprint(path: Path) -> str:
 # Image-folder trees
 
 
+def _visible(names: list[str]) -> list[str]:
+    return [n for n in names if not any(p.startswith(".") or p == "__MACOSX" for p in n.split("/"))]
+
+
+def _tree_prefixes(names: list[str]) -> set[str]:
+    return {"/".join(parts[:i]) for parts in (n.split("/") for n in names)
+            for i in range(len(parts) - 2) if parts[i] == "train"}
+
+
+def is_tree(files: Files) -> bool:
+    """Whether the files hold a train/<class>/<image> tree (else they are read as flat class folders)."""
+    return bool(_tree_prefixes(_visible(files.names)))
+
+
 def _tree_entries(files: Files) -> dict[str, list[tuple[str, str]]]:
     """{split: [(class, name), ...]} of `<prefix>/<split>/<class>/...` files; the prefix is the one
     closest to the root, so an archive may or may not wrap the tree in a top-level folder."""
-    names = [n for n in files.names if not any(p.startswith(".") or p == "__MACOSX" for p in n.split("/"))]
-    prefixes = {"/".join(parts[:i]) for parts in (n.split("/") for n in names)
-                for i in range(len(parts) - 2) if parts[i] == "train"}
+    names = _visible(files.names)
+    prefixes = _tree_prefixes(names)
     if not prefixes:
         raise DataError(f"{files.path}: no train/<class>/<image> files (expected root/train/<class>/*, "
                         f"root/test/<class>/*, optional root/val/<class>/*)")
@@ -156,3 +188,106 @@ def tree_items(files: Files) -> tuple[list[str], dict[str, list[tuple[int, str]]
         if pairs:
             items[split] = [(index[c], n) for c, n in pairs]
     return classes, items
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flat class folders and CSVs: (class names, [(label, name), ...]) in (class, name) order
+
+
+def _labelled(pairs: list[tuple[str, str]], where: str, min_per_class: int) -> tuple[list[str], list[tuple[int, str]]]:
+    """Sorted class names and [(label, name)] of (class, name) pairs; every class needs `min_per_class`
+    images (2 to draw a test split: one to train, one to test)."""
+    if not pairs:
+        raise DataError(f"{where}: no images found")
+    counts: dict[str, int] = {}
+    for c, _ in pairs:
+        counts[c] = counts.get(c, 0) + 1
+    small = sorted(c for c, n in counts.items() if n < min_per_class)
+    if small:
+        raise DataError(f"{where}: class {small[0]!r} has {counts[small[0]]} image(s), at least {min_per_class} are "
+                        f"needed (one to train, one to test){f'; {len(small) - 1} more such classes' if len(small) > 1 else ''}")
+    classes = sorted(counts)
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [(index[c], n) for c, n in sorted(pairs)]
+
+
+def flat_items(files: Files, *, min_per_class: int = 2) -> tuple[list[str], list[tuple[int, str]]]:
+    """Class names and [(label, name)] of flat class folders, ``root/<class>/**/<image>``: the class
+    is the first folder below the root; files outside a class folder or without an image extension
+    are ignored. An archive holding one top-level folder around the class folders is looked into."""
+    names = [n for n in _visible(files.names) if is_image_name(n)]
+    prefix = ""
+    while files.kind != "folder" and names and all(n.startswith(prefix) for n in names):
+        tops = {n[len(prefix):].split("/")[0] for n in names}
+        if len(tops) != 1 or not all(n[len(prefix):].count("/") >= 2 for n in names):
+            break
+        prefix += tops.pop() + "/"
+    pairs = [(n[len(prefix):].split("/")[0], n) for n in names if n[len(prefix):].count("/") >= 1]
+    if not pairs:
+        raise DataError(f"{files.path}: no image files in class folders (expected root/<class>/<image>, or "
+                        f"root/train/<class>/* and root/test/<class>/*)")
+    return _labelled(pairs, str(files.path), min_per_class)
+
+
+def is_csv(path: Path) -> bool:
+    return path.suffix.lower() == ".csv" and path.is_file()
+
+
+def csv_items(path: Path, *, min_per_class: int = 2) -> tuple[Files, list[str], list[tuple[int, str]]]:
+    """The files (relative to the CSV's folder), class names and [(label, name)] of a CSV of
+    ``path,label`` rows naming image files; a first row whose path is not an image name is a header."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read CSV ({getattr(e, 'strerror', None) or e})") from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
+    if rows and not is_image_name(rows[0][0].strip()):
+        rows = rows[1:]  # a header, e.g. path,label
+    pairs = []
+    for i, row in enumerate(rows):
+        if len(row) < 2 or not row[1].strip():
+            raise DataError(f"{path}: row {i + 1} {row!r} is not path,label")
+        name = row[0].strip().replace("\\", "/")
+        if not is_image_name(name):
+            raise DataError(f"{path}: {name!r} is not an image file (expected rows of image path,label)")
+        pairs.append((row[1].strip(), posixpath.normpath(name)))
+    classes, items = _labelled(pairs, str(path), min_per_class)
+    return Files(path.parent, [n for _, n in items]), classes, items
+
+
+def list_fingerprint(classes: list[str], items: list[tuple[int, str]]) -> str:
+    """A key of which files a layout names and their classes (not their content): what a recorded
+    test split depends on."""
+    h = hashlib.sha256()
+    for label, name in sorted(items, key=lambda x: x[1]):
+        h.update(f"{classes[label]}\t{name}\n".encode())
+    return h.hexdigest()
+
+
+def layout(path: Path, files: Files | None = None, *, min_per_class: int = 2):
+    """(files, classes, items, flat) of a source: {split: [(label, name)]} of a tree (flat False), or
+    {"train": every image} of flat class folders or a CSV (flat True: the test split is still to draw)."""
+    if is_csv(path):
+        files, classes, items = csv_items(path, min_per_class=min_per_class)
+        return files, classes, {"train": items}, True
+    files = files or Files(path)
+    if is_tree(files):
+        classes, split_items = tree_items(files)
+        return files, classes, split_items, False
+    classes, items = flat_items(files, min_per_class=min_per_class)
+    return files, classes, {"train": items}, True
+
+
+def content_key(path: Path) -> str:
+    """`fingerprint` of a source; for a CSV, of its bytes and the names, sizes and mtimes of its images."""
+    if not is_csv(path):
+        return fingerprint(path)
+    files, _, _ = csv_items(path, min_per_class=0)
+    h = hashlib.sha256(fingerprint(path).encode())
+    for name in files.names:
+        try:
+            st = (files.path / name).stat()
+            h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{name}\tmissing\n".encode())
+    return h.hexdigest()

@@ -36,21 +36,21 @@ _PROBE_IMAGES = 64  # images whose headers decide the native size and channels
 
 # ---------------------------------------------------------------------- decoding (runs in workers)
 def decode_file(path: str, size: tuple[int, int], channels: int, resize_after: bool,
-                skip_bad: bool) -> np.ndarray | str:
+                skip_bad: bool, resize_mode: str = "resize") -> np.ndarray | str:
     """One image as (C, H, W) uint8, as the in-memory path decodes it; the error message if unreadable.
 
     `resize_after`: decode at the native size and resize afterwards, as the in-memory path does for a
     tree loaded without an image size (a draft-mode JPEG decode would differ slightly).
     """
     try:
-        a = decode_image(path, size=None if resize_after else size, channels=channels)
+        a = decode_image(path, size=None if resize_after else size, channels=channels, resize_mode=resize_mode)
     except UnreadableImageError as e:
         reason = f"{type(e.cause).__name__}: {e.cause}"
         if not skip_bad:
             return f"cannot read image {path}: {reason} (--skip-bad-images to train on a black image in its place)"
         log.warning("unreadable image %s (%s): a black image takes its place", path, reason)
         return np.zeros((channels, *size), dtype=np.uint8)
-    return a if a.shape[1:] == tuple(size) else resize_image(a, size)
+    return a if a.shape[1:] == tuple(size) else resize_image(a, size, resize_mode=resize_mode)
 
 
 class _Decoder(torch.utils.data.Dataset):
@@ -59,12 +59,13 @@ class _Decoder(torch.utils.data.Dataset):
     def __init__(self, images: StreamImages):
         self.files, self.size, self.channels = images.files, images.size, images.channels
         self.resize_after, self.skip_bad = images.resize_after, images.skip_bad
+        self.resize_mode = images.resize_mode
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return decode_file(self.files[i], self.size, self.channels, self.resize_after, self.skip_bad)
+        return decode_file(self.files[i], self.size, self.channels, self.resize_after, self.skip_bad, self.resize_mode)
 
 
 def _collate(items: list) -> tuple[torch.Tensor, str | None]:
@@ -87,14 +88,15 @@ class StreamImages:
     dtype = torch.uint8
 
     def __init__(self, files: list[str], size: tuple[int, int], channels: int, *, resize_after: bool = False,
-                 skip_bad: bool = False, workers: int = 4):
+                 skip_bad: bool = False, workers: int = 4, resize_mode: str = "resize"):
         assert channels in (1, 3), f"channels must be 1 or 3, got {channels}"
         self.files, self.size, self.channels = list(files), (int(size[0]), int(size[1])), channels
         self.resize_after, self.skip_bad, self.workers = resize_after, skip_bad, workers
+        self.resize_mode = resize_mode
 
     def _like(self, files: list[str]) -> StreamImages:
         return StreamImages(files, self.size, self.channels, resize_after=self.resize_after, skip_bad=self.skip_bad,
-                            workers=self.workers)
+                            workers=self.workers, resize_mode=self.resize_mode)
 
     @property
     def shape(self) -> torch.Size:
@@ -182,12 +184,13 @@ def probe_tree(root: Path, names: list[str], *, size: tuple[int, int] | None,
 
 
 def stream_tree(files: Files, items: dict[str, list[tuple[int, str]]], size: tuple[int, int], channels: int, *,
-                resize_after: bool, skip_bad: bool, workers: int) -> dict[str, StreamImageSet]:
+                resize_after: bool, skip_bad: bool, workers: int, resize_mode: str = "resize") -> dict[str, StreamImageSet]:
     """{split: lazy images and labels} of a folder tree's `items` (`cct.sources.tree_items`), in their order."""
     sets = {}
     for split in SPLITS:
         if items.get(split):
             images = StreamImages([str(files.path / n) for _, n in items[split]], size, channels,
-                                  resize_after=resize_after, skip_bad=skip_bad, workers=workers)
+                                  resize_after=resize_after, skip_bad=skip_bad, workers=workers,
+                                  resize_mode=resize_mode)
             sets[split] = StreamImageSet(images, torch.tensor([label for label, _ in items[split]], dtype=torch.int64))
     return sets

@@ -1,0 +1,105 @@
+"""The held-out test split of sources that have none of their own — flat class folders and CSVs.
+
+A seeded, stratified fraction of each class's images is set aside for testing (at least one image
+per class, and at least one left for training), before anything is decoded, so the choice depends
+only on the file list, the seed and the fraction. The choice is recorded as plain data — the seed,
+the fraction, the class names, the test files (relative to the source's root, without the ones
+skipped as unreadable) with their classes, and a fingerprint of the file list — so that a run can
+store it and `cct eval` can later decode exactly those files (`cct.data.load(..., test_files=record)`).
+`check` tells whether the source's file list changed since.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .decode import decode_images, uniform_images
+from .sources import DataError, layout, list_fingerprint
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+
+
+def choose_test(items: list[tuple[int, str]], num_classes: int, *, fraction: float,
+                seed: int) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(train, test) items of (label, name) in (class, name) order: round(fraction × n) random test
+    images of each class of n images, clamped to [1, n - 1]; all training when `fraction` is 0."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"--test-split must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return list(items), []
+    rng = np.random.RandomState(seed)  # the legacy generator: its streams never change across numpy versions
+    by_class: list[list[tuple[int, str]]] = [[] for _ in range(num_classes)]
+    for item in sorted(items, key=lambda x: (x[0], x[1])):
+        by_class[item[0]].append(item)
+    train, test = [], []
+    for members in by_class:
+        n = len(members)
+        k = min(max(1, round(n * fraction)), n - 1) if n > 1 else 0
+        picked = set(rng.permutation(n)[:k].tolist())
+        for i, item in enumerate(members):
+            (test if i in picked else train).append(item)
+    return train, test
+
+
+def make_record(*, seed: int, fraction: float, classes: list[str], items: list[tuple[int, str]],
+                test: list[tuple[int, str]], skipped: set[str]) -> dict:
+    """The record of a drawn test split (JSON-ready); `items` is every file of the source."""
+    kept = [(label, name) for label, name in test if name not in skipped]
+    return {"version": RECORD_VERSION, "seed": int(seed), "fraction": float(fraction), "classes": list(classes),
+            "test_files": [name for _, name in kept], "test_labels": [classes[label] for label, _ in kept],
+            "num_files": len(items), "fingerprint": list_fingerprint(classes, items)}
+
+
+def check(record: dict, classes: list[str], items: list[tuple[int, str]], where: str) -> tuple[bool, str | None]:
+    """(changed, message): whether the source's file list differs from the one the record was drawn from."""
+    for key in ("test_files", "test_labels", "classes", "fingerprint"):
+        if key not in record:
+            raise DataError(f"not a recorded test split (no {key!r}); expected the split_record of a run")
+    if list_fingerprint(classes, items) == record["fingerprint"]:
+        return False, None
+    present = {name for _, name in items}
+    missing = sum(name not in present for name in record["test_files"])
+    return True, (f"{where} changed since its test split was recorded ({record.get('num_files', '?')} files "
+                  f"then, {len(items)} now; {missing} of the {len(record['test_files'])} test files missing): "
+                  f"evaluating the recorded test files that remain")
+
+
+def decode_recorded(path: Path, record: dict, *, size: tuple[int, int] | None, in_chans: int | None, skip_bad: bool,
+                    progress: bool, resize_mode: str) -> tuple[np.ndarray, np.ndarray, int, bool, Path]:
+    """(uint8 images (N, C, H, W), int64 labels, images skipped, changed, root) of only the recorded test
+    files of a flat folder or CSV, labelled as recorded. A changed source is a warning (and `changed`);
+    the recorded files that remain are decoded, and no other file is read."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data source {path} not found")
+    files, classes, items, flat = layout(path.resolve(), min_per_class=0)
+    if not flat:
+        raise DataError(f"{path} has its own train/ and test/ folders: a recorded test split is for flat class "
+                        "folders and CSVs")
+    changed, message = check(record, classes, items["train"], str(path))
+    if changed:
+        log.warning("%s", message)
+    present = {n for _, n in items["train"]}
+    index = {c: i for i, c in enumerate(record["classes"])}
+    pairs = [(n, index[c]) for n, c in zip(record["test_files"], record["test_labels"]) if n in present]
+    if not pairs:
+        raise DataError(f"{path}: none of the {len(record['test_files'])} recorded test files remain")
+    arrays = decode_images([files.handle(n) for n, _ in pairs], size=size, channels=in_chans, progress=progress,
+                           resize_mode=resize_mode)
+    good, bad = [], []
+    for (name, label), a in zip(pairs, arrays):
+        if isinstance(a, str):
+            if not skip_bad:
+                raise DataError(f"cannot read image {files.path}/{name}: {a} (--skip-bad-images to skip it)")
+            bad.append(name)
+        else:
+            good.append((label, a))
+    if not good:
+        raise DataError(f"{path}: no recorded test file is readable")
+    good = uniform_images(good, size, in_chans, files.path, resize_mode)
+    labels = np.array([label for label, _ in good], dtype=np.int64)
+    return np.stack([a for _, a in good]), labels, len(bad), changed, files.path

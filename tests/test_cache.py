@@ -1,0 +1,63 @@
+"""cct.cache: where decoded datasets are kept, listing them with source, size and last use, clearing them."""
+import argparse
+import os
+import time
+
+import pytest
+
+from data_fixtures import make_tree
+from cct import cache, data
+from cct.errors import CCTError
+
+
+def _cli(argv) -> int:
+    """`cct cache ...` through the subcommand's own parser (as cct.cli registers it)."""
+    parser = argparse.ArgumentParser()
+    cache.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture
+def two_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCT_DATA", str(tmp_path / "cct-data"))  # the default cache directory
+    counts = {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}}
+    first, second = make_tree(tmp_path / "first", counts), make_tree(tmp_path / "second", counts, seed=1)
+    data.load(first, progress=False)
+    data.load(second, progress=False)
+    return first, second
+
+
+def test_list_shows_source_size_and_last_use(two_entries, tmp_path, capsys):
+    first, second = two_entries
+    found = cache.entries()
+    assert [e.source for e in sorted(found, key=lambda e: e.source)] == [str(first), str(second)]
+    assert all(e.path.parent == tmp_path / "cct-data" / "decoded" and e.size == e.path.stat().st_size for e in found)
+    assert _cli(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "cct-data" / "decoded") in out and "2 entries" in out
+    assert str(first) in out and str(second) in out
+
+
+def test_a_read_is_a_use(two_entries):
+    first, _ = two_entries
+    entry = next(e for e in cache.entries() if e.source == str(first))
+    os.utime(entry.path, (time.time() - 5 * 86400,) * 2)
+    assert cache.entries()[0].path == entry.path  # the oldest use first
+    data.load(first, progress=False)  # served from the cache
+    assert time.time() - entry.path.stat().st_mtime < 60
+
+
+def test_clear_older_than_and_all(two_entries, capsys):
+    first, second = two_entries
+    old = next(e for e in cache.entries() if e.source == str(first))
+    os.utime(old.path, (time.time() - 3 * 86400,) * 2)
+    assert _cli(["cache", "clear", "--older-than", "2"]) == 0
+    assert [e.source for e in cache.entries()] == [str(second)] and not old.path.exists()
+    assert "removed 1 entry" in capsys.readouterr().err
+    (old.path.parent / "x-123.tmp").write_bytes(b"half a file")  # an interrupted write
+    assert len(cache.entries()) == 2
+    assert len(cache.clear()) == 2 and cache.entries() == []
+    with pytest.raises(CCTError, match="--older-than"):
+        cache.clear(older_than_days=-1)
+    assert cache.entries(os.environ["CCT_DATA"] + "/nowhere") == []

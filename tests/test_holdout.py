@@ -1,0 +1,128 @@
+"""Flat class folders and CSVs: the seeded, stratified test split, its record, and loading only the
+recorded test files later (`cct.holdout`, `cct.data.load(..., test_files=record)`)."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_fixtures import pack
+from cct import holdout, stream
+from cct.data import DataError, load
+
+COUNTS = {"cat": 10, "dog": 5, "emu": 2}
+
+
+def make_flat(root, counts=COUNTS, seed=0):
+    """root/<class>/<i>.png random images of several sizes, and a stray file that is not an image."""
+    rs = np.random.RandomState(seed)
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rs.randint(0, 256, (8 + i % 2, 8, 3)).astype(np.uint8)).save(root / cls / f"{i:02d}.png")
+    (root / "README.txt").write_text("not a class")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def flat(tmp_path):
+    return make_flat(tmp_path / "photos")
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+def _files(ds):
+    return ds.split_record["test_files"]
+
+
+def test_flat_folders_get_a_seeded_stratified_test_split(flat, cache):
+    ds = load(flat, img_size=8, cache_dir=cache, progress=False)
+    assert ds.classes == ["cat", "dog", "emu"] and len(ds.train) + len(ds.test) == 17
+    assert torch.bincount(ds.test.labels).tolist() == [2, 1, 1]  # round(0.2 n), at least 1, at most n - 1
+    record = ds.split_record
+    assert record["seed"] == 0 and record["fraction"] == 0.2 and record["num_files"] == 17
+    assert all(name.split("/")[0] == label for name, label in zip(record["test_files"], record["test_labels"]))
+    again = load(flat, img_size=8, cache_dir=cache, progress=False)  # from the cache this time
+    assert again.split_record == record and torch.equal(again.test.images, ds.test.images)
+    other = load(flat, img_size=8, cache_dir=cache, progress=False, seed=1)
+    assert _files(other) != _files(ds) and len(other.test) == 4
+    bigger = load(flat, img_size=8, cache_dir=cache, progress=False, test_split=0.5)
+    assert torch.bincount(bigger.test.labels).tolist() == [5, 2, 1]  # 2.5 rounds to even
+    assert load(flat, img_size=8, cache_dir=cache, progress=False, test_split=0).test is None
+    with pytest.raises(DataError, match="--test-split"):
+        load(flat, cache_dir=cache, progress=False, test_split=1.0)
+
+
+def test_choose_test_depends_only_on_the_file_list():
+    items = [(c, f"{c}/{i}.png") for c in range(3) for i in range(7)]
+    train, test = holdout.choose_test(items, 3, fraction=0.3, seed=5)
+    assert sorted(train + test) == sorted(items) and len(test) == 6
+    assert holdout.choose_test(list(reversed(items)), 3, fraction=0.3, seed=5) == (train, test)
+
+
+def test_a_class_of_one_image_is_a_one_line_error(tmp_path, cache):
+    root = make_flat(tmp_path / "p", {"cat": 3, "dog": 1})
+    with pytest.raises(DataError, match=r"class 'dog' has 1 image\(s\), at least 2") as e:
+        load(root, cache_dir=cache, progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_a_csv_of_paths_and_labels(tmp_path, cache):
+    make_flat(tmp_path / "imgs")
+    rows = [f"imgs/{c}/{i:02d}.png,{c.upper()}" for c, n in COUNTS.items() for i in range(n)]
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(reversed(rows)) + "\n")
+    ds = load(tmp_path / "labels.csv", img_size=8, cache_dir=cache, progress=False)
+    assert ds.classes == ["CAT", "DOG", "EMU"] and torch.bincount(ds.test.labels).tolist() == [2, 1, 1]
+    assert all(name.startswith("imgs/") for name in _files(ds)) and "listed in" in ds.source
+    folder = load(tmp_path / "imgs", img_size=8, cache_dir=cache, progress=False)
+    assert [n.removeprefix("imgs/") for n in _files(ds)] == _files(folder)  # the same files, drawn the same way
+    again = load(tmp_path / "labels.csv", img_size=8, cache_dir=cache, progress=False)
+    assert again.split_record == ds.split_record and torch.equal(again.test.images, ds.test.images)
+    (tmp_path / "text.csv").write_text("text,label\nhello world,greeting\nbye,farewell\n")
+    with pytest.raises(DataError, match="not an image file"):
+        load(tmp_path / "text.csv", cache_dir=cache, progress=False)
+
+
+def test_recorded_test_files_alone_and_a_changed_folder(flat, cache, caplog):
+    (flat / "dog" / "99.png").write_bytes(b"not a png")  # skipped as bad: never in the record
+    ds = load(flat, img_size=8, cache_dir=cache, progress=False, skip_bad_images=True)
+    record = ds.split_record
+    assert ds.skipped == 1 and "dog/99.png" not in record["test_files"] and record["num_files"] == 18
+    same = load(flat, img_size=8, progress=False, test_files=record)
+    assert not same.source_changed and len(same.train) == 0 and same.classes == ds.classes
+    assert torch.equal(same.test.images, ds.test.images) and torch.equal(same.test.labels, ds.test.labels)
+
+    removed = record["test_files"][0]
+    (flat / removed).unlink()
+    (flat / "emu" / "new.png").write_bytes((flat / "emu" / "00.png").read_bytes())
+    (flat / "cat" / "09.png").write_bytes(b"broken, but not a test file")
+    with caplog.at_level(logging.WARNING):
+        changed = load(flat, img_size=8, progress=False, test_files=record)  # a bad file elsewhere: no matter
+    assert changed.source_changed and len(changed.test) == len(ds.test) - 1
+    assert "changed since its test split was recorded" in caplog.text and "1 of the 4 test files missing" in caplog.text
+    assert torch.equal(changed.test.images, ds.test.images[1:])
+
+
+def test_recorded_split_of_a_csv_and_of_an_archive(tmp_path, cache):
+    make_flat(tmp_path / "imgs")
+    rows = [f"imgs/{c}/{i:02d}.png,{c}" for c, n in COUNTS.items() for i in range(n)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")  # no header
+    ds = load(tmp_path / "labels.csv", img_size=8, cache_dir=cache, progress=False)
+    again = load(tmp_path / "labels.csv", img_size=8, progress=False, test_files=ds.split_record)
+    assert not again.source_changed and torch.equal(again.test.images, ds.test.images)
+    archive = pack(tmp_path / "imgs", tmp_path / "photos.zip", top="photos")  # one folder around the classes
+    zipped = load(archive, img_size=8, cache_dir=cache, progress=False)
+    assert zipped.classes == ["cat", "dog", "emu"] and len(zipped.test) == 4
+    assert not load(archive, img_size=8, progress=False, test_files=zipped.split_record).source_changed
+
+
+def test_streamed_flat_folders_draw_the_same_split(flat, cache):
+    memory = load(flat, img_size=8, cache_dir=cache, progress=False, stream=False)
+    streamed = load(flat, img_size=8, cache_dir=cache, progress=False, stream=True, workers=0)
+    assert isinstance(streamed.test, stream.StreamImageSet) and streamed.split_record == memory.split_record
+    assert torch.equal(streamed.test.images[torch.arange(len(streamed.test))], memory.test.images)
