@@ -13,6 +13,8 @@ import math
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .checkpoint import atomic_write
 from .plots import plot_curves
 from .recipes import TrainConfig
@@ -25,6 +27,14 @@ def log(quiet: bool, *parts) -> None:
     """A line on stderr for the user (progress and summaries; stdout stays for data)."""
     if not quiet:
         print(*parts, file=sys.stderr, flush=True)
+
+
+def progress_bar(quiet: bool, epoch: int, total_epochs: int, n_images: int, done: int) -> tqdm | None:
+    """The epoch's progress bar on stderr (None when quiet)."""
+    if quiet:
+        return None
+    return tqdm(total=n_images, initial=done, desc=f"epoch {epoch + 1}/{total_epochs}", unit="img", unit_scale=True,
+                file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
 
 
 # ---------------------------------------------------------------------- history.csv
@@ -71,6 +81,15 @@ def epoch_line(row: dict, total_epochs: int, skipped: int) -> str:
 def write_json(path: Path, obj: dict) -> None:
     text = json.dumps(obj, indent=2) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def resolved_config(cfg: TrainConfig, *, precision: str, device: str, world_size: int, total_steps: int,
+                    steps_per_epoch: int, num_classes: int, eval_settings: dict) -> dict:
+    """The contents of config.json: the configuration, and what the run resolved of it."""
+    return {**cfg.to_dict(), "precision_resolved": precision, "device_resolved": device,
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
+            "in_chans": eval_settings["in_chans"], "img_size_resolved": list(eval_settings["img_size"]),
+            "mean": eval_settings["mean"], "std": eval_settings["std"], "world_size": world_size}
 
 
 def brief(metrics: dict | None) -> dict | None:

@@ -1,11 +1,10 @@
 """Training: the loop — `cct train`.
 
-The loop follows nanoGPT's train.py: one `train(config) -> results` function whose body is an
-ordered list of phases (where the run stands → runtime → data → model and step → position →
-length → the epochs → test), each epoch the same list of steps. Its parts live beside it:
-the step, optimiser and learning-rate schedule in `cct.step`; recipes and `TrainConfig` in
-`cct.recipes`; last.pt and the random streams in `cct.resume`; the output files in
-`cct.runfiles`; the time budget in `cct.budget`; the command line in `cct.cli`.
+As nanoGPT's train.py, one `train(config) -> results` function whose body is an ordered list of
+phases (where the run stands → runtime → data → model and step → position → length → epochs →
+test). Beside it: the step, optimiser and schedule (`cct.step`), recipes (`cct.recipes`), last.pt
+and the random streams (`cct.resume`), the output files (`cct.runfiles`), the time budget
+(`cct.budget`), the command line (`cct.cli`).
 
 Interruption (SIGINT/SIGTERM): the current step finishes, `last.pt` records the position inside the
 epoch (the epoch's shuffling seed, the batch index and the running sums), and `--resume` continues
@@ -16,8 +15,6 @@ see `cct.distributed`): data-parallel training, gradients averaged by Distribute
 and by one exchange per step on CPUs. `--batch-size` stays the global batch; every rank draws the
 same epoch permutation and trains on its shard of each batch; augmentation and dropout are seeded per
 rank; metric sums are all-reduced; validation and test are sharded and gathered; only rank 0 writes.
-`last.pt` keeps every rank's random streams, so a resumed run with the same number of processes
-continues exactly.
 """
 from __future__ import annotations
 
@@ -34,7 +31,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import budget, distributed, runfiles, stream
 from . import data as data_mod
@@ -119,9 +115,9 @@ def _build_model(cfg: TrainConfig, classes: list[str], *, num_classes: int, in_c
 # ---------------------------------------------------------------------- the run's shared state
 @dataclass
 class _Run:
-    """What the phases of `train()` share: settings, the model and its step, and the position (`state`,
-    saved in last.pt as "train_state")."""
+    """What the phases of `train()` share; `state` is the position, saved in last.pt as "train_state"."""
     cfg: TrainConfig
+    out: Path
     rank: int
     world_size: int
     quiet: bool
@@ -145,10 +141,6 @@ class _Run:
     cooldown_steps: int = 0
     deadline: float | None = None  # time.perf_counter() at which a budgeted run must end
     signum: int | None = None  # the signal that asked the run to stop
-
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.out)
 
     @property
     def is_main(self) -> bool:
@@ -291,7 +283,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     state = {"epoch": 0, "batch": 0, "step": 0, "total_steps": cfg.epochs * steps_per_epoch, "best_top1": -1.0,
              "best_epoch": 0, "train_seconds": 0.0, "images": 0, "finished": False}
-    run = _Run(cfg=cfg, rank=rank, world_size=world_size, quiet=quiet, device=device, precision=precision,
+    run = _Run(cfg=cfg, out=out, rank=rank, world_size=world_size, quiet=quiet, device=device, precision=precision,
                model=model, optimizer=optimizer, step=step, data_gen=data_gen, aug_gen=aug_gen, mean=mean, std=std,
                eval_settings=eval_settings, steps_per_epoch=steps_per_epoch, data_epoch_state=data_gen.get_state(),
                state=state)
@@ -317,12 +309,10 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     # a run shortened by --epochs or --time-budget keeps a schedule: warm-up at most half, cooldown a quarter
     run.warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), state["total_steps"] // 2)
     run.cooldown_steps = min(round(cfg.cooldown_epochs * steps_per_epoch), state["total_steps"] // 4)
-    run.resolved = {**cfg.to_dict(), "precision_resolved": precision, "device_resolved": str(device),
-                    "total_steps": state["total_steps"], "steps_per_epoch": steps_per_epoch,
-                    "num_classes": num_classes, "in_chans": in_chans, "img_size_resolved": [height, width],
-                    "mean": eval_settings["mean"], "std": eval_settings["std"], "world_size": world_size}
-    if rank == 0:
-        runfiles.write_json(out / "config.json", run.resolved)
+    run.resolved = runfiles.resolved_config(cfg, precision=precision, device=str(device), world_size=world_size,
+                                            total_steps=state["total_steps"], steps_per_epoch=steps_per_epoch,
+                                            num_classes=num_classes, eval_settings=eval_settings)
+    run.set_total_steps(state["total_steps"])  # and config.json
 
     # the epochs; a budget counts from the first training step, as the time to accuracy is measured
     if budgeted:
@@ -363,7 +353,7 @@ def _train_epoch(run: _Run, train_set: ImageSet, *, t_epoch: float, stop_at_step
     batches = itertools.islice(batches, state["batch"], None)
     mix = cfg.mix_off_epoch is None or epoch < cfg.mix_off_epoch
     steps_this_epoch = min(run.steps_per_epoch, state["total_steps"] - state["step"] + state["batch"])
-    bar = _progress(run.quiet, epoch, run.total_epochs, n_train, state["batch"] * (cfg.batch_size // run.world_size))
+    bar = runfiles.progress_bar(run.quiet, epoch, run.total_epochs, n_train, state["batch"] * (cfg.batch_size // run.world_size))
     lr = run.lr(state["step"])
     try:
         for idx, images, labels in stream.load_batches(train_set, batches, pin_memory=run.device.type == "cuda"):
@@ -453,9 +443,3 @@ def _test(run: _Run, dataset: Dataset, val_set: ImageSet | None) -> dict | None:
         distributed.broadcast_module(run.model)
     return run.eval_metrics(dataset.test.images, dataset.test.labels) if dataset.test is not None else None
 
-
-def _progress(quiet: bool, epoch: int, total_epochs: int, n_images: int, done: int) -> tqdm | None:
-    if quiet:
-        return None
-    return tqdm(total=n_images, initial=done, desc=f"epoch {epoch + 1}/{total_epochs}", unit="img", unit_scale=True,
-                file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
