@@ -2,8 +2,6 @@
 import json
 import types
 
-import pytest
-
 from cct import budget, distributed
 from cct import train as train_mod
 from cct.recipes import make_config

@@ -312,7 +312,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     run.resolved = runfiles.resolved_config(cfg, precision=precision, device=str(device), world_size=world_size,
                                             total_steps=state["total_steps"], steps_per_epoch=steps_per_epoch,
                                             num_classes=num_classes, eval_settings=eval_settings)
-    run.set_total_steps(state["total_steps"])  # and config.json
+    if rank == 0:
+        runfiles.write_json(out / "config.json", run.resolved)
 
     # the epochs; a budget counts from the first training step, as the time to accuracy is measured
     if budgeted:
