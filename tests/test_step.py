@@ -74,6 +74,22 @@ def test_a_step_runs_backward_once_steps_and_counts(monkeypatch):
     assert calls["n"] == 2 and step.shared == () and step.totals()[2] == 16
 
 
+def test_one_process_reads_the_stop_flags_after_the_optimiser_step():
+    """A signal that arrives during a step, its optimiser step included, stops the run right after it."""
+    torch.manual_seed(0)
+    model = create_model("cct_2_3x2_32_keras")
+    step = _step(model)
+    signalled = {"now": False}
+    real_step = step.optimizer.step
+
+    def optimiser_step(*args, **kwargs):
+        signalled["now"] = True
+        return real_step(*args, **kwargs)
+    step.optimizer.step = optimiser_step
+    step(*_batch(), 1e-3, share=lambda: (signalled["now"],))
+    assert step.shared == (True,)
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_a_nonfinite_loss_never_steps(monkeypatch, skip):
     torch.manual_seed(0)

@@ -149,30 +149,32 @@ class TrainStep:
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
         # every rank runs backward, finite or not (DDP exchanges inside it); the ranks then agree
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        flags = share() if share is not None else ()
         if self.sync_grads:  # the gradients, the loss's finiteness and the flags in one exchange
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             finite, self.shared = distributed.average_gradients(params, finite=bool(torch.isfinite(loss)),
-                                                                flags=flags)
-        else:  # one process, or DDP (gradients already averaged in backward)
-            finite = distributed.all_finite(loss)
-            self.shared = distributed.any_true(*flags) if share is not None else ()
+                                                                flags=share() if share is not None else ())
+        else:  # one process, or DDP (the gradients are averaged already)
+            finite, self.shared = distributed.all_finite(loss), ()
         if not finite:  # never step on a NaN (on any rank): every rank raises or skips together
             self.optimizer.zero_grad(set_to_none=True)
             if not self.skip_nonfinite:
                 raise NonFiniteLossError(f"the loss became {loss.item()}")
             self.skipped += 1
-            return loss.detach()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
         else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        hard = targets if targets.ndim == 1 else targets.argmax(-1)
-        self.loss_sum += loss.detach().double() * labels.shape[0]
-        self.correct += (logits.detach().argmax(-1) == hard).sum()
-        self.seen += labels.shape[0]
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            hard = targets if targets.ndim == 1 else targets.argmax(-1)
+            self.loss_sum += loss.detach().double() * labels.shape[0]
+            self.correct += (logits.detach().argmax(-1) == hard).sum()
+            self.seen += labels.shape[0]
+        if share is not None and not self.sync_grads:
+            # no exchange of our own to carry them: read last, so that a signal arriving during this
+            # step (its optimiser step included) stops the run right after it
+            self.shared = distributed.any_true(*share())
         return loss.detach()
 
     def state_dict(self) -> dict:
