@@ -11,8 +11,8 @@ at batch 128 (and cct_7_3x1_32's attention with --model).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import statistics
 import sys
 import time
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import cct
-from cct.layers import dropout_mask, gelu_tanh
+from cct.kernels import FastDropout, dropout_mask, fuse, gelu_tanh, use_kernels
 from cct.model import _same_pool_padding
 from cct.runtime import tune_allocator
 
@@ -84,7 +84,7 @@ def _reference_gelu(x: torch.Tensor) -> torch.Tensor:
 
 def group_gelu(precision: str, batch: int):
     """The MLP's tanh-GELU on (B, 64, 128) in bf16, forward + backward: `F.gelu` against the
-    65,536-entry table of `cct.layers.gelu_tanh` (bit for bit the same values and gradients)."""
+    65,536-entry table of `cct.kernels.gelu_tanh` (bit for bit the same values and gradients)."""
     x, grad = _gelu_inputs(batch)
     return {"F.gelu (before)": lambda: _reference_gelu(x).backward(grad),
             "table (now)": lambda: gelu_tanh(x).backward(grad)}
@@ -99,21 +99,21 @@ def group_gelu_inference(precision: str, batch: int):
 
 def _keras_attention_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     """cct_2_3x2_32_keras's first attention layer (2 heads of 128 on a 128 stream, 64 tokens, attention
-    dropout 0.1), folded and plain (`Attention.fold = False`), with the same weights."""
+    dropout 0.1), folded (`cct.kernels.FastAttention`) and the reference layer of `cct.layers` computing
+    with the same weights and the same cheap dropout masks."""
     torch.manual_seed(0)
-    folded = cct.create_model("cct_2_3x2_32_keras", attn_drop_rate=0.1).blocks[0].attn
-    with torch.no_grad():
-        for param in folded.parameters():
-            param.normal_(0, 0.05)  # non-zero biases, as after training
     plain = cct.create_model("cct_2_3x2_32_keras", attn_drop_rate=0.1).blocks[0].attn
-    plain.load_state_dict(folded.state_dict())
-    plain.fold = False
+    with torch.no_grad():
+        for param in plain.parameters():
+            param.normal_(0, 0.05)  # non-zero biases, as after training
+    folded = use_kernels(copy.deepcopy(plain), "fast")
+    plain.attn_drop.__class__ = FastDropout  # the reference math, the fast path's masks
     return folded, plain
 
 
 def group_attention_training(precision: str, batch: int):
     """Training attention of cct_2_3x2_32_keras, forward (dropout on) + backward: the plain
-    qkv → attention → proj against the fold inside the graph (`Attention._folded_forward`)."""
+    qkv → attention → proj against the fold inside the graph (`FastAttention._folded_forward`)."""
     folded, plain = _keras_attention_pair()
     x = torch.randn(batch, 64, 128, requires_grad=True)
     grad = torch.randn(batch, 64, 128)
@@ -134,8 +134,9 @@ def group_attention_training(precision: str, batch: int):
 
 
 def group_attention_inference(precision: str, batch: int):
-    """Inference attention of cct_2_3x2_32_keras: plain against the cached folded weights."""
+    """Inference attention of cct_2_3x2_32_keras: plain against the fused folded weights (`cct.kernels.fuse`)."""
     folded, plain = (m.eval() for m in _keras_attention_pair())
+    fuse(folded)
     x = torch.randn(batch, 64, 128)
     with torch.no_grad():
         assert torch.allclose(plain(x), folded(x), atol=1e-4)

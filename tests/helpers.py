@@ -5,9 +5,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cct import train as train_mod
+from cct.data import Dataset, ImageSet
+from cct.recipes import TrainConfig, make_config
 
 CLASSES = ["ant", "bee", "cat"]
+MODEL = "cct_2_3x2_32"  # at the data's 16×16: 16 tokens, a fraction of a second per epoch
 
 
 def make_tree(root: Path, classes=CLASSES, train_per_class=16, test_per_class=6, size=16) -> Path:
@@ -23,8 +25,28 @@ def make_tree(root: Path, classes=CLASSES, train_per_class=16, test_per_class=6,
     return root
 
 
+def memory_dataset(n_train=90, n_test=30, size=16) -> Dataset:
+    """An in-memory dataset of 3 learnable classes (for `cct.train.train(..., dataset=...)`)."""
+    g = torch.Generator().manual_seed(0)
+
+    def images(n):
+        y = torch.arange(n) % 3
+        x = (torch.rand(n, 3, size, size, generator=g) * 90 + y.view(-1, 1, 1, 1) * 70).to(torch.uint8)
+        return ImageSet(x, y.long())
+    return Dataset(images(n_train), images(n_test), None, list(CLASSES), "memory", 0)
+
+
+def seeded_config(out, **kw) -> TrainConfig:
+    """A 2-epoch run on `memory_dataset()` (3 batches an epoch) that draws from every random stream: hflip +
+    translate + mixup (augmentation generator), dropout and drop path (torch RNG), shuffling."""
+    return make_config(MODEL, "memory", str(out), "keras", epochs=2, batch_size=32, translate=2, mixup_alpha=0.4,
+                       seed=3, **kw)
+
+
 def poison_loss(monkeypatch, at_call: int) -> None:
-    """Make the `at_call`-th training loss (counted over calls with gradients) NaN."""
+    """Make the `at_call`-th training loss (counted over calls with gradients) NaN.
+
+    Patches torch.nn.functional itself, which `cct.step` calls as `F.cross_entropy`."""
     real = torch.nn.functional.cross_entropy
     calls = {"n": 0}
 
@@ -35,4 +57,4 @@ def poison_loss(monkeypatch, at_call: int) -> None:
             if calls["n"] == at_call:
                 return loss * float("nan")
         return loss
-    monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)

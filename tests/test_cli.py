@@ -43,3 +43,32 @@ def test_import_keras_missing_file(tmp_path, capsys):
 def test_python_m_cct_entry_point():
     proc = subprocess.run([sys.executable, "-m", "cct", "models", "cvt_7*", "--no-macs"], capture_output=True, text=True)
     assert proc.returncode == 0 and "3,716,619" in proc.stdout
+
+
+def test_help_lists_every_subcommand_in_order(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    commands = ["models", "import-keras", "train", "eval", "predict", "export", "explain", "bench"]
+    positions = [out.index(f"\n    {c}") for c in commands]
+    assert positions == sorted(positions)
+
+
+def test_parser_does_not_import_the_training_loop():
+    """`cct --help` builds every parser; the loop and the benchmark are imported only to run."""
+    script = ("import sys\nfrom cct.cli import build_parser\nbuild_parser()\n"
+              "assert not {'cct.train', 'cct.bench', 'cct.step'} & set(sys.modules), sorted(sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_train_has_a_flag_for_every_config_field(capsys):
+    from dataclasses import fields
+
+    from cct.recipes import TrainConfig
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name

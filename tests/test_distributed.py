@@ -16,7 +16,8 @@ import torch
 
 from cct import cli, distributed
 from cct.errors import CCTError
-from cct.train import make_config, train
+from cct.recipes import make_config
+from cct.train import train
 from helpers import make_tree
 
 MODEL = "cct_2_3x2_32"
@@ -199,7 +200,7 @@ def test_resolve_procs(monkeypatch):
 RESUME_SCRIPT = textwrap.dedent('''
     import json, sys
     import torch
-    from cct import distributed, train as T
+    from cct import distributed, recipes, resume, train as T
     from cct.data import Dataset, ImageSet
 
     def images(n, g):
@@ -208,7 +209,7 @@ RESUME_SCRIPT = textwrap.dedent('''
         return ImageSet(x, y.long())
 
     def config(out):  # flips, translations, mixup (per-rank generators), dropout and drop path (per-rank torch RNG)
-        return T.make_config("cct_2_3x2_32", "memory", out, "keras", epochs=2, batch_size=32, translate=2,
+        return recipes.make_config("cct_2_3x2_32", "memory", out, "keras", epochs=2, batch_size=32, translate=2,
                              mixup_alpha=0.4, seed=3, precision="fp32")
 
     root = sys.argv[1]
@@ -222,7 +223,7 @@ RESUME_SCRIPT = textwrap.dedent('''
             raise SystemExit("not interrupted")
         except T.TrainingInterrupted:
             pass
-        resumed = T.train(T.resume_config(root + "/split"), resume=True, **kw)
+        resumed = T.train(resume.resume_config(root + "/split"), resume=True, **kw)
         if job.rank == 0:
             with open(root + "/results.json", "w") as f:
                 json.dump({"reference": reference, "resumed": resumed}, f)

@@ -325,6 +325,14 @@ def test_evaluation_after_training_steps_sees_the_new_weights():
         torch.testing.assert_close(fuse(model.eval())(x), reference.eval()(x), atol=2e-5, rtol=1e-4)
 
 
+def test_fast_model_trains_with_dropout_in_bf16():
+    model = use_kernels(cct.create_model("cct_2_3x2_32_keras"), "fast").train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32))
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 # ---------------------------------------------------------------------- tokenizer: pool before ReLU
 @pytest.mark.parametrize("name,size", [("cct_2_3x2_32_keras", 32), ("cct_2_3x2_32_keras", 29), ("cct_7_3x1_32", 32),
                                        ("cct_2_3x2_32", 31), ("cct_7_7x2_224", 64)])

@@ -1,7 +1,6 @@
 """cct.preprocess: one record of how inputs are prepared and evaluated, in checkpoints and ONNX metadata."""
 from pathlib import Path
 
-import pytest
 import torch
 
 import cct

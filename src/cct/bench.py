@@ -1,7 +1,7 @@
 """Throughput and FLOP accounting — `cct bench`.
 
 A timed training step is exactly what `cct train` does per batch, through the same object
-(`cct.train.make_train_step`): a uint8 batch → the recipe's augmentation → forward with dropout on
+(`cct.step.make_train_step`): a uint8 batch → the recipe's augmentation → forward with dropout on
 → loss → backward → optimiser step. A timed inference step is what `cct eval` does per batch
 (`cct.evaluate.predict_logits`: normalise → forward in eval mode → logits). Each rate is the median
 of several timed windows of consecutive steps, after warm-up steps that absorb one-time costs
@@ -17,11 +17,8 @@ effective ones.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -29,8 +26,19 @@ from typing import Callable
 
 import torch
 
-from . import distributed
+from . import distributed, recipes
+from .evaluate import predict_logits
+from .kernels import fuse, use_kernels
+from .model import count_macs, num_params
+from .preprocess import Preprocessing
+from .registry import create_model
 from .runtime import configure_threads, cpu_supports_bf16, resolve_device, resolve_precision, tune_allocator
+from .step import augment_config, make_optimizer, make_train_step, wrap_model
+
+try:
+    import resource  # POSIX: the peak resident set size
+except ImportError:  # Windows
+    resource = None
 
 
 def timed_windows(fn: Callable[[], object], *, warmup: int, steps: int, windows: int,
@@ -83,10 +91,13 @@ def gemm_peak_gflops(precision: str, device: torch.device | str = "cpu", *, size
     return statistics.median(rates)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA's allocator peak on a GPU, else the peak resident set size."""
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory of this process: CUDA's allocator peak on a GPU, else the peak resident set size
+    (None where the platform has no `resource` module to tell it)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if resource is None:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 
@@ -100,7 +111,7 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
               precision: str = "auto", steps: int = 10, windows: int = 5, warmup: int = 10,
               recipe: str | None = None, device: str = "auto", threads: int | None = None,
               train: bool = True, infer: bool = True, peak: bool = True, seed: int = 0,
-              quiet: bool = True, world_size: int = 1) -> dict:
+              quiet: bool = True, world_size: int = 1, kernels: str = "fast") -> dict:
     """Training and inference throughput of a registered model on random CIFAR-like data.
 
     Args:
@@ -116,14 +127,11 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         train, infer, peak: which measurements to make.
         world_size: processes of the job this one belongs to (`--procs`, inside `distributed.process_group`):
             each computes its share of every batch, as `cct train --procs` does; rates are the job's.
+        kernels: "fast" (`cct.kernels`, as training and evaluation run by default) or "reference".
     Returns:
         a dict with `train_images_per_second`, `infer_images_per_second`, GFLOP/s, share of the
         measured GEMM peak, peak memory and the settings.
     """
-    from .model import count_macs, num_params
-    from .registry import create_model
-    from . import recipes, train as train_mod
-
     if world_size > 1 and (batch_size % world_size or infer_batch_size % world_size):
         raise ValueError(f"--batch-size {batch_size} and --infer-batch-size {infer_batch_size} must be multiples "
                          f"of the {world_size} processes")
@@ -136,8 +144,8 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
     # the model as `cct train` builds it for this recipe: its dropout rates decide the attention path
     drop_rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
                   if getattr(cfg, k) is not None}
-    net = create_model(model, **drop_rates)
-    macs = count_macs(net)  # at the model's native input size, before it moves
+    net = use_kernels(create_model(model, **drop_rates), kernels)
+    macs = count_macs(net)  # the model as defined, at its native input size
     net = net.to(dev)
     C, (H, W) = net.cfg.in_chans, net.cfg.img_size
     num_classes = max(net.cfg.num_classes, 1)
@@ -148,7 +156,7 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         "infer_batch_size": infer_batch_size, "steps_per_window": steps, "windows": windows, "warmup": warmup,
         "torch": torch.__version__, "cpu_bf16": cpu_supports_bf16(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "drop_rates": drop_rates, "allocator_tuned": tune_allocator(),
-        "procs": world_size,
+        "procs": world_size, "kernels": kernels,
     }
     local_batch, local_infer_batch = batch_size // world_size, infer_batch_size // world_size
 
@@ -156,11 +164,11 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         mean = std = None
         if cfg.normalize != "none":  # the cost of normalising does not depend on the values
             mean, std = (0.5,) * C, (0.25,) * C
-        optimizer = train_mod.make_optimizer(net, cfg)
-        step = train_mod.make_train_step(train_mod.wrap_model(net, world_size), optimizer,
-                                         train_mod.augment_config(cfg, mean, std), precision=prec, device=dev,
-                                         label_smoothing=cfg.label_smoothing, num_classes=num_classes,
-                                         generator=torch.Generator().manual_seed(seed + 1), world_size=world_size)
+        optimizer = make_optimizer(net, cfg)
+        step = make_train_step(wrap_model(net, world_size), optimizer, augment_config(cfg, mean, std),
+                               precision=prec, device=dev, label_smoothing=cfg.label_smoothing,
+                               num_classes=num_classes, generator=torch.Generator().manual_seed(seed + 1),
+                               world_size=world_size)
         pool = 8  # distinct batches, cycled, so no step sees a cached input
         images = torch.randint(0, 256, (pool, local_batch, C, H, W), dtype=torch.uint8, generator=g)
         labels = torch.randint(0, num_classes, (pool, local_batch), generator=g)
@@ -183,15 +191,14 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         del step, optimizer
 
     if infer:
-        from .evaluate import predict_logits
-        net.eval()
+        fuse(net.eval())  # as evaluation starts
         pool = 4
         images = torch.randint(0, 256, (pool, local_infer_batch, C, H, W), dtype=torch.uint8, generator=g)
         counter = iter(range(1 << 62))
+        prep = Preprocessing((H, W), C, precision=prec, batch_size=local_infer_batch)
 
         def infer_step() -> None:
-            predict_logits(net, images[next(counter) % pool], precision=prec, batch_size=local_infer_batch,
-                           mean=None, std=None, device=dev)
+            predict_logits(net, images[next(counter) % pool], prep, device=dev)
 
         _log(quiet, f"timing inference: batch {infer_batch_size}, {prec}")
         seconds = timed_windows(infer_step, warmup=max(2, warmup // 2), steps=steps, windows=windows, device=dev)
@@ -213,77 +220,6 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         for kind in ("train", "infer"):
             if f"{kind}_gflops" in result:
                 result[f"{kind}_share_of_peak"] = round(result[f"{kind}_gflops"] / gemm, 3)
-    result["peak_memory_mb"] = round(peak_memory_mb(dev), 1)
+    memory = peak_memory_mb(dev)
+    result["peak_memory_mb"] = round(memory, 1) if memory is not None else None
     return result
-
-
-def format_result(r: dict) -> str:
-    lines = [f"{r['model']} ({r['params']:,} parameters, {r['gflops_per_image_forward']:.3f} GFLOP/image forward), "
-             f"{r['precision']} on {r['device']}, " + (f"{r['procs']} processes of " if r.get("procs", 1) > 1 else "")
-             + f"{r['threads']} threads"]
-    peak = r.get("gemm_peak_gflops")
-    for kind, batch in (("train", r["batch_size"]), ("infer", r["infer_batch_size"])):
-        if f"{kind}_images_per_second" not in r:
-            continue
-        line = (f"{'training' if kind == 'train' else 'inference'} batch {batch}: "
-                f"{r[f'{kind}_images_per_second']:,.0f} images/s, {r[f'{kind}_gflops']:.0f} GFLOP/s")
-        if peak:
-            line += f" ({100 * r[f'{kind}_share_of_peak']:.0f}% of the {peak:.0f} GFLOP/s GEMM peak)"
-        lines.append(line)
-    lines.append(f"peak memory {r['peak_memory_mb']:.0f} MB")
-    return "\n".join(lines)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="training and inference throughput of a model on this machine",
-                              description="Training and inference images/s (median of timed windows), achieved "
-                                          "GFLOP/s and their share of a measured GEMM peak, peak memory.")
-    p.add_argument("--model", default="cct_2_3x2_32_keras", help="a registered model (see `cct models`)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch")
-    p.add_argument("--infer-batch-size", type=int, default=256, help="inference batch")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 where the CPU supports it natively, fp32 elsewhere")
-    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    p.add_argument("--recipe", default=None, help="training recipe whose augmentation and optimiser are timed")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: one per core, "
-                                                             "shared out between --procs processes)")
-    p.add_argument("--procs", type=int, default=None,
-                   help="data-parallel processes, as `cct train --procs` (default: the recipe's; 0: one per core)")
-    p.add_argument("--no-train", action="store_true", help="skip the training measurement")
-    p.add_argument("--no-infer", action="store_true", help="skip the inference measurement")
-    p.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    for name in ("batch_size", "infer_batch_size", "steps", "windows"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.procs is None:  # as `cct train` would run this model and recipe
-        from .recipes import make_config
-        args.procs = make_config(args.model, "", "", recipe=args.recipe).procs
-    procs = distributed.resolve_procs(args.procs, resolve_device(args.device),
-                                      batch_sizes={"--batch-size": args.batch_size,
-                                                   "--infer-batch-size": args.infer_batch_size})
-    with distributed.local_workers(procs, args.argv), \
-            distributed.process_group(args.device, threads=args.threads or 0) as job:
-        result = benchmark(args.model, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size,
-                           precision=args.precision, steps=args.steps, windows=args.windows, warmup=args.warmup,
-                           recipe=args.recipe, device=args.device, threads=args.threads, train=not args.no_train,
-                           infer=not args.no_infer, peak=not args.no_peak, quiet=not job.is_main,
-                           world_size=job.world_size)
-    if not job.is_main:
-        return 0
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_result(result))
-    return 0

@@ -1,25 +1,36 @@
 """The `cct` command: subcommands, each a thin layer over a library function.
 
-Each module that owns a subcommand exposes `add_parser(subparsers)`, which registers its
-arguments and sets `func` (a function of the parsed args returning an exit code). Problems with
-the user's input (`CCTError`, and the `ValueError`s that library code raises for bad
-arguments) become one line on stderr and exit status 2; `--debug` shows the traceback.
+`train` and `bench` are defined here (their flags, and the functions that run them); `evaluate`,
+`predict`, `export` and `explain` register themselves: each of those modules exposes
+`add_parser(subparsers)`, which adds its arguments and sets `func` (a function of the parsed args
+returning an exit code). Problems with the user's input (`CCTError`, and the `ValueError`s that
+library code raises for bad arguments) become one line on stderr and exit status 2; `--debug` shows
+the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+import types
+import typing
+from dataclasses import fields
 
+from . import __version__, distributed
+from .checkpoint import save_checkpoint
 from .errors import CCTError
+from .kernels import KERNELS
+from .model import count_macs, num_params
+from .recipes import RECIPE_MODELS, RECIPES, RESUME_OVERRIDES, TrainConfig, make_config, validate
+from .registry import create_model, from_keras, list_models
+from .runtime import DEVICES, PRECISIONS, resolve_device
 
-# subcommand modules, in the order `cct --help` lists them
-COMMAND_MODULES = ["cct.train", "cct.evaluate", "cct.predict", "cct.export", "cct.explain", "cct.bench"]
+# modules that register their own subcommand, listed by `cct --help` between train and bench
+COMMAND_MODULES = ["cct.evaluate", "cct.predict", "cct.export", "cct.explain", "cct.cache"]
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .model import count_macs, num_params
-    from .registry import create_model, list_models
     names = list_models(args.pattern)
     if not names:
         raise CCTError(f"no model matches {args.pattern!r}")
@@ -39,12 +50,165 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _import_keras(args: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint
-    from .interop.keras import from_keras
-    model = from_keras(args.weights)
+    model = from_keras(args.weights)  # h5py is imported only when a file is read
     save_checkpoint(model, args.output)
     print(f"wrote {args.output} ({model.name}, from {args.weights})", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------------- cct train
+def _flag_type(tp):
+    """(argparse type, nargs) of a TrainConfig field annotation."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = args[0]
+        args = list(typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return typing.get_args(tp)[0], len(typing.get_args(tp))
+    return tp, None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model", "data", "out", "recipe")) -> None:
+    """One flag per TrainConfig field (`--batch-size`, `--hflip/--no-hflip`, ...); unset flags stay None."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("recipe overrides (default: the recipe's value)")
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind, nargs = _flag_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, nargs=nargs, default=None, choices=f.metadata.get("choices"),
+                               metavar=f.name.upper() if nargs is None and "choices" not in f.metadata else None,
+                               help=help_text)
+
+
+def _add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model (recipes: keras, paper, fast)",
+                              description="Train a model; writes last.pt, best.pt, history.csv, curves.png, "
+                                          "config.json and results.json to --out.")
+    p.add_argument("--model", help="a name from `cct models` (default: the recipe's own: "
+                                   + ", ".join(f"{m} for {r}" for r, m in RECIPE_MODELS.items()) + ")")
+    p.add_argument("--data", help="data source (a directory of class folders, an archive, ...)")
+    p.add_argument("--out", metavar="DIR", help="output directory")
+    p.add_argument("--recipe", choices=tuple(RECIPES), help="keras (default for *_keras models), paper (default "
+                                                            "otherwise) or fast")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_config_flags(p)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from . import train as train_mod  # the training loop and what it imports: only when it runs
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if f.name not in ("model", "data", "out", "recipe") and getattr(args, f.name) is not None}
+    if overrides.get("rrc_scale") is not None:
+        overrides["rrc_scale"] = tuple(overrides["rrc_scale"])
+    if args.resume:
+        extra = [k for k in ("model", "out", "recipe") if getattr(args, k) is not None]
+        extra += [k for k in overrides if k not in RESUME_OVERRIDES]
+        if extra:
+            raise CCTError("--resume takes the run's configuration from its last.pt; drop "
+                           + ", ".join("--" + k.replace("_", "-") for k in extra))
+        cfg = train_mod.resume_config(args.resume, **overrides, **({"data": args.data} if args.data else {}))
+    else:
+        missing = [k for k in ("data", "out") if not getattr(args, k)]
+        if missing:
+            raise CCTError("missing " + ", ".join("--" + k for k in missing) + " (or --resume DIR)")
+        model = args.model or RECIPE_MODELS[args.recipe or "keras"]
+        cfg = make_config(model, args.data, args.out, args.recipe, **overrides)
+    validate(cfg)
+    procs = distributed.resolve_procs(cfg.procs, resolve_device(cfg.device),
+                                      batch_sizes={"--batch-size": cfg.batch_size})
+    try:
+        # --procs N: this process becomes rank 0 of N on this machine; without it (or under torchrun) a no-op
+        with distributed.local_workers(procs, args.argv), \
+                distributed.process_group(cfg.device, threads=cfg.workers) as job:  # a no-op for one process
+            train_mod.train(cfg, resume=bool(args.resume), quiet=args.quiet, rank=job.rank, world_size=job.world_size)
+    except train_mod.TrainingInterrupted as e:
+        print(f"cct train: {e}", file=sys.stderr)
+        return e.exit_code or 130
+    return 0
+
+
+# ---------------------------------------------------------------------- cct bench
+def _add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="training and inference throughput of a model on this machine",
+                              description="Training and inference images/s (median of timed windows), achieved "
+                                          "GFLOP/s and their share of a measured GEMM peak, peak memory.")
+    p.add_argument("--model", default="cct_2_3x2_32_keras", help="a registered model (see `cct models`)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch")
+    p.add_argument("--infer-batch-size", type=int, default=256, help="inference batch")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 where the CPU supports it natively, fp32 elsewhere")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    p.add_argument("--recipe", default=None, help="training recipe whose augmentation and optimiser are timed")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: one per core, "
+                                                             "shared out between --procs processes)")
+    p.add_argument("--procs", type=int, default=None,
+                   help="data-parallel processes, as `cct train --procs` (default: the recipe's; 0: one per core)")
+    p.add_argument("--kernels", default="fast", choices=KERNELS,
+                   help="fast: cct.kernels, as training runs (default); reference: the plain layers of cct.layers")
+    p.add_argument("--no-train", action="store_true", help="skip the training measurement")
+    p.add_argument("--no-infer", action="store_true", help="skip the inference measurement")
+    p.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from . import bench  # the benchmark and the training step it times: only when it runs
+    for name in ("batch_size", "infer_batch_size", "steps", "windows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.procs is not None and args.procs < 0:
+        raise ValueError(f"--procs must be 0 (one per core) or positive, got {args.procs}")
+    if args.procs is None:  # as `cct train` would run this model and recipe
+        args.procs = make_config(args.model, "", "", recipe=args.recipe).procs
+    procs = distributed.resolve_procs(args.procs, resolve_device(args.device),
+                                      batch_sizes={"--batch-size": args.batch_size,
+                                                   "--infer-batch-size": args.infer_batch_size})
+    with distributed.local_workers(procs, args.argv), \
+            distributed.process_group(args.device, threads=args.threads or 0) as job:
+        result = bench.benchmark(args.model, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size,
+                                 precision=args.precision, steps=args.steps, windows=args.windows,
+                                 warmup=args.warmup, recipe=args.recipe, device=args.device, threads=args.threads,
+                                 train=not args.no_train, infer=not args.no_infer, peak=not args.no_peak,
+                                 quiet=not job.is_main, world_size=job.world_size, kernels=args.kernels)
+    if not job.is_main:
+        return 0
+    print(json.dumps(result) if args.json else format_bench_result(result))
+    return 0
+
+
+def format_bench_result(r: dict) -> str:
+    """`cct bench`'s report for a person (`--json` prints the dict itself)."""
+    lines = [f"{r['model']} ({r['params']:,} parameters, {r['gflops_per_image_forward']:.3f} GFLOP/image forward), "
+             f"{r['precision']} on {r['device']}, " + (f"{r['procs']} processes of " if r.get("procs", 1) > 1 else "")
+             + f"{r['threads']} threads"]
+    peak = r.get("gemm_peak_gflops")
+    for kind, batch in (("train", r["batch_size"]), ("infer", r["infer_batch_size"])):
+        if f"{kind}_images_per_second" not in r:
+            continue
+        line = (f"{'training' if kind == 'train' else 'inference'} batch {batch}: "
+                f"{r[f'{kind}_images_per_second']:,.0f} images/s, {r[f'{kind}_gflops']:.0f} GFLOP/s")
+        if peak:
+            line += f" ({100 * r[f'{kind}_share_of_peak']:.0f}% of the {peak:.0f} GFLOP/s GEMM peak)"
+        lines.append(line)
+    memory = r["peak_memory_mb"]
+    lines.append(f"peak memory {memory:.0f} MB" if memory is not None else "peak memory unknown on this platform")
+    return "\n".join(lines)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +219,6 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cct", description="Compact Convolutional Transformers: train, evaluate, export.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    from . import __version__
     parser.add_argument("--version", action="version", version=f"cct {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -70,14 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="CKPT")
     p.set_defaults(func=_import_keras)
 
+    _add_train_parser(sub)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue  # a subcommand not built yet
-        module.add_parser(sub)
+        importlib.import_module(name).add_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 

@@ -132,8 +132,7 @@ def resolve_procs(procs: int, device: torch.device | str, batch_sizes: Mapping[s
 
     On a GPU it is one process (start one per GPU with torchrun).
     """
-    if procs < 0:
-        raise CCTError(f"--procs must be 0 (one per core) or positive, got {procs}")
+    assert procs >= 0, f"--procs must be 0 (one per core) or positive, got {procs} (callers validate it)"
     if torch.device(device).type != "cpu":
         if procs > 1:
             raise CCTError("--procs is for CPU training; start one process per GPU with torchrun")

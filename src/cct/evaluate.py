@@ -39,7 +39,8 @@ def predict_logits(model: nn.Module, images, prep: Preprocessing, *,
     """Logits (N, num_classes), float32 on the CPU, of uint8 images (N, C, H, W).
 
     Args:
-        model: a CCT (its mode is restored afterwards). Evaluation starts with `cct.kernels.fuse`.
+        model: a CCT (its mode is restored afterwards), fused (`cct.kernels.fuse`) by the caller where it
+            runs the fast kernels: `evaluate` does so once for a whole dataset.
         images: uint8 images at the model's input size and channels: a tensor, or anything with
             `split(batch_size)` yielding uint8 batches (a streamed image set).
         prep: normalisation, precision ("auto" is resolved for the device), batch size (results can
@@ -50,7 +51,7 @@ def predict_logits(model: nn.Module, images, prep: Preprocessing, *,
     precision = resolve_precision(prep.precision, device)
     tune_allocator()
     was_training = model.training
-    fuse(model.eval())
+    model.eval()
     outputs = []
     try:
         for chunk in images.split(prep.batch_size):
@@ -95,6 +96,7 @@ def evaluate(model: nn.Module, images, labels: torch.Tensor, prep: Preprocessing
              device: str | torch.device | None = None, label_smoothing: float = 0.0,
              class_names: list[str] | None = None) -> dict:
     """Evaluate `model` on uint8 images and int64 labels; see `metrics` for the returned keys."""
+    fuse(model)  # the explicit inference step of the fast kernels, once for the whole evaluation
     logits = predict_logits(model, images, prep, device=device)
     names = class_names or getattr(model, "class_names", None)
     return metrics(logits, labels, label_smoothing=label_smoothing, class_names=names)

@@ -24,7 +24,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import CCTError
+from .kernels import KERNELS
 from .registry import get_config
+from .runtime import DEVICES, PRECISIONS
 
 
 def _f(default, help: str, **kw):
@@ -89,8 +91,11 @@ class TrainConfig:
     tta: bool = _f(False, "test-time augmentation (average with the flipped image)")
     # runtime
     seed: int = _f(0, "seed of initialisation, split, shuffling and augmentation")
-    precision: str = _f("auto", "compute precision (auto: bf16 where the CPU runs it natively, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
-    device: str = _f("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    precision: str = _f("auto", "compute precision (auto: bf16 where the CPU runs it natively, else fp32)",
+                        choices=PRECISIONS)
+    device: str = _f("auto", "where to train", choices=DEVICES)
+    kernels: str = _f("fast", "fast: the CPU kernels of cct.kernels (the same math, measured faster); reference: the "
+                              "plain layers of cct.layers", choices=KERNELS)
     workers: int = _f(0, "CPU threads for compute per process (0: torch's default; cores / processes under torchrun)")
     procs: int = _f(1, "data-parallel processes on this CPU, one thread each, each on its share of every batch "
                        "(0: one per core; the keras recipe's default)")
@@ -112,8 +117,6 @@ class TrainConfig:
             d["rrc_scale"] = tuple(d["rrc_scale"])
         return cls(**d)
 
-
-_CIFAR_MEAN_STD = "cifar"
 
 # name → TrainConfig overrides (on top of the dataclass defaults)
 RECIPES: dict[str, dict] = {
@@ -139,7 +142,8 @@ RECIPES: dict[str, dict] = {
 }
 
 # flags that `--resume` accepts (everything else comes from the run's checkpoint)
-RESUME_OVERRIDES = ("data", "device", "workers", "procs", "quiet", "stream", "stream_threshold", "loader_workers")
+RESUME_OVERRIDES = ("data", "device", "workers", "procs", "quiet", "stream", "stream_threshold", "loader_workers",
+                    "kernels")
 
 
 # the model `cct train --recipe R` trains when --model is not given: the one each recipe was made for;
@@ -200,6 +204,6 @@ def validate(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) is None or 0 <= getattr(cfg, name) < 1,
              f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
     need(cfg.log_interval >= 1, f"--log-interval must be at least 1, got {cfg.log_interval}")
-    for name, choices in (("precision", ("auto", "fp32", "bf16", "fp16")), ("device", ("auto", "cpu", "cuda")),
+    for name, choices in (("precision", PRECISIONS), ("device", DEVICES),
                           ("normalize", ("none", "cifar", "dataset")), ("schedule", ("constant", "cosine"))):
         need(getattr(cfg, name) in choices, f"--{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")

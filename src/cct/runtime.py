@@ -13,11 +13,13 @@ import sys
 
 import torch
 
+# the choices of every --precision and --device flag
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    assert device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {device!r}"
+    assert device in DEVICES, f"device must be one of {DEVICES}, got {device!r}"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -40,7 +40,7 @@ from ..errors import CheckpointError
 if TYPE_CHECKING:
     import h5py
 
-__all__ = ["KerasWeightsError", "from_keras", "keras_state_dict", "layer_order_key", "sort_layer_names"]
+__all__ = ["KerasWeightsError", "MODEL_NAME", "keras_state_dict", "read_keras", "layer_order_key", "sort_layer_names"]
 
 MODEL_NAME = "cct_2_3x2_32_keras"
 

@@ -1,0 +1,85 @@
+"""A run sized to a time budget (`cct train --time-budget MINUTES`).
+
+Before the run, a few trial steps on copies of the model measure a step (`time_trial_step`), and
+`planned_steps` turns that into a number of steps. At each epoch's end the loop re-fits the plan
+from the time the epoch really took (`steps_that_fit`, `refit`), and it stops at once when the
+deadline passes. The sizing functions are pure arithmetic on seconds, so they can be checked on a
+virtual clock.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from .data import ImageSet
+from .recipes import TrainConfig
+from .runfiles import log
+from .step import TrainStep, make_optimizer, make_train_step
+
+# the share of the budget planned for; the rest absorbs the plan's error and the last evaluation
+PLAN_SHARE, REFIT_SHARE = 0.97, 0.98
+
+
+def planned_steps(*, budget_seconds: float, step_seconds: float, local_batch: int, val_images: int,
+                  steps_per_epoch: int) -> int:
+    """The steps that fit `budget_seconds` at `step_seconds` a step, validation at every epoch's end included."""
+    eval_seconds_per_image = step_seconds / local_batch / 3  # evaluation: about a third of a training step
+    val_seconds = val_images * eval_seconds_per_image
+    per_step = step_seconds + (val_seconds + 0.5) / steps_per_epoch
+    return max(1, int(budget_seconds * PLAN_SHARE / per_step))
+
+
+def steps_that_fit(*, step: int, seconds_left: float, seconds_per_step: float) -> int:
+    """The total steps that end within the seconds left, at the last epoch's cost of a step.
+
+    The latest epoch's rate (evaluation and saving included), so that one slow epoch (a busy
+    machine, the first epoch's warm-up) does not cut the run for good.
+    """
+    return step + int(seconds_left * REFIT_SHARE / seconds_per_step)
+
+
+def refit(*, step: int, total_steps: int, fit: int) -> int:
+    """The run's new length once `fit` steps fit: shorter whenever the run would overshoot; longer while a
+    quarter of the longer schedule remains to absorb it; else unchanged. Never before `step`."""
+    if fit < total_steps or (fit > total_steps and 4 * step < 3 * fit):
+        return max(fit, step)
+    return total_steps
+
+
+def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set: ImageSet, *,
+                    local_batch: int, warm: int = 2, timed: int = 6) -> float:
+    """The median seconds of a training step, timed on copies of the model and optimiser.
+
+    Copies and a throwaway generator keep the real run untouched, so a budgeted run is still the
+    seeded run, only of a measured length.
+    """
+    torch_state = torch.get_rng_state()
+    trial_model = copy.deepcopy(model)
+    trial = make_train_step(trial_model, make_optimizer(trial_model, cfg), step.aug_cfg, precision=step.precision,
+                            device=step.device, label_smoothing=step.label_smoothing, num_classes=step.num_classes,
+                            generator=torch.Generator().manual_seed(12345))
+    trial.sync_grads = step.sync_grads  # time the gradient exchange too (every rank runs the trial)
+    n = len(train_set.labels)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(warm + timed):
+        idx = torch.randint(0, n, (min(local_batch, n),), generator=g)
+        t = time.perf_counter()
+        trial(train_set.images[idx], train_set.labels[idx], cfg.lr * 1e-3)
+        times.append(time.perf_counter() - t)
+    torch.set_rng_state(torch_state)
+    return sorted(times[warm:])[timed // 2]
+
+
+def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set: ImageSet, *, val_images: int,
+                  steps_per_epoch: int, local_batch: int, quiet: bool) -> int:
+    """The steps that fit `cfg.time_budget` minutes: a trial (`time_trial_step`), then `planned_steps`."""
+    step_seconds = time_trial_step(cfg, model, step, train_set, local_batch=local_batch)
+    total = planned_steps(budget_seconds=cfg.time_budget * 60, step_seconds=step_seconds, local_batch=local_batch,
+                          val_images=val_images, steps_per_epoch=steps_per_epoch)
+    log(quiet, f"time budget {cfg.time_budget:g} min: {step_seconds * 1e3:.0f} ms/step → {total} steps "
+               f"({total / steps_per_epoch:.2f} epochs)")
+    return total

@@ -1,0 +1,125 @@
+"""What a training run writes beside its checkpoints: history.csv, config.json, results.json, curves.png.
+
+Every file is written atomically (`cct.checkpoint.atomic_write`), so a run killed mid-write leaves
+the previous version whole. The formats are read by other tools and by runs resumed later: the
+columns of history.csv and the keys of results.json only ever grow.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .checkpoint import atomic_write
+from .plots import plot_curves
+from .preprocess import Preprocessing
+from .recipes import TrainConfig
+
+OUTPUT_FILES = ("last.pt", "best.pt", "history.csv", "config.json", "results.json", "curves.png")
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds")
+
+
+def log(quiet: bool, *parts) -> None:
+    """A line on stderr for the user (progress and summaries; stdout stays for data)."""
+    if not quiet:
+        print(*parts, file=sys.stderr, flush=True)
+
+
+def progress_bar(quiet: bool, epoch: int, total_epochs: int, n_images: int, done: int) -> tqdm | None:
+    """The epoch's progress bar on stderr (None when quiet)."""
+    if quiet:
+        return None
+    return tqdm(total=n_images, initial=done, desc=f"epoch {epoch + 1}/{total_epochs}", unit="img", unit_scale=True,
+                file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+# ---------------------------------------------------------------------- history.csv
+def history_row(epoch: int, *, lr: float, train_loss: float, train_top1: float, val: dict | None,
+                seconds: float) -> dict:
+    """One epoch's row of history.csv (and of last.pt's "history")."""
+    return {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_top1": train_top1,
+            "val_loss": val["loss"] if val else None, "val_top1": val["top1"] if val else None,
+            "val_top5": val["top5"] if val else None, "seconds": seconds}
+
+
+def _history_line(row: dict) -> list[str]:
+    def num(v, spec):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    return [str(row["epoch"]), num(row["lr"], ".6g"), num(row["train_loss"], ".6f"), num(row["train_top1"], ".6f"),
+            num(row["val_loss"], ".6f"), num(row["val_top1"], ".6f"), num(row["val_top5"], ".6f"),
+            num(row["seconds"], ".2f")]
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(HISTORY_COLUMNS)
+    writer.writerows(_history_line(r) for r in rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def write_curves(history: list[dict], path: Path) -> None:
+    """curves.png: the Keras example's loss and accuracy plot."""
+    plot_curves(history, path)
+
+
+def epoch_line(row: dict, total_epochs: int, skipped: int) -> str:
+    """The line logged at each epoch's end."""
+    line = (f"epoch {row['epoch']}/{total_epochs}: lr {row['lr']:.3g}, train loss {row['train_loss']:.4f}, "
+            f"top-1 {row['train_top1']:.4f}")
+    if row["val_top1"] is not None:
+        line += f"; val loss {row['val_loss']:.4f}, top-1 {row['val_top1']:.4f}, top-5 {row['val_top5']:.4f}"
+    line += f"; {row['seconds']:.1f}s"
+    return line + (f"; {skipped} non-finite steps skipped" if skipped else "")
+
+
+# ---------------------------------------------------------------------- config.json, results.json
+def write_json(path: Path, obj: dict) -> None:
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def resolved_config(cfg: TrainConfig, *, precision: str, device: str, world_size: int, total_steps: int,
+                    steps_per_epoch: int, num_classes: int, prep: Preprocessing) -> dict:
+    """The contents of config.json: the configuration, and what the run resolved of it."""
+    return {**cfg.to_dict(), "precision_resolved": precision, "device_resolved": device,
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
+            "in_chans": prep.in_chans, "img_size_resolved": list(prep.img_size),
+            "mean": list(prep.mean) if prep.mean else None, "std": list(prep.std) if prep.std else None,
+            "world_size": world_size}
+
+
+def brief(metrics: dict | None) -> dict | None:
+    """The metrics best.pt records of its epoch's validation."""
+    return None if metrics is None else {k: metrics[k] for k in ("top1", "top5", "loss")}
+
+
+def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, dataset, train_images: int,
+            val_images: int | None, skipped_steps: int, precision: str, world_size: int, device: str) -> dict:
+    """The contents of results.json. `val_images` is None for a run without a validation split."""
+    validated = val_images is not None
+    return {
+        "model": cfg.model, "recipe": cfg.recipe, "params": params, "epochs": state["epoch"],
+        "steps": state["step"], "test_top1": test["top1"] if test else None, "test_top5": test["top5"] if test else None,
+        "test_loss": test["loss"] if test else None, "test_images": len(dataset.test.labels) if test else 0,
+        "best_epoch": state["best_epoch"], "best_val_top1": state["best_top1"] if validated else None,
+        "weights": "best" if cfg.restore_best and validated else "last",
+        "train_seconds": round(state["train_seconds"], 2),
+        "images_per_second": round(state["images"] / max(state["train_seconds"], 1e-9), 1),
+        "train_images": train_images, "val_images": val_images or 0,
+        "data": cfg.data, "classes": list(dataset.classes), "skipped_images": dataset.skipped,
+        "skipped_steps": skipped_steps, "precision": precision, "seed": cfg.seed, "world_size": world_size,
+        "device": device,
+    }
+
+
+def done_line(r: dict, out: Path) -> str:
+    """The line logged when a run ends."""
+    return (f"done: {r['epochs']} epochs in {r['train_seconds']:.0f}s ({r['images_per_second']:.0f} images/s)"
+            + (f"; test top-1 {r['test_top1']:.4f}, top-5 {r['test_top5']:.4f}" if r["test_top1"] is not None else "")
+            + f"; outputs in {out}")

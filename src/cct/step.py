@@ -1,0 +1,228 @@
+"""One optimisation step, its optimiser and its learning-rate schedule.
+
+`TrainStep` is the per-batch work of `cct train`, and `cct bench` times the very same object, so a
+benchmark measures exactly what training does. Its body is one ordered list, as nanoGPT's loop:
+set lr → augment → forward → loss → backward → gradient exchange → step → zero_grad → metrics.
+The learning-rate schedule is a small pure function of the step (`lr_at`); which parameters get
+weight decay is part of the recipe (`param_groups`).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
+from .policies import AugmentConfig, augment_batch
+from .errors import CCTError
+from .recipes import TrainConfig
+from .runtime import autocast
+
+
+# ---------------------------------------------------------------------- schedule and optimiser
+def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, warmup_lr: float = 0.0,
+          min_lr: float = 0.0, cooldown_steps: int = 0, schedule: str = "cosine") -> float:
+    """The learning rate of optimisation step `step` (0-based).
+
+    Linear warm-up from `warmup_lr`, then constant or a cosine from `lr` to `min_lr` over the steps
+    before the cooldown, then `min_lr`. As timm's CosineLRScheduler (warmup_prefix=False), the cosine
+    is counted from step 0, so the warm-up overlaps its start.
+    """
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    if schedule == "constant":
+        return lr
+    decay_steps = max(1, total_steps - cooldown_steps)
+    if step >= decay_steps:
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * step / decay_steps))
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
+    """Keras decays every variable; timm exempts biases, norms (ndim < 2) and `no_weight_decay()` names."""
+    if decay_all:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# devices with a fused AdamW kernel: one pass over each parameter instead of a dozen foreach passes
+# (on the 2-core test machine 0.27 ms against 2.1 ms a step for cct_2_3x2_32_keras; bench_cpu.py)
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's AdamW over `param_groups`, fused where the device has the kernel."""
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if all(p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for g in groups for p in g["params"]):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:  # PyTorch before 2.4 has no fused AdamW on CPUs
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def augment_config(cfg: TrainConfig, mean: tuple | None, std: tuple | None) -> AugmentConfig:
+    """The recipe's augmentation, normalising with `mean`/`std` (fractions of 255; None: x / 255)."""
+    return AugmentConfig(translate=cfg.translate, hflip=cfg.hflip, rrc_scale=cfg.rrc_scale,
+                         rrc_interpolation=cfg.rrc_interpolation, rand_augment=cfg.rand_augment,
+                         auto_augment=cfg.auto_augment,
+                         erasing=cfg.erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+                         mix_prob=cfg.mix_prob, switch_prob=cfg.switch_prob, mix_mode=cfg.mix_mode,
+                         label_smoothing=cfg.label_smoothing, mean=mean, std=std)
+
+
+# ---------------------------------------------------------------------- the step
+class NonFiniteLossError(CCTError):
+    """The loss became NaN or infinite."""
+
+
+def reduce_metrics(values: torch.Tensor) -> torch.Tensor:
+    """Per-process metric sums (loss × images, correct, images) summed over processes, on the CPU."""
+    return distributed.all_reduce_sum(values)
+
+
+class TrainStep:
+    """One optimisation step on a uint8 batch: augment → forward → loss → backward → step → zero_grad.
+
+    `train()` and `cct bench` both call this object, so a benchmark times exactly what training does.
+    Running sums (loss, correct, images) stay on the device; `totals()` syncs once to read them.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg: AugmentConfig, *,
+                 precision: str, device: torch.device | str, label_smoothing: float, num_classes: int,
+                 generator: torch.Generator, skip_nonfinite: bool = False, sync_grads: bool = False):
+        self.model, self.optimizer, self.aug_cfg = model, optimizer, aug_cfg
+        self.sync_grads = sync_grads  # average gradients over processes here (a model not wrapped in DDP)
+        self.precision, self.device = precision, torch.device(device)
+        self.label_smoothing, self.num_classes, self.generator = label_smoothing, num_classes, generator
+        self.skip_nonfinite = skip_nonfinite
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.skipped = 0
+        self.shared: tuple[bool, ...] = ()
+        self.reset_totals()
+
+    def reset_totals(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss × images, correct, images) since `reset_totals()`, summed over processes, on the CPU."""
+        loss_sum, correct, seen = reduce_metrics(torch.stack([self.loss_sum, self.correct.double(),
+                                                              self.seen.double()]))
+        return loss_sum, correct, seen
+
+    def totals(self) -> tuple[float, float, int]:
+        """(mean loss, top-1 accuracy, images) since `reset_totals()`, summed over processes."""
+        loss_sum, correct, seen = self.sums()
+        seen = int(seen)
+        return (float(loss_sum) / seen, float(correct) / seen, seen) if seen else (float("nan"), float("nan"), 0)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float, *, mix: bool = True,
+                 share: typing.Callable[[], tuple[bool, ...]] | None = None) -> torch.Tensor:
+        """Train on one batch of uint8 images (B, C, H, W) and int64 labels; returns the detached loss.
+
+        `share`: the loop's stop decisions, read once the gradients are computed, OR-ed over processes
+        and left in `self.shared`; they travel in the step's own collective where it has one, so that
+        a step synchronises the processes once.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, targets = augment_batch(images, labels, self.generator, self.aug_cfg, num_classes=self.num_classes, mix=mix)
+        x = x.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with autocast(self.precision, self.device):
+            logits = self.model(x)
+        # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
+        smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        # every rank runs backward, finite or not (DDP exchanges inside it); the ranks then agree
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.sync_grads:  # the gradients, the loss's finiteness and the flags in one exchange
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            finite, self.shared = distributed.average_gradients(params, finite=bool(torch.isfinite(loss)),
+                                                                flags=share() if share is not None else ())
+        else:  # one process, or DDP (the gradients are averaged already)
+            finite, self.shared = distributed.all_finite(loss), ()
+        if not finite:  # never step on a NaN (on any rank): every rank raises or skips together
+            self.optimizer.zero_grad(set_to_none=True)
+            if not self.skip_nonfinite:
+                raise NonFiniteLossError(f"the loss became {loss.item()}")
+            self.skipped += 1
+        else:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            hard = targets if targets.ndim == 1 else targets.argmax(-1)
+            self.loss_sum += loss.detach().double() * labels.shape[0]
+            self.correct += (logits.detach().argmax(-1) == hard).sum()
+            self.seen += labels.shape[0]
+        if share is not None and not self.sync_grads:
+            # no exchange of our own to carry them: read last, so that a signal arriving during this
+            # step (its optimiser step included) stops the run right after it
+            self.shared = distributed.any_true(*share())
+        return loss.detach()
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen.cpu(),
+                "skipped": self.skipped, "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.correct = state["correct"].to(self.device)
+        self.seen = state["seen"].to(self.device)
+        self.skipped = int(state["skipped"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg: AugmentConfig, *,
+                    precision: str, device: torch.device | str, label_smoothing: float, num_classes: int,
+                    generator: torch.Generator, skip_nonfinite: bool = False, world_size: int = 1) -> TrainStep:
+    """The per-batch work of `train()`: `step(x_uint8, labels, lr, mix=True) -> loss`.
+
+    With `world_size` > 1, `model` is what `wrap_model` returned: DistributedDataParallel on GPUs, else
+    the plain model, whose gradients the step averages over processes itself.
+    """
+    sync = world_size > 1 and not isinstance(model, DistributedDataParallel)
+    return TrainStep(model, optimizer, aug_cfg, precision=precision, device=device, label_smoothing=label_smoothing,
+                     num_classes=num_classes, generator=generator, skip_nonfinite=skip_nonfinite, sync_grads=sync)
+
+
+def wrap_model(model: nn.Module, world_size: int = 1) -> nn.Module:
+    """The model the training step calls: itself for one process or on CPUs, else DistributedDataParallel.
+
+    On CUDA the weights go channels-last (the convolutional tokenizer's fast layout). Every rank starts
+    from rank 0's weights; the model has no running statistics, so no buffers are synchronised in
+    forward. On CPUs (gloo) the step averages the gradients in one exchange after the backward pass
+    (`distributed.average_gradients`), which measured faster than DDP's overlapped buckets with one
+    core per process (cct_2_3x2_32_keras, 2 processes: see benchmarks/README.md). Checkpoints,
+    evaluation and the optimiser keep using the unwrapped `model`.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if world_size == 1:
+        return model
+    assert distributed.is_active(), "world_size > 1 needs a process group (cct.distributed.process_group)"
+    if device.type == "cpu":
+        distributed.broadcast_module(model)
+        return model
+    # the only buffer (a sine positional embedding) is the same everywhere: never sync it in forward
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}  # the older name
+    return DistributedDataParallel(model, device_ids=[device.index], **no_sync)

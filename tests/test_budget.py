@@ -1,0 +1,91 @@
+"""cct.budget: sizing a run to --time-budget, as arithmetic on a virtual clock and inside `train()` (CPU)."""
+import json
+import types
+
+from cct import budget, distributed
+from cct import train as train_mod
+from cct.recipes import make_config
+from cct.step import TrainStep
+from cct.train import train
+from helpers import MODEL, memory_dataset
+
+
+# ---------------------------------------------------------------------- the arithmetic
+def test_planned_steps_leave_room_for_validation():
+    kw = dict(budget_seconds=100.0, step_seconds=0.1, local_batch=100, steps_per_epoch=10)
+    without = budget.planned_steps(val_images=0, **kw)
+    assert without == int(100 * budget.PLAN_SHARE / (0.1 + 0.05))  # half a second an epoch for saving
+    with_val = budget.planned_steps(val_images=3000, **kw)  # 3000 images at a third of a step's cost: 1 s
+    assert with_val == int(100 * budget.PLAN_SHARE / (0.1 + 1.5 / 10)) < without
+    assert budget.planned_steps(**{**kw, "budget_seconds": 1e-3}, val_images=0) == 1  # never zero
+
+
+def test_refit_shortens_at_once_and_lengthens_while_a_quarter_remains():
+    assert budget.refit(step=10, total_steps=100, fit=60) == 60  # would overshoot: shorter
+    assert budget.refit(step=70, total_steps=100, fit=60) == 70  # never before the steps already taken
+    assert budget.refit(step=10, total_steps=100, fit=140) == 140  # early: longer
+    assert budget.refit(step=110, total_steps=100, fit=140) == 100  # too late to absorb a longer schedule
+    assert budget.refit(step=10, total_steps=100, fit=100) == 100
+
+
+def test_refits_on_a_virtual_clock_follow_the_machine():
+    """Epochs of 10 steps on a clock advanced by hand: a slow first epoch cuts the plan, faster ones restore it."""
+    budget_seconds, steps_per_epoch = 60.0, 10
+    total = budget.planned_steps(budget_seconds=budget_seconds, step_seconds=0.1, local_batch=32, val_images=0,
+                                 steps_per_epoch=steps_per_epoch)
+    now, step, totals = 0.0, 0, []
+    while step < total:
+        seconds_per_step = 1.0 if step == 0 else 0.1
+        steps = min(steps_per_epoch, total - step)  # the last epoch ends at the planned step
+        now += seconds_per_step * steps
+        step += steps
+        fit = budget.steps_that_fit(step=step, seconds_left=budget_seconds - now, seconds_per_step=seconds_per_step)
+        total = budget.refit(step=step, total_steps=total, fit=fit)
+        totals.append(total)
+    assert totals[0] < 100 and totals[1] > totals[0]  # cut after the slow epoch, lengthened after a fast one
+    assert now <= budget_seconds and now > 0.9 * budget_seconds  # ends within the budget, most of it used
+
+
+# ---------------------------------------------------------------------- inside the loop
+def test_time_budget_fits_the_run(tmp_path):
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.08,
+                      precision="fp32")
+    results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert results["steps"] == config["total_steps"] >= 1
+    # the budget covers training, first step to last (data loading and the final test excluded)
+    assert results["train_seconds"] < 0.08 * 60 + 3.0
+
+
+def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch):
+    """A slow first epoch (a busy machine) shortens the plan; faster epochs after it lengthen it again.
+
+    The loop's clock is virtual, advanced by each step, so the test checks the decisions and not
+    the speed of the machine it runs on (real timings made it flaky on a loaded CI runner)."""
+    clock = {"now": 0.0, "calls": 0}
+    real_call = TrainStep.__call__
+
+    def timed_step(self, *args, **kwargs):
+        clock["calls"] += 1
+        # the 8 trial steps of the fit take 20 ms; the first epoch's 8 take 200 ms; later ones 20 ms
+        clock["now"] += 0.2 if 8 < clock["calls"] <= 16 else 0.02
+        return real_call(self, *args, **kwargs)
+
+    plans, fits = [], []  # the initial plan and every agreed re-fit
+    real_fit, real_min_int = budget.fit_to_budget, distributed.min_int
+    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
+    monkeypatch.setattr(train_mod, "time", virtual)
+    monkeypatch.setattr(budget, "time", virtual)
+    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: plans.append(real_fit(*a, **k)) or plans[-1])
+    monkeypatch.setattr(distributed, "min_int", lambda v: fits.append(real_min_int(v)) or fits[-1])
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
+                      precision="fp32")
+    results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    # the first min_int is the ranks agreeing on the plan; the end-of-epoch re-fits follow
+    assert len(plans) == 1 and fits[0] == plans[0] and len(fits) >= 3
+    refits = fits[1:]
+    assert 8 < refits[0] < plans[0]  # the slow epoch cut the plan
+    assert results["steps"] > 2 * refits[0]  # the fast epochs after it lengthened it again
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["total_steps"] == results["steps"]
+    assert 0.05 * 60 * 0.9 < results["train_seconds"] <= 0.05 * 60  # most of the budget used, none overrun

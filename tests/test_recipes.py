@@ -1,0 +1,49 @@
+"""cct.recipes: the named recipes, and the one place where training options are range-checked."""
+import pytest
+
+from cct.errors import CCTError
+from cct.recipes import RECIPES, TrainConfig, make_config, validate
+from cct.runtime import DEVICES, PRECISIONS
+
+
+def test_keras_recipe_is_the_example():
+    cfg = make_config("cct_2_3x2_32_keras", "cifar10", "out")
+    assert cfg.recipe == "keras"
+    assert (cfg.lr, cfg.weight_decay, cfg.eps, cfg.label_smoothing, cfg.batch_size, cfg.epochs, cfg.val_split) == \
+        (1e-3, 1e-4, 1e-7, 0.1, 128, 30, 0.1)
+    assert cfg.weight_decay_all and cfg.hflip and cfg.normalize == "none" and cfg.restore_best
+    paper = make_config("cct_7_3x1_32", "cifar10", "out")
+    assert paper.recipe == "paper" and paper.rand_augment == "rand-m9-mstd0.5-inc1" and paper.mix_off_epoch == 175
+    assert make_config("cct_7_3x1_32", "d", "o", "fast", epochs=3).epochs == 3
+    assert set(RECIPES) == {"keras", "paper", "fast"}
+
+
+def test_make_config_refuses_unknown_names():
+    with pytest.raises(CCTError, match="unknown recipe 'nope'"):
+        make_config("cct_2_3x2_32", "d", "o", "nope")
+    with pytest.raises(CCTError, match="unknown training option.*frobnicate"):
+        make_config("cct_2_3x2_32", "d", "o", frobnicate=1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"procs": -1}, "--procs must be 0 (one per core) or positive"),
+    ({"precision": "fp64"}, "--precision must be one of auto, fp32, bf16, fp16"),
+    ({"device": "tpu"}, "--device must be one of auto, cpu, cuda"),
+    ({"stream_threshold": 0.0}, "--stream-threshold must be in (0, 1]"),
+    ({"rrc_scale": (0.9, 0.5)}, "--rrc-scale must satisfy"),
+])
+def test_validate_says_what_is_wrong(override, message):
+    validate(make_config("cct_2_3x2_32", "d", "o"))
+    with pytest.raises(CCTError) as info:
+        validate(make_config("cct_2_3x2_32", "d", "o", **override))
+    assert message in str(info.value)
+
+
+def test_choices_come_from_runtime():
+    fields = TrainConfig.__dataclass_fields__
+    assert fields["precision"].metadata["choices"] is PRECISIONS and fields["device"].metadata["choices"] is DEVICES
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = make_config("cct_7_3x1_32", "d", "o", "paper")
+    assert TrainConfig.from_dict({**cfg.to_dict(), "a_field_of_a_later_version": 1}) == cfg

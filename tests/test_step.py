@@ -1,0 +1,143 @@
+"""cct.step: the learning-rate schedule, weight-decay groups, and the training step itself (CPU)."""
+import math
+
+import pytest
+import torch
+
+from cct import create_model
+from cct.evaluate import evaluate
+from cct.kernels import use_kernels
+from cct.preprocess import Preprocessing
+from cct.recipes import make_config
+from cct.step import NonFiniteLossError, augment_config, lr_at, make_optimizer, make_train_step, param_groups
+from helpers import MODEL
+
+
+# ---------------------------------------------------------------------- schedule and optimiser
+def test_lr_schedule():
+    kw = dict(lr=1.0, total_steps=100, warmup_steps=10, warmup_lr=0.1, min_lr=0.01, cooldown_steps=20)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(5, **kw) == pytest.approx(0.55)
+    assert lr_at(40, **kw) == pytest.approx(0.01 + 0.5 * 0.99 * (1 + math.cos(math.pi * 40 / 80)))
+    assert lr_at(80, **kw) == lr_at(99, **kw) == pytest.approx(0.01)
+    assert lr_at(50, **{**kw, "schedule": "constant"}) == 1.0
+    assert lr_at(3, lr=1e-3, total_steps=10, schedule="constant") == 1e-3
+
+
+def test_weight_decay_groups():
+    model = create_model(MODEL)
+    (everything,) = param_groups(model, 1e-4, decay_all=True)
+    assert len(everything["params"]) == len(list(model.parameters()))
+    decay, no_decay = param_groups(model, 6e-2, decay_all=False)
+    assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert any(p is model.pos_embed for p in no_decay["params"])
+    assert all(p is not model.pos_embed for p in decay["params"])
+
+
+# ---------------------------------------------------------------------- the step
+def _step(model, *, skip_nonfinite=False, recipe="keras", precision="fp32"):
+    cfg = make_config(model.name, "memory", "unused", recipe, batch_size=8, precision=precision)
+    return make_train_step(model, make_optimizer(model, cfg), augment_config(cfg, None, None), precision=precision,
+                           device="cpu", label_smoothing=0.1, num_classes=model.cfg.num_classes,
+                           generator=torch.Generator().manual_seed(1), skip_nonfinite=skip_nonfinite)
+
+
+def _batch(n=8, size=32):
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+
+
+def _count_backward(monkeypatch) -> dict:
+    calls = {"n": 0}
+    real = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    return calls
+
+
+def test_a_step_runs_backward_once_steps_and_counts(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("cct_2_3x2_32_keras")
+    step = _step(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = _count_backward(monkeypatch)
+    images, labels = _batch()
+    loss = step(images, labels, 1e-3, share=lambda: (True, False))
+    assert calls["n"] == 1 and not loss.requires_grad and math.isfinite(loss.item())
+    assert step.shared == (True, False)  # one process: the flags as given
+    assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none=True) after the step
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    mean_loss, top1, seen = step.totals()
+    assert seen == 8 and mean_loss == pytest.approx(loss.item()) and 0 <= top1 <= 1
+    step(images, labels, 1e-3)
+    assert calls["n"] == 2 and step.shared == () and step.totals()[2] == 16
+
+
+def test_one_process_reads_the_stop_flags_after_the_optimiser_step():
+    """A signal that arrives during a step, its optimiser step included, stops the run right after it."""
+    torch.manual_seed(0)
+    model = create_model("cct_2_3x2_32_keras")
+    step = _step(model)
+    signalled = {"now": False}
+    real_step = step.optimizer.step
+
+    def optimiser_step(*args, **kwargs):
+        signalled["now"] = True
+        return real_step(*args, **kwargs)
+    step.optimizer.step = optimiser_step
+    step(*_batch(), 1e-3, share=lambda: (signalled["now"],))
+    assert step.shared == (True,)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_nonfinite_loss_never_steps(monkeypatch, skip):
+    torch.manual_seed(0)
+    model = create_model("cct_2_3x2_32_keras")
+    step = _step(model, skip_nonfinite=skip)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = _count_backward(monkeypatch)
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    images, labels = _batch()
+    if skip:
+        assert math.isnan(step(images, labels, 1e-3).item()) and step.skipped == 1
+    else:
+        with pytest.raises(NonFiniteLossError, match="the loss became nan"):
+            step(images, labels, 1e-3)
+    assert calls["n"] == 1  # backward ran (as every DDP rank must), then the gradients were dropped
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert step.totals()[2] == 0  # a skipped step counts no images
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluation_between_steps_sees_the_current_weights(precision):
+    """Validation after training steps evaluates the weights as they are now: the Keras model's fast
+    attention folds its products for inference (`cct.kernels.fuse`, which evaluation calls), and train's
+    fused AdamW updates weights in place without bumping their version counters (a stale inference cache
+    once evaluated old weights mid-run). Compared with the reference layers on the same weights."""
+    cfg = make_config("cct_2_3x2_32_keras", "memory", "unused", "keras", batch_size=16, precision=precision)
+    torch.manual_seed(0)
+    model = use_kernels(create_model("cct_2_3x2_32_keras"), "fast")
+    reference = create_model("cct_2_3x2_32_keras")
+    optimizer = make_optimizer(model, cfg)
+    step = make_train_step(model, optimizer, augment_config(cfg, None, None), precision=precision,
+                           device="cpu", label_smoothing=0.1, num_classes=10,
+                           generator=torch.Generator().manual_seed(1))
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(16) % 10
+    prep = Preprocessing((32, 32), 3, precision=precision, batch_size=16)
+    losses = []
+    for _ in range(3):
+        model.train()
+        step(images, labels, 1e-2)
+        model.eval()
+        folded = evaluate(model, images, labels, prep)["loss"]
+        reference.load_state_dict(model.state_dict())
+        plain = evaluate(reference, images, labels, prep)["loss"]
+        assert folded == pytest.approx(plain, rel=2e-2 if precision == "bf16" else 1e-4)
+        losses.append(plain)
+    assert len(set(losses)) == 3  # the weights did move
