@@ -34,7 +34,8 @@ def test_trec_coarse_labels_named_as_written(tmp_path):
     assert ds.train_texts[0] == "How did serfdom develop ?" and len(ds.train_texts) == 5
     assert ds.train_labels.tolist() == [0, 2, 1, 3, 2] and ds.train_labels.dtype == torch.int64
     assert ds.test_texts == ["Where is Lima ?", "Who is he ?"] and ds.test_labels.tolist() == [2, 1]
-    assert ds.skipped == [] and len(ds.reported) == 1 and "train_5500.label:4: malformed fine label 'NUM:How'" in ds.reported[0]
+    assert ds.skipped == [] and len(ds.reported) == 1
+    assert "train_5500.label:4: malformed fine label 'NUM:How'" in ds.reported[0]
 
 
 def test_trec_fine_labels_skip_malformed_line(tmp_path):
@@ -154,9 +155,10 @@ def test_jsonl_file_and_folder(tmp_path):
     assert ds.classes == ["0", "2"] and ds.test_labels.tolist() == [1]
 
 
-@pytest.mark.parametrize("line,why", [('{"text": "a"}', "missing field 'label'"), ('{"label": "x"}', "missing field 'text'"),
-                                      ('{"text": "a", "label": x}', "not JSON"), ('{"text": " ", "label": "x"}', "empty text"),
-                                      ('["a", "x"]', "expected an object"), ('{"text": "a", "label": null}', "'label' must be")])
+@pytest.mark.parametrize("line,why", [
+    ('{"text": "a"}', "missing field 'label'"), ('{"label": "x"}', "missing field 'text'"),
+    ('{"text": "a", "label": x}', "not JSON"), ('{"text": " ", "label": "x"}', "empty text"),
+    ('["a", "x"]', "expected an object"), ('{"text": "a", "label": null}', "'label' must be")])
 def test_jsonl_bad_lines(tmp_path, line, why):
     with pytest.raises(CCTError, match=f"a.jsonl:2: {why}"):
         load_text(write(tmp_path / "a.jsonl", '{"text": "ok", "label": "x"}\n' + line + "\n"))

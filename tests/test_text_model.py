@@ -9,6 +9,9 @@ from cct.text_model import (TEXT_VARIANTS, TextCCT, TextConfig, create_text_mode
                             official_text_state_dict)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_text_cct_2.pt"
+# The fixture is the state_dict() of the official text_cct_2(kernel_size=4, vocab_size=50, num_classes=6), built
+# with torch.manual_seed(0) from SHI-Labs/Compact-Transformers at cd11f09 by a script kept outside this repository
+# (the official code is not copied here); 1.5 MB, its sine `classifier.positional_emb` included.
 
 # the official code's trainable parameters without the word embedding (num_classes=6), as issue 14 lists them
 OFFICIAL_PARAMS = {
@@ -170,7 +173,8 @@ def _official_like_state(vocab: int, kernel: int, word_dim: int = 300, dim: int 
              "tokenizer.conv_layers.0.weight": torch.randn(dim, 1, kernel, word_dim, generator=g)}
     for i in range(depth):
         p = f"classifier.blocks.{i}."
-        for key, shape in (("pre_norm.weight", (dim,)), ("pre_norm.bias", (dim,)), ("self_attn.qkv.weight", (3 * dim, dim)),
+        for key, shape in (("pre_norm.weight", (dim,)), ("pre_norm.bias", (dim,)),
+                           ("self_attn.qkv.weight", (3 * dim, dim)),
                            ("self_attn.proj.weight", (dim, dim)), ("self_attn.proj.bias", (dim,)),
                            ("linear1.weight", (dim, dim)), ("linear1.bias", (dim,)), ("norm1.weight", (dim,)),
                            ("norm1.bias", (dim,)), ("linear2.weight", (dim, dim)), ("linear2.bias", (dim,))):

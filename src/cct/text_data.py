@@ -287,7 +287,8 @@ def _table_names_images(path: Path) -> bool:
     """Whether a CSV's first rows name image files (the own-data `path,label` layout), read cheaply."""
     try:
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-            head = [row for _, row in zip(range(6), csv.reader(f, delimiter=TABLE_SUFFIXES.get(path.suffix.lower(), ",")))]
+            reader = csv.reader(f, delimiter=TABLE_SUFFIXES.get(path.suffix.lower(), ","))
+            head = [row for _, row in zip(range(6), reader)]
     except (OSError, csv.Error):
         return False
     cells = [cell.strip().lower() for row in head[1:] or head for cell in row]

@@ -77,7 +77,8 @@ class TextConfig:
         if self.family == "transformer":
             assert self.embed_dim == self.word_embedding_dim, \
                 "the transformer family encodes the word vectors themselves: embed_dim must equal word_embedding_dim"
-        assert self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} is not divisible by {self.num_heads} heads"
+        assert self.embed_dim % self.num_heads == 0, \
+            f"embed_dim {self.embed_dim} is not divisible by {self.num_heads} heads"
         assert self.vocab_size > self.padding_idx >= 0, f"vocab_size {self.vocab_size} must exceed padding_idx"
         assert self.seq_len > 0 and self.num_classes >= 0 and self.depth > 0 and self.stride > 0 and self.padding >= 0
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
@@ -346,7 +347,8 @@ def create_text_model(name: str, *, pretrained: str | Path | None = None, **over
         state = official_text_state_dict(raw)
         vocab = state["embedding.weight"].shape[0]
         if overrides.setdefault("vocab_size", vocab) != vocab:
-            raise CheckpointError(f"{pretrained}: its vocabulary has {vocab} words, not vocab_size={overrides['vocab_size']}")
+            raise CheckpointError(f"{pretrained}: its vocabulary has {vocab} words, "
+                                  f"not vocab_size={overrides['vocab_size']}")
         if "head.weight" in state:
             overrides.setdefault("num_classes", state["head.weight"].shape[0])
         overrides.setdefault("positional_embedding", "learnable" if "pos_embed" in state else "sine")
