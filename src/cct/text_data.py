@@ -1,0 +1,361 @@
+"""Text classification datasets read into memory: texts, integer labels and class names.
+
+Sources accepted by `load_text` (and told from image sources by `detect_kind`):
+- TREC (Li & Roth, 2002) in its original `COARSE:fine question` format: a folder holding
+  `train_5500.label` and `TREC_10.label`; coarse labels by default, named as written (ABBR, DESC, ...),
+  or `label_level="fine"` (`COARSE:fine` names, as "other" occurs under several coarse classes);
+- CSV/TSV with a label column and one or more text columns (joined by a space): a file, or a folder with
+  `train.csv` and `test.csv` (or `.tsv`). With a header, the label column is `label` and the text
+  column `text` (else every other column); without one, the first column is the label and the rest the
+  text: AG News's layout (`"class index","title","description"`);
+- JSON Lines with `text` and `label` fields: a `.jsonl` file, or a folder with `train.jsonl`/`test.jsonl`;
+- folders of `.txt` files, one text each: `root/train/<class>/*.txt`, `root/test/<class>/*.txt`
+  (the IMDb / scikit-learn `load_files` layout).
+
+Classes come from the training split, sorted (numerically when every label is an integer); a test label
+not seen in training is an error. Bad input is a one-line `CCTError` naming the file and line.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import CCTError
+
+TREC_FILES = ("train_5500.label", "TREC_10.label")
+LABEL_LEVELS = ("coarse", "fine")
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MAX_FIELD_CHARS = 131_072  # Python's csv default; a longer field is more likely a broken quote than a text
+
+
+@dataclass
+class TextDataset:
+    train_texts: list[str]
+    train_labels: torch.Tensor  # (N,) int64
+    test_texts: list[str] | None
+    test_labels: torch.Tensor | None
+    classes: list[str]
+    source: str  # human-readable description of what was loaded
+    skipped: list[str] = field(default_factory=list)  # "file:line: why", lines left out
+    reported: list[str] = field(default_factory=list)  # "file:line: what", odd lines kept
+
+    def __post_init__(self):
+        assert self.train_labels.dtype == torch.int64 and len(self.train_labels) == len(self.train_texts)
+        assert (self.test_texts is None) == (self.test_labels is None)
+        assert self.test_texts is None or len(self.test_labels) == len(self.test_texts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# (text, label name, "file:line") of one example, before labels become integers
+_Row = tuple[str, str, str]
+
+
+def _decode(path: Path) -> str:
+    """A file's text (UTF-8, an optional BOM dropped); undecodable bytes are an error naming their line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CCTError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise CCTError(f"{path}:{line}: undecodable bytes (the file must be UTF-8 text)") from None
+
+
+def _label_order(names: set[str]) -> list[str]:
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _dataset(train: list[_Row], test: list[_Row] | None, source: str, *, skipped: list[str] | None = None,
+             reported: list[str] | None = None) -> TextDataset:
+    if not train:
+        raise CCTError(f"{source}: no training examples")
+    classes = _label_order({label for _, label, _ in train})
+    index = {name: i for i, name in enumerate(classes)}
+    for _, label, where in test or []:
+        if label not in index:
+            raise CCTError(f"{where}: unknown label {label!r} (not in the training data)")
+
+    def labels(rows: list[_Row]) -> torch.Tensor:
+        return torch.tensor([index[label] for _, label, _ in rows], dtype=torch.int64)
+
+    return TextDataset([t for t, _, _ in train], labels(train), None if test is None else [t for t, _, _ in test],
+                       None if test is None else labels(test), classes, source, skipped or [], reported or [])
+
+
+def _text(value: str, where: str) -> str:
+    text = " ".join(value.split())  # one line of single spaces, as the tokenizer will split it anyway
+    if not text:
+        raise CCTError(f"{where}: empty text")
+    return text
+
+
+# ---------------------------------------------------------------------- TREC
+def read_trec(folder: str | Path, *, label_level: str = "coarse") -> TextDataset:
+    """TREC question classification from `folder/train_5500.label` and `folder/TREC_10.label`.
+
+    A line whose fine label is malformed (not lower-case letters, as `NUM:How` on line 4451 of the
+    shared train file) is reported and kept for coarse labels, skipped for fine ones.
+    """
+    assert label_level in LABEL_LEVELS, f"label_level must be one of {LABEL_LEVELS}, got {label_level!r}"
+    folder = Path(folder)
+    skipped: list[str] = []
+    reported: list[str] = []
+    splits = []
+    for name in TREC_FILES:
+        path = folder / name
+        rows = []
+        for number, line in enumerate(_decode(path).splitlines(), start=1):
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue
+            label, _, question = line.partition(" ")
+            coarse, colon, fine = label.partition(":")
+            if not colon or not re.fullmatch(r"[A-Z]+", coarse):
+                raise CCTError(f"{where}: expected 'COARSE:fine question', got {line[:40]!r}")
+            text = _text(question, where)
+            if not re.fullmatch(r"[a-z]+", fine):
+                if label_level == "fine":
+                    skipped.append(f"{where}: malformed fine label {label!r}, skipped for fine labels")
+                    continue
+                reported.append(f"{where}: malformed fine label {label!r}, kept for its coarse label {coarse}")
+            rows.append((text, coarse if label_level == "coarse" else label, where))
+        splits.append(rows)
+    return _dataset(splits[0], splits[1], f"TREC {folder} ({label_level} labels)", skipped=skipped, reported=reported)
+
+
+# ---------------------------------------------------------------------- CSV / TSV
+def _column(names: list[str], wanted: str | int, where: str) -> int:
+    if isinstance(wanted, int):
+        if not 0 <= wanted < len(names):
+            raise CCTError(f"{where}: no column {wanted} ({len(names)} columns)")
+        return wanted
+    if wanted not in names:
+        raise CCTError(f"{where}: missing column {wanted!r} (columns: {', '.join(names)})")
+    return names.index(wanted)
+
+
+def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns: Sequence[str | int] | None,
+                     header: bool | None, delimiter: str | None, max_field_chars: int) -> list[_Row]:
+    delimiter = delimiter or TABLE_SUFFIXES.get(path.suffix.lower(), ",")
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
+    old_limit = csv.field_size_limit(max_field_chars)
+    rows: list[_Row] = []
+    line = 1  # where the record being read starts
+    try:
+        first = next(reader, None)
+        if first is None:
+            raise CCTError(f"{path}: empty file")
+        if header is None:  # a header names its label column; AG News has none
+            header = isinstance(label_column, str) or (label_column is None and "label" in first)
+        names = first if header else [str(i) for i in range(len(first))]
+        where = f"{path}:1"
+        label_at = _column(names, label_column if label_column is not None else ("label" if header else 0), where)
+        if text_columns is None:
+            text_at = [names.index("text")] if header and "text" in names else \
+                [i for i in range(len(names)) if i != label_at]
+        else:
+            text_at = [_column(names, c, where) for c in text_columns]
+        if not text_at:
+            raise CCTError(f"{where}: no text column (only the label column {names[label_at]!r})")
+        records = reader if header else _chain_first(first, reader)
+        line = reader.line_num + 1 if header else 1
+        for record in records:
+            where = f"{path}:{line}"
+            if record:
+                if len(record) != len(names):
+                    raise CCTError(f"{where}: {len(record)} fields, expected {len(names)}")
+                label = record[label_at].strip()
+                if not label:
+                    raise CCTError(f"{where}: empty label")
+                rows.append((_text(" ".join(record[i] for i in text_at), where), label, where))
+            line = reader.line_num + 1
+    except csv.Error as e:
+        if "field larger than field limit" in str(e):
+            raise CCTError(f"{path}:{line}: a field is over {max_field_chars} characters "
+                           "(an unclosed quote?)") from None
+        raise CCTError(f"{path}:{line}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    return rows
+
+
+def _chain_first(first: list[str], rest):
+    yield first
+    yield from rest
+
+
+def read_table(path: str | Path, *, label_column: str | int | None = None,
+               text_columns: Sequence[str | int] | None = None, header: bool | None = None,
+               delimiter: str | None = None, max_field_chars: int = MAX_FIELD_CHARS) -> TextDataset:
+    """A CSV/TSV file (training only) or a folder with `train.csv` and `test.csv` (or `.tsv`).
+
+    Args:
+        path: the file or folder.
+        label_column: a header name or a 0-based index; None: `label` with a header, else column 0.
+        text_columns: names or indices joined into the text; None: `text` if the header has it, else
+            every column but the label.
+        header: whether the first row names the columns; None: when it holds the label column's name.
+        delimiter: None: tab for `.tsv`, else comma.
+        max_field_chars: a longer field is an error.
+    """
+    path = Path(path)
+    options = dict(label_column=label_column, text_columns=text_columns, header=header, delimiter=delimiter,
+                   max_field_chars=max_field_chars)
+    if path.is_file():
+        return _dataset(_read_table_rows(path, **options), None, f"table {path}")
+    for suffix in TABLE_SUFFIXES:
+        train, test = path / f"train{suffix}", path / f"test{suffix}"
+        if train.is_file():
+            return _dataset(_read_table_rows(train, **options),
+                            _read_table_rows(test, **options) if test.is_file() else None, f"tables in {path}")
+    raise CCTError(f"{path}: neither a CSV/TSV file nor a folder with train.csv or train.tsv")
+
+
+# ---------------------------------------------------------------------- JSON Lines
+def _read_jsonl_rows(path: Path) -> list[_Row]:
+    rows = []
+    for number, line in enumerate(_decode(path).splitlines(), start=1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CCTError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise CCTError(f"{where}: expected an object with 'text' and 'label'")
+        for key in ("text", "label"):
+            if key not in record:
+                raise CCTError(f"{where}: missing field {key!r}")
+        text, label = record["text"], record["label"]
+        if not isinstance(text, str):
+            raise CCTError(f"{where}: 'text' is not a string")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+            raise CCTError(f"{where}: 'label' must be a non-empty string or an integer")
+        rows.append((_text(text, where), str(label).strip(), where))
+    return rows
+
+
+def read_jsonl(path: str | Path) -> TextDataset:
+    """A `.jsonl` file (training only) or a folder with `train.jsonl` and `test.jsonl`."""
+    path = Path(path)
+    if path.is_file():
+        return _dataset(_read_jsonl_rows(path), None, f"JSON Lines {path}")
+    train, test = path / "train.jsonl", path / "test.jsonl"
+    if not train.is_file():
+        raise CCTError(f"{path}: neither a .jsonl file nor a folder with train.jsonl")
+    return _dataset(_read_jsonl_rows(train), _read_jsonl_rows(test) if test.is_file() else None,
+                    f"JSON Lines in {path}")
+
+
+# ---------------------------------------------------------------------- folders of .txt files
+def _read_folder_rows(split: Path) -> list[_Row]:
+    rows = []
+    for class_dir in sorted(p for p in split.iterdir() if p.is_dir()):
+        for file in sorted(class_dir.glob("*.txt")):
+            rows.append((_text(_decode(file), f"{file}:1"), class_dir.name, f"{file}:1"))
+    return rows
+
+
+def read_text_folders(root: str | Path) -> TextDataset:
+    """`root/train/<class>/*.txt` and, when present, `root/test/<class>/*.txt`: one text a file."""
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise CCTError(f"{root}: no train/<class>/*.txt folders")
+    test = root / "test"
+    return _dataset(_read_folder_rows(root / "train"), _read_folder_rows(test) if test.is_dir() else None,
+                    f"text folders {root}")
+
+
+# ---------------------------------------------------------------------- detection
+def _table_names_images(path: Path) -> bool:
+    """Whether a CSV's first rows name image files (the own-data `path,label` layout), read cheaply."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            reader = csv.reader(f, delimiter=TABLE_SUFFIXES.get(path.suffix.lower(), ","))
+            head = [row for _, row in zip(range(6), reader)]
+    except (OSError, csv.Error):
+        return False
+    cells = [cell.strip().lower() for row in head[1:] or head for cell in row]
+    return any(Path(cell).suffix in IMAGE_SUFFIXES for cell in cells)
+
+
+def _split_kind(split: Path) -> str | None:
+    for class_dir in sorted(p for p in split.iterdir() if p.is_dir()):
+        for file in sorted(class_dir.iterdir()):
+            suffix = file.suffix.lower()
+            if suffix == ".txt":
+                return "text"
+            if suffix in IMAGE_SUFFIXES:
+                return "image"
+    return None
+
+
+def detect_kind(source: str | Path) -> str | None:
+    """"text", "image", or None when nothing known is found, judged by what `source` holds.
+
+    Text: TREC `.label` files, `.jsonl`, CSV/TSV tables whose cells name no image files, folders of `.txt`
+    files per class. Image: the CIFAR names and archives, tables naming image files, folders of images.
+    """
+    if str(source) in ("cifar10", "cifar100"):
+        return "image"
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".label", ".jsonl"):
+            return "text"
+        if suffix in TABLE_SUFFIXES:
+            return "image" if _table_names_images(path) else "text"
+        if path.name.endswith((".tar", ".tar.gz", ".tgz", ".zip")):
+            return "image"
+        return None
+    if not path.is_dir():
+        return None
+    if any((path / name).is_file() for name in TREC_FILES) or (path / "train.jsonl").is_file():
+        return "text"
+    for suffix in TABLE_SUFFIXES:
+        if (path / f"train{suffix}").is_file():
+            return "image" if _table_names_images(path / f"train{suffix}") else "text"
+    if (path / "train").is_dir():
+        return _split_kind(path / "train")
+    if (path / "data_batch_1").is_file() or (path / "train").is_file():  # CIFAR's python folders
+        return "image"
+    return None
+
+
+def load_text(source: str | Path, *, label_level: str = "coarse", label_column: str | int | None = None,
+              text_columns: Sequence[str | int] | None = None, max_field_chars: int = MAX_FIELD_CHARS) -> TextDataset:
+    """Read any text source listed in the module docstring, chosen by what `source` holds.
+
+    Args:
+        source: a TREC folder, a CSV/TSV/JSON Lines file or folder, or a folder of `.txt` folders.
+        label_level: TREC only: "coarse" (6 classes) or "fine" (50).
+        label_column, text_columns, max_field_chars: CSV/TSV only, as for `read_table`.
+    """
+    path = Path(source)
+    if path.is_dir() and any((path / name).is_file() for name in TREC_FILES):
+        return read_trec(path, label_level=label_level)
+    if path.suffix.lower() == ".jsonl" or (path.is_dir() and (path / "train.jsonl").is_file()):
+        return read_jsonl(path)
+    if path.suffix.lower() in TABLE_SUFFIXES or (path.is_dir() and any(
+            (path / f"train{s}").is_file() for s in TABLE_SUFFIXES)):
+        return read_table(path, label_column=label_column, text_columns=text_columns, max_field_chars=max_field_chars)
+    if path.is_dir() and (path / "train").is_dir():
+        return read_text_folders(path)
+    raise CCTError(f"{source}: not a text dataset (TREC folder, CSV/TSV, JSON Lines or train/<class>/*.txt)"
+                   if path.exists() else f"data not found: {source}")

@@ -1,0 +1,204 @@
+"""Text sources: TREC, CSV/TSV (AG News layout), JSON Lines, .txt folders, detection and bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cct.errors import CCTError
+from cct.text_data import detect_kind, load_text, read_table, read_trec
+
+SHARED_TREC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trec"
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return path
+
+
+def trec(root: Path, train: str, test: str = "LOC:city Where is Lima ?\nHUM:ind Who is he ?\n") -> Path:
+    write(root / "train_5500.label", train)
+    write(root / "TREC_10.label", test)
+    return root
+
+
+TREC_TRAIN = ("DESC:manner How did serfdom develop ?\nLOC:city What city is big ?\nHUM:ind Who wrote it ?\n"
+              "NUM:How count many innings are there ?\nLOC:country Which country is small ?\n")
+
+
+def test_trec_coarse_labels_named_as_written(tmp_path):
+    ds = load_text(trec(tmp_path, TREC_TRAIN))
+    assert ds.classes == ["DESC", "HUM", "LOC", "NUM"]
+    assert ds.train_texts[0] == "How did serfdom develop ?" and len(ds.train_texts) == 5
+    assert ds.train_labels.tolist() == [0, 2, 1, 3, 2] and ds.train_labels.dtype == torch.int64
+    assert ds.test_texts == ["Where is Lima ?", "Who is he ?"] and ds.test_labels.tolist() == [2, 1]
+    assert ds.skipped == [] and len(ds.reported) == 1
+    assert "train_5500.label:4: malformed fine label 'NUM:How'" in ds.reported[0]
+
+
+def test_trec_fine_labels_skip_malformed_line(tmp_path):
+    ds = read_trec(trec(tmp_path, TREC_TRAIN), label_level="fine")
+    assert ds.classes == ["DESC:manner", "HUM:ind", "LOC:city", "LOC:country"]
+    assert len(ds.train_texts) == 4 and ds.reported == []
+    assert len(ds.skipped) == 1 and "train_5500.label:4:" in ds.skipped[0] and "skipped" in ds.skipped[0]
+    with pytest.raises(AssertionError):
+        read_trec(tmp_path, label_level="medium")
+
+
+@pytest.mark.parametrize("line,why", [("desc:manner How ?", "expected 'COARSE:fine question'"),
+                                      ("DESC How ?", "expected 'COARSE:fine question'"),
+                                      ("DESC:manner   ", "empty text")])
+def test_trec_bad_lines(tmp_path, line, why):
+    with pytest.raises(CCTError, match=f"train_5500.label:2: {why}"):
+        load_text(trec(tmp_path, "HUM:ind Who ?\n" + line + "\n"))
+
+
+def test_trec_unknown_test_label(tmp_path):
+    with pytest.raises(CCTError, match=r"TREC_10.label:1: unknown label 'ABBR'"):
+        load_text(trec(tmp_path, TREC_TRAIN, test="ABBR:exp What is NASA ?\n"))
+
+
+@pytest.mark.skipif(not SHARED_TREC.is_dir(), reason="shared TREC data absent")
+def test_shared_trec():
+    ds = load_text(SHARED_TREC)
+    assert (len(ds.train_texts), len(ds.test_texts)) == (5444, 499)
+    assert ds.classes == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert torch.bincount(ds.train_labels).tolist() == [86, 1162, 1248, 1219, 834, 895]
+    assert any(r.startswith(f"{SHARED_TREC / 'train_5500.label'}:4451: malformed fine label 'NUM:How'")
+               for r in ds.reported)
+    fine = load_text(SHARED_TREC, label_level="fine")
+    assert len(fine.train_texts) == 5443 and fine.num_classes == 50
+    assert [s.split(": ")[0] for s in fine.skipped] == [f"{SHARED_TREC / 'train_5500.label'}:4451"]
+
+
+# ---------------------------------------------------------------------- CSV / TSV
+def test_csv_with_header_and_text_column(tmp_path):
+    path = write(tmp_path / "d.csv", 'id,text,label\n1,"good, very good",pos\n2,bad,neg\n3,"fine\nreally",pos\n')
+    ds = load_text(path)
+    assert ds.classes == ["neg", "pos"] and ds.train_labels.tolist() == [1, 0, 1]
+    assert ds.train_texts == ["good, very good", "bad", "fine really"] and ds.test_texts is None
+
+
+def test_csv_several_text_columns(tmp_path):
+    path = write(tmp_path / "d.csv", "label,title,body,id\npos,Good,very good,1\nneg,Bad,awful,2\n")
+    ds = read_table(path, text_columns=["title", "body"])
+    assert ds.train_texts == ["Good very good", "Bad awful"]
+
+
+def test_ag_news_layout(tmp_path):
+    write(tmp_path / "train.csv", '"3","Wall St. Bears","Short-sellers, Wall Street\'s dwindling band"\n'
+                                  '"4","Space","A probe \\ lands"\n"1","World","Talks ""resume"" today"\n'
+                                  '"10","Extra","Tenth class"\n')
+    write(tmp_path / "test.csv", '"4","Moon","Another landing"\n')
+    assert detect_kind(tmp_path) == "text"
+    ds = load_text(tmp_path)
+    assert ds.classes == ["1", "3", "4", "10"]  # integer labels sort as numbers
+    assert ds.train_texts[0] == "Wall St. Bears Short-sellers, Wall Street's dwindling band"
+    assert ds.train_texts[2] == 'World Talks "resume" today'
+    assert ds.train_labels.tolist() == [1, 2, 0, 3] and ds.test_labels.tolist() == [2]
+
+
+def test_tsv(tmp_path):
+    path = write(tmp_path / "d.tsv", "label\ttext\nx\ta, b\ny\tc\n")
+    ds = load_text(path)
+    assert ds.train_texts == ["a, b", "c"] and ds.classes == ["x", "y"]
+
+
+def test_csv_missing_column(tmp_path):
+    path = write(tmp_path / "d.csv", "label,text\npos,good\n")
+    with pytest.raises(CCTError, match=r"d.csv:1: missing column 'body' \(columns: label, text\)"):
+        read_table(path, text_columns=["body"])
+    with pytest.raises(CCTError, match=r"d.csv:1: missing column 'y'"):
+        read_table(path, label_column="y")
+
+
+def test_csv_short_row_empty_text_and_unknown_label(tmp_path):
+    with pytest.raises(CCTError, match=r"d.csv:3: 1 fields, expected 2"):
+        load_text(write(tmp_path / "d.csv", "label,text\npos,good\nneg\n"))
+    with pytest.raises(CCTError, match=r"e.csv:3: empty text"):
+        load_text(write(tmp_path / "e.csv", 'label,text\npos,good\nneg,"  "\n'))
+    write(tmp_path / "ag" / "train.csv", '"1","a"\n"2","b"\n')
+    write(tmp_path / "ag" / "test.csv", '"1","a"\n"\n5","c"\n')  # the record starts on line 2
+    with pytest.raises(CCTError, match=r"test.csv:2: unknown label '5'"):
+        load_text(tmp_path / "ag")
+
+
+def test_csv_field_over_limit(tmp_path):
+    path = write(tmp_path / "d.csv", "label,text\npos,short\nneg," + "x" * 300 + "\n")
+    assert len(read_table(path, max_field_chars=1000).train_texts) == 2
+    with pytest.raises(CCTError, match=r"d.csv:3: a field is over 100 characters"):
+        read_table(path, max_field_chars=100)
+    # an unclosed quote swallows the rest of the file into one field
+    path = write(tmp_path / "q.csv", 'label,text\npos,"open\n' + "neg,text\n" * 50)
+    with pytest.raises(CCTError, match=r"q.csv:2: a field is over 200 characters"):
+        read_table(path, max_field_chars=200)
+
+
+def test_undecodable_bytes_name_the_line(tmp_path):
+    with pytest.raises(CCTError, match=r"d.csv:3: undecodable bytes"):
+        load_text(write(tmp_path / "d.csv", b"label,text\npos,good\nneg,caf\xe9\n"))
+    with pytest.raises(CCTError, match=r"train_5500.label:2: undecodable bytes"):
+        load_text(trec(tmp_path / "t", "HUM:ind Who ?\nHUM:ind Wh\xff\xfeo ?\n".encode("latin-1")))
+
+
+# ---------------------------------------------------------------------- JSON Lines
+def test_jsonl_file_and_folder(tmp_path):
+    lines = [{"text": "good film", "label": "pos"}, {"text": "bad", "label": "neg", "id": 3}]
+    path = write(tmp_path / "a.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")
+    ds = load_text(path)
+    assert ds.train_texts == ["good film", "bad"] and ds.classes == ["neg", "pos"]
+    write(tmp_path / "f" / "train.jsonl", '{"text": "a", "label": 2}\n{"text": "b", "label": 0}\n')
+    write(tmp_path / "f" / "test.jsonl", '{"text": "c", "label": 2}\n')
+    ds = load_text(tmp_path / "f")
+    assert ds.classes == ["0", "2"] and ds.test_labels.tolist() == [1]
+
+
+@pytest.mark.parametrize("line,why", [
+    ('{"text": "a"}', "missing field 'label'"), ('{"label": "x"}', "missing field 'text'"),
+    ('{"text": "a", "label": x}', "not JSON"), ('{"text": " ", "label": "x"}', "empty text"),
+    ('["a", "x"]', "expected an object"), ('{"text": "a", "label": null}', "'label' must be")])
+def test_jsonl_bad_lines(tmp_path, line, why):
+    with pytest.raises(CCTError, match=f"a.jsonl:2: {why}"):
+        load_text(write(tmp_path / "a.jsonl", '{"text": "ok", "label": "x"}\n' + line + "\n"))
+
+
+# ---------------------------------------------------------------------- .txt folders and detection
+def test_text_folders(tmp_path):
+    for split, cls, name, text in [("train", "neg", "1.txt", "awful\n"), ("train", "pos", "2.txt", "great  film"),
+                                   ("train", "pos", "3.txt", "fine"), ("test", "neg", "4.txt", "bad")]:
+        write(tmp_path / split / cls / name, text)
+    assert detect_kind(tmp_path) == "text"
+    ds = load_text(tmp_path)
+    assert ds.classes == ["neg", "pos"] and ds.train_texts == ["awful", "great film", "fine"]
+    assert ds.test_texts == ["bad"] and ds.test_labels.tolist() == [0]
+    write(tmp_path / "test" / "meh" / "5.txt", "so so")
+    with pytest.raises(CCTError, match=r"5.txt:1: unknown label 'meh'"):
+        load_text(tmp_path)
+    write(tmp_path / "train" / "pos" / "6.txt", " \n")
+    with pytest.raises(CCTError, match=r"6.txt:1: empty text"):
+        load_text(tmp_path)
+
+
+def test_detect_kind(tmp_path):
+    Image.new("RGB", (4, 4)).save(write(tmp_path / "img" / "train" / "cat" / "a.png", b""))
+    assert detect_kind(tmp_path / "img") == "image"
+    image_csv = write(tmp_path / "images.csv", "path,label\nimgs/a.png,cat\nimgs/b.jpg,dog\n")
+    assert detect_kind(image_csv) == "image"
+    assert detect_kind(write(tmp_path / "texts.csv", "label,text\ncat,a photo of a cat\n")) == "text"
+    assert detect_kind(write(tmp_path / "x.jsonl", "{}\n")) == "text"
+    assert detect_kind(trec(tmp_path / "trec", TREC_TRAIN)) == "text"
+    assert detect_kind("cifar10") == "image"
+    assert detect_kind(write(tmp_path / "data.tar.gz", b"")) == "image"
+    assert detect_kind(tmp_path / "missing") is None
+    (tmp_path / "empty").mkdir()
+    assert detect_kind(tmp_path / "empty") is None
+
+
+def test_not_a_text_dataset(tmp_path):
+    with pytest.raises(CCTError, match="data not found"):
+        load_text(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CCTError, match="not a text dataset"):
+        load_text(tmp_path / "empty")

@@ -1,0 +1,239 @@
+"""Text models: official parameter counts, padding invariance, forward/backward, official weights."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from cct.errors import CheckpointError
+from cct.text_model import (TEXT_VARIANTS, TextCCT, TextConfig, create_text_model, get_text_config,
+                            official_text_state_dict)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "official_text_cct_2.pt"
+# The fixture is the state_dict() of the official text_cct_2(kernel_size=4, vocab_size=50, num_classes=6), built
+# with torch.manual_seed(0) from SHI-Labs/Compact-Transformers at cd11f09 by a script kept outside this repository
+# (the official code is not copied here); 1.5 MB, its sine `classifier.positional_emb` included.
+
+# the official code's trainable parameters without the word embedding (num_classes=6), as issue 14 lists them
+OFFICIAL_PARAMS = {
+    ("text_cct_2", 1): 237_959, ("text_cct_2", 2): 276_359, ("text_cct_2", 4): 353_159,
+    ("text_cct_4", 1): 436_359, ("text_cct_4", 2): 474_759, ("text_cct_4", 4): 551_559,
+    ("text_cct_6", 1): 3_237_127, ("text_cct_6", 2): 3_313_927, ("text_cct_6", 4): 3_467_527,
+    ("text_cvt_2", 4): 353_159, ("text_cvt_4", 4): 551_559, ("text_cvt_6", 4): 947_335,
+    ("text_vit_2", 4): 353_158, ("text_vit_4", 4): 551_558, ("text_vit_6", 4): 3_467_526,
+    ("text_transformer_2", 4): 1_086_906, ("text_transformer_4", 4): 2_171_106,
+    ("text_transformer_6", 4): 4_337_106,
+}
+FAMILY_MODELS = ["text_cct_2", "text_cvt_2", "text_vit_2", "text_transformer_2"]
+
+
+def trainable_without_embedding(model: TextCCT) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("embedding."))
+
+
+@pytest.mark.parametrize("name,kernel", sorted(OFFICIAL_PARAMS))
+def test_parameter_counts_match_official(name, kernel):
+    model = create_text_model(name, vocab_size=50, num_classes=6, kernel_size=kernel)
+    assert trainable_without_embedding(model) == OFFICIAL_PARAMS[(name, kernel)]
+    assert sum(isinstance(m, torch.nn.Embedding) for m in model.modules()) == 1
+    assert "sine_embed" not in model.state_dict()  # the default sine embedding is a buffer, never a weight
+
+
+def test_variants_cover_every_official_name():
+    expected = {f"text_{f}_{n}" for f in ("cct", "cvt", "vit", "transformer") for n in (2, 4, 6)}
+    assert set(TEXT_VARIANTS) == expected
+
+
+def test_official_stride_and_padding_rule():
+    for k in (1, 2, 3, 4, 6, 8):
+        cfg = get_text_config("text_cct_2", kernel_size=k)
+        assert (cfg.stride, cfg.padding) == (max(1, k // 2 - 1), max(1, k // 2))
+    cfg = get_text_config("text_cvt_2", kernel_size=2)
+    assert (cfg.stride, cfg.padding) == (2, 0)
+
+
+def test_sine_has_no_leading_zero_row():
+    model = create_text_model("text_cct_2", vocab_size=50)
+    assert model.sine_embed.shape == (1, model.num_tokens, 128)
+    assert model.sine_embed[0, 0, 1::2].eq(1).all()  # position 0: cos(0) = 1, not a zero row
+
+
+def test_invalid_choices_rejected():
+    with pytest.raises(AssertionError):
+        TextConfig(family="rnn")
+    with pytest.raises(AssertionError):
+        TextConfig(positional_embedding="rope")
+    with pytest.raises(TypeError, match="kernal_size"):
+        create_text_model("text_cct_2", kernal_size=2)
+    with pytest.raises(ValueError, match="unknown text model"):
+        create_text_model("text_cct_3")
+
+
+def _sentence_logits(model: TextCCT, ids: torch.Tensor, pad_to: int | None) -> torch.Tensor:
+    if pad_to is None:
+        return model(ids[None])
+    padded = torch.full((1, pad_to), model.cfg.padding_idx, dtype=torch.long)
+    padded[0, :len(ids)] = ids
+    mask = torch.zeros(1, pad_to, dtype=torch.bool)
+    mask[0, :len(ids)] = True
+    return model(padded, mask)
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+@pytest.mark.parametrize("kernel", [1, 2, 4])
+@pytest.mark.parametrize("positional", ["sine", "learnable"])
+def test_padding_does_not_change_the_answer(name, kernel, positional):
+    torch.manual_seed(kernel)
+    model = create_text_model(name, vocab_size=40, kernel_size=kernel, positional_embedding=positional,
+                              word_embedding_dim=300 if "transformer" in name else 32).eval()
+    for length in (1, 5, 9, 16):
+        ids = torch.randint(2, 40, (length,))
+        with torch.no_grad():
+            unpadded = _sentence_logits(model, ids, None)
+            for pad_to in (16, 64):
+                torch.testing.assert_close(_sentence_logits(model, ids, pad_to), unpadded, rtol=0, atol=1e-5)
+
+
+def test_padding_invariance_is_not_vacuous():
+    """Without the mask the padded sentence gives other logits, so the test above can fail."""
+    torch.manual_seed(0)
+    model = create_text_model("text_cct_2", vocab_size=40, word_embedding_dim=32).eval()
+    ids = torch.randint(2, 40, (7,))
+    padded = torch.cat([ids, torch.ones(9, dtype=torch.long)])[None]
+    with torch.no_grad():
+        assert (model(padded) - model(ids[None])).abs().max() > 1e-3
+
+
+def test_mixed_lengths_in_one_batch_match_single_sentences():
+    torch.manual_seed(1)
+    model = create_text_model("text_cct_4", vocab_size=30, word_embedding_dim=16).eval()
+    lengths = [3, 12, 7]
+    ids = torch.ones(3, 12, dtype=torch.long)
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    singles = []
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(2, 30, (n,))
+        mask[i, :n] = True
+        with torch.no_grad():
+            singles.append(model(ids[i:i + 1, :n]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), torch.cat(singles), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_forward_backward(name):
+    torch.manual_seed(0)
+    model = create_text_model(name, vocab_size=60, num_classes=4)
+    ids = torch.randint(0, 60, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, 11:] = False
+    logits = model(ids, mask)  # the mask by position
+    assert logits.shape == (3, 4) and torch.isfinite(logits).all()
+    logits.logsumexp(-1).mean().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    model.eval()
+    with torch.no_grad():
+        feats, token_mask = model.forward_features(ids, mask)
+        assert feats.shape[:2] == token_mask.shape and feats.shape[2] == model.cfg.embed_dim
+        assert model.forward_head(feats, pre_logits=True, mask=token_mask).shape == (3, model.cfg.embed_dim)
+        torch.testing.assert_close(model.forward_head(feats, mask=token_mask), model(ids, mask=mask))
+        torch.testing.assert_close(model(ids, mask), model(ids, mask=mask))
+
+
+def test_full_length_input_fits_the_positional_embedding():
+    for name in FAMILY_MODELS:
+        for kernel in (1, 2, 4):
+            model = create_text_model(name, vocab_size=20, kernel_size=kernel, positional_embedding="learnable",
+                                      word_embedding_dim=300 if "transformer" in name else 8).eval()
+            feats, _ = model.forward_features(torch.randint(0, 20, (2, model.cfg.seq_len)))
+            assert feats.shape[1] == model.num_tokens
+
+
+def test_timm_interface():
+    model = create_text_model("text_vit_2", vocab_size=20, positional_embedding="learnable")
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    model.reset_classifier(3)
+    assert model(torch.randint(0, 20, (2, 10))).shape == (2, 3) and model.cfg.num_classes == 3
+    model.reset_classifier(0)
+    assert model(torch.randint(0, 20, (2, 10))).shape == (2, 128)
+
+
+def test_config_round_trip():
+    cfg = get_text_config("text_cct_4", kernel_size=2, vocab_size=77)
+    assert TextConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        TextConfig.from_dict({**cfg.to_dict(), "img_size": 32})
+
+
+# ---------------------------------------------------------------------- official weights
+# the official text_cct_2 module names (SHI-Labs/Compact-Transformers, src/text/cct.py and src/utils/)
+def _official_like_state(vocab: int, kernel: int, word_dim: int = 300, dim: int = 128, depth: int = 2) -> dict:
+    g = torch.Generator().manual_seed(kernel)
+    state = {"embedder.embeddings.weight": torch.randn(vocab, word_dim, generator=g),
+             "tokenizer.conv_layers.0.weight": torch.randn(dim, 1, kernel, word_dim, generator=g)}
+    for i in range(depth):
+        p = f"classifier.blocks.{i}."
+        for key, shape in (("pre_norm.weight", (dim,)), ("pre_norm.bias", (dim,)),
+                           ("self_attn.qkv.weight", (3 * dim, dim)),
+                           ("self_attn.proj.weight", (dim, dim)), ("self_attn.proj.bias", (dim,)),
+                           ("linear1.weight", (dim, dim)), ("linear1.bias", (dim,)), ("norm1.weight", (dim,)),
+                           ("norm1.bias", (dim,)), ("linear2.weight", (dim, dim)), ("linear2.bias", (dim,))):
+            state[p + key] = torch.randn(shape, generator=g)
+    for key, shape in (("attention_pool.weight", (1, dim)), ("attention_pool.bias", (1,)), ("norm.weight", (dim,)),
+                       ("norm.bias", (dim,)), ("fc.weight", (6, dim)), ("fc.bias", (6,))):
+        state["classifier." + key] = torch.randn(shape, generator=g)
+    return state
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason="fixture not generated")
+def test_official_fixture_lands_unchanged(tmp_path):
+    official = torch.load(FIXTURE, weights_only=True)
+    kernel = official["tokenizer.conv_layers.0.weight"].shape[2]
+    model = create_text_model("text_cct_2", pretrained=FIXTURE, kernel_size=kernel)
+    assert model.cfg.vocab_size == official["embedder.embeddings.weight"].shape[0]
+    mine = model.state_dict()
+    mapped = official_text_state_dict(official)
+    assert set(mapped) == set(mine)  # every weight of the model comes from the file
+    assert "pos_embed" not in mapped and "classifier.positional_emb" in official  # the sine table is dropped
+    for key, value in official.items():
+        if key != "classifier.positional_emb":
+            assert torch.equal(mapped[OFFICIAL_TO_CCT(key)], value), key
+            assert torch.equal(mine[OFFICIAL_TO_CCT(key)], value), key
+
+
+def OFFICIAL_TO_CCT(key: str) -> str:  # noqa: N802 (a table written out, independent of the module's)
+    key = key.replace("embedder.embeddings.", "embedding.").replace("tokenizer.conv_layers.0.", "conv_tokenizer.conv.")
+    key = key.replace("classifier.fc.", "head.").replace("classifier.", "").replace(".self_attn.", ".attn.")
+    return key.replace(".linear1.", ".fc1.").replace(".linear2.", ".fc2.")
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 4])
+def test_official_layout_loads_for_every_kernel(tmp_path, kernel):
+    state = _official_like_state(vocab=37, kernel=kernel)
+    path = tmp_path / "official.pth"
+    torch.save(state, path)
+    model = create_text_model("text_cct_2", pretrained=path, kernel_size=kernel)
+    assert model.cfg.vocab_size == 37
+    mine = model.state_dict()
+    for key, value in state.items():
+        assert torch.equal(mine[OFFICIAL_TO_CCT(key)], value), key
+    with pytest.raises(CheckpointError, match=f"kernel_size={kernel}"):
+        create_text_model("text_cct_2", pretrained=path, kernel_size=3 if kernel != 3 else 2)
+
+
+def test_official_learnable_embedding_loses_its_padding_row(tmp_path):
+    state = _official_like_state(vocab=20, kernel=2)
+    tokens = create_text_model("text_cct_2", vocab_size=20, kernel_size=2).num_tokens
+    state["classifier.positional_emb"] = torch.randn(1, tokens + 1, 128)
+    path = tmp_path / "official.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)
+    model = create_text_model("text_cct_2", pretrained=path, kernel_size=2)
+    assert model.cfg.positional_embedding == "learnable"
+    assert torch.equal(model.pos_embed.data, state["classifier.positional_emb"][:, 1:])
+
+
+def test_not_official_text_weights(tmp_path):
+    path = tmp_path / "x.pth"
+    torch.save({"classifier.fc.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(CheckpointError, match="official text"):
+        create_text_model("text_cct_2", pretrained=path)
