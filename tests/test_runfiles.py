@@ -39,7 +39,7 @@ def test_results_keys_and_json(tmp_path):
     assert list(r) == ["model", "recipe", "params", "epochs", "steps", "test_top1", "test_top5", "test_loss",
                        "test_images", "best_epoch", "best_val_top1", "weights", "train_seconds", "images_per_second",
                        "train_images", "val_images", "data", "classes", "skipped_images", "skipped_steps", "precision",
-                       "seed", "world_size", "device"]
+                       "seed", "world_size", "device", "test_split"]
     assert (r["weights"], r["best_val_top1"], r["test_images"], r["train_seconds"]) == ("best", 0.5, 18, 3.14)
     assert runfiles.done_line(r, tmp_path).startswith("done: 2 epochs in 3s (96 images/s); test top-1 0.7500")
     none = runfiles.results(cfg, state=state, test=None, params=1000, dataset=dataset, train_images=150,

@@ -33,7 +33,7 @@ __all__ = ["adapt_state_dict", "atomic_write", "load_checkpoint", "load_pretrain
 
 FORMAT = "cct-checkpoint"
 VERSION = 1
-SAFETENSORS_EXTRAS = ("eval",)  # plain-data extras that safetensors metadata carries too (as JSON)
+SAFETENSORS_EXTRAS = ("eval", "split")  # plain-data extras that safetensors metadata carries too (as JSON)
 
 
 def _umask() -> int:

@@ -23,7 +23,8 @@ from .errors import CCTError
 from .kernels import KERNELS
 from .model import count_macs, num_params
 from .recipes import RECIPE_MODELS, RECIPES, RESUME_OVERRIDES, TrainConfig, make_config, validate
-from .registry import create_model, from_keras, list_models
+from .registry import create_model, from_keras, list_models, pretrained_model
+from .runlock import hold_run_lock
 from .runtime import DEVICES, PRECISIONS, resolve_device
 
 # modules that register their own subcommand, listed by `cct --help` between train and bench
@@ -119,14 +120,17 @@ def _run_train(args: argparse.Namespace) -> int:
         missing = [k for k in ("data", "out") if not getattr(args, k)]
         if missing:
             raise CCTError("missing " + ", ".join("--" + k for k in missing) + " (or --resume DIR)")
-        model = args.model or RECIPE_MODELS[args.recipe or "keras"]
-        cfg = make_config(model, args.data, args.out, args.recipe, **overrides)
+        recipe = args.recipe or ("finetune" if args.pretrained else None)
+        model = args.model or (pretrained_model(args.pretrained) if args.pretrained else RECIPE_MODELS[recipe or "fast"])
+        cfg = make_config(model, args.data, args.out, recipe or (None if args.model else "fast"), **overrides)
     validate(cfg)
     procs = distributed.resolve_procs(cfg.procs, resolve_device(cfg.device),
                                       batch_sizes={"--batch-size": cfg.batch_size})
     try:
-        # --procs N: this process becomes rank 0 of N on this machine; without it (or under torchrun) a no-op
-        with distributed.local_workers(procs, args.argv), \
+        # one run per --out (the --procs workers share the lock); --procs N: this process becomes rank 0 of N
+        # on this machine; without it (or under torchrun) a no-op
+        with hold_run_lock(cfg.out, rank=distributed.env_from_environ().rank), \
+                distributed.local_workers(procs, args.argv), \
                 distributed.process_group(cfg.device, threads=cfg.workers) as job:  # a no-op for one process
             train_mod.train(cfg, resume=bool(args.resume), quiet=args.quiet, rank=job.rank, world_size=job.world_size)
     except train_mod.TrainingInterrupted as e:

@@ -107,15 +107,20 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
                         kernels: str = "fast", skip_bad_images: bool = False, progress: bool = True) -> dict:
     """Evaluate a checkpoint on a data source, with the checkpoint's evaluation settings unless overridden."""
     device = resolve_device(device)
-    model, prep = load_for_eval(path, device, kernels=kernels)
+    model = use_kernels(load_checkpoint(path, map_location=device), kernels)
+    recorded = read_checkpoint(path)
+    prep = Preprocessing.from_checkpoint(recorded)
     prep = replace(prep, precision=recorded_precision(prep.precision, device))
     overrides = {k: v for k, v in dict(precision=precision, batch_size=batch_size, tta=tta).items() if v is not None}
     prep = replace(prep, **overrides)
     if prep.batch_size < 1:
         raise CCTError(f"--batch-size must be at least 1, got {prep.batch_size}")
     prep = replace(prep, precision=resolve_precision(prep.precision, device))
+    # class folders and CSVs: exactly the test files training held out (recorded in the checkpoint)
+    test_files = recorded.get("split") if split in ("auto", "test") else None
     dataset = data_mod.load(source, img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans,
-                            skip_bad_images=skip_bad_images, progress=progress)
+                            skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode,
+                            test_files=test_files)
     parts = {"test": dataset.test, "val": dataset.val, "train": dataset.train}
     if split == "auto":
         split = next(name for name in ("test", "val", "train") if parts[name] is not None)
@@ -129,6 +134,8 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
         raise CheckpointError(f"{path} was trained on classes {model.class_names[:5]}... but {source} has "
                               f"{list(dataset.classes)[:5]}...")
     result = evaluate(model, part.images, part.labels, prep, device=device, class_names=list(dataset.classes))
+    if dataset.source_changed:
+        result["source_changed"] = True
     return {"checkpoint": str(path), "data": source, "split": split, **result, "precision": prep.precision,
             "batch_size": prep.batch_size, "tta": prep.tta}
 

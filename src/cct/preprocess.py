@@ -13,10 +13,12 @@ SHI-Labs recipe for the others.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
 from .augment import normalize
+from .checkpoint import read_checkpoint
 from .cifar import CIFAR_MEAN, CIFAR_STD
 from .decode import RESIZE_MODES
 
@@ -66,6 +68,13 @@ class Preprocessing:
         """From `to_dict()`'s output, or from the shorter "eval" entry of checkpoints before it."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def of_weights(cls, path: str | Path, *, in_chans: int) -> "Preprocessing":
+        """What a weights file was trained with: a cct checkpoint's record; x / 255 for the Keras example's
+        `.weights.h5`; the official recipes' CIFAR statistics for an official `.pth`."""
+        data = {"config": {"block": "keras"}} if Path(path).suffix == ".h5" else read_checkpoint(path)
+        return cls.from_checkpoint({**data, "config": {"in_chans": in_chans, **(data.get("config") or {})}})
 
     @classmethod
     def from_checkpoint(cls, data: dict) -> "Preprocessing":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from .decode import RESIZE_MODES
 from .errors import CCTError
 from .kernels import KERNELS
 from .registry import get_config
@@ -31,6 +32,9 @@ from .runtime import DEVICES, PRECISIONS
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+NORMALIZATIONS = ("none", "cifar", "dataset", "pretrained")
 
 
 @dataclass
@@ -58,7 +62,11 @@ class TrainConfig:
     # data
     val_split: float = _f(0.1, "fraction of the training set held out (seeded, stratified), in [0, 1)")
     train_limit: int | None = _f(None, "use at most this many training images")
+    test_split: float = _f(0.2, "class folders and CSVs without a test set: the fraction of each class held out "
+                                "as the test set (seeded, stratified, recorded in the run for `cct eval`)")
     img_size: int | None = _f(None, "resize images to this size (default: the data's own)")
+    resize_mode: str = _f("resize", "resize: to --img-size, aspect ignored; crop: the short side to --img-size, "
+                                    "then the centre", choices=RESIZE_MODES)
     in_chans: int | None = _f(None, "1 (grayscale) or 3 (RGB) input channels (default: the data's)")
     num_classes: int | None = _f(None, "classifier outputs (default: the data's number of classes)")
     drop_rate: float | None = _f(None, "dropout rate (default: the model's)")
@@ -69,8 +77,11 @@ class TrainConfig:
                                    "it would take more than --stream-threshold of the available memory)")
     stream_threshold: float = _f(0.25, "fraction of the available memory above which a tree is streamed")
     loader_workers: int = _f(4, "DataLoader processes decoding a streamed dataset, per training process")
-    normalize: str = _f("none", "input normalisation: none (x/255), cifar mean/std, or the training set's",
-                        choices=("none", "cifar", "dataset"))
+    normalize: str = _f("none", "input normalisation: none (x/255), cifar mean/std, the training set's, or "
+                                "the --pretrained weights' own", choices=NORMALIZATIONS)
+    pretrained: str | None = _f(None, "start from these weights: a cct checkpoint, an official SHI-Labs .pth or the "
+                                      "Keras example's .weights.h5 (a new head for another class count, the "
+                                      "positional embedding resized to the input size); implies --recipe finetune")
     # augmentation (cct.augment)
     hflip: bool = _f(True, "random horizontal flips")
     translate: int = _f(0, "random translation by up to this many pixels (zero padded)")
@@ -139,6 +150,11 @@ RECIPES: dict[str, dict] = {
                  # a run of a few epochs needs little regularisation; without attention dropout the
                  # fused attention kernel runs in training too
                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.05),
+    # fine-tuning --pretrained weights on a small dataset (benchmarks/README.md: the experiment that chose it)
+    "finetune": dict(epochs=20, batch_size=64, lr=5e-4, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=2,
+                     schedule="cosine", weight_decay=5e-2, weight_decay_all=False, eps=1e-8, label_smoothing=0.1,
+                     val_split=0.1, hflip=True, translate=4, normalize="pretrained", restore_best=True,
+                     precision="auto", tta=True, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.1),
 }
 
 # flags that `--resume` accepts (everything else comes from the run's checkpoint)
@@ -177,6 +193,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}")
     need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {cfg.eval_batch_size}")
     need(0.0 <= cfg.val_split < 1.0, f"--val-split must be in [0, 1), got {cfg.val_split}")
+    need(0.0 <= cfg.test_split < 1.0, f"--test-split must be in [0, 1), got {cfg.test_split}")
+    need(cfg.normalize != "pretrained" or cfg.pretrained is not None, "--normalize pretrained needs --pretrained")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be positive, got {cfg.lr}")
     need(cfg.min_lr >= 0 and cfg.warmup_lr >= 0, "--min-lr and --warmup-lr must be non-negative")
     need(cfg.weight_decay >= 0, f"--weight-decay must be non-negative, got {cfg.weight_decay}")
@@ -205,5 +223,6 @@ def validate(cfg: TrainConfig) -> None:
              f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
     need(cfg.log_interval >= 1, f"--log-interval must be at least 1, got {cfg.log_interval}")
     for name, choices in (("precision", PRECISIONS), ("device", DEVICES),
-                          ("normalize", ("none", "cifar", "dataset")), ("schedule", ("constant", "cosine"))):
+                          ("normalize", NORMALIZATIONS), ("schedule", ("constant", "cosine")),
+                          ("resize_mode", RESIZE_MODES)):
         need(getattr(cfg, name) in choices, f"--{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import fields, replace
+from pathlib import Path
 
-from .checkpoint import load_pretrained
+from .checkpoint import load_pretrained, read_checkpoint
+from .errors import CCTError
 from .interop.keras import MODEL_NAME as KERAS_MODEL_NAME, KerasWeightsError, read_keras
 from .model import CCT, CCTConfig
 
@@ -101,6 +103,17 @@ def create_model(name: str, *, pretrained: str | None = None, **overrides) -> CC
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
+
+
+def pretrained_model(path: str | Path) -> str:
+    """The registered model a weights file is for: a cct checkpoint names it, the Keras example's is
+    `cct_2_3x2_32_keras`; an official `.pth` does not say (a `CCTError` asks for --model)."""
+    if Path(path).suffix == ".h5":
+        return KERAS_MODEL_NAME
+    name = read_checkpoint(path).get("model_name")
+    if not name:
+        raise CCTError(f"--pretrained {path} does not name its model (an official .pth, say): give --model")
+    return name
 
 
 def from_keras(path) -> CCT:

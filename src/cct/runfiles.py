@@ -20,7 +20,7 @@ from .plots import plot_curves
 from .preprocess import Preprocessing
 from .recipes import TrainConfig
 
-OUTPUT_FILES = ("last.pt", "best.pt", "history.csv", "config.json", "results.json", "curves.png")
+OUTPUT_FILES = ("last.pt", "best.pt", "history.csv", "config.json", "results.json", "curves.png", "split.json")
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds")
 
 
@@ -100,7 +100,8 @@ def brief(metrics: dict | None) -> dict | None:
 
 
 def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, dataset, train_images: int,
-            val_images: int | None, skipped_steps: int, precision: str, world_size: int, device: str) -> dict:
+            val_images: int | None, skipped_steps: int, precision: str, world_size: int, device: str,
+            split: dict | None = None) -> dict:
     """The contents of results.json. `val_images` is None for a run without a validation split."""
     validated = val_images is not None
     return {
@@ -115,6 +116,8 @@ def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, da
         "data": cfg.data, "classes": list(dataset.classes), "skipped_images": dataset.skipped,
         "skipped_steps": skipped_steps, "precision": precision, "seed": cfg.seed, "world_size": world_size,
         "device": device,
+        # class folders and CSVs: the recorded test split (its files are listed in split.json)
+        "test_split": {"seed": split["seed"], "fraction": split["fraction"], "files": "split.json"} if split else None,
     }
 
 

@@ -44,6 +44,7 @@ from .model import num_params
 from .preprocess import Preprocessing
 from .recipes import TrainConfig, make_config, validate
 from .registry import create_model
+from .runlock import hold_run_lock
 from .resume import is_finished, last_state, read_last, restore, resume_config
 from .runfiles import log
 from .runtime import configure_threads, resolve_device, resolve_precision
@@ -68,7 +69,8 @@ def _load_data(cfg: TrainConfig, dataset: Dataset | None, quiet: bool) -> tuple[
             dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
                                     skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
                                     threshold=cfg.stream_threshold, workers=cfg.loader_workers,
-                                  processes_per_machine=distributed.env_from_environ().local_world_size)
+                                    processes_per_machine=distributed.env_from_environ().local_world_size,
+                                    resize_mode=cfg.resize_mode, test_split=cfg.test_split, seed=cfg.seed)
     train_set, val_set = data_mod.split(dataset, train_limit=cfg.train_limit, val_split=cfg.val_split, seed=cfg.seed)
     if len(train_set.labels) == 0:
         raise CCTError(f"{cfg.data}: no training images")
@@ -78,6 +80,9 @@ def _load_data(cfg: TrainConfig, dataset: Dataset | None, quiet: bool) -> tuple[
 def _mean_std(cfg: TrainConfig, train_images: torch.Tensor) -> tuple[tuple | None, tuple | None]:
     """The normalisation as fractions of 255 (None: x / 255), recorded in every checkpoint."""
     channels = train_images.shape[1]
+    if cfg.normalize == "pretrained":  # what the weights were trained with (`Preprocessing.of_weights`)
+        prep = Preprocessing.of_weights(cfg.pretrained, in_chans=channels)
+        return prep.mean, prep.std
     if cfg.normalize == "none":
         return None, None
     if cfg.normalize == "cifar":
@@ -98,12 +103,13 @@ def _mean_std(cfg: TrainConfig, train_images: torch.Tensor) -> tuple[tuple | Non
 
 
 def _build_model(cfg: TrainConfig, classes: list[str], *, num_classes: int, in_chans: int,
-                 img_size: tuple[int, int], device: torch.device) -> nn.Module:
+                 img_size: tuple[int, int], device: torch.device, pretrained: str | None) -> nn.Module:
     if num_classes < len(classes):
         raise CCTError(f"--num-classes {num_classes} is fewer than the data's {len(classes)} classes")
     drop_rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
                   if getattr(cfg, k) is not None}
-    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **drop_rates)
+    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                         pretrained=pretrained, **drop_rates)
     model.class_names = list(classes)
     use_kernels(model, cfg.kernels)
     return model.to(device)  # unwrapped: checkpoints, evaluation, optimiser; the step trains through wrap_model
@@ -126,6 +132,7 @@ class _Run:
     data_gen: torch.Generator  # the data order: the same on every rank
     aug_gen: torch.Generator  # augmentation: this rank's own
     prep: Preprocessing  # evaluation's input and settings, saved in every checkpoint as "eval"
+    split: dict | None  # class folders and CSVs: the recorded test split, saved in every checkpoint
     steps_per_epoch: int
     data_epoch_state: torch.Tensor  # `data_gen` at the start of the current epoch
     state: dict
@@ -170,13 +177,17 @@ class _Run:
                                           images)
         return metrics(logits, labels, label_smoothing=smoothing, class_names=self.model.class_names)
 
+    def records(self) -> dict:
+        """What every checkpoint of the run carries for `cct eval` and `cct predict`."""
+        return {"eval": self.prep.to_dict(), **({"split": self.split} if self.split else {})}
+
     def save_last(self) -> None:
         """Every rank calls this (it gathers); rank 0 writes."""
         step_state, rng = last_state(self.step, data_epoch_state=self.data_epoch_state, data_gen=self.data_gen,
                                      aug_gen=self.aug_gen, world_size=self.world_size)
         if self.is_main:
             save_checkpoint(self.model, self.out / "last.pt", train_config=self.cfg.to_dict(),
-                            resolved_config=self.resolved, eval=self.prep.to_dict(),
+                            resolved_config=self.resolved, **self.records(),
                             optimizer=self.optimizer.state_dict(), step_state=step_state,
                             train_state=dict(self.state), rng=rng, history=self.history)
         distributed.barrier()  # no rank goes on (to a resume, say) before last.pt is whole
@@ -230,6 +241,14 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     Raises:
         TrainingInterrupted: after a signal or `stop_at_step`, once `last.pt` is written.
     """
+    with hold_run_lock(config.out, rank=rank):  # one run per folder; other ranks share rank 0's lock
+        return _train(config, dataset=dataset, resume=resume, quiet=quiet, stop_at_step=stop_at_step, rank=rank,
+                      world_size=world_size)
+
+
+def _train(config: TrainConfig, *, dataset: Dataset | None, resume: bool, quiet: bool, stop_at_step: int | None,
+           rank: int, world_size: int) -> dict:
+    """`train()`'s phases, in order, under the run folder's lock."""
     cfg = config
     validate(cfg)
     quiet = quiet or rank != 0
@@ -257,16 +276,17 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     dataset, train_set, val_set = _load_data(cfg, dataset, quiet)
     n_train, (in_chans, height, width) = len(train_set.labels), tuple(train_set.images.shape[1:])
     num_classes = cfg.num_classes or len(dataset.classes)
-    mean, std = _mean_std(cfg, train_set.images)
-    if checkpoint is not None:
+    if checkpoint is None:
+        mean, std = _mean_std(cfg, train_set.images)
+    else:
         mean, std = (tuple(v) if v else None for v in (checkpoint["eval"]["mean"], checkpoint["eval"]["std"]))
     prep = Preprocessing((height, width), in_chans, mean, std, precision=precision, batch_size=cfg.eval_batch_size,
-                         tta=cfg.tta)
+                         tta=cfg.tta, resize_mode=cfg.resize_mode)
 
     # model, optimiser and step; the data order is shared by every rank, augmentation and dropout are
     # each rank's own (rank 0's: one process's)
     model = _build_model(cfg, dataset.classes, num_classes=num_classes, in_chans=in_chans, img_size=(height, width),
-                         device=device)
+                         device=device, pretrained=cfg.pretrained if checkpoint is None else None)
     optimizer = make_optimizer(model, cfg)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 2, rank))
@@ -281,6 +301,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
              "best_epoch": 0, "train_seconds": 0.0, "images": 0, "finished": False}
     run = _Run(cfg=cfg, out=out, rank=rank, world_size=world_size, quiet=quiet, device=device, precision=precision,
                model=model, optimizer=optimizer, step=step, data_gen=data_gen, aug_gen=aug_gen, prep=prep,
+               split=dataset.split_record,
                steps_per_epoch=steps_per_epoch, data_epoch_state=data_gen.get_state(),
                state=state)
 
@@ -310,6 +331,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                                             num_classes=num_classes, prep=prep)
     if rank == 0:
         runfiles.write_json(out / "config.json", run.resolved)
+        if run.split:
+            runfiles.write_json(out / "split.json", run.split)
 
     # the epochs; a budget counts from the first training step, as the time to accuracy is measured
     if budgeted:
@@ -325,7 +348,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
     results = runfiles.results(cfg, state=state, test=test, params=num_params(model), dataset=dataset,
                                train_images=n_train, val_images=len(val_set.labels) if val_set is not None else None,
                                skipped_steps=step.skipped, precision=precision, world_size=world_size,
-                               device=str(device))
+                               device=str(device), split=run.split)
     if rank == 0:
         runfiles.write_json(out / "results.json", results)
         log(quiet, runfiles.done_line(results, out))
@@ -404,7 +427,7 @@ def _end_epoch(run: _Run, val_set: ImageSet | None, *, lr: float, t_epoch: float
     if val is None or val["top1"] > state["best_top1"]:
         state.update(best_top1=val["top1"] if val else -1.0, best_epoch=epoch + 1)
         if run.is_main:
-            save_checkpoint(run.model, run.out / "best.pt", train_config=cfg.to_dict(), eval=run.prep.to_dict(),
+            save_checkpoint(run.model, run.out / "best.pt", train_config=cfg.to_dict(), **run.records(),
                             epoch=epoch + 1, val=runfiles.brief(val))
     if run.deadline is not None:
         _refit_to_budget(run, t_epoch=t_epoch, first_step=first_step)

@@ -1,0 +1,149 @@
+"""A user's own images through `cct train`/`eval`: class folders and CSVs with a recorded test split,
+fine-tuning from each weights format, and one run per output folder (tiny generated data, CPU)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cct
+from cct import cli
+from test_checkpoint import official_keys
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CLASSES = ["ant", "bee", "cat"]
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCT_DATA", str(tmp_path / "cache"))
+
+
+def flat_folder(root: Path, per_class: int = 10, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (size, size, 3)) + 70 * c
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+TINY = ["--model", "cct_2_3x2_32", "--epochs", "2", "--batch-size", "8", "--quiet", "--procs", "1"]
+
+
+@pytest.mark.parametrize("layout", ["folders", "csv"])
+def test_class_folders_and_csv_train_and_eval_on_the_recorded_split(tmp_path, capsys, caplog, layout):
+    root = flat_folder(tmp_path / "photos")
+    data = root
+    if layout == "csv":
+        data = tmp_path / "labels.csv"
+        rows = [f"photos/{c}/{i}.png,{c}" for c in CLASSES for i in range(10)]
+        data.write_text("path,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--data", str(data), "--out", str(out), "--test-split", "0.3", "--seed", "3",
+                        *TINY], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    assert results["test_split"] == {"seed": 3, "fraction": 0.3, "files": "split.json"}
+    assert split["seed"] == 3 and len(split["test_files"]) == results["test_images"] == 9  # 3 per class
+    assert cct.checkpoint.read_checkpoint(out / "best.pt")["split"] == split
+    code, stdout, err = run(["eval", str(out / "best.pt"), "--data", str(data), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["n"] == 9 and report["top1"] == pytest.approx(results["test_top1"])
+    assert "source_changed" not in report
+    (root / "bee" / "extra.png").write_bytes((root / "bee" / "0.png").read_bytes())  # the folder changes
+    if layout == "csv":
+        with data.open("a") as f:
+            f.write("photos/bee/extra.png,bee\n")
+    (root / "ant" / "broken.png").write_bytes(b"not an image")  # not a recorded test file: never decoded
+    code, stdout, err = run(["eval", str(out / "best.pt"), "--data", str(data), "--json"], capsys)
+    assert code == 0, err
+    changed = json.loads(stdout)
+    assert changed["source_changed"] and changed["n"] == 9 and changed["top1"] == report["top1"]
+    assert "changed since its test split was recorded" in caplog.text  # a warning on stderr
+
+
+def _finetune(tmp_path, capsys, pretrained: Path, *extra: str) -> dict:
+    out = tmp_path / f"ft-{pretrained.stem}"
+    code, _, err = run(["train", "--data", str(flat_folder(tmp_path / f"d-{pretrained.stem}")), "--out", str(out),
+                        "--pretrained", str(pretrained), "--epochs", "2", "--batch-size", "8", "--quiet",
+                        "--procs", "1", "--img-size", "16", *extra], capsys)
+    assert code == 0, err
+    return json.loads((out / "results.json").read_text())
+
+
+def test_finetune_from_a_cct_checkpoint_new_classes_and_size(tmp_path, capsys):
+    torch.manual_seed(0)
+    source = cct.create_model("cct_2_3x2_32", num_classes=10)  # 32 px, 10 classes → 16 px, 3 classes
+    cct.save_checkpoint(source, tmp_path / "source.pt", eval={"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.2, 0.2],
+                                                             "img_size": [32, 32], "in_chans": 3})
+    results = _finetune(tmp_path, capsys, tmp_path / "source.pt")
+    assert results["recipe"] == "finetune" and results["model"] == "cct_2_3x2_32"  # from the checkpoint
+    best = cct.checkpoint.read_checkpoint(tmp_path / "ft-source" / "best.pt")
+    assert best["eval"]["mean"] == [0.4, 0.5, 0.6]  # the weights' own normalisation
+    assert best["config"]["num_classes"] == 3 and best["config"]["img_size"] == [16, 16]
+    start = cct.create_model("cct_2_3x2_32", num_classes=3, img_size=16, pretrained=str(tmp_path / "source.pt"))
+    assert torch.equal(start.tokenizer.convs[0].weight, source.tokenizer.convs[0].weight)
+
+
+def test_finetune_from_official_weights_needs_the_model_name(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.save(official_keys(cct.create_model("cct_2_3x2_32")), tmp_path / "official.pth")
+    code, _, err = run(["train", "--data", str(flat_folder(tmp_path / "x")), "--out", str(tmp_path / "o"),
+                        "--pretrained", str(tmp_path / "official.pth")], capsys)
+    assert code == 2 and "give --model" in err and len(err.strip().splitlines()) == 1
+    results = _finetune(tmp_path, capsys, tmp_path / "official.pth", "--model", "cct_2_3x2_32")
+    assert results["recipe"] == "finetune"
+    best = cct.checkpoint.read_checkpoint(tmp_path / "ft-official" / "best.pt")
+    assert best["eval"]["mean"] == pytest.approx(list(cct.cifar.CIFAR_MEAN))  # the official recipes' input
+
+
+def test_finetune_from_the_keras_example_weights(tmp_path, capsys):
+    results = _finetune(tmp_path, capsys, FIXTURES / "keras_cct.weights.h5")
+    assert results["model"] == "cct_2_3x2_32_keras" and results["recipe"] == "finetune"
+    best = cct.checkpoint.read_checkpoint(tmp_path / "ft-keras_cct.weights" / "best.pt")
+    assert best["eval"]["mean"] is None  # the example's x / 255
+
+
+def test_no_model_no_recipe_trains_the_fast_recipe(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--data", str(flat_folder(tmp_path / "p")), "--out", str(out), "--epochs", "1",
+                        "--quiet"], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert (results["recipe"], results["model"]) == ("fast", "cct_2_3x2_32")
+
+
+def test_a_second_train_on_a_folder_in_use_exits_2_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cct.runlock import hold_run_lock\n"
+                               "with hold_run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run(["train", "--data", str(flat_folder(tmp_path / "p")), "--out", str(out), *TINY], capsys)
+        assert code == 2 and f"in use by another cct train (PID {holder.pid})" in err
+        assert len(err.strip().splitlines()) == 1 and not (out / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run(["train", "--data", str(tmp_path / "p"), "--out", str(out), *TINY], capsys)  # a killed holder
+    assert code == 0, err  # leaves no lock behind
