@@ -92,18 +92,6 @@ def _same_pool_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _pool_out_sizes(size, kernel: int, stride: int, padding: int, ceil_mode: bool) -> list[int]:
-    """PyTorch's max_pool2d output sizes (a ceil-mode window must start inside the input or left padding)."""
-    out = []
-    for n in size:
-        span = n + 2 * padding - kernel
-        o = (-(-span // stride) if ceil_mode else span // stride) + 1
-        if ceil_mode and (o - 1) * stride >= n + padding:
-            o -= 1
-        out.append(o)
-    return out
-
-
 class ConvTokenizer(nn.Module):
     """Images → tokens. CCT stacks conv → ReLU → max-pool; CVT/ViT-Lite use one strided conv."""
 
