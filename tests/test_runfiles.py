@@ -39,8 +39,14 @@ def test_results_keys_and_json(tmp_path):
     assert list(r) == ["model", "recipe", "params", "epochs", "steps", "test_top1", "test_top5", "test_loss",
                        "test_images", "best_epoch", "best_val_top1", "weights", "train_seconds", "images_per_second",
                        "train_images", "val_images", "data", "classes", "skipped_images", "skipped_steps", "precision",
-                       "seed", "world_size", "device", "test_split"]
+                       "seed", "world_size", "device", "processor", "bf16", "train_images_seen", "train_tflop",
+                       "test_split"]
     assert (r["weights"], r["best_val_top1"], r["test_images"], r["train_seconds"]) == ("best", 0.5, 18, 3.14)
+    assert (r["train_images_seen"], r["train_tflop"], r["bf16"]) == (300, None, False) and r["processor"]
+    costed = runfiles.results(cfg, state=state, test=test, params=1000, dataset=dataset, train_images=150,
+                              val_images=12, skipped_steps=0, precision="bf16", world_size=1, device="cpu",
+                              macs_per_image=10 ** 9)
+    assert costed["train_tflop"] == 1.8 and costed["bf16"]  # 300 images × 3 passes × 2 FLOPs × 1 GMAC
     assert runfiles.done_line(r, tmp_path).startswith("done: 2 epochs in 3s (96 images/s); test top-1 0.7500")
     none = runfiles.results(cfg, state=state, test=None, params=1000, dataset=dataset, train_images=150,
                             val_images=None, skipped_steps=0, precision="fp32", world_size=1, device="cpu")

@@ -19,6 +19,7 @@ from .checkpoint import atomic_write
 from .plots import plot_curves
 from .preprocess import Preprocessing
 from .recipes import TrainConfig
+from .runtime import processor_name
 
 OUTPUT_FILES = ("last.pt", "best.pt", "history.csv", "config.json", "results.json", "curves.png", "split.json")
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds")
@@ -101,8 +102,13 @@ def brief(metrics: dict | None) -> dict | None:
 
 def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, dataset, train_images: int,
             val_images: int | None, skipped_steps: int, precision: str, world_size: int, device: str,
-            split: dict | None = None) -> dict:
-    """The contents of results.json. `val_images` is None for a run without a validation split."""
+            split: dict | None = None, macs_per_image: int | None = None) -> dict:
+    """The contents of results.json. `val_images` is None for a run without a validation split.
+
+    Machine-independent figures, to compare runs on different computers: `train_images_seen` and
+    `train_tflop`, forward + backward (taken as 3 forward passes, 2 FLOPs a multiply-accumulate) of
+    every image trained on, at the resolution trained; beside them the processor and whether bf16 was used.
+    """
     validated = val_images is not None
     return {
         "model": cfg.model, "recipe": cfg.recipe, "params": params, "epochs": state["epoch"],
@@ -115,7 +121,9 @@ def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, da
         "train_images": train_images, "val_images": val_images or 0,
         "data": cfg.data, "classes": list(dataset.classes), "skipped_images": dataset.skipped,
         "skipped_steps": skipped_steps, "precision": precision, "seed": cfg.seed, "world_size": world_size,
-        "device": device,
+        "device": device, "processor": processor_name(device), "bf16": precision == "bf16",
+        "train_images_seen": state["images"],
+        "train_tflop": round(6 * macs_per_image * state["images"] / 1e12, 3) if macs_per_image else None,
         # class folders and CSVs: the recorded test split (its files are listed in split.json)
         "test_split": {"seed": split["seed"], "fraction": split["fraction"], "files": "split.json"} if split else None,
     }

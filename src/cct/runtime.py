@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 import sys
 
 import torch
@@ -33,6 +34,20 @@ def cpu_supports_bf16() -> bool:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:
         return False
+
+
+def processor_name(device: torch.device | str = "cpu") -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else `platform.processor()`), or the GPU's on CUDA."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:

@@ -40,7 +40,7 @@ from .data import Dataset, ImageSet
 from .errors import CCTError
 from .evaluate import evaluate, metrics, predict_logits
 from .kernels import fuse, use_kernels
-from .model import num_params
+from .model import count_macs, num_params
 from .preprocess import Preprocessing
 from .recipes import TrainConfig, make_config, validate
 from .registry import create_model
@@ -348,7 +348,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, resume: bool, quiet:
     results = runfiles.results(cfg, state=state, test=test, params=num_params(model), dataset=dataset,
                                train_images=n_train, val_images=len(val_set.labels) if val_set is not None else None,
                                skipped_steps=step.skipped, precision=precision, world_size=world_size,
-                               device=str(device), split=run.split)
+                               device=str(device), split=run.split, macs_per_image=count_macs(model))
     if rank == 0:
         runfiles.write_json(out / "results.json", results)
         log(quiet, runfiles.done_line(results, out))
