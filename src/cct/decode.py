@@ -178,8 +178,9 @@ def decode_images(items: list[bytes | str], *, size: tuple[int, int] | None, cha
     # fork (not spawn) so workers start in milliseconds without importing torch again; they only run Pillow
     use_pool = workers > 1 and len(items) >= _POOL_MIN_IMAGES and "fork" in multiprocessing.get_all_start_methods()
     out: list = []
-    with tqdm(total=len(items), desc="decoding images", unit="img", file=sys.stderr, disable=not progress,
-              leave=False) as bar:
+    # disable=None: only on a terminal, so that logs and one-line errors stay free of carriage returns
+    with tqdm(total=len(items), desc="decoding images", unit="img", file=sys.stderr,
+              disable=None if progress else True, leave=False) as bar:
         if use_pool:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 for result in pool.imap(work, chunks):
