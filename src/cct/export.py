@@ -35,7 +35,7 @@ from .checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_che
 from .errors import CCTError
 from .kernels import use_kernels
 from .model import CCT
-from .predict import onnx_session
+from .onnxrt import onnx_session
 from .preprocess import Preprocessing
 
 FORMATS = ("onnx", "torchscript", "safetensors")
