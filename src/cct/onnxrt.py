@@ -1,10 +1,14 @@
-"""ONNX Runtime sessions for exported models: the optional dependency and one-line errors.
+"""ONNX plumbing shared by image and text models: the optional dependencies, sessions, quiet exporters.
 
-Shared by image and text prediction (`cct.predict`, `cct.text_predict`) and by `cct export`, which
-runs every graph it writes before writing it.
+Used by prediction (`cct.predict`, `cct.text_predict`) and by `cct export` (`cct.export`,
+`cct.text_export`), which runs every graph it writes before writing it.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+import warnings
 from pathlib import Path
 
 from .errors import CCTError
@@ -35,3 +39,29 @@ def onnx_session(path: str | Path | bytes, threads: int | None = None):
             raise CCTError(f"model not found: {path}") from None
         where = "the exported model" if isinstance(path, bytes) else path
         raise CCTError(f"{where} is not a readable ONNX model: {str(e).strip().splitlines()[0]}") from None
+
+
+def require_onnx():
+    """The onnx module, or a `CCTError` saying how to install the optional extra."""
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401  (checks the export)
+        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
+    except ImportError as e:
+        raise CCTError(f"ONNX export needs the optional extra of onnx, onnxscript and onnxruntime (missing: "
+                       f"{e.name or 'onnx'}): pip install 'cct[export]'") from None
+    return onnx
+
+
+@contextlib.contextmanager
+def quiet_export():
+    """Keep the exporters' progress lines and deprecation notices off stdout and the user's screen."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
