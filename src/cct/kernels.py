@@ -322,13 +322,16 @@ class FastConvTokenizer(ConvTokenizer):
 
 # ---------------------------------------------------------------------- text tokenizer
 class FastTextConvTokenizer(TextConvTokenizer):
-    """`TextConvTokenizer` as one GEMM over unfolded word windows, max-pooling before the ReLU.
+    """`TextConvTokenizer` as one GEMM over the word vectors, max-pooling before the ReLU.
 
     Its conv has one input channel and spans the whole word vector (kernel (k, word_dim)), a shape
     oneDNN's convolutions run slowly (forward and backward were a third of a text_cct_2 training
-    step); the same products are windows of k word vectors (a view of the padded sequence) times the
-    weight seen as (dim, k·word_dim), and the result comes out as (B, tokens, dim) without a transpose.
-    The ReLU commutes with the max-pool (as in `FastConvTokenizer`). The mask is the reference's.
+    step). The same sums come from projecting every padded word position by all k kernel rows at
+    once, (B·L, word_dim) @ (word_dim, k·dim), one GEMM on the contiguous word vectors (no unfolded
+    copy of the windows, forward or backward), then adding, for each window, row i of its i-th word
+    (in float32 under autocast, as the conv accumulates). The result comes out as (B, tokens, dim)
+    without a transpose. The ReLU commutes with the max-pool (as in `FastConvTokenizer`); the mask is
+    computed as the reference computes it.
     """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,11 +339,17 @@ class FastTextConvTokenizer(TextConvTokenizer):
         B, _, W = x.shape
         k, s = cfg.kernel_size, cfg.stride
         mask = F.pad(mask, (0, self.tail), value=False)
-        x = F.pad(x, (0, 0, cfg.padding, cfg.padding + self.tail))  # (B, L + 2p + tail, word_dim)
-        windows = x.unfold(1, k, s).transpose(2, 3)  # (B, L', k, word_dim), a view
-        x = F.linear(windows.reshape(B, windows.shape[1], k * W), self.conv.weight.view(-1, k * W))  # (B, L', dim)
+        x = F.pad(x, (0, 0, cfg.padding, cfg.padding + self.tail))  # (B, Lp, word_dim)
+        n = (x.shape[1] - k) // s + 1  # windows
+        rows = self.conv.weight.view(-1, k, W).transpose(0, 1).reshape(-1, W)  # (k·dim, word_dim), rows (i, d)
+        y = F.linear(x, rows).view(B, x.shape[1], k, -1)  # (B, Lp, k, dim): every word by every kernel row
+        span = (n - 1) * s + 1
+        out = y[:, 0:span:s, 0].to(torch.promote_types(y.dtype, torch.float32))
+        for i in range(1, k):
+            out = out + y[:, i:i + span:s, i]  # window t's word i by kernel row i: (B, n, dim)
+        x = out.to(y.dtype)
         ones = torch.ones(1, 1, k, dtype=x.dtype, device=x.device)
-        m = F.conv1d(mask.unsqueeze(1).to(x.dtype), ones, stride=s, padding=cfg.padding)  # (B, 1, L')
+        m = F.conv1d(mask.unsqueeze(1).to(x.dtype), ones, stride=s, padding=cfg.padding)  # (B, 1, n)
         if self.act_and_pool:
             x = F.max_pool2d(x.unsqueeze(1), (cfg.pool_kernel, 1), (cfg.pool_stride, 1), (cfg.pool_padding, 0))
             x = F.relu(x.squeeze(1))
