@@ -41,8 +41,10 @@ OFFICIAL_STEP = r"""
 import json, statistics, sys, time
 import torch
 import torch.nn.functional as F
-repo, model_name, batch, steps, windows, warmup, seq_len, vocab = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:9])
+repo, model_name, batch, steps, windows, warmup, seq_len, vocab, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:10])
 sys.path.insert(0, repo)
+if threads:
+    torch.set_num_threads(threads)
 torch.manual_seed(0)
 if model_name.startswith("text_"):
     import src.text  # the official text models: src/text/{cct,cvt,vit,transformer}.py
@@ -114,6 +116,9 @@ def main(argv=None) -> dict:
                         help="text models: tokens per sequence (default 65, where the official forward runs)")
     parser.add_argument("--vocab-size", type=int, default=100_000,
                         help="text models: embedding rows on both sides (default 100,000, the official default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of both sides (default: torch's own choice, one per core); 1 keeps a "
+                             "shared, busy machine from stalling every operator at its thread barrier")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     text = args.model.startswith("text_")
@@ -123,6 +128,8 @@ def main(argv=None) -> dict:
         cmd = [sys.executable, "-m", "cct", "bench", "--json", "--no-infer", "--no-peak", "--model", args.model,
                "--precision", precision, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                "--windows", str(args.windows), "--warmup", "1"]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         if text:
             cmd += ["--seq-len", str(args.seq_len), "--fixed-length", "--vocab-size", str(args.vocab_size)]
         return cmd
@@ -130,7 +137,8 @@ def main(argv=None) -> dict:
     runs: dict[str, list[float]] = {"official": [], **{p: [] for p in args.precisions}}
     with official_checkout(args.official_repo) as repo:
         official_cmd = [sys.executable, "-c", OFFICIAL_STEP, str(repo), args.model, str(args.batch_size),
-                        str(args.steps), str(args.windows), "1", str(args.seq_len), str(args.vocab_size)]
+                        str(args.steps), str(args.windows), "1", str(args.seq_len), str(args.vocab_size),
+                        str(args.threads)]
         for i in range(args.rounds):
             order = ["official", *args.precisions]
             for side in (order if i % 2 == 0 else order[::-1]):
@@ -139,7 +147,7 @@ def main(argv=None) -> dict:
                 runs[side].append(rate)
                 print(f"round {i + 1} {side:>8}: {rate:.2f} {unit}/s", file=sys.stderr, flush=True)
     med = {side: statistics.median(rs) for side, rs in runs.items()}
-    summary = {"model": args.model, "batch_size": args.batch_size, "rounds": args.rounds,
+    summary = {"model": args.model, "batch_size": args.batch_size, "rounds": args.rounds, "threads": args.threads,
                f"train_{unit}_per_second": med, "per_round": runs,
                "ratio_vs_official": {p: round(med[p] / med["official"], 2) for p in args.precisions}}
     if text:

@@ -221,3 +221,44 @@ def test_bench_text_model(capsys):
     assert r["seq_len"] == 12 and r["vocab_size"] == 50 and r["gflops_per_sequence_forward"] > 0
     assert main(["bench", "--model", "cct_2_3x2_32", "--seq-len", "12"]) == 2
     assert "for text models" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- benchmark scripts
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_accuracy_trec_runs_each_budget_and_seed_and_plots(tmp_path, monkeypatch):
+    tta = _script("time_to_accuracy_trec")
+    calls = []
+
+    def fake_run(model, data, out, *, seed, budget, epochs, val_split, extra):
+        calls.append((seed, budget, epochs, extra))
+        return {"seed": seed, "budget_minutes": budget, "epochs_asked": epochs, "out": str(out), "model": model,
+                "epochs": 3, "steps": 10, "train_minutes": budget or epochs / 10, "test_top1": 0.9, "test_top5": 1.0}
+
+    monkeypatch.setattr(tta, "run", fake_run)
+    rows = tta.main(["--budgets", "0.5", "1", "--seeds", "0", "1", "--out", str(tmp_path), "--", "--kernel-size", "2"])
+    assert [(c[0], c[1]) for c in calls] == [(0, 0.5), (0, 1.0), (1, 0.5), (1, 1.0)]
+    assert all(c[3] == ["--kernel-size", "2"] and c[2] is None for c in calls) and len(rows) == 4
+    assert (tmp_path / "time_to_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    calls.clear()
+    tta.main(["--epochs-list", "5", "10", "--out", str(tmp_path)])
+    assert [(c[1], c[2]) for c in calls] == [(None, 5), (None, 10)]
+
+
+def test_fast_masked_attention_matches_the_reference_in_inference_and_with_empty_texts():
+    reference = _model(attn_drop_rate=0.0, drop_path_rate=0.0).double().eval()
+    fast = use_kernels(copy.deepcopy(reference), "fast")
+    ids, mask, _ = reference.tokenizer.encode(CORPUS + [""], seq_len=SEQ_LEN)
+    with torch.inference_mode():  # the SDPA path
+        torch.testing.assert_close(fast(ids, mask), reference(ids, mask), rtol=0, atol=1e-12)
+    fast.train()  # dropout on: finite, and a different draw each call
+    fast.blocks[0].attn.attn_drop = 0.5
+    a, b = fast(ids, mask), fast(ids, mask)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)

@@ -328,8 +328,8 @@ class FastTextConvTokenizer(TextConvTokenizer):
     oneDNN's convolutions run slowly (forward and backward were a third of a text_cct_2 training
     step). The same sums come from projecting every padded word position by all k kernel rows at
     once, (B·L, word_dim) @ (word_dim, k·dim), one GEMM on the contiguous word vectors (no unfolded
-    copy of the windows, forward or backward), then adding, for each window, row i of its i-th word
-    (in float32 under autocast, as the conv accumulates). The result comes out as (B, tokens, dim)
+    copy of the windows, forward or backward), then summing, for each window, row i of its i-th word
+    through one strided view (in float32 under autocast, as the conv accumulates). The result comes out as (B, tokens, dim)
     without a transpose. The ReLU commutes with the max-pool (as in `FastConvTokenizer`); the mask is
     computed as the reference computes it.
     """
@@ -343,11 +343,10 @@ class FastTextConvTokenizer(TextConvTokenizer):
         n = (x.shape[1] - k) // s + 1  # windows
         rows = self.conv.weight.view(-1, k, W).transpose(0, 1).reshape(-1, W)  # (k·dim, word_dim), rows (i, d)
         y = F.linear(x, rows).view(B, x.shape[1], k, -1)  # (B, Lp, k, dim): every word by every kernel row
-        span = (n - 1) * s + 1
-        out = y[:, 0:span:s, 0].to(torch.promote_types(y.dtype, torch.float32))
-        for i in range(1, k):
-            out = out + y[:, i:i + span:s, i]  # window t's word i by kernel row i: (B, n, dim)
-        x = out.to(y.dtype)
+        Lp, D = x.shape[1], y.shape[-1]
+        # element (b, t, i, d) = y[b, t·s + i, i, d]: window t's word i by kernel row i (distinct elements)
+        diagonal = y.as_strided((B, n, k, D), (Lp * k * D, s * k * D, (k + 1) * D, 1), y.storage_offset())
+        x = diagonal.sum(2, dtype=torch.promote_types(y.dtype, torch.float32)).to(y.dtype)  # (B, n, dim)
         ones = torch.ones(1, 1, k, dtype=x.dtype, device=x.device)
         m = F.conv1d(mask.unsqueeze(1).to(x.dtype), ones, stride=s, padding=cfg.padding)  # (B, 1, n)
         if self.act_and_pool:
@@ -357,9 +356,39 @@ class FastTextConvTokenizer(TextConvTokenizer):
         return x, m.squeeze(1) > 0  # (B, N, dim), (B, N)
 
 
+class FastMaskedAttention(MaskedAttention):
+    """`MaskedAttention` with the scale and the key mask folded into one `baddbmm`, and `dropout`'s cheap mask.
+
+    softmax(s·q kᵀ + bias) with bias 0 for real keys and the dtype's most negative finite value for
+    padded ones is the reference's masked_fill then softmax (a row of padded keys stays uniform in both);
+    one batched GEMM computes it with the mask and the scale, instead of matmul, multiply and fill. The
+    attention dropout draws the mask of `dropout_mask`. Inference runs `F.scaled_dot_product_attention`
+    with the same bias.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        H, d = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        bias = torch.zeros(B, 1, 1, N, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill_(~mask[:, None, None, :], torch.finfo(q.dtype).min)  # (B, 1, 1, N)
+        if not (self.training and self.attn_drop > 0) and not torch.is_grad_enabled():
+            # a float bias, not a boolean mask: a text without tokens keeps the reference's uniform row
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            bias = bias.expand(B, H, 1, N)
+            attn = torch.baddbmm(bias.reshape(B * H, 1, N), q.reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2),
+                                 alpha=d ** -0.5).softmax(dim=-1)  # (B·heads, N, N)
+            attn = dropout(attn, self.attn_drop, self.training)
+            x = torch.bmm(attn, v.reshape(B * H, N, d)).view(B, H, N, d)
+        x = x.transpose(1, 2).reshape(B, N, D)
+        return dropout(self.proj(x), self.proj_drop, self.training)
+
+
 # ---------------------------------------------------------------------- choosing
 _FAST = {Attention: FastAttention, nn.Dropout: FastDropout, nn.GELU: FastGELU, ConvTokenizer: FastConvTokenizer,
-         TextConvTokenizer: FastTextConvTokenizer}
+         TextConvTokenizer: FastTextConvTokenizer, MaskedAttention: FastMaskedAttention}
 _REFERENCE = {fast: reference for reference, fast in _FAST.items()}
 
 
