@@ -386,9 +386,41 @@ class FastMaskedAttention(MaskedAttention):
         return dropout(self.proj(x), self.proj_drop, self.training)
 
 
+class _EmbeddingLookup(torch.autograd.Function):
+    """Row lookup whose backward is one `index_add_` into a zero table (the padding row's gradient zeroed)."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.padding_idx = weight.shape, padding_idx
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        table = grad.new_zeros(ctx.shape)
+        table.index_add_(0, ids.reshape(-1), grad.reshape(-1, ctx.shape[1]))
+        if ctx.padding_idx is not None:
+            table[ctx.padding_idx] = 0
+        return None, table, None
+
+
+class FastEmbedding(nn.Embedding):
+    """`nn.Embedding` whose weight gradient is a zero table plus one `index_add_` of the looked-up rows'
+    gradients: the dense gradient PyTorch's CPU backward computes (it sorts the ids first, which cost as
+    much as the adding itself for a text batch), the same sums up to their order. Options that change the
+    gradient (`max_norm`, `scale_grad_by_freq`, `sparse`) keep PyTorch's own path."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
+            return super().forward(ids)
+        return _EmbeddingLookup.apply(ids, self.weight, self.padding_idx)
+
+
 # ---------------------------------------------------------------------- choosing
 _FAST = {Attention: FastAttention, nn.Dropout: FastDropout, nn.GELU: FastGELU, ConvTokenizer: FastConvTokenizer,
-         TextConvTokenizer: FastTextConvTokenizer, MaskedAttention: FastMaskedAttention}
+         TextConvTokenizer: FastTextConvTokenizer, MaskedAttention: FastMaskedAttention, nn.Embedding: FastEmbedding}
 _REFERENCE = {fast: reference for reference, fast in _FAST.items()}
 
 
