@@ -350,9 +350,15 @@ class FastTextConvTokenizer(TextConvTokenizer):
         ones = torch.ones(1, 1, k, dtype=x.dtype, device=x.device)
         m = F.conv1d(mask.unsqueeze(1).to(x.dtype), ones, stride=s, padding=cfg.padding)  # (B, 1, n)
         if self.act_and_pool:
-            x = F.max_pool2d(x.unsqueeze(1), (cfg.pool_kernel, 1), (cfg.pool_stride, 1), (cfg.pool_padding, 0))
-            x = F.relu(x.squeeze(1))
-            m = F.max_pool1d(m, cfg.pool_kernel, cfg.pool_stride, cfg.pool_padding)
+            pk, ps, pp = cfg.pool_kernel, cfg.pool_stride, cfg.pool_padding
+            m = F.max_pool1d(m, pk, ps, pp)
+            if pk == ps:  # windows side by side: a max over a (B, N, pk, dim) view, not a pool over a 1-channel image
+                N = m.shape[-1]
+                x = F.pad(x, (0, 0, pp, max(0, N * pk - n - pp)), value=float("-inf"))[:, :N * pk]
+                x = x.view(B, N, pk, -1).max(2).values
+            else:
+                x = F.max_pool2d(x.unsqueeze(1), (pk, 1), (ps, 1), (pp, 0)).squeeze(1)
+            x = F.relu(x)
         return x, m.squeeze(1) > 0  # (B, N, dim), (B, N)
 
 
