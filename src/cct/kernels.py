@@ -15,7 +15,10 @@ function, with the same parameters and gradients (up to rounding), and each is t
   stream) run *folded*: query·key and value·output products merged into one matrix per head, half
   the projection GEMMs, in training (inside the graph) as in inference (after `fuse`);
 * `FastConvTokenizer`: channels-last convolutions, max-pool before the ReLU (they commute), with the
-  zero padding turned into the pool's padding.
+  zero padding turned into the pool's padding;
+* text models (`cct.text_model`): `FastTextConvTokenizer` (the word-window conv as one GEMM),
+  `FastMaskedAttention` (scale and key mask in one `baddbmm`) and `FastEmbedding` (the weight
+  gradient by one `index_add_`).
 
 `fuse(model)` is the explicit inference step, like ultralytics' `model.fuse()`: it computes the folded
 attention weights once, in float64. Evaluation calls it when it starts; `model.train()` drops them, so
@@ -325,14 +328,11 @@ class FastTextConvTokenizer(TextConvTokenizer):
     """`TextConvTokenizer` as one GEMM over the word vectors, max-pooling before the ReLU.
 
     Its conv has one input channel and spans the whole word vector (kernel (k, word_dim)), a shape
-    oneDNN's convolutions run slowly (forward and backward were a third of a text_cct_2 training
-    step). The same sums come from projecting every padded word position by all k kernel rows at
-    once, (B·L, word_dim) @ (word_dim, k·dim), one GEMM on the contiguous word vectors (no unfolded
-    copy of the windows, forward or backward), then summing, for each window, row i of its i-th word
-    through one strided view (in float32 under autocast, as the conv accumulates). The result comes out as (B, tokens, dim)
-    without a transpose. The ReLU commutes with the max-pool (as in `FastConvTokenizer`); the mask is
-    computed as the reference computes it.
-    """
+    oneDNN's convolutions run slowly (a third of a text_cct_2 training step). The same sums come from
+    one GEMM of every padded word position by all k kernel rows, (B·L, word_dim) @ (word_dim, k·dim),
+    then, per window, the sum of row i of its i-th word through one strided view (in float32 under
+    autocast, as the conv accumulates), already (B, tokens, dim). The ReLU commutes with the max-pool
+    (as in `FastConvTokenizer`); side-by-side pool windows are a max over a view. The mask is as the reference's."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -347,13 +347,12 @@ class FastTextConvTokenizer(TextConvTokenizer):
         # element (b, t, i, d) = y[b, t·s + i, i, d]: window t's word i by kernel row i (distinct elements)
         diagonal = y.as_strided((B, n, k, D), (Lp * k * D, s * k * D, (k + 1) * D, 1), y.storage_offset())
         x = diagonal.sum(2, dtype=torch.promote_types(y.dtype, torch.float32)).to(y.dtype)  # (B, n, dim)
-        ones = torch.ones(1, 1, k, dtype=x.dtype, device=x.device)
-        m = F.conv1d(mask.unsqueeze(1).to(x.dtype), ones, stride=s, padding=cfg.padding)  # (B, 1, n)
+        m = F.conv1d(mask.unsqueeze(1).to(x.dtype), x.new_ones(1, 1, k), stride=s, padding=cfg.padding)  # (B, 1, n)
         if self.act_and_pool:
             pk, ps, pp = cfg.pool_kernel, cfg.pool_stride, cfg.pool_padding
             m = F.max_pool1d(m, pk, ps, pp)
-            if pk == ps:  # windows side by side: a max over a (B, N, pk, dim) view, not a pool over a 1-channel image
-                N = m.shape[-1]
+            if pk == ps:  # windows side by side: a max over a (B, N, pk, dim) view, not a 1-channel image pool
+                N = m.shape[-1]  # tokens
                 x = F.pad(x, (0, 0, pp, max(0, N * pk - n - pp)), value=float("-inf"))[:, :N * pk]
                 x = x.view(B, N, pk, -1).max(2).values
             else:
@@ -363,13 +362,11 @@ class FastTextConvTokenizer(TextConvTokenizer):
 
 
 class FastMaskedAttention(MaskedAttention):
-    """`MaskedAttention` with the scale and the key mask folded into one `baddbmm`, and `dropout`'s cheap mask.
+    """`MaskedAttention` with the scale and the key mask in one `baddbmm`, and `dropout`'s cheap mask.
 
-    softmax(s·q kᵀ + bias) with bias 0 for real keys and the dtype's most negative finite value for
-    padded ones is the reference's masked_fill then softmax (a row of padded keys stays uniform in both);
-    one batched GEMM computes it with the mask and the scale, instead of matmul, multiply and fill. The
-    attention dropout draws the mask of `dropout_mask`. Inference runs `F.scaled_dot_product_attention`
-    with the same bias.
+    softmax(s·q kᵀ + bias), bias 0 for real keys and the dtype's most negative finite value for padded
+    ones, is the reference's masked_fill then softmax (a row of padded keys stays uniform in both), in
+    one batched GEMM instead of matmul, multiply and fill. Inference runs SDPA with the same bias.
     """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -413,10 +410,9 @@ class _EmbeddingLookup(torch.autograd.Function):
 
 
 class FastEmbedding(nn.Embedding):
-    """`nn.Embedding` whose weight gradient is a zero table plus one `index_add_` of the looked-up rows'
-    gradients: the dense gradient PyTorch's CPU backward computes (it sorts the ids first, which cost as
-    much as the adding itself for a text batch), the same sums up to their order. Options that change the
-    gradient (`max_norm`, `scale_grad_by_freq`, `sparse`) keep PyTorch's own path."""
+    """`nn.Embedding` whose weight gradient is one `index_add_` into a zero table: PyTorch's dense gradient
+    (its CPU backward sorts the ids first, as costly as the adding), the same sums up to their order.
+    `max_norm`, `scale_grad_by_freq` and `sparse` keep PyTorch's own path."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
