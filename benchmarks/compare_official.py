@@ -41,7 +41,8 @@ OFFICIAL_STEP = r"""
 import json, statistics, sys, time
 import torch
 import torch.nn.functional as F
-repo, model_name, batch, steps, windows, warmup, seq_len, vocab, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:10])
+repo, model_name = sys.argv[1], sys.argv[2]
+batch, steps, windows, warmup, seq_len, vocab, threads = map(int, sys.argv[3:10])
 sys.path.insert(0, repo)
 if threads:
     torch.set_num_threads(threads)

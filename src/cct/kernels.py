@@ -345,7 +345,8 @@ class FastMaskedAttention(MaskedAttention):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             bias = bias.expand(B, H, 1, N)
-            attn = torch.baddbmm(bias.reshape(B * H, 1, N), q.reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2),
+            keys = k.reshape(B * H, N, d).transpose(1, 2)
+            attn = torch.baddbmm(bias.reshape(B * H, 1, N), q.reshape(B * H, N, d), keys,
                                  alpha=d ** -0.5).softmax(dim=-1)  # (B·heads, N, N)
             attn = dropout(attn, self.attn_drop, self.training)
             x = torch.bmm(attn, v.reshape(B * H, N, d)).view(B, H, N, d)

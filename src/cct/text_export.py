@@ -142,7 +142,8 @@ def export_text_onnx(model: TextCCT, path: str | Path, *, opset: int, tolerance:
     return diff, payload, opset
 
 
-def export_text_torchscript(model: TextCCT, path: str | Path, *, tolerance: float, eval_record: dict | None = None) -> float:
+def export_text_torchscript(model: TextCCT, path: str | Path, *, tolerance: float,
+                            eval_record: dict | None = None) -> float:
     """Write a text model as a traced TorchScript archive (metadata in extra files) after checking it."""
     path = Path(path)
     model = _prepare(model)
