@@ -26,6 +26,7 @@ from .recipes import RECIPE_MODELS, RECIPES, RESUME_OVERRIDES, TrainConfig, make
 from .registry import create_model, from_keras, list_models, pretrained_model
 from .runlock import hold_run_lock
 from .runtime import DEVICES, PRECISIONS, resolve_device
+from .text_model import TEXT_VARIANTS
 
 # modules that register their own subcommand, listed by `cct --help` between train and bench
 COMMAND_MODULES = ["cct.evaluate", "cct.predict", "cct.export", "cct.explain", "cct.cache"]
@@ -142,9 +143,11 @@ def _run_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- cct bench
 def _add_bench_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="training and inference throughput of a model on this machine",
-                              description="Training and inference images/s (median of timed windows), achieved "
-                                          "GFLOP/s and their share of a measured GEMM peak, peak memory.")
-    p.add_argument("--model", default="cct_2_3x2_32_keras", help="a registered model (see `cct models`)")
+                              description="Training and inference images/s, or sequences/s for a text model "
+                                          "(median of timed windows), achieved GFLOP/s and their share of a "
+                                          "measured GEMM peak, peak memory.")
+    p.add_argument("--model", default="cct_2_3x2_32_keras", help="a registered model (see `cct models`), or a "
+                                                                  "text model such as text_cct_2")
     p.add_argument("--batch-size", type=int, default=128, help="training batch")
     p.add_argument("--infer-batch-size", type=int, default=256, help="inference batch")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -160,6 +163,13 @@ def _add_bench_parser(subparsers) -> None:
                    help="data-parallel processes, as `cct train --procs` (default: the recipe's; 0: one per core)")
     p.add_argument("--kernels", default="fast", choices=KERNELS,
                    help="fast: cct.kernels, as training runs (default); reference: the plain layers of cct.layers")
+    text = p.add_argument_group("text models")
+    text.add_argument("--seq-len", type=int, default=None,
+                      help="tokens per padded sequence (default: the model's seq_len)")
+    text.add_argument("--fixed-length", action="store_true",
+                      help="every sequence --seq-len real tokens, no padding (default: random lengths, padded)")
+    text.add_argument("--vocab-size", type=int, default=None,
+                      help="embedding rows, all updated by AdamW each step (default: the model's, 100,000)")
     p.add_argument("--no-train", action="store_true", help="skip the training measurement")
     p.add_argument("--no-infer", action="store_true", help="skip the inference measurement")
     p.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
@@ -178,6 +188,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.procs is not None and args.procs < 0:
         raise ValueError(f"--procs must be 0 (one per core) or positive, got {args.procs}")
+    if args.model in TEXT_VARIANTS:
+        return _run_text_bench(args)
+    if args.seq_len is not None or args.fixed_length or args.vocab_size is not None:
+        raise CCTError("--seq-len, --fixed-length and --vocab-size are for text models")
     if args.procs is None:  # as `cct train` would run this model and recipe
         args.procs = make_config(args.model, "", "", recipe=args.recipe).procs
     procs = distributed.resolve_procs(args.procs, resolve_device(args.device),
@@ -196,17 +210,35 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_text_bench(args: argparse.Namespace) -> int:
+    from . import text_bench  # as `bench`: only when it runs
+    if args.procs not in (None, 1) or args.recipe is not None:
+        raise CCTError("--procs and --recipe are not supported for text models yet")
+    if args.vocab_size is not None and args.vocab_size < 3:
+        raise ValueError(f"--vocab-size must be at least 3, got {args.vocab_size}")
+    result = text_bench.benchmark_text(
+        args.model, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size, precision=args.precision,
+        steps=args.steps, windows=args.windows, warmup=args.warmup, length=args.seq_len,
+        fixed_length=args.fixed_length, vocab_size=args.vocab_size, device=args.device, threads=args.threads,
+        train=not args.no_train, infer=not args.no_infer, peak=not args.no_peak, quiet=False, kernels=args.kernels)
+    print(json.dumps(result) if args.json else format_bench_result(result))
+    return 0
+
+
 def format_bench_result(r: dict) -> str:
     """`cct bench`'s report for a person (`--json` prints the dict itself)."""
-    lines = [f"{r['model']} ({r['params']:,} parameters, {r['gflops_per_image_forward']:.3f} GFLOP/image forward), "
+    unit = "sequences" if "gflops_per_sequence_forward" in r else "images"
+    cost = r.get("gflops_per_sequence_forward", r.get("gflops_per_image_forward"))
+    lines = [f"{r['model']} ({r['params']:,} parameters, {cost:.4f} GFLOP/{unit[:-1]} forward), "
              f"{r['precision']} on {r['device']}, " + (f"{r['procs']} processes of " if r.get("procs", 1) > 1 else "")
              + f"{r['threads']} threads"]
     peak = r.get("gemm_peak_gflops")
     for kind, batch in (("train", r["batch_size"]), ("infer", r["infer_batch_size"])):
-        if f"{kind}_images_per_second" not in r:
+        if f"{kind}_{unit}_per_second" not in r:
             continue
-        line = (f"{'training' if kind == 'train' else 'inference'} batch {batch}: "
-                f"{r[f'{kind}_images_per_second']:,.0f} images/s, {r[f'{kind}_gflops']:.0f} GFLOP/s")
+        shape = f"{batch} × {r['seq_len']} tokens" if unit == "sequences" else f"{batch}"
+        line = (f"{'training' if kind == 'train' else 'inference'} batch {shape}: "
+                f"{r[f'{kind}_{unit}_per_second']:,.0f} {unit}/s, {r[f'{kind}_gflops']:.0f} GFLOP/s")
         if peak:
             line += f" ({100 * r[f'{kind}_share_of_peak']:.0f}% of the {peak:.0f} GFLOP/s GEMM peak)"
         lines.append(line)

@@ -13,10 +13,15 @@ Two maps of the token grid, each upsampled (bilinear) onto the model's input ima
 The blocks compute attention with `F.scaled_dot_product_attention`, which never returns the
 probabilities, so a forward pre-hook on each block's attention takes its input and the
 probabilities are recomputed here from the block's own qkv weights: softmax(q kᵀ / √d).
+
+A text model (`--text`) is explained by `cct.text_explain`: its sequence-pooling weights spread
+over the words in each token's receptive field.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +33,8 @@ from .errors import CCTError
 from .model import CCT
 from .predict import load_image
 from .preprocess import Preprocessing
+from .text_explain import explain_texts
+from .text_predict import is_text_checkpoint
 
 METHODS = ("auto", "pool", "rollout")
 PANEL_INCHES = 3.0
@@ -152,19 +159,57 @@ def explain(checkpoint: str | Path, images: Sequence[str | Path], output: str | 
 
 
 # ---------------------------------------------------------------------- command line
+def _run_texts(args: argparse.Namespace) -> int:
+    if args.images:
+        raise CCTError("give image files or --text, not both")
+    if args.method != "auto":
+        raise CCTError("--method is for images: a text model's word weights are its sequence-pooling weights")
+    if not is_text_checkpoint(args.checkpoint):
+        raise CCTError(f"{args.checkpoint} is an image model: give it image files, not --text")
+    results = explain_texts(args.checkpoint, args.text, output=args.output)
+    if args.json:
+        json.dump({"model": args.checkpoint, "results": results}, sys.stdout, indent=2)
+        print()
+    else:
+        for r in results:
+            print(r["text"] + "  →  " + ", ".join(f"{p['class']} {p['probability']:.1%}" for p in r["predictions"]))
+            for w in r["words"]:
+                print(f"  {w['weight']:6.3f}  {w['word']}")
+    if args.output:
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    import sys
+    if args.text is not None:
+        return _run_texts(args)
+    if not args.images:
+        raise CCTError("nothing to explain: give image files or --text")
+    if not args.output:
+        raise CCTError("--output FILE.png is needed to explain images")
+    if is_text_checkpoint(args.checkpoint):
+        raise CCTError(f"{args.checkpoint} is a text model: give it --text, not image files")
     path = explain(args.checkpoint, args.images, args.output, method=args.method)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
+TEXT_HELP = ("a text for a text model (repeat for several): prints each word with its weight, the model's "
+             "sequence-pooling weight of each final token spread over the words in that token's receptive field "
+             "(from the conv's kernel, stride and padding and the max-pool's), in proportion to how many of its "
+             "conv windows cover each word; a text's weights sum to 1")
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("explain", help="draw where a model looks: pooling weights or attention rollout",
+    p = subparsers.add_parser("explain", help="draw where a model looks: pooling weights or attention rollout "
+                                              "(images), word weights (texts)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("images", metavar="IMAGE", nargs="+")
-    p.add_argument("--output", required=True, metavar="FILE.png")
+    p.add_argument("images", metavar="IMAGE", nargs="*")
+    p.add_argument("--text", action="append", metavar="TEXT", help=TEXT_HELP)
+    p.add_argument("--output", metavar="FILE.png",
+                   help="the figure: required for images; for texts, a heat strip of the word weights")
+    p.add_argument("--json", action="store_true", help="texts: print the word weights as JSON")
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="pool: sequence-pooling weights (CCT, CVT); rollout: attention rollout (Abnar & Zuidema "
                         "2020); auto (default): pool, or rollout for ViT-Lite")

@@ -14,29 +14,31 @@ with ONNX Runtime. `F.scaled_dot_product_attention` becomes MatMul/Softmax nodes
 is a `torch.jit.trace` (deprecated by PyTorch in favour of `torch.export`, still loadable from C++).
 The batch axis is dynamic unless a batch size is given; the spatial size is the checkpoint's
 `img_size`, which a learnable positional embedding fixes anyway.
+
+A text checkpoint exports through `cct.text_export`: inputs `token_ids` (int64) and `mask` (bool),
+batch and length dynamic, the tokenizer's JSON in the file's metadata (ONNX `text_tokenizer`,
+TorchScript `extra/text_tokenizer.json`, safetensors `tokenizer`).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import io
 import json
-import logging
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import SAFETENSORS_EXTRAS, atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import CCTError
 from .kernels import use_kernels
 from .model import CCT
-from .predict import onnx_session
+from .onnxrt import onnx_session, quiet_export as _quiet, require_onnx  # noqa: F401  (require_onnx re-exported)
 from .preprocess import Preprocessing
+from .text_export import export_text_onnx, export_text_torchscript
+from .text_predict import TOKENIZER_KEY, is_text_config, load_text_model
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 DEFAULT_OPSET = 18  # the lowest opset the torch.export-based exporter writes natively
@@ -56,32 +58,6 @@ class ExportReport:
         sizes = ", ".join(map(str, self.checked_batch_sizes))
         return (f"wrote {self.path} ({self.format}{opset}); max |diff| against PyTorch = {self.max_abs_diff:.2e} "
                 f"at batch size {sizes} (tolerance {TOLERANCE:g})")
-
-
-def require_onnx():
-    """The onnx module, or a `CCTError` saying how to install the optional extra."""
-    try:
-        import onnx
-        import onnxruntime  # noqa: F401  (checks the export)
-        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
-    except ImportError as e:
-        raise CCTError(f"ONNX export needs the optional extra of onnx, onnxscript and onnxruntime (missing: "
-                       f"{e.name or 'onnx'}): pip install 'cct[export]'") from None
-    return onnx
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Keep the exporters' progress lines and deprecation notices off stdout and the user's screen."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _prepare(model: CCT) -> CCT:
@@ -194,12 +170,17 @@ def read_torchscript_metadata(path: str | Path) -> dict:
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, format: str, *, opset: int = DEFAULT_OPSET,
                       batch_size: int | None = None) -> ExportReport:
-    """Export a cct checkpoint; its recorded preprocessing (see `cct.predict`) goes into the metadata."""
+    """Export a cct checkpoint; its recorded preprocessing (see `cct.predict`) goes into the metadata.
+
+    A text checkpoint goes through `cct.text_export` (its tokenizer travels in the file).
+    """
     assert format in FORMATS, f"format must be one of {FORMATS}, got {format!r}"
     if batch_size is not None and batch_size < 1:
         raise CCTError(f"--batch-size must be at least 1 or 'dynamic', got {batch_size}")
-    model = load_checkpoint(checkpoint)
     data = read_checkpoint(checkpoint)
+    if is_text_config(data.get("config")):
+        return _export_text(checkpoint, data, output, format, opset=opset, batch_size=batch_size)
+    model = load_checkpoint(checkpoint)
     preprocessing = Preprocessing.from_checkpoint(data)
     if format == "onnx":
         return export_onnx(model, output, opset=opset, batch_size=batch_size, preprocessing=preprocessing)
@@ -208,6 +189,34 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, format: str, *
     path = save_checkpoint(model, output, format="safetensors", **({"eval": data["eval"]} if "eval" in data else {}))
     loaded = load_checkpoint(path)
     diff = _compare(model, lambda t: loaded(t), (2,), path, "safetensors")
+    return ExportReport(path, "safetensors", diff, (2,))
+
+
+def _export_text(checkpoint: str | Path, data: dict, output: str | Path, format: str, *, opset: int,
+                 batch_size: int | None) -> ExportReport:
+    """ONNX and TorchScript graphs of a text model, dynamic in batch and length; safetensors weights."""
+    if batch_size is not None:
+        raise CCTError("a text model's graph keeps batch and length dynamic: drop --batch-size")
+    model = load_text_model(checkpoint)
+    record = data.get("eval") or {}
+    sizes = (1, 3, 2)  # the batches `cct.text_export.check_parity` runs
+    if format == "onnx":
+        diff, _, opset = export_text_onnx(model, output, opset=opset, tolerance=TOLERANCE, eval_record=record)
+        return ExportReport(Path(output), "onnx", diff, sizes, opset)
+    if format == "torchscript":
+        diff = export_text_torchscript(model, output, tolerance=TOLERANCE, eval_record=record)
+        return ExportReport(Path(output), "torchscript", diff, sizes)
+    if TOKENIZER_KEY not in SAFETENSORS_EXTRAS:  # the file would classify nothing without its tokenizer
+        raise CCTError("a safetensors copy of a text model cannot carry its tokenizer yet: export the .pt "
+                       "checkpoint as it is, or use --format onnx or torchscript")
+    extra = {"eval": record} if record else {}
+    path = save_checkpoint(model, output, format="safetensors", **extra, **{TOKENIZER_KEY: model.tokenizer.to_json()})
+    loaded = load_text_model(path)  # refuses a copy that lost its tokenizer
+    ids, mask, _ = model.tokenizer.encode(["a text to compare", "and another one"], seq_len=model.cfg.seq_len)
+    with torch.inference_mode():
+        diff = (loaded(ids, mask) - model(ids, mask)).abs().max().item()
+    if not diff <= TOLERANCE:
+        raise CCTError(f"the safetensors export differs from the checkpoint by {diff:.3g}")
     return ExportReport(path, "safetensors", diff, (2,))
 
 

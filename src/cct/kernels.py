@@ -15,7 +15,10 @@ function, with the same parameters and gradients (up to rounding), and each is t
   stream) run *folded*: query·key and value·output products merged into one matrix per head, half
   the projection GEMMs, in training (inside the graph) as in inference (after `fuse`);
 * `FastConvTokenizer`: channels-last convolutions, max-pool before the ReLU (they commute), with the
-  zero padding turned into the pool's padding.
+  zero padding turned into the pool's padding;
+* text models (`cct.text_model`): `FastMaskedAttention` (scale and key mask in one `baddbmm`), and
+  from `cct.text_kernels` `FastTextConvTokenizer` (the word-window conv as one GEMM) and
+  `FastEmbedding` (the weight gradient by one `index_add_`).
 
 `fuse(model)` is the explicit inference step, like ultralytics' `model.fuse()`: it computes the folded
 attention weights once, in float64. Evaluation calls it when it starts; `model.train()` drops them, so
@@ -31,6 +34,8 @@ from torch import nn
 
 from .layers import Attention
 from .model import ConvTokenizer, _same_pool_padding
+from .text_kernels import FastEmbedding, FastTextConvTokenizer
+from .text_model import MaskedAttention, TextConvTokenizer
 
 KERNELS = ("reference", "fast")
 
@@ -319,8 +324,39 @@ class FastConvTokenizer(ConvTokenizer):
         return x.flatten(2).transpose(1, 2)  # (B, gh*gw, embed_dim)
 
 
+# ---------------------------------------------------------------------- text attention
+class FastMaskedAttention(MaskedAttention):
+    """`MaskedAttention` with the scale and the key mask in one `baddbmm`, and `dropout`'s cheap mask.
+
+    softmax(s·q kᵀ + bias), bias 0 for real keys and the dtype's most negative finite value for padded
+    ones, is the reference's masked_fill then softmax (a row of padded keys stays uniform in both), in
+    one batched GEMM instead of matmul, multiply and fill. Inference runs SDPA with the same bias.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        H, d = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        bias = torch.zeros(B, 1, 1, N, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill_(~mask[:, None, None, :], torch.finfo(q.dtype).min)  # (B, 1, 1, N)
+        if not (self.training and self.attn_drop > 0) and not torch.is_grad_enabled():
+            # a float bias, not a boolean mask: a text without tokens keeps the reference's uniform row
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            bias = bias.expand(B, H, 1, N)
+            keys = k.reshape(B * H, N, d).transpose(1, 2)
+            attn = torch.baddbmm(bias.reshape(B * H, 1, N), q.reshape(B * H, N, d), keys,
+                                 alpha=d ** -0.5).softmax(dim=-1)  # (B·heads, N, N)
+            attn = dropout(attn, self.attn_drop, self.training)
+            x = torch.bmm(attn, v.reshape(B * H, N, d)).view(B, H, N, d)
+        x = x.transpose(1, 2).reshape(B, N, D)
+        return dropout(self.proj(x), self.proj_drop, self.training)
+
+
 # ---------------------------------------------------------------------- choosing
-_FAST = {Attention: FastAttention, nn.Dropout: FastDropout, nn.GELU: FastGELU, ConvTokenizer: FastConvTokenizer}
+_FAST = {Attention: FastAttention, nn.Dropout: FastDropout, nn.GELU: FastGELU, ConvTokenizer: FastConvTokenizer,
+         TextConvTokenizer: FastTextConvTokenizer, MaskedAttention: FastMaskedAttention, nn.Embedding: FastEmbedding}
 _REFERENCE = {fast: reference for reference, fast in _FAST.items()}
 
 

@@ -1,4 +1,8 @@
-"""Classify image files with a checkpoint or an exported ONNX model — `cct predict`.
+"""Classify image files, or texts, with a checkpoint or an exported ONNX model — `cct predict`.
+
+Texts (`--text`, `--text-file`) go to a text model through `cct.text_predict`, which tokenizes them
+with the tokenizer the model carries; an image model given texts, or a text model given image files,
+is a one-line error. The rest of this module is about images.
 
 Files and folders (searched recursively for images, by extension) are decoded and classified in
 batches; `--output preds.csv` writes one row per file, with the top-k classes and probabilities,
@@ -36,9 +40,11 @@ from .checkpoint import atomic_write, load_checkpoint, read_checkpoint
 from .decode import UnreadableImageError, decode_image
 from .errors import CCTError
 from .kernels import fuse, use_kernels
+from .onnxrt import onnx_session, require_onnxruntime  # noqa: F401  (re-exported: callers import them from here)
 from .preprocess import Preprocessing
 from .runtime import autocast, recorded_precision, resolve_precision
 from .sources import IMAGE_EXTENSIONS, is_image_name
+from .text_predict import is_text_checkpoint, onnx_is_text, open_text_classifier, predict_texts, read_text_file
 
 BATCH_SIZE = 256
 
@@ -94,6 +100,8 @@ def open_classifier(path: str | Path, precision: str | None = None, *, kernels: 
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return _open_onnx(path)
+    if is_text_checkpoint(path):
+        raise CCTError(f"{path} is a text model: classify texts with --text or --text-file, not image files")
     model = fuse(use_kernels(load_checkpoint(path).float().eval(), kernels))
     prep = Preprocessing.from_checkpoint(read_checkpoint(path))
     precision = resolve_precision(precision or recorded_precision(prep.precision, "cpu"), "cpu")
@@ -111,36 +119,11 @@ def _class_names(names: list[str] | None, num_classes: int) -> list[str]:
     return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
-def require_onnxruntime():
-    """The onnxruntime module, or a `CCTError` saying how to install the optional extra."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise CCTError("running an ONNX model needs onnxruntime, part of the optional extra: "
-                       "pip install 'cct[export]'") from None
-    return onnxruntime
-
-
-def onnx_session(path: str | Path | bytes, threads: int | None = None):
-    """An onnxruntime CPU session on an ONNX file (or the serialised model itself)."""
-    ort = require_onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: stdout and stderr stay readable
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:
-        if not isinstance(path, bytes) and not Path(path).is_file():
-            raise CCTError(f"model not found: {path}") from None
-        where = "the exported model" if isinstance(path, bytes) else path
-        raise CCTError(f"{where} is not a readable ONNX model: {str(e).strip().splitlines()[0]}") from None
-
-
 def _open_onnx(path: Path) -> Classifier:
     session = onnx_session(path)
     meta = session.get_modelmeta().custom_metadata_map
+    if onnx_is_text(session):
+        raise CCTError(f"{path} is a text model: classify texts with --text or --text-file, not image files")
     if "preprocessing" not in meta:
         raise CCTError(f"{path} has no 'preprocessing' metadata: export it with `cct export`")
     preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
@@ -234,8 +217,46 @@ def write_csv(path: str | Path, results: list[dict], *, topk: int) -> None:
 
 
 # ---------------------------------------------------------------------- command line
+def _model_is_text(path: str) -> bool:
+    if Path(path).suffix.lower() == ".onnx":
+        return onnx_is_text(onnx_session(path))
+    return is_text_checkpoint(path)
+
+
+def _run_texts(args: argparse.Namespace) -> int:
+    if args.images:
+        raise CCTError("give image files or --text/--text-file, not both")
+    if args.output:
+        raise CCTError("--output writes image predictions; for texts use --json")
+    texts = list(args.text or [])
+    for path in args.text_file or []:
+        texts += read_text_file(path)
+    if not _model_is_text(args.model):
+        raise CCTError(f"{args.model} is an image model: give it image files, not --text or --text-file")
+    clf = open_text_classifier(args.model, args.precision)
+    results = predict_texts(clf, texts, topk=args.topk)
+    truncated = sum(r["truncated"] for r in results)
+    if truncated:
+        print(f"cct predict: {truncated} of {len(results)} text(s) longer than {clf.seq_len} tokens were truncated",
+              file=sys.stderr)
+    if args.json:
+        json.dump({"model": args.model, "seq_len": clf.seq_len, "truncated": truncated, "results": results},
+                  sys.stdout, indent=2)
+        print()
+    else:
+        for r in results:
+            print(r["text"] + ("  [truncated]" if r["truncated"] else ""))
+            for p in r["predictions"]:
+                print(f"  {p['probability']:7.2%}  {p['class']}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    files = image_files(args.images)
+    if args.text is not None or args.text_file is not None:
+        return _run_texts(args)
+    if not args.images:
+        raise CCTError("nothing to classify: give image files or folders, --text or --text-file")
+    files = image_files(args.images)  # a text model is refused by open_classifier
     clf = open_classifier(args.model, args.precision)
     results = predict(clf, files, topk=args.topk, bad_images="report", progress=True)
     failed = [r for r in results if "error" in r]
@@ -257,12 +278,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="classify image files and folders with a checkpoint or an .onnx model",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser("predict", help="classify image files and folders, or texts, with a checkpoint or "
+                                              "an .onnx model", description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL", help="a checkpoint (.pt, .safetensors) or an ONNX file from `cct export`")
-    p.add_argument("images", metavar="PATH", nargs="+",
+    p.add_argument("images", metavar="PATH", nargs="*",
                    help="image files of any size and mode, or folders (searched recursively for images)")
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5, at most all)")
+    p.add_argument("--text", action="append", metavar="TEXT",
+                   help="a text for a text model (repeat for several); longer than its seq_len tokens: truncated, "
+                        "and the count reported on stderr")
+    p.add_argument("--text-file", action="append", metavar="FILE",
+                   help="texts for a text model, one a line (UTF-8; blank lines skipped)")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image or text (default 5, at most all)")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
     p.add_argument("--output", metavar="CSV", default=None,
                    help="write path,label,probability, top-k columns and error per file to this CSV")

@@ -1,0 +1,265 @@
+"""Serving text models: predict (--text, --text-file, --json), ONNX/TorchScript export, explain, bench, errors.
+
+Checkpoints are written by hand in the text format the training side writes: `save_checkpoint(model,
+path, eval={"kind": "text", ...}, tokenizer=tok.to_json())`.
+"""
+import copy
+import json
+
+import pytest
+import torch
+
+import cct
+from cct.cli import main
+from cct.errors import CCTError
+from cct.kernels import FastTextConvTokenizer, use_kernels
+from cct.text_explain import explain_texts, receptive_fields, word_weights
+from cct.text_model import create_text_model
+from cct.text_predict import load_text_model, predict_texts
+from cct.tokenizer import TextTokenizer
+
+CORPUS = ["what is the capital of peru ?", "who wrote hamlet ?", "how many legs does a spider have ?",
+          "where is the eiffel tower ?", "when did the war end ?", "what does nasa stand for ?"]
+CLASSES = ["DESC", "HUM", "LOC", "NUM"]
+SEQ_LEN = 8
+
+
+def _model(name="text_cct_2", **overrides):
+    torch.manual_seed(0)
+    tok = TextTokenizer.train(CORPUS, vocab_size=200)
+    model = create_text_model(name, vocab_size=tok.vocab_size, num_classes=len(CLASSES), seq_len=SEQ_LEN,
+                              word_embedding_dim=16, **overrides).eval()
+    model.tokenizer, model.class_names = tok, list(CLASSES)
+    return model
+
+
+def _checkpoint(tmp_path, name="text_cct_2", **overrides):
+    model = _model(name, **overrides)
+    record = {"kind": "text", "seq_len": SEQ_LEN, "precision": "fp32", "batch_size": 4}
+    return cct.save_checkpoint(model, tmp_path / "text.pt", eval=record, tokenizer=model.tokenizer.to_json())
+
+
+def _image_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    return cct.save_checkpoint(cct.create_model("cct_2_3x2_32", num_classes=3), tmp_path / "image.pt")
+
+
+# ---------------------------------------------------------------------- predict
+def test_three_lines_classify_a_string_and_match_predict_texts(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    model = load_text_model(ckpt)
+    ids, mask, _ = model.tokenizer.encode(["What is the capital of Peru ?"], seq_len=model.cfg.seq_len)
+    probs = model(ids, mask).softmax(-1)[0]
+    top = predict_texts(ckpt, ["What is the capital of Peru ?"], topk=4)[0]["predictions"]
+    assert [p["class"] for p in top] == [CLASSES[i] for i in probs.argsort(descending=True).tolist()]
+    assert top[0]["probability"] == pytest.approx(probs.max().item(), abs=1e-6)
+
+
+def test_predict_texts_batches_pads_and_counts_truncation():
+    model = _model()
+    long = " ".join(["what"] * (SEQ_LEN + 5))
+    alone = [predict_texts(model, [t], topk=2)[0] for t in ("who wrote hamlet ?", long)]
+    together = predict_texts(model, ["who wrote hamlet ?", long], topk=2, batch_size=2)
+    for a, b in zip(alone, together):  # padding to the batch's longest text changes nothing
+        assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+        assert a["predictions"][0]["probability"] == pytest.approx(b["predictions"][0]["probability"], abs=1e-5)
+    assert [r["truncated"] for r in together] == [False, True]
+    with pytest.raises(CCTError, match="topk"):
+        predict_texts(model, ["x"], topk=0)
+
+
+def test_cli_predict_text_text_file_and_json(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    lines = tmp_path / "texts.txt"
+    lines.write_text("who wrote hamlet ?\n\n" + " ".join(["where"] * 20) + "\n", encoding="utf-8")
+    assert main(["predict", str(ckpt), "--text", "What is the capital of Peru ?", "--text-file", str(lines),
+                 "--json", "--topk", "2"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert [r["text"] for r in data["results"]] == ["What is the capital of Peru ?", "who wrote hamlet ?",
+                                                   " ".join(["where"] * 20)]
+    assert all(len(r["predictions"]) == 2 for r in data["results"]) and data["truncated"] == 1
+    assert "1 of 3 text(s) longer than 8 tokens were truncated" in err
+    assert main(["predict", str(ckpt), "--text", "who wrote hamlet ?"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "who wrote hamlet ?" and "%" in out.splitlines()[1]
+
+
+def test_one_line_errors_for_the_wrong_kind_and_empty_input(tmp_path, capsys):
+    text_ckpt, image_ckpt = _checkpoint(tmp_path), _image_checkpoint(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    image = tmp_path / "a.png"
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(image)
+    cases = [(["predict", str(image_ckpt), "--text", "hello"], "is an image model"),
+             (["predict", str(text_ckpt), str(image)], "is a text model"),
+             (["predict", str(text_ckpt), "--text-file", str(empty)], "holds no text"),
+             (["explain", str(image_ckpt), "--text", "hello"], "is an image model"),
+             (["explain", str(text_ckpt), str(image), "--output", str(tmp_path / "x.png")], "is a text model")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------- export
+def test_onnx_export_parity_dynamic_length_and_predict_without_a_torch_model(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ckpt = _checkpoint(tmp_path)
+    onnx_path = tmp_path / "text.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--output", str(onnx_path)]) == 0
+    assert "max |diff| against PyTorch" in capsys.readouterr().out
+    from cct.onnxrt import onnx_session
+    session = onnx_session(onnx_path)
+    assert [i.name for i in session.get_inputs()] == ["token_ids", "mask"]
+    model = load_text_model(ckpt)
+    for texts in (["who wrote hamlet ?"], ["a", "what is the capital of peru ?", " ".join(["x"] * 30)]):
+        ids, mask, _ = model.tokenizer.encode(texts, seq_len=SEQ_LEN)
+        got = session.run(None, {"token_ids": ids.numpy(), "mask": mask.numpy()})[0]
+        assert (torch.from_numpy(got) - model(ids, mask)).abs().max().item() <= 1e-4
+    # classifying through the .onnx never builds a PyTorch model
+    monkeypatch.setattr("cct.text_model.TextCCT.__init__", lambda *a, **k: pytest.fail("built a TextCCT"))
+    texts = ["who wrote hamlet ?", "where is the eiffel tower ?"]
+    assert main(["predict", str(onnx_path), "--json"] + [a for t in texts for a in ("--text", t)]) == 0
+    onnx_results = json.loads(capsys.readouterr().out)["results"]
+    monkeypatch.undo()
+    expected = predict_texts(ckpt, texts)
+    for a, b in zip(onnx_results, expected):
+        assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+
+
+def test_export_refuses_a_graph_that_differs(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from cct import text_export
+    model = _model()
+    monkeypatch.setattr(text_export, "check_parity", lambda *a, **k: (_ for _ in ()).throw(CCTError("differs")))
+    with pytest.raises(CCTError, match="differs"):
+        text_export.export_text_onnx(model, tmp_path / "m.onnx", opset=18, tolerance=1e-4)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_torchscript_export_carries_the_tokenizer(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    from cct.export import export_checkpoint
+    report = export_checkpoint(ckpt, tmp_path / "text.ts", "torchscript")
+    assert report.max_abs_diff <= 1e-4
+    extra = {"text_tokenizer.json": "", "class_names.json": ""}
+    loaded = torch.jit.load(str(tmp_path / "text.ts"), _extra_files=extra)
+    tok = TextTokenizer.from_json(extra["text_tokenizer.json"])
+    ids, mask, _ = tok.encode(["who wrote hamlet ?", "what ?"], seq_len=SEQ_LEN)
+    assert torch.allclose(loaded(ids, mask), load_text_model(ckpt)(ids, mask), atol=1e-5)
+    assert json.loads(extra["class_names.json"]) == CLASSES
+
+
+# ---------------------------------------------------------------------- explain
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+def test_word_weights_sum_to_one_and_follow_the_receptive_fields(kernel_size):
+    model = _model(kernel_size=kernel_size)
+    texts = ["who wrote hamlet ?", "what is the capital of peru ?", "x"]
+    words, weights, _ = word_weights(model, texts)
+    assert [len(w) for w in words] == [4, 7, 1]
+    for w in weights:
+        assert w.sum().item() == pytest.approx(1.0, abs=1e-5) and (w >= 0).all()
+    cover = receptive_fields(model, 6)
+    assert cover.shape == (model.conv_tokenizer.num_tokens(6), 6)
+    # every pooled token covers at most pool_kernel windows of kernel_size words, contiguously
+    for row in cover:
+        covered = row.nonzero().flatten().tolist()
+        assert covered == list(range(covered[0], covered[-1] + 1)) if covered else True
+        assert row.sum() <= model.cfg.pool_kernel * kernel_size
+
+
+def test_word_weight_is_the_pooled_weight_when_a_token_is_one_word():
+    model = _model(kernel_size=1, stride=1, padding=0, pool_kernel=1, pool_stride=1, pool_padding=0)
+    words, weights, _ = word_weights(model, ["who wrote hamlet ?"])
+    ids, mask, _ = model.tokenizer.encode(["who wrote hamlet ?"], seq_len=SEQ_LEN)
+    features, token_mask = model.forward_features(ids, mask)
+    assert torch.allclose(weights[0], model.pool_weights(features, token_mask)[0], atol=1e-6)
+
+
+def test_cli_explain_prints_words_and_writes_a_png(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    png = tmp_path / "strip.png"
+    assert main(["explain", str(ckpt), "--text", "who wrote hamlet ?", "--text", "where is peru ?",
+                 "--output", str(png)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("who wrote hamlet ?  →") and out[1].split()[-1] == "who"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = explain_texts(ckpt, ["who wrote hamlet ?"])
+    assert [w["word"] for w in results[0]["words"]] == ["who", "wrote", "hamlet", "?"]
+
+
+def test_explain_refuses_class_token_models():
+    with pytest.raises(CCTError, match="class token"):
+        word_weights(_model("text_vit_2"), ["who wrote hamlet ?"])
+
+
+# ---------------------------------------------------------------------- kernels and bench
+@pytest.mark.parametrize("name,kernel_size", [("text_cct_2", 1), ("text_cct_2", 2), ("text_cct_2", 4),
+                                              ("text_cvt_2", 4)])
+def test_fast_text_tokenizer_matches_the_reference(name, kernel_size):
+    reference = _model(name, kernel_size=kernel_size, attn_drop_rate=0.0, drop_path_rate=0.0).double()
+    fast = use_kernels(copy.deepcopy(reference), "fast")
+    assert isinstance(fast.conv_tokenizer, FastTextConvTokenizer)
+    ids, mask, _ = reference.tokenizer.encode(CORPUS, seq_len=SEQ_LEN)
+    a, b = reference(ids, mask), fast(ids, mask)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name_a, p), q in zip(reference.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12, msg=name_a)
+
+
+def test_bench_text_model(capsys):
+    assert main(["bench", "--model", "text_cct_2", "--json", "--batch-size", "4", "--infer-batch-size", "4",
+                 "--steps", "1", "--windows", "1", "--warmup", "1", "--no-peak", "--vocab-size", "50",
+                 "--seq-len", "12", "--precision", "fp32"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["train_sequences_per_second"] > 0 and r["infer_sequences_per_second"] > 0
+    assert r["seq_len"] == 12 and r["vocab_size"] == 50 and r["gflops_per_sequence_forward"] > 0
+    assert main(["bench", "--model", "cct_2_3x2_32", "--seq-len", "12"]) == 2
+    assert "for text models" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- benchmark scripts
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_accuracy_trec_runs_each_budget_and_seed_and_plots(tmp_path, monkeypatch):
+    tta = _script("time_to_accuracy_trec")
+    calls = []
+
+    def fake_run(model, data, out, *, seed, budget, epochs, val_split, extra):
+        calls.append((seed, budget, epochs, extra))
+        return {"seed": seed, "budget_minutes": budget, "epochs_asked": epochs, "out": str(out), "model": model,
+                "epochs": 3, "steps": 10, "train_minutes": budget or epochs / 10, "test_top1": 0.9, "test_top5": 1.0}
+
+    monkeypatch.setattr(tta, "run", fake_run)
+    rows = tta.main(["--budgets", "0.5", "1", "--seeds", "0", "1", "--out", str(tmp_path), "--", "--kernel-size", "2"])
+    assert [(c[0], c[1]) for c in calls] == [(0, 0.5), (0, 1.0), (1, 0.5), (1, 1.0)]
+    assert all(c[3] == ["--kernel-size", "2"] and c[2] is None for c in calls) and len(rows) == 4
+    assert (tmp_path / "time_to_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    calls.clear()
+    tta.main(["--epochs-list", "5", "10", "--out", str(tmp_path)])
+    assert [(c[1], c[2]) for c in calls] == [(None, 5), (None, 10)]
+
+
+def test_fast_masked_attention_matches_the_reference_in_inference_and_with_empty_texts():
+    reference = _model(attn_drop_rate=0.0, drop_path_rate=0.0).double().eval()
+    fast = use_kernels(copy.deepcopy(reference), "fast")
+    ids, mask, _ = reference.tokenizer.encode(CORPUS + [""], seq_len=SEQ_LEN)
+    with torch.inference_mode():  # the SDPA path
+        torch.testing.assert_close(fast(ids, mask), reference(ids, mask), rtol=0, atol=1e-12)
+    fast.train()  # dropout on: finite, and a different draw each call
+    fast.blocks[0].attn.attn_drop = 0.5
+    a, b = fast(ids, mask), fast(ids, mask)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
