@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import read_checkpoint
 from .errors import CheckpointError
 from .layers import drop_path, sinusoidal_embedding
+from .safeload import read_checkpoint
 
 FAMILIES = ("cct", "cvt", "vit", "transformer")
 POSITIONAL_EMBEDDINGS = ("sine", "learnable", "none")
