@@ -15,7 +15,8 @@ function, with the same parameters and gradients (up to rounding), and each is t
   stream) run *folded*: query·key and value·output products merged into one matrix per head, half
   the projection GEMMs, in training (inside the graph) as in inference (after `fuse`);
 * `FastConvTokenizer`: channels-last convolutions, max-pool before the ReLU (they commute), with the
-  zero padding turned into the pool's padding.
+  zero padding turned into the pool's padding;
+* `FastTextConvTokenizer`: the text models' (k, word_dim) conv as one GEMM over unfolded windows.
 
 `fuse(model)` is the explicit inference step, like ultralytics' `model.fuse()`: it computes the folded
 attention weights once, in float64. Evaluation calls it when it starts; `model.train()` drops them, so
@@ -31,6 +32,7 @@ from torch import nn
 
 from .layers import Attention
 from .model import ConvTokenizer, _same_pool_padding
+from .text_model import TextConvTokenizer
 
 KERNELS = ("reference", "fast")
 
@@ -319,8 +321,36 @@ class FastConvTokenizer(ConvTokenizer):
         return x.flatten(2).transpose(1, 2)  # (B, gh*gw, embed_dim)
 
 
+# ---------------------------------------------------------------------- text conv tokenizer
+class FastTextConvTokenizer(TextConvTokenizer):
+    """The text models' conv as one GEMM over unfolded windows of words, the windows' mask by `any`.
+
+    The conv spans the whole word vector (kernel (k, word_dim), one input channel), so each output is
+    a linear map of k stacked word vectors: unfold the time axis, then `F.linear` with the weight
+    flattened (its layout (dim, 1, k, word_dim) unchanged). The oneDNN convolution's backward for this
+    shape took about half of a text_cct_2 training step on the 2-core CPUs (84 of 265 ms at batch 64);
+    as a GEMM the whole step ran several times faster (benchmarks/README.md).
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        k, stride, pad = cfg.kernel_size, cfg.stride, cfg.padding
+        x = F.pad(x, (0, 0, pad, pad + self.tail))  # zero word vectors, as padding tokens are
+        windows = x.unfold(1, k, stride).transpose(2, 3).flatten(2)  # (B, L', k * word_dim), the weight's order
+        x = F.linear(windows, self.conv.weight.flatten(1))  # (B, L', dim)
+        m = F.pad(mask, (pad, pad + self.tail), value=False).unfold(1, k, stride).any(-1)  # (B, L')
+        if self.act_and_pool:
+            # ReLU outputs >= 0, so a padded window's 0 never wins a max over a real one
+            x = F.max_pool1d(F.relu(x).transpose(1, 2), cfg.pool_kernel, cfg.pool_stride, cfg.pool_padding)
+            x = x.transpose(1, 2)
+            m = F.max_pool1d(m.unsqueeze(1).to(x.dtype), cfg.pool_kernel, cfg.pool_stride, cfg.pool_padding)
+            m = m.squeeze(1) > 0
+        return x, m
+
+
 # ---------------------------------------------------------------------- choosing
-_FAST = {Attention: FastAttention, nn.Dropout: FastDropout, nn.GELU: FastGELU, ConvTokenizer: FastConvTokenizer}
+_FAST = {Attention: FastAttention, nn.Dropout: FastDropout, nn.GELU: FastGELU, ConvTokenizer: FastConvTokenizer,
+         TextConvTokenizer: FastTextConvTokenizer}
 _REFERENCE = {fast: reference for reference, fast in _FAST.items()}
 
 
