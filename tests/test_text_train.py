@@ -230,3 +230,11 @@ def test_shared_trec_trains_a_few_steps(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["classes"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"] and results["test_images"] == 499  # this copy lacks one (shared README)
     assert "train_5500.label:4451" in err  # the malformed fine label is reported
+
+
+def test_time_budget_sizes_a_text_run(trec_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", out, "--time-budget",
+                            "0.05", "--seq-len", "8", "--precision", "fp32"], capsys)
+    assert code == 0 and "time budget 0.05 min" in err
+    assert json.loads((out / "results.json").read_text())["steps"] >= 1

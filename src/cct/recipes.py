@@ -149,9 +149,15 @@ RECIPES: dict[str, dict] = {
                   rand_augment="rand-m9-mstd0.5-inc1", erasing=0.0, mixup_alpha=0.8, cutmix_alpha=1.0,
                   mix_prob=1.0, switch_prob=0.5, mix_mode="batch", mix_off_epoch=175, normalize="cifar",
                   restore_best=False, precision="auto"),
-    "text": dict(epochs=30, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=3,
+    "text": dict(epochs=30, batch_size=64, lr=2e-3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=3,
                  schedule="cosine", weight_decay=1e-2, weight_decay_all=False, eps=1e-8, label_smoothing=0.1,
-                 val_split=0.1, restore_best=True, precision="auto", procs=1, token_dropout=0.1),
+                 val_split=0.1, restore_best=True, procs=1, token_dropout=0.1,
+                 # the official text models default to kernel 4; 2 measured better on the validation split,
+                 # as in the official results table (TREC: CCT-2 91.8 at 2 against 91.0 at 4)
+                 kernel_size=2,
+                 # bf16 autocast measured slower than fp32 for text_cct_2 on the 2-core CPUs (the casts of
+                 # the 300-wide word vectors cost more than the small GEMMs gain)
+                 precision="fp32"),
     "fast": dict(epochs=10, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=1,
                  schedule="cosine", weight_decay=5e-2, weight_decay_all=False, eps=1e-8, label_smoothing=0.1,
                  val_split=0.0, hflip=True, translate=4, normalize="dataset", restore_best=False,
