@@ -100,8 +100,9 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
             log(quiet, f"word vectors: {found} of {tokenizer.vocab_size} vocabulary rows from {cfg.word_vectors}")
 
     overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len)
-    if cfg.kernel_size is not None:
-        overrides["kernel_size"] = cfg.kernel_size
+    for name in ("kernel_size", "embedding_std"):
+        if getattr(cfg, name) is not None:
+            overrides[name] = getattr(cfg, name)
     return RunInputs(
         kind="text", classes=list(dataset.classes), train_set=sets["train"], val_set=sets["val"], test_set=sets["test"],
         prep=TextPreprocessing(seq_len, precision=precision, batch_size=cfg.eval_batch_size),
