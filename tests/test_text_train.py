@@ -184,7 +184,7 @@ def test_word_vectors_initialise_known_words(trec_dir, tmp_path, capsys):
     vectors = tmp_path / "vectors.txt"
     known = {"who": [0.5] * 300, "river": [-0.25] * 300, "zebra": [1.0] * 300}  # zebra: not in the corpus
     vectors.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in known.items()))
-    cfg = make_config("text_cct_2", str(trec_dir), "unused", seq_len=8, word_vectors=str(vectors))
+    cfg = make_config("text_cct_2", str(trec_dir), "unused", seq_len=8, word_vectors=str(vectors), min_frequency=1)
     inputs = text_inputs(cfg, checkpoint=None, precision="fp32", quiet=False)
     model = cct.create_model("text_cct_2", num_classes=3, **inputs.model_overrides)
     inputs.setup_model(model)
@@ -194,7 +194,7 @@ def test_word_vectors_initialise_known_words(trec_dir, tmp_path, capsys):
     assert "word vectors: 2 of" in capsys.readouterr().err
     out = tmp_path / "out"
     code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", out, "--word-vectors",
-                            vectors, "--epochs", "1", "--seq-len", "8"], capsys)
+                            vectors, "--epochs", "1", "--seq-len", "8", "--min-frequency", "1"], capsys)
     assert code == 0 and "word vectors: 2 of" in err
     bad = tmp_path / "bad.txt"
     bad.write_text("who 1 2 3\n")
