@@ -11,7 +11,7 @@ inputs *are* sits behind one kind:
 | its configuration             | `cct.policies.AugmentConfig`              | `TextAugmentConfig`                        |
 | evaluation's input record     | `cct.preprocess.Preprocessing`            | `TextPreprocessing`                        |
 | model and config              | `cct.model.CCT`, `CCTConfig`              | `cct.text_model.TextCCT`, `TextConfig`     |
-| data phase of `train()`       | `cct.train._image_inputs`                 | `cct.text_run.text_inputs`                 |
+| data phase of `train()`       | `cct.image_run.image_inputs`              | `cct.text_run.text_inputs`                 |
 
 How a new kind plugs in:
 1. A split class with `inputs` (rows taken by `inputs[index_tensor]`, batches by
