@@ -360,3 +360,26 @@ def _fast_tokenizer(reference: ConvTokenizer) -> FastConvTokenizer:
 def test_pool_out_sizes_match_pytorch(n, padding, ceil_mode):
     out = F.max_pool2d(torch.zeros(1, 1, n, n), 3, 2, padding, ceil_mode=ceil_mode)
     assert _pool_out_sizes((n, n), 3, 2, padding, ceil_mode) == list(out.shape[-2:])
+
+
+# ---------------------------------------------------------------------- text conv tokenizer
+@pytest.mark.parametrize("name", ["text_cct_2", "text_cvt_2", "text_vit_2"])
+@pytest.mark.parametrize("kernel", [1, 2, 3, 4, 5])
+def test_fast_text_conv_is_the_reference_conv(name, kernel):
+    from cct.kernels import FastTextConvTokenizer
+    torch.manual_seed(0)
+    ref = cct.create_model(name, vocab_size=40, kernel_size=kernel, word_embedding_dim=24).eval()
+    fast = kernels.use_kernels(copy.deepcopy(ref), "fast")
+    assert isinstance(fast.conv_tokenizer, FastTextConvTokenizer)
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    ids = torch.randint(2, 40, (4, 11))
+    mask = torch.ones(4, 11, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[2, 1:] = False
+    (feats_ref, mask_ref), (feats_fast, mask_fast) = ref.forward_features(ids, mask), fast.forward_features(ids, mask)
+    assert torch.equal(mask_ref, mask_fast)
+    torch.testing.assert_close(feats_fast, feats_ref, atol=1e-5, rtol=1e-5)
+    ref(ids, mask).square().sum().backward()
+    fast(ids, mask).square().sum().backward()
+    for (n, a), b in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=n)

@@ -15,7 +15,7 @@ def test_keras_recipe_is_the_example():
     paper = make_config("cct_7_3x1_32", "cifar10", "out")
     assert paper.recipe == "paper" and paper.rand_augment == "rand-m9-mstd0.5-inc1" and paper.mix_off_epoch == 175
     assert make_config("cct_7_3x1_32", "d", "o", "fast", epochs=3).epochs == 3
-    assert set(RECIPES) == {"keras", "paper", "fast", "finetune"}
+    assert set(RECIPES) == {"keras", "paper", "fast", "finetune", "text"}
 
 
 def test_make_config_refuses_unknown_names():

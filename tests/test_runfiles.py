@@ -31,24 +31,25 @@ def test_epoch_and_done_lines():
 
 def test_results_keys_and_json(tmp_path):
     cfg = make_config("cct_2_3x2_32", "data", str(tmp_path), "keras")
-    dataset = types.SimpleNamespace(test=types.SimpleNamespace(labels=[0] * 18), classes=["a", "b"], skipped=1)
+    inputs = types.SimpleNamespace(test_set=[0] * 18, classes=["a", "b"], skipped=1, kind="image", results={},
+                                   split_record=None)
     state = {"epoch": 2, "step": 6, "best_epoch": 1, "best_top1": 0.5, "train_seconds": 3.14159, "images": 300}
     test = {"top1": 0.75, "top5": 1.0, "loss": 0.6}
-    r = runfiles.results(cfg, state=state, test=test, params=1000, dataset=dataset, train_images=150, val_images=12,
+    r = runfiles.results(cfg, state=state, test=test, params=1000, inputs=inputs, train_images=150, val_images=12,
                          skipped_steps=0, precision="fp32", world_size=1, device="cpu")
     assert list(r) == ["model", "recipe", "params", "epochs", "steps", "test_top1", "test_top5", "test_loss",
                        "test_images", "best_epoch", "best_val_top1", "weights", "train_seconds", "images_per_second",
                        "train_images", "val_images", "data", "classes", "skipped_images", "skipped_steps", "precision",
                        "seed", "world_size", "device", "processor", "bf16", "train_images_seen", "train_tflop",
-                       "test_split"]
+                       "test_split", "kind"]
     assert (r["weights"], r["best_val_top1"], r["test_images"], r["train_seconds"]) == ("best", 0.5, 18, 3.14)
     assert (r["train_images_seen"], r["train_tflop"], r["bf16"]) == (300, None, False) and r["processor"]
-    costed = runfiles.results(cfg, state=state, test=test, params=1000, dataset=dataset, train_images=150,
+    costed = runfiles.results(cfg, state=state, test=test, params=1000, inputs=inputs, train_images=150,
                               val_images=12, skipped_steps=0, precision="bf16", world_size=1, device="cpu",
                               macs_per_image=10 ** 9)
     assert costed["train_tflop"] == 1.8 and costed["bf16"]  # 300 images × 3 passes × 2 FLOPs × 1 GMAC
     assert runfiles.done_line(r, tmp_path).startswith("done: 2 epochs in 3s (96 images/s); test top-1 0.7500")
-    none = runfiles.results(cfg, state=state, test=None, params=1000, dataset=dataset, train_images=150,
+    none = runfiles.results(cfg, state=state, test=None, params=1000, inputs=inputs, train_images=150,
                             val_images=None, skipped_steps=0, precision="fp32", world_size=1, device="cpu")
     assert (none["weights"], none["best_val_top1"], none["val_images"], none["test_images"]) == ("last", None, 0, 0)
     assert "test top-1" not in runfiles.done_line(none, tmp_path)

@@ -237,3 +237,30 @@ def test_not_official_text_weights(tmp_path):
     torch.save({"classifier.fc.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(CheckpointError, match="official text"):
         create_text_model("text_cct_2", pretrained=path)
+
+
+# ---------------------------------------------------------------------- the shared registry
+def test_registry_covers_the_text_models():
+    import cct
+    from cct.registry import model_kind
+    assert set(cct.list_models("text_*")) == set(TEXT_VARIANTS) and len(TEXT_VARIANTS) == 12
+    assert set(TEXT_VARIANTS) <= set(cct.list_models())
+    model = cct.create_model("text_cct_2", kernel_size=1, vocab_size=30, num_classes=6)
+    assert isinstance(model, TextCCT) and model.cfg.kernel_size == 1 and model.cfg.stride == 1
+    assert trainable_without_embedding(model) == OFFICIAL_PARAMS[("text_cct_2", 1)]
+    assert isinstance(cct.get_config("text_vit_4"), TextConfig)
+    assert model_kind("text_transformer_6") == "text" and model_kind("cct_7_3x1_32") == "image"
+    with pytest.raises(TypeError, match="img_size"):
+        cct.create_model("text_cct_2", img_size=32)
+
+
+def test_text_models_keep_the_timm_interface():
+    import cct
+    model = cct.create_model("text_cct_4", vocab_size=30, num_classes=6, kernel_size=2).eval()
+    ids = torch.randint(2, 30, (3, 9))
+    x, mask = model.forward_features(ids)
+    assert x.shape[0] == 3 and x.shape[2] == 128 and mask.shape == x.shape[:2]
+    assert model.forward_head(x, pre_logits=True, mask=mask).shape == (3, 128)
+    torch.testing.assert_close(model.forward_head(x, mask=mask), model(ids))
+    model.reset_classifier(4)
+    assert model(ids).shape == (3, 4) and model.no_weight_decay() == {"pos_embed", "cls_token"}

@@ -14,7 +14,6 @@ import time
 import torch
 from torch import nn
 
-from .data import ImageSet
 from .recipes import TrainConfig
 from .runfiles import log
 from .step import TrainStep, make_optimizer, make_train_step
@@ -49,7 +48,7 @@ def refit(*, step: int, total_steps: int, fit: int) -> int:
     return total_steps
 
 
-def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set: ImageSet, *,
+def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set, *,
                     local_batch: int, warm: int = 2, timed: int = 6) -> float:
     """The median seconds of a training step, timed on copies of the model and optimiser.
 
@@ -68,13 +67,13 @@ def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_s
     for _ in range(warm + timed):
         idx = torch.randint(0, n, (min(local_batch, n),), generator=g)
         t = time.perf_counter()
-        trial(train_set.images[idx], train_set.labels[idx], cfg.lr * 1e-3)
+        trial(train_set.inputs[idx], train_set.labels[idx], cfg.lr * 1e-3)
         times.append(time.perf_counter() - t)
     torch.set_rng_state(torch_state)
     return sorted(times[warm:])[timed // 2]
 
 
-def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set: ImageSet, *, val_images: int,
+def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set, *, val_images: int,
                   steps_per_epoch: int, local_batch: int, quiet: bool) -> int:
     """The steps that fit `cfg.time_budget` minutes: a trial (`time_trial_step`), then `planned_steps`."""
     step_seconds = time_trial_step(cfg, model, step, train_set, local_batch=local_batch)

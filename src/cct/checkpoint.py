@@ -1,10 +1,11 @@
 """Saving and loading: self-describing checkpoints, safe loading, foreign weights.
 
-A cct checkpoint carries the model's `CCTConfig` and class names beside its weights (as
-nanoGPT keeps `model_args`), so `load_checkpoint(path)` rebuilds the model unaided. Nothing is
-ever unpickled: `.pt` files load with `torch.load(weights_only=True)`, `.safetensors` through
-safetensors. Writes are atomic (temporary file, fsync, rename), so a crash or a full disk
-leaves the previous file intact.
+A cct checkpoint carries the model's config (and which config class it is: `CCTConfig` for image
+models, `TextConfig` for text models) and class names beside its weights (as nanoGPT keeps
+`model_args`), so `load_checkpoint(path)` rebuilds either kind unaided; a text model's trained
+tokenizer travels inside it as a JSON string ("tokenizer") and comes back as `model.tokenizer`.
+Nothing is ever unpickled (`cct.safeload`). Writes are atomic (temporary file, fsync, rename), so
+a crash or a full disk leaves the previous file intact.
 """
 from __future__ import annotations
 
@@ -12,10 +13,7 @@ import glob
 import json
 import math
 import os
-import pickle
-import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,13 +25,13 @@ from .interop.keras import keras_state_dict
 from .interop.official import is_official, official_state_dict
 from .layers import resize_pos_embed
 from .model import CCT, CCTConfig
+from .safeload import FORMAT, SAFETENSORS_EXTRAS, VERSION, read_checkpoint
+from .text_model import TextCCT, TextConfig
+from .tokenizer import TextTokenizer
 
 __all__ = ["adapt_state_dict", "atomic_write", "load_checkpoint", "load_pretrained", "official_state_dict",
            "read_checkpoint", "remove_stale_temporaries", "save_checkpoint"]
 
-FORMAT = "cct-checkpoint"
-VERSION = 1
-SAFETENSORS_EXTRAS = ("eval", "split")  # plain-data extras that safetensors metadata carries too (as JSON)
 
 
 def _umask() -> int:
@@ -102,18 +100,32 @@ def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...]) -> list
     return removed
 
 
-def checkpoint_dict(model: CCT, **extra: Any) -> dict:
+# the model class of each config class, by the name a checkpoint stores under "config_class"
+MODEL_CLASSES: dict[str, tuple[type, type[nn.Module]]] = {"CCTConfig": (CCTConfig, CCT),
+                                                          "TextConfig": (TextConfig, TextCCT)}
+
+
+def _model_entries(model: nn.Module) -> dict:
+    """What identifies the model: its config and config class, and a text model's tokenizer (JSON)."""
+    entries = {"config_class": type(model.cfg).__name__}
+    assert entries["config_class"] in MODEL_CLASSES, f"cannot save a model configured by {entries['config_class']}"
+    if isinstance(model, TextCCT) and model.tokenizer is not None:
+        entries["tokenizer"] = model.tokenizer.to_json()
+    return entries
+
+
+def checkpoint_dict(model: CCT | TextCCT, **extra: Any) -> dict:
     """The plain-data dict stored in a `.pt` checkpoint (only tensors, numbers, strings, lists, dicts)."""
     return {"format": FORMAT, "version": VERSION, "model_name": getattr(model, "name", None),
-            "config": model.cfg.to_dict(), "class_names": model.class_names,
+            "config": model.cfg.to_dict(), **_model_entries(model), "class_names": model.class_names,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
 
 
-def save_checkpoint(model: CCT, path: str | Path, *, format: str | None = None, **extra: Any) -> Path:
+def save_checkpoint(model: CCT | TextCCT, path: str | Path, *, format: str | None = None, **extra: Any) -> Path:
     """Write `model` (weights, config, class names) to `path` atomically.
 
     Args:
-        model: a model built by `cct.create_model` or `cct.load_checkpoint`.
+        model: a model built by `cct.create_model` or `cct.load_checkpoint` (image or text).
         path: destination file.
         format: "pt" (default, or inferred from a `.safetensors` suffix) or "safetensors".
         **extra: further plain data to store in a `.pt` checkpoint (optimizer state, epoch, ...); a
@@ -128,73 +140,35 @@ def save_checkpoint(model: CCT, path: str | Path, *, format: str | None = None, 
         return path
     from safetensors.torch import save
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    entries = _model_entries(model)
+    extra = {**extra, **({"tokenizer": entries["tokenizer"]} if "tokenizer" in entries else {})}
     meta = {"format": FORMAT, "version": str(VERSION), "model_name": getattr(model, "name", None) or "",
-            "config": json.dumps(model.cfg.to_dict()), "class_names": json.dumps(model.class_names),
+            "config": json.dumps(model.cfg.to_dict()), "config_class": entries["config_class"],
+            "class_names": json.dumps(model.class_names),
             **{k: json.dumps(v) for k, v in extra.items() if k in SAFETENSORS_EXTRAS}}
     payload = save(tensors, metadata=meta)
     atomic_write(path, lambda f: f.write(payload))
     return path
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file into a plain dict, refusing anything that would need unpickling code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
-        return _read_safetensors(path)
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the outcome is what we report
-            warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if re.search(r"GLOBAL|Unsupported global", str(e)):
-            raise CheckpointError(f"refusing to load {path}: it contains pickled Python objects, which could run "
-                                  "code (only tensors and plain data are accepted)") from None
-        raise CheckpointError(f"{path} is not a valid checkpoint (corrupt or not a PyTorch file)") from None
-    except Exception as e:  # truncated zip, random bytes, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a checkpoint or state dict")
-    return data
-
-
-def _read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    if meta.get("format") != FORMAT:
-        return {"state_dict": tensors}
-    try:
-        return {"format": FORMAT, "version": int(meta.get("version", 1)), "model_name": meta.get("model_name") or None,
-                "config": json.loads(meta["config"]), "class_names": json.loads(meta.get("class_names", "null")),
-                "state_dict": tensors, **{k: json.loads(meta[k]) for k in SAFETENSORS_EXTRAS if k in meta}}
-    except (KeyError, ValueError) as e:  # damaged or hand-made metadata
-        raise CheckpointError(f"{path}: unreadable cct metadata ({type(e).__name__}: {e})") from None
-
-
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> CCT:
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> CCT | TextCCT:
     """Rebuild a model from a cct checkpoint (`.pt` or `.safetensors`) without being told its name.
 
-    The returned model is in eval mode; `model.class_names` holds the class names when known.
+    The returned model is in eval mode; `model.class_names` holds the class names when known. A text
+    model (`TextCCT`, `model.cfg` a `TextConfig`) comes with its tokenizer: `model.tokenizer`.
     """
     data = read_checkpoint(path)
     if data.get("format") != FORMAT or "config" not in data:
         raise CheckpointError(f"{path} is not a cct checkpoint (no model config); to load foreign weights use "
                               "cct.create_model(name, pretrained=path)")
+    config_class = data.get("config_class", "CCTConfig")  # checkpoints before text models: image ones
+    if config_class not in MODEL_CLASSES:
+        raise CheckpointError(f"{path}: unknown model config class {config_class!r}")
+    config_type, model_type = MODEL_CLASSES[config_class]
     try:
-        cfg = CCTConfig.from_dict(dict(data["config"]))
+        cfg = config_type.from_dict(dict(data["config"]))
         _check_fields(data, cfg, path)
-        model = CCT(cfg)
+        model = model_type(cfg)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -202,10 +176,14 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     model.name = data.get("model_name")
     _load_state(model, data["state_dict"], path)
     model.class_names = list(data["class_names"]) if data.get("class_names") else None
+    if isinstance(model, TextCCT):
+        if not isinstance(data.get("tokenizer"), str):
+            raise CheckpointError(f"{path}: a text model checkpoint without its tokenizer")
+        model.tokenizer = TextTokenizer.from_json(data["tokenizer"])
     return model.to(map_location).eval()
 
 
-def _check_fields(data: dict, cfg: CCTConfig, path: str | Path) -> None:
+def _check_fields(data: dict, cfg: CCTConfig | TextConfig, path: str | Path) -> None:
     """The entries that loaders and `cct eval`/`predict` index into, so a damaged or crafted file is a clear error."""
     def need(ok: bool, what: str) -> None:
         if not ok:
@@ -218,6 +196,8 @@ def _check_fields(data: dict, cfg: CCTConfig, path: str | Path) -> None:
          "class_names is not a list of names")
     settings = data.get("eval")
     need(settings is None or isinstance(settings, dict), "its eval settings are not a dict")
+    if isinstance(cfg, TextConfig):
+        return
     for key in ("mean", "std"):
         value = (settings or {}).get(key)
         need(value is None or (isinstance(value, (list, tuple)) and len(value) == cfg.in_chans

@@ -23,9 +23,10 @@ from .errors import CCTError
 from .kernels import KERNELS
 from .model import count_macs, num_params
 from .recipes import RECIPE_MODELS, RECIPES, RESUME_OVERRIDES, TrainConfig, make_config, validate
-from .registry import create_model, from_keras, list_models, pretrained_model
+from .registry import create_model, from_keras, list_models, model_kind, pretrained_model
 from .runlock import hold_run_lock
 from .runtime import DEVICES, PRECISIONS, resolve_device
+from .text_data import detect_kind
 from .text_model import TEXT_VARIANTS
 
 # modules that register their own subcommand, listed by `cct --help` between train and bench
@@ -38,6 +39,11 @@ def _models(args: argparse.Namespace) -> int:
         raise CCTError(f"no model matches {args.pattern!r}")
     rows = []
     for name in names:
+        if model_kind(name) == "text":  # the word embedding (vocabulary × 300) depends on the tokenizer: left out
+            model = create_model(name, vocab_size=2)
+            params = num_params(model) - model.embedding.weight.numel()
+            rows.append((name, f"{params:,}*", "-", f"{model.cfg.seq_len} tokens", model.cfg.positional_embedding))
+            continue
         model = create_model(name)
         h, w = model.cfg.img_size
         macs = f"{count_macs(model) / 1e9:.3f}G" if not args.no_macs else "-"
@@ -48,6 +54,9 @@ def _models(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) if j in (0, 4) else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if any(r[1].endswith("*") for r in rows):
+        print("* text models: without the word embedding (vocabulary size × 300, set by the tokenizer), "
+              "with 6 classes at kernel size 4")
     return 0
 
 
@@ -89,15 +98,16 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("
 
 
 def _add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model (recipes: keras, paper, fast)",
+    p = subparsers.add_parser("train", help="train a model (recipes: keras, paper, fast, text)",
                               description="Train a model; writes last.pt, best.pt, history.csv, curves.png, "
                                           "config.json and results.json to --out.")
     p.add_argument("--model", help="a name from `cct models` (default: the recipe's own: "
                                    + ", ".join(f"{m} for {r}" for r, m in RECIPE_MODELS.items()) + ")")
-    p.add_argument("--data", help="data source (a directory of class folders, an archive, ...)")
+    p.add_argument("--data", help="data source (a directory of class folders, an archive, ...; for text models "
+                                  "a TREC folder, CSV/TSV, JSON Lines or folders of .txt files)")
     p.add_argument("--out", metavar="DIR", help="output directory")
-    p.add_argument("--recipe", choices=tuple(RECIPES), help="keras (default for *_keras models), paper (default "
-                                                            "otherwise) or fast")
+    p.add_argument("--recipe", choices=tuple(RECIPES), help="keras (default for *_keras models), text (default "
+                                                            "for text_* models), paper (default otherwise) or fast")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_config_flags(p)
@@ -121,9 +131,13 @@ def _run_train(args: argparse.Namespace) -> int:
         missing = [k for k in ("data", "out") if not getattr(args, k)]
         if missing:
             raise CCTError("missing " + ", ".join("--" + k for k in missing) + " (or --resume DIR)")
+        # without --model or --recipe: minutes on a CPU (fast, or text for text data), never the paper recipe
         recipe = args.recipe or ("finetune" if args.pretrained else None)
-        model = args.model or (pretrained_model(args.pretrained) if args.pretrained else RECIPE_MODELS[recipe or "fast"])
-        cfg = make_config(model, args.data, args.out, recipe or (None if args.model else "fast"), **overrides)
+        texts = (args.data_kind or "auto") == "text" or ((args.data_kind or "auto") == "auto"
+                                                        and detect_kind(args.data) == "text")
+        default = "text" if texts else "fast"
+        model = args.model or (pretrained_model(args.pretrained) if args.pretrained else RECIPE_MODELS[recipe or default])
+        cfg = make_config(model, args.data, args.out, recipe or (None if args.model else default), **overrides)
     validate(cfg)
     procs = distributed.resolve_procs(cfg.procs, resolve_device(cfg.device),
                                       batch_sizes={"--batch-size": cfg.batch_size})

@@ -61,6 +61,10 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def inputs(self) -> torch.Tensor:  # what the model's batches are cut from (`cct.kinds`)
+        return self.images
+
     def subset(self, indices: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[indices].contiguous(), self.labels[indices].contiguous())
 
@@ -372,27 +376,32 @@ def _proportional_quota(counts: list[int], total: int) -> list[int]:
 
 
 def split(ds: Dataset, *, train_limit: int | None, val_split: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
-    """The training and validation sets of a run.
+    """The training and validation sets of a run: `split_set` on `ds.train` (a root/val folder is the validation set)."""
+    return split_set(ds.train, num_classes=len(ds.classes), val=ds.val, train_limit=train_limit,
+                     val_split=val_split, seed=seed)
 
-    First a seeded, stratified subset of `train_limit` training images (all when None); then a
+
+def split_set(train, *, num_classes: int, val=None, train_limit: int | None, val_split: float, seed: int):
+    """(training set, validation set or None) of a run, from any split (`ImageSet`, `cct.kinds.TextSet`, ...).
+
+    First a seeded, stratified subset of `train_limit` training examples (all when None); then a
     seeded, stratified `val_split` fraction of what remains becomes the validation set, at least one
-    image per class (classes of a single image stay in training). A root/val folder, when the
-    source has one, is the validation set and `val_split` is ignored with a warning.
+    example per class (classes of a single example stay in training). A given `val` set is used as it
+    is, and `val_split` is ignored with a warning.
     """
     if not 0.0 <= val_split < 1.0:
         raise DataError(f"--val-split must be in [0, 1), got {val_split}")
     if train_limit is not None and train_limit <= 0:
         raise DataError(f"--train-limit must be positive, got {train_limit}")
     g = torch.Generator().manual_seed(seed)
-    train = ds.train
-    num_classes = max(len(ds.classes), int(train.labels.max()) + 1)
+    num_classes = max(num_classes, int(train.labels.max()) + 1)
     if train_limit is not None and train_limit < len(train):
         counts = torch.bincount(train.labels, minlength=num_classes).tolist()
         train = train.subset(_stratified_pick(train.labels, _proportional_quota(counts, train_limit), g))
-    if ds.val is not None:
+    if val is not None:
         if val_split > 0:
             log.warning("the source has a val/ folder: using it as the validation set, --val-split ignored")
-        return train, ds.val
+        return train, val
     if val_split == 0:
         return train, None
     counts = torch.bincount(train.labels, minlength=num_classes).tolist()
@@ -429,11 +438,13 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator, *, shuffl
         yield batch[rank * per_rank:(rank + 1) * per_rank]
 
 
-def load_batches(image_set: ImageSet | stream_mod.StreamImageSet, index_batches: Iterable[torch.Tensor], *,
-                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(indices, uint8 images, labels) of each index batch: slices of memory, or decoded by workers."""
-    if not isinstance(image_set.images, stream_mod.StreamImages):
-        return ((idx, image_set.images[idx], image_set.labels[idx]) for idx in index_batches)
+def load_batches(image_set, index_batches: Iterable[torch.Tensor], *,
+                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, object, torch.Tensor]]:
+    """(indices, inputs, labels) of each index batch of a split: slices of memory (an `ImageSet`'s uint8
+    images, a `cct.kinds.TextSet`'s token batch), or images decoded by workers (a streamed set)."""
+    inputs = image_set.inputs
+    if not isinstance(inputs, stream_mod.StreamImages):
+        return ((idx, inputs[idx], image_set.labels[idx]) for idx in index_batches)
     index_batches = list(index_batches)
     return ((idx, images, image_set.labels[idx])
             for idx, images in zip(index_batches, image_set.images.batches(index_batches, pin_memory=pin_memory)))

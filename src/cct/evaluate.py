@@ -4,7 +4,8 @@ Training records how its model is to be evaluated under the checkpoint's "eval" 
 batch size, test-time augmentation, input normalisation, image size, channels); `cct eval` and
 `cct predict` reuse it by default, so evaluating the checkpoint that produced `results.json`
 reproduces its test figures exactly. Test-time augmentation averages the logits of each image
-and its horizontal mirror.
+and its horizontal mirror. Text checkpoints are evaluated the same way on a text source: its texts
+go through the checkpoint's own tokenizer at the recorded `seq_len` (`cct.kinds.TextPreprocessing`).
 """
 from __future__ import annotations
 
@@ -22,21 +23,25 @@ from . import data as data_mod
 from .checkpoint import load_checkpoint, read_checkpoint
 from .errors import CCTError, CheckpointError
 from .kernels import KERNELS, fuse, use_kernels
+from .kinds import TextPreprocessing, TextSet, TokenBatch, model_args, preprocessing_from_checkpoint
 from .preprocess import Preprocessing
+from .text_data import LABEL_LEVELS, load_text
+from .text_model import TextCCT
 from .runtime import PRECISIONS, autocast, recorded_precision, resolve_device, resolve_precision, tune_allocator
 
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu", *,
-                  kernels: str = "fast") -> tuple[nn.Module, Preprocessing]:
-    """A checkpoint's model (eval mode, on `device`, computing with `kernels`) and its preprocessing record."""
+                  kernels: str = "fast") -> tuple[nn.Module, Preprocessing | TextPreprocessing]:
+    """A checkpoint's model (eval mode, on `device`, computing with `kernels`) and its input record."""
     model = use_kernels(load_checkpoint(path, map_location=device), kernels)
-    return model, Preprocessing.from_checkpoint(read_checkpoint(path))
+    return model, preprocessing_from_checkpoint(read_checkpoint(path))
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images, prep: Preprocessing, *,
+def predict_logits(model: nn.Module, images, prep: Preprocessing | TextPreprocessing, *,
                    device: str | torch.device | None = None) -> torch.Tensor:
-    """Logits (N, num_classes), float32 on the CPU, of uint8 images (N, C, H, W).
+    """Logits (N, num_classes), float32 on the CPU, of uint8 images (N, C, H, W) (or of a text model's
+    `cct.kinds.TokenBatch` with its `TextPreprocessing`).
 
     Args:
         model: a CCT (its mode is restored afterwards), fused (`cct.kernels.fuse`) by the caller where it
@@ -55,11 +60,11 @@ def predict_logits(model: nn.Module, images, prep: Preprocessing, *,
     outputs = []
     try:
         for chunk in images.split(prep.batch_size):
-            x = prep(chunk).to(device)
+            x = [a.to(device) for a in model_args(prep, chunk)]
             with autocast(precision, device):
-                logits = model(x).float()
+                logits = model(*x).float()
                 if prep.tta:
-                    logits = (logits + model(x.flip(-1)).float()) / 2
+                    logits = (logits + model(x[0].flip(-1)).float()) / 2
             outputs.append(logits.cpu())
     finally:
         model.train(was_training)
@@ -92,10 +97,10 @@ def metrics(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: floa
             "per_class": per_class, "classes": names, "confusion": confusion.tolist()}
 
 
-def evaluate(model: nn.Module, images, labels: torch.Tensor, prep: Preprocessing, *,
+def evaluate(model: nn.Module, images, labels: torch.Tensor, prep: Preprocessing | TextPreprocessing, *,
              device: str | torch.device | None = None, label_smoothing: float = 0.0,
              class_names: list[str] | None = None) -> dict:
-    """Evaluate `model` on uint8 images and int64 labels; see `metrics` for the returned keys."""
+    """Evaluate `model` on uint8 images (or token batches) and int64 labels; see `metrics` for the returned keys."""
     fuse(model)  # the explicit inference step of the fast kernels, once for the whole evaluation
     logits = predict_logits(model, images, prep, device=device)
     names = class_names or getattr(model, "class_names", None)
@@ -104,40 +109,65 @@ def evaluate(model: nn.Module, images, labels: torch.Tensor, prep: Preprocessing
 
 def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", precision: str | None = None,
                         batch_size: int | None = None, tta: bool | None = None, device: str = "auto",
-                        kernels: str = "fast", skip_bad_images: bool = False, progress: bool = True) -> dict:
-    """Evaluate a checkpoint on a data source, with the checkpoint's evaluation settings unless overridden."""
+                        kernels: str = "fast", skip_bad_images: bool = False, progress: bool = True,
+                        label_level: str | None = None) -> dict:
+    """Evaluate a checkpoint on a data source, with the checkpoint's evaluation settings unless overridden.
+
+    A text checkpoint reads a text source (`cct.text_data.load_text`; TREC labels at `label_level`,
+    default: the level it was trained on) and reports how many texts were truncated ("truncated")."""
     device = resolve_device(device)
-    model = use_kernels(load_checkpoint(path, map_location=device), kernels)
-    recorded = read_checkpoint(path)
-    prep = Preprocessing.from_checkpoint(recorded)
+    model, prep = load_for_eval(path, device, kernels=kernels)
     prep = replace(prep, precision=recorded_precision(prep.precision, device))
+    if tta and isinstance(prep, TextPreprocessing):
+        raise CCTError("--tta (flip averaging) is for image models")
     overrides = {k: v for k, v in dict(precision=precision, batch_size=batch_size, tta=tta).items() if v is not None}
     prep = replace(prep, **overrides)
     if prep.batch_size < 1:
         raise CCTError(f"--batch-size must be at least 1, got {prep.batch_size}")
     prep = replace(prep, precision=resolve_precision(prep.precision, device))
-    # class folders and CSVs: exactly the test files training held out (recorded in the checkpoint)
-    test_files = recorded.get("split") if split in ("auto", "test") else None
-    dataset = data_mod.load(source, img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans,
-                            skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode,
-                            test_files=test_files)
-    parts = {"test": dataset.test, "val": dataset.val, "train": dataset.train}
+    extra = {}
+    if isinstance(model, TextCCT):
+        parts, classes, extra = _text_parts(path, source, model, prep, label_level)
+    else:  # class folders and CSVs: exactly the test files training held out (recorded in the checkpoint)
+        test_files = read_checkpoint(path).get("split") if split in ("auto", "test") else None
+        dataset = data_mod.load(source, img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans,
+                                skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode,
+                                test_files=test_files)
+        parts = {"test": dataset.test, "val": dataset.val, "train": dataset.train}
+        classes = list(dataset.classes)
+        extra = {"source_changed": True} if dataset.source_changed else {}
     if split == "auto":
         split = next(name for name in ("test", "val", "train") if parts[name] is not None)
     part = parts.get(split)
     if part is None:
         raise CCTError(f"{source} has no {split} split")
     num_classes = model.cfg.num_classes
-    if len(dataset.classes) != num_classes:
-        raise CheckpointError(f"{path} was trained on {num_classes} classes but {source} has {len(dataset.classes)}")
-    if model.class_names and list(model.class_names) != list(dataset.classes):
+    if len(classes) != num_classes:
+        raise CheckpointError(f"{path} was trained on {num_classes} classes but {source} has {len(classes)}")
+    if model.class_names and list(model.class_names) != classes:
         raise CheckpointError(f"{path} was trained on classes {model.class_names[:5]}... but {source} has "
-                              f"{list(dataset.classes)[:5]}...")
-    result = evaluate(model, part.images, part.labels, prep, device=device, class_names=list(dataset.classes))
-    if dataset.source_changed:
+                              f"{classes[:5]}...")
+    result = evaluate(model, part.inputs, part.labels, prep, device=device, class_names=classes)
+    if "truncated" in extra:
+        result["truncated"] = extra["truncated"].get(split)
+    if extra.get("source_changed"):
         result["source_changed"] = True
     return {"checkpoint": str(path), "data": source, "split": split, **result, "precision": prep.precision,
             "batch_size": prep.batch_size, "tta": prep.tta}
+
+
+def _text_parts(path, source: str, model: TextCCT, prep: TextPreprocessing, label_level: str | None):
+    """A text source's splits, tokenized by the checkpoint's tokenizer: (parts, classes, {"truncated": ...})."""
+    if label_level is None:  # as the run was trained
+        label_level = (read_checkpoint(path).get("train_config") or {}).get("label_level", "coarse")
+    dataset = load_text(source, label_level=label_level)
+    parts, truncated = {"test": None, "val": None, "train": None}, {}
+    for name, texts, labels in (("test", dataset.test_texts, dataset.test_labels),
+                                ("train", dataset.train_texts, dataset.train_labels)):
+        if texts is not None:
+            ids, mask, truncated[name] = model.tokenizer.encode(texts, seq_len=prep.seq_len)
+            parts[name] = TextSet(TokenBatch(ids, mask), labels)
+    return parts, list(dataset.classes), {"truncated": truncated}
 
 
 # ---------------------------------------------------------------------- command line
@@ -159,6 +189,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kernels", default="fast", choices=KERNELS,
                    help="fast: cct.kernels (default); reference: the plain layers of cct.layers")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--label-level", choices=LABEL_LEVELS, help="text models on TREC: coarse or fine labels "
+                                                                "(default: the level the model was trained on)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_run)
 
@@ -166,7 +198,8 @@ def add_parser(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, precision=args.precision,
                                  batch_size=args.batch_size, tta=args.tta, device=args.device,
-                                 kernels=args.kernels, skip_bad_images=args.skip_bad_images, progress=not (args.quiet or args.json))
+                                 kernels=args.kernels, skip_bad_images=args.skip_bad_images,
+                                 progress=not (args.quiet or args.json), label_level=args.label_level)
     if args.plot:
         from .plots import plot_confusion
         plot_confusion(result["confusion"], result["classes"], args.plot)
@@ -175,7 +208,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{result['checkpoint']} on {result['data']} ({result['split']}, {result['n']} images, "
+    unit = "texts" if "truncated" in result else "images"
+    print(f"{result['checkpoint']} on {result['data']} ({result['split']}, {result['n']} {unit}, "
           f"{result['precision']}, batch {result['batch_size']}{', TTA' if result['tta'] else ''})")
     print(f"top-1 {result['top1']:.4f}   top-{result['top5_k']} {result['top5']:.4f}   loss {result['loss']:.4f}")
     width = max(len(c) for c in result["classes"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .augment import normalize
-from .checkpoint import read_checkpoint
+from .safeload import read_checkpoint
 from .cifar import CIFAR_MEAN, CIFAR_STD
 from .decode import RESIZE_MODES
 

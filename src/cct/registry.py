@@ -4,6 +4,9 @@ Names follow the official SHI-Labs repository: `cct_{layers}_{kernel}x{conv laye
 `cvt_{layers}_{patch}_{img size}`, `vit_{layers}_{patch}_{img size}` (with `vit_lite_*` aliases).
 Every `_sine` variant really has sinusoidal embeddings; the official CCT and CVT factories
 silently build learnable ones for them, a bug not reproduced here.
+
+The text models of `cct.text_model` (`text_{cct,cvt,vit,transformer}_{2,4,6}`) share the registry:
+`list_models`, `get_config` (a `TextConfig` for them), `create_model` and `model_kind` cover both kinds.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from .checkpoint import load_pretrained, read_checkpoint
 from .errors import CCTError
 from .interop.keras import MODEL_NAME as KERAS_MODEL_NAME, KerasWeightsError, read_keras
 from .model import CCT, CCTConfig
+from .text_model import TEXT_VARIANTS, TextCCT, TextConfig, create_text_model, get_text_config
 
 # (depth, heads, mlp_ratio, width) of each size in the paper's Table 1
 _SIZES = {2: (2, 2, 1.0, 128), 4: (4, 2, 1.0, 128), 6: (6, 4, 2.0, 256), 7: (7, 4, 2.0, 256),
@@ -70,12 +74,23 @@ class UnknownModelError(ValueError):
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Sorted names of every registered model (aliases included), optionally filtered by a glob."""
-    names = sorted({*_VARIANTS, *_ALIASES})
+    names = sorted({*_VARIANTS, *_ALIASES, *TEXT_VARIANTS})
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
-def get_config(name: str, **overrides) -> CCTConfig:
-    """The `CCTConfig` of a registered model, with overrides applied; unknown names or fields are errors."""
+def model_kind(name: str) -> str:
+    """"text" for the text models, "image" for the others (unknown names are an `UnknownModelError`)."""
+    if name in TEXT_VARIANTS:
+        return "text"
+    get_config(name)
+    return "image"
+
+
+def get_config(name: str, **overrides) -> CCTConfig | TextConfig:
+    """The config of a registered model (`TextConfig` for text models, else `CCTConfig`), with overrides
+    applied; unknown names or fields are errors."""
+    if name in TEXT_VARIANTS:
+        return get_text_config(name, **overrides)
     key = _ALIASES.get(name, name)
     if key not in _VARIANTS:
         close = [n for n in list_models() if n.startswith(name.split("_")[0])][:6]
@@ -88,16 +103,20 @@ def get_config(name: str, **overrides) -> CCTConfig:
     return replace(base, **overrides)
 
 
-def create_model(name: str, *, pretrained: str | None = None, **overrides) -> CCT:
+def create_model(name: str, *, pretrained: str | None = None, **overrides) -> CCT | TextCCT:
     """Build a registered model.
 
     Args:
         name: a name from `list_models()`.
         pretrained: optional path to weights to load: a cct checkpoint, an official SHI-Labs `.pth`
-            state dict, or a Keras `.weights.h5` (for `cct_2_3x2_32_keras`).
+            state dict, or a Keras `.weights.h5` (for `cct_2_3x2_32_keras`); for a text model, a state
+            dict of the official text models (`cct.text_model.create_text_model`).
         **overrides: `CCTConfig` fields, e.g. `num_classes`, `img_size` (int or (h, w)), `in_chans`,
-            `positional_embedding`, `drop_rate`, `attn_drop_rate`, `drop_path_rate`.
+            `positional_embedding`, `drop_rate`, `attn_drop_rate`, `drop_path_rate`; for a text model,
+            `TextConfig` fields, e.g. `kernel_size`, `vocab_size`, `seq_len`, `num_classes`.
     """
+    if name in TEXT_VARIANTS:
+        return create_text_model(name, pretrained=pretrained, **overrides)
     model = CCT(get_config(name, **overrides))
     model.name = _ALIASES.get(name, name)
     if pretrained is not None:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write
 from .plots import plot_curves
+from .kinds import RunInputs, TextPreprocessing
 from .preprocess import Preprocessing
 from .recipes import TrainConfig
 from .runtime import processor_name
@@ -86,13 +87,16 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def resolved_config(cfg: TrainConfig, *, precision: str, device: str, world_size: int, total_steps: int,
-                    steps_per_epoch: int, num_classes: int, prep: Preprocessing) -> dict:
+                    steps_per_epoch: int, num_classes: int, prep: Preprocessing | TextPreprocessing) -> dict:
     """The contents of config.json: the configuration, and what the run resolved of it."""
+    if isinstance(prep, TextPreprocessing):
+        inputs = {"seq_len_resolved": prep.seq_len}
+    else:
+        inputs = {"in_chans": prep.in_chans, "img_size_resolved": list(prep.img_size),
+                  "mean": list(prep.mean) if prep.mean else None, "std": list(prep.std) if prep.std else None}
     return {**cfg.to_dict(), "precision_resolved": precision, "device_resolved": device,
             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
-            "in_chans": prep.in_chans, "img_size_resolved": list(prep.img_size),
-            "mean": list(prep.mean) if prep.mean else None, "std": list(prep.std) if prep.std else None,
-            "world_size": world_size}
+            **inputs, "world_size": world_size}
 
 
 def brief(metrics: dict | None) -> dict | None:
@@ -100,32 +104,34 @@ def brief(metrics: dict | None) -> dict | None:
     return None if metrics is None else {k: metrics[k] for k in ("top1", "top5", "loss")}
 
 
-def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, dataset, train_images: int,
+def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, inputs: RunInputs, train_images: int,
             val_images: int | None, skipped_steps: int, precision: str, world_size: int, device: str,
-            split: dict | None = None, macs_per_image: int | None = None) -> dict:
+            macs_per_image: int | None = None) -> dict:
     """The contents of results.json. `val_images` is None for a run without a validation split.
 
     Machine-independent figures, to compare runs on different computers: `train_images_seen` and
     `train_tflop`, forward + backward (taken as 3 forward passes, 2 FLOPs a multiply-accumulate) of
-    every image trained on, at the resolution trained; beside them the processor and whether bf16 was used.
+    every example trained on, at the resolution trained; beside them the processor and whether bf16 was used.
     """
+    split = inputs.split_record
     validated = val_images is not None
     return {
         "model": cfg.model, "recipe": cfg.recipe, "params": params, "epochs": state["epoch"],
         "steps": state["step"], "test_top1": test["top1"] if test else None, "test_top5": test["top5"] if test else None,
-        "test_loss": test["loss"] if test else None, "test_images": len(dataset.test.labels) if test else 0,
+        "test_loss": test["loss"] if test else None, "test_images": len(inputs.test_set) if test else 0,
         "best_epoch": state["best_epoch"], "best_val_top1": state["best_top1"] if validated else None,
         "weights": "best" if cfg.restore_best and validated else "last",
         "train_seconds": round(state["train_seconds"], 2),
         "images_per_second": round(state["images"] / max(state["train_seconds"], 1e-9), 1),
         "train_images": train_images, "val_images": val_images or 0,
-        "data": cfg.data, "classes": list(dataset.classes), "skipped_images": dataset.skipped,
+        "data": cfg.data, "classes": list(inputs.classes), "skipped_images": inputs.skipped,
         "skipped_steps": skipped_steps, "precision": precision, "seed": cfg.seed, "world_size": world_size,
         "device": device, "processor": processor_name(device), "bf16": precision == "bf16",
         "train_images_seen": state["images"],
         "train_tflop": round(6 * macs_per_image * state["images"] / 1e12, 3) if macs_per_image else None,
         # class folders and CSVs: the recorded test split (its files are listed in split.json)
         "test_split": {"seed": split["seed"], "fraction": split["fraction"], "files": "split.json"} if split else None,
+        "kind": inputs.kind, **inputs.results,
     }
 
 

@@ -4,7 +4,9 @@
 benchmark measures exactly what training does. Its body is one ordered list, as nanoGPT's loop:
 set lr → augment → forward → loss → backward → gradient exchange → step → zero_grad → metrics.
 The learning-rate schedule is a small pure function of the step (`lr_at`); which parameters get
-weight decay is part of the recipe (`param_groups`).
+weight decay is part of the recipe (`param_groups`). The batch's kind (uint8 images, token batches)
+is settled by its augmentation config (`cct.kinds.augmenter`): the step itself sees the model's
+positional arguments and targets.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .policies import AugmentConfig, augment_batch
 from .errors import CCTError
+from .kinds import TextAugmentConfig, augmenter
+from .policies import AugmentConfig
 from .recipes import TrainConfig
 from .runtime import autocast
 
@@ -93,16 +96,18 @@ def reduce_metrics(values: torch.Tensor) -> torch.Tensor:
 
 
 class TrainStep:
-    """One optimisation step on a uint8 batch: augment → forward → loss → backward → step → zero_grad.
+    """One optimisation step on a batch: augment → forward → loss → backward → step → zero_grad.
 
     `train()` and `cct bench` both call this object, so a benchmark times exactly what training does.
     Running sums (loss, correct, images) stay on the device; `totals()` syncs once to read them.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg: AugmentConfig, *,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 aug_cfg: AugmentConfig | TextAugmentConfig, *,
                  precision: str, device: torch.device | str, label_smoothing: float, num_classes: int,
                  generator: torch.Generator, skip_nonfinite: bool = False, sync_grads: bool = False):
         self.model, self.optimizer, self.aug_cfg = model, optimizer, aug_cfg
+        self.augment = augmenter(aug_cfg)  # the kind's: uint8 images → (x,), token batches → (ids, mask)
         self.sync_grads = sync_grads  # average gradients over processes here (a model not wrapped in DDP)
         self.precision, self.device = precision, torch.device(device)
         self.label_smoothing, self.num_classes, self.generator = label_smoothing, num_classes, generator
@@ -129,9 +134,10 @@ class TrainStep:
         seen = int(seen)
         return (float(loss_sum) / seen, float(correct) / seen, seen) if seen else (float("nan"), float("nan"), 0)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float, *, mix: bool = True,
+    def __call__(self, inputs, labels: torch.Tensor, lr: float, *, mix: bool = True,
                  share: typing.Callable[[], tuple[bool, ...]] | None = None) -> torch.Tensor:
-        """Train on one batch of uint8 images (B, C, H, W) and int64 labels; returns the detached loss.
+        """Train on one batch (uint8 images (B, C, H, W), or a `cct.kinds.TokenBatch`) and int64 labels;
+        returns the detached loss.
 
         `share`: the loop's stop decisions, read once the gradients are computed, OR-ed over processes
         and left in `self.shared`; they travel in the step's own collective where it has one, so that
@@ -139,11 +145,12 @@ class TrainStep:
         """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, targets = augment_batch(images, labels, self.generator, self.aug_cfg, num_classes=self.num_classes, mix=mix)
-        x = x.to(self.device, non_blocking=True)
+        args, targets = self.augment(inputs, labels, self.generator, self.aug_cfg, num_classes=self.num_classes,
+                                     mix=mix)
+        args = [a.to(self.device, non_blocking=True) for a in args]
         targets = targets.to(self.device, non_blocking=True)
         with autocast(self.precision, self.device):
-            logits = self.model(x)
+            logits = self.model(*args)
         # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
         smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
@@ -190,10 +197,10 @@ class TrainStep:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg: AugmentConfig, *,
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg: AugmentConfig | TextAugmentConfig, *,
                     precision: str, device: torch.device | str, label_smoothing: float, num_classes: int,
                     generator: torch.Generator, skip_nonfinite: bool = False, world_size: int = 1) -> TrainStep:
-    """The per-batch work of `train()`: `step(x_uint8, labels, lr, mix=True) -> loss`.
+    """The per-batch work of `train()`: `step(inputs, labels, lr, mix=True) -> loss` (inputs of `aug_cfg`'s kind).
 
     With `world_size` > 1, `model` is what `wrap_model` returned: DistributedDataParallel on GPUs, else
     the plain model, whose gradients the step averages over processes itself.

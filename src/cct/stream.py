@@ -153,6 +153,10 @@ class StreamImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def inputs(self) -> StreamImages:
+        return self.images
+
     def subset(self, indices: torch.Tensor) -> StreamImageSet:
         return StreamImageSet(self.images.take(indices), self.labels[indices].contiguous())
 

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import read_checkpoint
 from .errors import CheckpointError
 from .layers import drop_path, sinusoidal_embedding
+from .safeload import read_checkpoint
 
 FAMILIES = ("cct", "cvt", "vit", "transformer")
 POSITIONAL_EMBEDDINGS = ("sine", "learnable", "none")
@@ -44,6 +44,7 @@ class TextConfig:
     seq_len: int = 64  # token ids per text the model is built for (sizes its positional embedding)
     num_classes: int = 6
     padding_idx: int = 1  # the official Embedder's
+    embedding_std: float = 1.0  # word vectors start N(0, embedding_std²): nn.Embedding's N(0, 1), as the official
     # conv tokenizer (cct: conv → ReLU → max-pool; cvt/vit: patches of `kernel_size` words)
     kernel_size: int = 4
     stride: int | None = None  # None: max(1, k//2 - 1) for cct, k for cvt/vit (the official rules)
@@ -80,6 +81,7 @@ class TextConfig:
         assert self.embed_dim % self.num_heads == 0, \
             f"embed_dim {self.embed_dim} is not divisible by {self.num_heads} heads"
         assert self.vocab_size > self.padding_idx >= 0, f"vocab_size {self.vocab_size} must exceed padding_idx"
+        assert self.embedding_std > 0, f"embedding_std must be positive, got {self.embedding_std}"
         assert self.seq_len > 0 and self.num_classes >= 0 and self.depth > 0 and self.stride > 0 and self.padding >= 0
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             assert 0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}"
@@ -222,8 +224,8 @@ class TextCCT(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """As the official code: N(0, 1) word vectors (padding row 0), kaiming-normal conv,
-        trunc-normal(0.02) linears, zero class token, trunc-normal(0.2) learnable positions."""
+        """As the official code: N(0, 1) word vectors (padding row 0; `embedding_std` scales them), kaiming-normal
+        conv, trunc-normal(0.02) linears, zero class token, trunc-normal(0.2) learnable positions."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
@@ -234,7 +236,9 @@ class TextCCT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.embedding.reset_parameters()
+        with torch.no_grad():
+            nn.init.normal_(self.embedding.weight, std=self.cfg.embedding_std)  # nn.Embedding's own draw when 1
+            self.embedding.weight[self.cfg.padding_idx].zero_()
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.2)
 

@@ -33,14 +33,17 @@ class TextTokenizer:
     Build one with `TextTokenizer.train(texts, ...)` or `TextTokenizer.from_json(text)`.
     """
 
-    def __init__(self, backend: Tokenizer, *, kind: str, lowercase: bool, vocab_limit: int):
+    def __init__(self, backend: Tokenizer, *, kind: str, lowercase: bool, vocab_limit: int,
+                 seq_len: int | None = None):
         assert kind in KINDS, f"kind must be one of {KINDS}, got {kind!r}"
+        assert seq_len is None or seq_len > 0, f"seq_len must be positive, got {seq_len}"
         assert backend.token_to_id(UNK) == UNK_ID and backend.token_to_id(PAD) == PAD_ID, \
             f"the vocabulary must start with {UNK} (0) and {PAD} (1)"
         self.backend = backend
         self.kind = kind
         self.lowercase = lowercase
         self.vocab_limit = vocab_limit
+        self.seq_len = seq_len  # `encode`'s default length: the model's, once trained with one (`cct train`)
 
     @classmethod
     def train(cls, texts: Iterable[str], *, kind: str = "word", lowercase: bool = True, vocab_size: int = 30_000,
@@ -82,11 +85,12 @@ class TextTokenizer:
         """The tokens of one text, as the model sees them (before truncation)."""
         return self.backend.encode(text, add_special_tokens=False).tokens
 
-    def encode(self, texts: Sequence[str], *, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def encode(self, texts: Sequence[str], *, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Token ids (B, L) padded with [PAD], their mask (B, L) (True for real tokens), and how many
-        texts were truncated to `seq_len` tokens. L is the longest text's length, at most `seq_len` (at
-        least 1: a text without tokens has an all-False row)."""
-        assert seq_len > 0, f"seq_len must be positive, got {seq_len}"
+        texts were truncated to `seq_len` tokens (default: `self.seq_len`, the trained model's). L is the
+        longest text's length, at most `seq_len` (at least 1: a text without tokens has an all-False row)."""
+        seq_len = seq_len or self.seq_len
+        assert seq_len is not None and seq_len > 0, f"seq_len must be positive (or set on the tokenizer), got {seq_len}"
         encoded = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
         truncated = sum(len(ids) > seq_len for ids in encoded)
         length = max([1] + [min(len(ids), seq_len) for ids in encoded])
@@ -101,7 +105,8 @@ class TextTokenizer:
     def to_json(self) -> str:
         """The tokenizer and its recipe as one JSON string (to store inside a checkpoint)."""
         return json.dumps({"format": FORMAT, "version": VERSION, "kind": self.kind, "lowercase": self.lowercase,
-                           "vocab_limit": self.vocab_limit, "tokenizer": json.loads(self.backend.to_str())})
+                           "vocab_limit": self.vocab_limit, "seq_len": self.seq_len,
+                           "tokenizer": json.loads(self.backend.to_str())})
 
     @classmethod
     def from_json(cls, text: str) -> "TextTokenizer":
@@ -113,14 +118,16 @@ class TextTokenizer:
             if data.get("version") != VERSION:
                 raise ValueError(f"unsupported version {data.get('version')!r}")
             backend = Tokenizer.from_str(json.dumps(data["tokenizer"]))
+            seq_len = data.get("seq_len")  # absent from tokenizers saved before it existed
             return cls(backend, kind=data["kind"], lowercase=bool(data["lowercase"]),
-                       vocab_limit=int(data["vocab_limit"]))
+                       vocab_limit=int(data["vocab_limit"]), seq_len=int(seq_len) if seq_len is not None else None)
         except Exception as e:  # json/KeyError/TypeError/AssertionError, and tokenizers raises plain Exception
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CCTError(f"unreadable text tokenizer: {detail[:200]}") from None
 
     def __repr__(self) -> str:
-        return f"TextTokenizer(kind={self.kind!r}, lowercase={self.lowercase}, vocab_size={self.vocab_size})"
+        return (f"TextTokenizer(kind={self.kind!r}, lowercase={self.lowercase}, vocab_size={self.vocab_size}, "
+                f"seq_len={self.seq_len})")
 
 
 def load_word_vectors(path: str | Path, tokenizer: TextTokenizer, embedding: nn.Embedding) -> int:

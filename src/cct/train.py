@@ -2,7 +2,8 @@
 
 As nanoGPT's train.py, one `train(config) -> results` function whose body is an ordered list of
 phases (where the run stands → runtime → data → model and step → position → length → epochs →
-test). Beside it: the step, optimiser and schedule (`cct.step`), recipes (`cct.recipes`), last.pt
+test). The data phase is the input kind's (`cct.kinds`): `cct.image_run` for images, `cct.text_run`
+for text; every later phase sees batches of (inputs, labels) and a model config. Beside it: the step, optimiser and schedule (`cct.step`), recipes (`cct.recipes`), last.pt
 and the random streams (`cct.resume`), the output files (`cct.runfiles`), the time budget
 (`cct.budget`), the command line (`cct.cli`).
 
@@ -32,23 +33,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import budget, distributed, runfiles
+from . import budget, distributed, kinds, runfiles
 from . import data as data_mod
 from .checkpoint import read_checkpoint, remove_stale_temporaries, save_checkpoint
-from .cifar import CIFAR_MEAN, CIFAR_STD
-from .data import Dataset, ImageSet
+from .data import Dataset
 from .errors import CCTError
 from .evaluate import evaluate, metrics, predict_logits
+from .image_run import image_inputs
 from .kernels import fuse, use_kernels
+from .kinds import RunInputs, TextPreprocessing
 from .model import count_macs, num_params
 from .preprocess import Preprocessing
 from .recipes import TrainConfig, make_config, validate
-from .registry import create_model
+from .registry import create_model, model_kind
 from .runlock import hold_run_lock
 from .resume import is_finished, last_state, read_last, restore, resume_config
 from .runfiles import log
 from .runtime import configure_threads, resolve_device, resolve_precision
-from .step import NonFiniteLossError, TrainStep, augment_config, lr_at, make_optimizer, make_train_step, wrap_model
+from .step import NonFiniteLossError, TrainStep, lr_at, make_optimizer, make_train_step, wrap_model
+from .text_data import TextDataset
+from .text_run import text_inputs
 
 # `make_config` and `resume_config` stay importable from here: the two ways to get a `train()` config
 __all__ = ["TrainingInterrupted", "make_config", "resume_config", "train"]
@@ -62,55 +66,19 @@ class TrainingInterrupted(CCTError):
         self.exit_code = exit_code
 
 
-# ---------------------------------------------------------------------- data and model
-def _load_data(cfg: TrainConfig, dataset: Dataset | None, quiet: bool) -> tuple[Dataset, ImageSet, ImageSet | None]:
-    if dataset is None:
-        with distributed.main_process_first():  # rank 0 decodes and caches; the others then read the cache
-            dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
-                                    skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
-                                    threshold=cfg.stream_threshold, workers=cfg.loader_workers,
-                                    processes_per_machine=distributed.env_from_environ().local_world_size,
-                                    resize_mode=cfg.resize_mode, test_split=cfg.test_split, seed=cfg.seed)
-    train_set, val_set = data_mod.split(dataset, train_limit=cfg.train_limit, val_split=cfg.val_split, seed=cfg.seed)
-    if len(train_set.labels) == 0:
-        raise CCTError(f"{cfg.data}: no training images")
-    return dataset, train_set, val_set
-
-
-def _mean_std(cfg: TrainConfig, train_images: torch.Tensor) -> tuple[tuple | None, tuple | None]:
-    """The normalisation as fractions of 255 (None: x / 255), recorded in every checkpoint."""
-    channels = train_images.shape[1]
-    if cfg.normalize == "pretrained":  # what the weights were trained with (`Preprocessing.of_weights`)
-        prep = Preprocessing.of_weights(cfg.pretrained, in_chans=channels)
-        return prep.mean, prep.std
-    if cfg.normalize == "none":
-        return None, None
-    if cfg.normalize == "cifar":
-        if channels != len(CIFAR_MEAN):
-            raise CCTError(f"--normalize cifar needs {len(CIFAR_MEAN)}-channel images, the data has {channels}; "
-                           "use --normalize dataset")
-        return tuple(CIFAR_MEAN), tuple(CIFAR_STD)
-    sums = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
-    for chunk in train_images.split(4096):
-        x = chunk.double() / 255
-        sums += x.sum((0, 2, 3))
-        squares += (x * x).sum((0, 2, 3))
-    n = train_images.shape[0] * train_images.shape[2] * train_images.shape[3]
-    mean = sums / n
-    std = (squares / n - mean ** 2).clamp_min(1e-12).sqrt()
-    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
-
-
-def _build_model(cfg: TrainConfig, classes: list[str], *, num_classes: int, in_chans: int,
-                 img_size: tuple[int, int], device: torch.device, pretrained: str | None) -> nn.Module:
+# ---------------------------------------------------------------------- model
+def _build_model(cfg: TrainConfig, inputs: RunInputs, *, num_classes: int, device: torch.device,
+                 pretrained: str | None) -> nn.Module:
+    classes = inputs.classes
     if num_classes < len(classes):
         raise CCTError(f"--num-classes {num_classes} is fewer than the data's {len(classes)} classes")
     drop_rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
                   if getattr(cfg, k) is not None}
-    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                         pretrained=pretrained, **drop_rates)
+    model = create_model(cfg.model, num_classes=num_classes, pretrained=pretrained, **inputs.model_overrides,
+                         **drop_rates)
     model.class_names = list(classes)
+    if inputs.setup_model is not None:
+        inputs.setup_model(model)
     use_kernels(model, cfg.kernels)
     return model.to(device)  # unwrapped: checkpoints, evaluation, optimiser; the step trains through wrap_model
 
@@ -131,8 +99,7 @@ class _Run:
     step: TrainStep
     data_gen: torch.Generator  # the data order: the same on every rank
     aug_gen: torch.Generator  # augmentation: this rank's own
-    prep: Preprocessing  # evaluation's input and settings, saved in every checkpoint as "eval"
-    split: dict | None  # class folders and CSVs: the recorded test split, saved in every checkpoint
+    inputs: RunInputs  # the splits, the input record (`prep`, saved in every checkpoint as "eval"), ...
     steps_per_epoch: int
     data_epoch_state: torch.Tensor  # `data_gen` at the start of the current epoch
     state: dict
@@ -147,6 +114,10 @@ class _Run:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def prep(self) -> Preprocessing | TextPreprocessing:
+        return self.inputs.prep
 
     def epochs_to_cover(self) -> int:
         """Epochs until total_steps, from the steps taken (an epoch cut short by a re-fit stays short)."""
@@ -168,18 +139,19 @@ class _Run:
         if self.is_main:
             runfiles.write_json(self.out / "config.json", self.resolved)
 
-    def eval_metrics(self, images: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> dict:
+    def eval_metrics(self, inputs, labels: torch.Tensor, smoothing: float = 0.0) -> dict:
         if self.world_size == 1:  # `evaluate` starts with `cct.kernels.fuse`: the weights as they are now
-            return evaluate(self.model, images, labels, self.prep, device=self.device, label_smoothing=smoothing)
+            return evaluate(self.model, inputs, labels, self.prep, device=self.device, label_smoothing=smoothing)
         # each rank predicts its share; the gathered logits give every rank the same metrics
         fuse(self.model)
         logits = distributed.sharded_rows(lambda part: predict_logits(self.model, part, self.prep, device=self.device),
-                                          images)
+                                          inputs)
         return metrics(logits, labels, label_smoothing=smoothing, class_names=self.model.class_names)
 
     def records(self) -> dict:
         """What every checkpoint of the run carries for `cct eval` and `cct predict`."""
-        return {"eval": self.prep.to_dict(), **({"split": self.split} if self.split else {})}
+        split = self.inputs.split_record
+        return {"eval": self.prep.to_dict(), **({"split": split} if split else {})}
 
     def save_last(self) -> None:
         """Every rank calls this (it gathers); rank 0 writes."""
@@ -224,13 +196,14 @@ def _stop_on_signals(run: _Run):
 
 
 # ---------------------------------------------------------------------- the loop
-def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool = False, quiet: bool = False,
+def train(config: TrainConfig, *, dataset: Dataset | TextDataset | None = None, resume: bool = False, quiet: bool = False,
           stop_at_step: int | None = None, rank: int = 0, world_size: int = 1) -> dict:
     """Train a model as `config` says, writing checkpoints, history, curves and results to `config.out`.
 
     Args:
         config: the run's configuration (see `make_config`).
-        dataset: an in-memory `cct.data.Dataset` to use instead of loading `config.data`.
+        dataset: an in-memory `cct.data.Dataset` (or `cct.text_data.TextDataset`) to use instead of loading
+            `config.data`.
         resume: continue the run in `config.out` from its `last.pt`.
         quiet: no progress bar or per-epoch lines.
         stop_at_step: stop as if interrupted after this many optimisation steps (for tests and sessions).
@@ -246,8 +219,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, resume: bool =
                       world_size=world_size)
 
 
-def _train(config: TrainConfig, *, dataset: Dataset | None, resume: bool, quiet: bool, stop_at_step: int | None,
-           rank: int, world_size: int) -> dict:
+def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume: bool, quiet: bool,
+           stop_at_step: int | None, rank: int, world_size: int) -> dict:
     """`train()`'s phases, in order, under the run folder's lock."""
     cfg = config
     validate(cfg)
@@ -272,27 +245,28 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, resume: bool, quiet:
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
 
-    # data, and its normalisation: the recorded one when resuming, even if "dataset" statistics would now differ
-    dataset, train_set, val_set = _load_data(cfg, dataset, quiet)
-    n_train, (in_chans, height, width) = len(train_set.labels), tuple(train_set.images.shape[1:])
-    num_classes = cfg.num_classes or len(dataset.classes)
-    if checkpoint is None:
-        mean, std = _mean_std(cfg, train_set.images)
+    # data of the model's kind (images, text): the splits, the input record, the augmentation
+    if dataset is None:
+        kind = kinds.data_kind(cfg.data, cfg.data_kind, cfg.model)
+    elif (kind := "text" if isinstance(dataset, TextDataset) else "image") != model_kind(cfg.model):
+        raise CCTError(f"--model {cfg.model} is a {model_kind(cfg.model)} model, but the dataset given holds {kind}")
+    if kind == "text":
+        inputs = text_inputs(cfg, checkpoint=checkpoint, precision=precision, quiet=quiet, dataset=dataset)
     else:
-        mean, std = (tuple(v) if v else None for v in (checkpoint["eval"]["mean"], checkpoint["eval"]["std"]))
-    prep = Preprocessing((height, width), in_chans, mean, std, precision=precision, batch_size=cfg.eval_batch_size,
-                         tta=cfg.tta, resize_mode=cfg.resize_mode)
+        inputs = image_inputs(cfg, dataset, checkpoint=checkpoint, precision=precision, quiet=quiet)
+    train_set, val_set, n_train = inputs.train_set, inputs.val_set, len(inputs.train_set)
+    num_classes = cfg.num_classes or len(inputs.classes)
 
     # model, optimiser and step; the data order is shared by every rank, augmentation and dropout are
     # each rank's own (rank 0's: one process's)
-    model = _build_model(cfg, dataset.classes, num_classes=num_classes, in_chans=in_chans, img_size=(height, width),
-                         device=device, pretrained=cfg.pretrained if checkpoint is None else None)
+    model = _build_model(cfg, inputs, num_classes=num_classes, device=device,
+                         pretrained=cfg.pretrained if checkpoint is None else None)
     optimizer = make_optimizer(model, cfg)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 2, rank))
     if rank:
         torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
-    step = make_train_step(wrap_model(model, world_size), optimizer, augment_config(cfg, mean, std),
+    step = make_train_step(wrap_model(model, world_size), optimizer, inputs.aug_cfg,
                            precision=precision, device=device, label_smoothing=cfg.label_smoothing,
                            num_classes=num_classes, generator=aug_gen, skip_nonfinite=cfg.skip_nonfinite,
                            world_size=world_size)
@@ -300,8 +274,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, resume: bool, quiet:
     state = {"epoch": 0, "batch": 0, "step": 0, "total_steps": cfg.epochs * steps_per_epoch, "best_top1": -1.0,
              "best_epoch": 0, "train_seconds": 0.0, "images": 0, "finished": False}
     run = _Run(cfg=cfg, out=out, rank=rank, world_size=world_size, quiet=quiet, device=device, precision=precision,
-               model=model, optimizer=optimizer, step=step, data_gen=data_gen, aug_gen=aug_gen, prep=prep,
-               split=dataset.split_record,
+               model=model, optimizer=optimizer, step=step, data_gen=data_gen, aug_gen=aug_gen, inputs=inputs,
                steps_per_epoch=steps_per_epoch, data_epoch_state=data_gen.get_state(),
                state=state)
 
@@ -328,11 +301,11 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, resume: bool, quiet:
     run.cooldown_steps = min(round(cfg.cooldown_epochs * steps_per_epoch), state["total_steps"] // 4)
     run.resolved = runfiles.resolved_config(cfg, precision=precision, device=str(device), world_size=world_size,
                                             total_steps=state["total_steps"], steps_per_epoch=steps_per_epoch,
-                                            num_classes=num_classes, prep=prep)
+                                            num_classes=num_classes, prep=inputs.prep)
     if rank == 0:
         runfiles.write_json(out / "config.json", run.resolved)
-        if run.split:
-            runfiles.write_json(out / "split.json", run.split)
+        if inputs.split_record:
+            runfiles.write_json(out / "split.json", inputs.split_record)
 
     # the epochs; a budget counts from the first training step, as the time to accuracy is measured
     if budgeted:
@@ -344,11 +317,11 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, resume: bool, quiet:
             _end_epoch(run, val_set, lr=lr, t_epoch=t_epoch, first_step=first_step, stop_at_step=stop_at_step)
 
     # test: with the best validation weights when asked (the Keras example's ModelCheckpoint + load_weights)
-    test = _test(run, dataset, val_set)
-    results = runfiles.results(cfg, state=state, test=test, params=num_params(model), dataset=dataset,
+    test = _test(run)
+    results = runfiles.results(cfg, state=state, test=test, params=num_params(model), inputs=inputs,
                                train_images=n_train, val_images=len(val_set.labels) if val_set is not None else None,
                                skipped_steps=step.skipped, precision=precision, world_size=world_size,
-                               device=str(device), split=run.split, macs_per_image=count_macs(model))
+                               device=str(device), macs_per_image=count_macs(model) if kind == "image" else None)
     if rank == 0:
         runfiles.write_json(out / "results.json", results)
         log(quiet, runfiles.done_line(results, out))
@@ -356,7 +329,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, resume: bool, quiet:
     return results
 
 
-def _train_epoch(run: _Run, train_set: ImageSet, *, t_epoch: float, stop_at_step: int | None) -> float:
+def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | None) -> float:
     """The steps of one epoch (from `state["batch"]` on, to the epoch's end or a stop); returns the last lr.
 
     Stopped inside the epoch (a signal, `stop_at_step`): last.pt records the position, then
@@ -376,12 +349,12 @@ def _train_epoch(run: _Run, train_set: ImageSet, *, t_epoch: float, stop_at_step
     bar = runfiles.progress_bar(run.quiet, epoch, run.total_epochs, n_train, state["batch"] * (cfg.batch_size // run.world_size))
     lr = run.lr(state["step"])
     try:
-        for idx, images, labels in data_mod.load_batches(train_set, batches, pin_memory=run.device.type == "cuda"):
+        for idx, batch, labels in data_mod.load_batches(train_set, batches, pin_memory=run.device.type == "cuda"):
             if state["batch"] >= steps_this_epoch:
                 break
             lr = run.lr(state["step"])
             try:  # the stop flags travel with the step's exchange: one decision for all ranks, or some would wait
-                step(images, labels, lr, mix=mix, share=run.stop_flags)
+                step(batch, labels, lr, mix=mix, share=run.stop_flags)
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(
                     f"{e} at epoch {epoch + 1}, step {state['batch'] + 1}; stopped without saving — the last good "
@@ -413,13 +386,13 @@ def _train_epoch(run: _Run, train_set: ImageSet, *, t_epoch: float, stop_at_step
     return lr
 
 
-def _end_epoch(run: _Run, val_set: ImageSet | None, *, lr: float, t_epoch: float, first_step: int,
+def _end_epoch(run: _Run, val_set, *, lr: float, t_epoch: float, first_step: int,
                stop_at_step: int | None) -> None:
     """Evaluate, then best.pt → last.pt → history.csv (a crash between them is harmless)."""
     cfg, state = run.cfg, run.state
     epoch = state["epoch"]
     train_loss, train_top1, _ = run.step.totals()
-    val = run.eval_metrics(val_set.images, val_set.labels, cfg.label_smoothing) if val_set is not None else None
+    val = run.eval_metrics(val_set.inputs, val_set.labels, cfg.label_smoothing) if val_set is not None else None
     state.update(epoch=epoch + 1, batch=0)
     row = runfiles.history_row(epoch + 1, lr=lr, train_loss=train_loss, train_top1=train_top1, val=val,
                                seconds=time.perf_counter() - t_epoch)
@@ -455,11 +428,11 @@ def _refit_to_budget(run: _Run, *, t_epoch: float, first_step: int) -> None:
         run.total_epochs = run.epochs_to_cover()
 
 
-def _test(run: _Run, dataset: Dataset, val_set: ImageSet | None) -> dict | None:
-    best_path = run.out / "best.pt"
-    if run.cfg.restore_best and val_set is not None and distributed.from_main(run.is_main and best_path.is_file()):
+def _test(run: _Run) -> dict | None:
+    best_path, test_set = run.out / "best.pt", run.inputs.test_set
+    if run.cfg.restore_best and run.inputs.val_set is not None and distributed.from_main(run.is_main and best_path.is_file()):
         if run.is_main:  # other machines may not see rank 0's files: rank 0 reads, then sends the weights
             run.model.load_state_dict(read_checkpoint(best_path)["state_dict"])
         distributed.broadcast_module(run.model)
-    return run.eval_metrics(dataset.test.images, dataset.test.labels) if dataset.test is not None else None
+    return run.eval_metrics(test_set.inputs, test_set.labels) if test_set is not None else None
 

@@ -1,0 +1,77 @@
+"""The data phase of `cct train` for images: load and split, the normalisation, the input record.
+
+`image_inputs` returns the `cct.kinds.RunInputs` of an image run: the seeded, stratified training and
+validation sets (`cct.data.split`), the test split, the `Preprocessing` record saved in every
+checkpoint (its normalisation measured on the training split, or the recorded one when resuming),
+and the recipe's augmentation (`cct.step.augment_config`).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import distributed
+from . import data as data_mod
+from .cifar import CIFAR_MEAN, CIFAR_STD
+from .data import Dataset, ImageSet
+from .errors import CCTError
+from .kinds import RunInputs
+from .preprocess import Preprocessing
+from .recipes import TrainConfig
+from .step import augment_config
+
+
+def _load_data(cfg: TrainConfig, dataset: Dataset | None, quiet: bool) -> tuple[Dataset, ImageSet, ImageSet | None]:
+    if dataset is None:
+        with distributed.main_process_first():  # rank 0 decodes and caches; the others then read the cache
+            dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                                    skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
+                                    threshold=cfg.stream_threshold, workers=cfg.loader_workers,
+                                    processes_per_machine=distributed.env_from_environ().local_world_size,
+                                    resize_mode=cfg.resize_mode, test_split=cfg.test_split, seed=cfg.seed)
+    train_set, val_set = data_mod.split(dataset, train_limit=cfg.train_limit, val_split=cfg.val_split, seed=cfg.seed)
+    if len(train_set.labels) == 0:
+        raise CCTError(f"{cfg.data}: no training images")
+    return dataset, train_set, val_set
+
+
+def _mean_std(cfg: TrainConfig, train_images: torch.Tensor) -> tuple[tuple | None, tuple | None]:
+    """The normalisation as fractions of 255 (None: x / 255), recorded in every checkpoint."""
+    channels = train_images.shape[1]
+    if cfg.normalize == "pretrained":  # what the weights were trained with (`Preprocessing.of_weights`)
+        prep = Preprocessing.of_weights(cfg.pretrained, in_chans=channels)
+        return prep.mean, prep.std
+    if cfg.normalize == "none":
+        return None, None
+    if cfg.normalize == "cifar":
+        if channels != len(CIFAR_MEAN):
+            raise CCTError(f"--normalize cifar needs {len(CIFAR_MEAN)}-channel images, the data has {channels}; "
+                           "use --normalize dataset")
+        return tuple(CIFAR_MEAN), tuple(CIFAR_STD)
+    sums = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for chunk in train_images.split(4096):
+        x = chunk.double() / 255
+        sums += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    n = train_images.shape[0] * train_images.shape[2] * train_images.shape[3]
+    mean = sums / n
+    std = (squares / n - mean ** 2).clamp_min(1e-12).sqrt()
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+def image_inputs(cfg: TrainConfig, dataset: Dataset | None, *, checkpoint: dict | None, precision: str,
+                  quiet: bool) -> RunInputs:
+    """The data phase for images: load and split, the normalisation (the recorded one when resuming, even if
+    "dataset" statistics would now differ), the input record and the augmentation."""
+    dataset, train_set, val_set = _load_data(cfg, dataset, quiet)
+    in_chans, height, width = tuple(train_set.images.shape[1:])
+    if checkpoint is None:
+        mean, std = _mean_std(cfg, train_set.images)
+    else:
+        mean, std = (tuple(v) if v else None for v in (checkpoint["eval"]["mean"], checkpoint["eval"]["std"]))
+    prep = Preprocessing((height, width), in_chans, mean, std, precision=precision, batch_size=cfg.eval_batch_size,
+                         tta=cfg.tta, resize_mode=cfg.resize_mode)
+    return RunInputs(kind="image", classes=list(dataset.classes), train_set=train_set, val_set=val_set,
+                     test_set=dataset.test, prep=prep, aug_cfg=augment_config(cfg, mean, std),
+                     model_overrides=dict(in_chans=in_chans, img_size=(height, width)), skipped=dataset.skipped,
+                     split_record=dataset.split_record)

@@ -1,0 +1,201 @@
+"""Input kinds: what a batch of inputs is, how training augments it, how evaluation prepares it.
+
+The training loop (`cct.train`), the step (`cct.step`), evaluation (`cct.evaluate`) and checkpoints
+(`cct.checkpoint`) work on batches of (inputs, labels) and a model config; what depends on what the
+inputs *are* sits behind one kind:
+
+| what                          | image                                     | text                                       |
+|-------------------------------|-------------------------------------------|--------------------------------------------|
+| a split                       | `cct.data.ImageSet`: uint8 (N, C, H, W)   | `TextSet`: a `TokenBatch` (ids + mask)     |
+| training augmentation         | `augment_images` (`cct.policies`)         | `augment_tokens` (token dropout)           |
+| its configuration             | `cct.policies.AugmentConfig`              | `TextAugmentConfig`                        |
+| evaluation's input record     | `cct.preprocess.Preprocessing`            | `TextPreprocessing`                        |
+| model and config              | `cct.model.CCT`, `CCTConfig`              | `cct.text_model.TextCCT`, `TextConfig`     |
+| data phase of `train()`       | `cct.image_run.image_inputs`              | `cct.text_run.text_inputs`                 |
+
+How a new kind plugs in:
+1. A split class with `inputs` (rows taken by `inputs[index_tensor]`, batches by
+   `inputs.split(n)`), int64 `labels`, `len()` and `subset(indices)`; `cct.data.split` then draws
+   the seeded, stratified `--train-limit` and `--val-split` subsets, and `cct.data.load_batches`
+   batches it.
+2. An augmentation function `augment(inputs, labels, generator, aug_cfg, *, num_classes, mix) ->
+   (model_args, targets)` for its config dataclass, entered in `AUGMENTERS`: `TrainStep` moves
+   `model_args` (a tuple of tensors) to the device and calls `model(*model_args)`.
+3. An input record (frozen dataclass) with `model_args(batch)`, `precision`, `batch_size`, `tta`,
+   and `to_dict()` with a "kind" entry, read back by `preprocessing_from_checkpoint`: training
+   stores it in every checkpoint under "eval", and `cct eval` evaluates through it.
+4. A model class with the timm interface and a config dataclass (`to_dict`/`from_dict`), named in
+   `cct.registry` and in `cct.checkpoint.MODEL_CLASSES`.
+5. A data phase returning `RunInputs`, chosen in `cct.train` by `data_kind`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import CCTError
+from .policies import AugmentConfig, augment_batch
+from .preprocess import Preprocessing
+from .registry import model_kind
+from .text_data import detect_kind
+from .tokenizer import PAD_ID, UNK_ID
+
+KINDS = ("image", "text")
+DATA_KINDS = ("auto",) + KINDS
+
+
+# ---------------------------------------------------------------------- text inputs
+@dataclass
+class TokenBatch:
+    """Token ids (N, L) padded with [PAD] and their mask (N, L), True for real tokens (left-aligned)."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self):
+        assert self.ids.dtype == torch.int64 and self.mask.dtype == torch.bool and self.ids.shape == self.mask.shape
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows) -> "TokenBatch":
+        return TokenBatch(self.ids[rows], self.mask[rows])
+
+    def split(self, size: int) -> list["TokenBatch"]:
+        return [TokenBatch(i, m) for i, m in zip(self.ids.split(size), self.mask.split(size))]
+
+    def trimmed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) cut to the batch's longest text: the models ignore padding, so only the cost changes."""
+        length = max(1, int(self.mask.sum(1).max())) if len(self) else 1
+        return self.ids[:, :length], self.mask[:, :length]
+
+
+@dataclass
+class TextSet:
+    """One split of a text data set, tokenized: `inputs` a `TokenBatch`, `labels` int64 (N,)."""
+    inputs: TokenBatch
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        assert self.labels.dtype == torch.int64 and self.labels.shape == (len(self.inputs),)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> "TextSet":
+        return TextSet(self.inputs[indices], self.labels[indices].contiguous())
+
+
+@dataclass(frozen=True)
+class TextPreprocessing:
+    """A text model's input record (a checkpoint's "eval" entry): texts become `model.tokenizer.encode(texts,
+    seq_len=seq_len)` (longer texts keep their first `seq_len` tokens), evaluated at `precision` in batches
+    of `batch_size`. The tokenizer itself is the checkpoint's "tokenizer" entry."""
+    seq_len: int
+    precision: str = "fp32"
+    batch_size: int = 256
+    tta: bool = False  # test-time augmentation is an image notion: always off
+
+    def __post_init__(self):
+        assert self.seq_len >= 1, f"seq_len must be positive, got {self.seq_len}"
+        assert not self.tta, "test-time augmentation (--tta) is for image models"
+
+    def model_args(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch.trimmed()
+
+    def to_dict(self) -> dict:
+        return {"kind": "text", "inputs": ["token_ids", "mask"], "token_ids": "int64 (batch, length), [PAD] = "
+                f"{PAD_ID}, [UNK] = {UNK_ID}", "mask": "bool (batch, length), True for real tokens",
+                "seq_len": self.seq_len, "tokenizer": "the checkpoint's 'tokenizer' entry (cct.tokenizer JSON)",
+                "truncation": "texts longer than seq_len tokens keep their first seq_len",
+                "output": "logits (no softmax)", "precision": self.precision, "batch_size": self.batch_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextPreprocessing":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def preprocessing_from_checkpoint(data: dict) -> Preprocessing | TextPreprocessing:
+    """The input record of a checkpoint (`cct.checkpoint.read_checkpoint`'s dict), of its model's kind."""
+    recorded = data.get("eval") or {}
+    if recorded.get("kind") == "text" or data.get("config_class") == "TextConfig":
+        seq_len = recorded.get("seq_len") or (data.get("config") or {}).get("seq_len", 64)
+        return TextPreprocessing.from_dict({**recorded, "seq_len": int(seq_len)})
+    return Preprocessing.from_checkpoint(data)
+
+
+def model_args(prep: Preprocessing | TextPreprocessing, batch) -> tuple[torch.Tensor, ...]:
+    """The model's positional arguments for one batch of a split's `inputs`."""
+    return prep.model_args(batch) if isinstance(prep, TextPreprocessing) else (prep(batch),)
+
+
+# ---------------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class TextAugmentConfig:
+    """Text augmentation: each real token becomes [UNK] with probability `token_dropout` (0: off)."""
+    token_dropout: float = 0.0
+
+    def __post_init__(self):
+        assert 0.0 <= self.token_dropout < 1.0, f"token_dropout must be in [0, 1), got {self.token_dropout}"
+
+
+def augment_images(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, aug_cfg: AugmentConfig,
+                   *, num_classes: int, mix: bool = True) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+    """uint8 images → ((the normalised, augmented batch,), targets): `cct.policies.augment_batch`."""
+    x, targets = augment_batch(images, labels, generator, aug_cfg, num_classes=num_classes, mix=mix)
+    return (x,), targets
+
+
+def augment_tokens(batch: TokenBatch, labels: torch.Tensor, generator: torch.Generator, aug_cfg: TextAugmentConfig,
+                   *, num_classes: int, mix: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A `TokenBatch` → ((ids, mask) cut to the longest text, token dropout applied), labels)."""
+    ids, mask = batch.trimmed()
+    if aug_cfg.token_dropout > 0:
+        drop = torch.rand(ids.shape, generator=generator) < aug_cfg.token_dropout
+        ids = ids.masked_fill(drop & mask, UNK_ID)
+    return (ids, mask), labels
+
+
+# the augmentation function of each kind, by its configuration's type
+AUGMENTERS: dict[type, Callable] = {AugmentConfig: augment_images, TextAugmentConfig: augment_tokens}
+
+
+def augmenter(aug_cfg) -> Callable:
+    assert type(aug_cfg) in AUGMENTERS, f"no augmentation for {type(aug_cfg).__name__}"
+    return AUGMENTERS[type(aug_cfg)]
+
+
+# ---------------------------------------------------------------------- the data phase's result
+@dataclass
+class RunInputs:
+    """What the data phase of `cct.train.train` hands to the rest of the run, whatever the kind."""
+    kind: str
+    classes: list[str]
+    train_set: Any  # ImageSet, StreamImageSet or TextSet
+    val_set: Any | None
+    test_set: Any | None
+    prep: Preprocessing | TextPreprocessing  # saved in every checkpoint as "eval"
+    aug_cfg: AugmentConfig | TextAugmentConfig
+    model_overrides: dict  # `create_model` overrides the data decides (image size, vocabulary, ...)
+    skipped: int = 0  # bad examples skipped while loading
+    split_record: dict | None = None  # class folders and CSVs: the recorded test split (`cct.holdout`)
+    results: dict = field(default_factory=dict)  # extra results.json entries
+    setup_model: Callable[[nn.Module], None] | None = None  # once built (text: attach the tokenizer)
+
+
+def data_kind(data: str, requested: str, model: str) -> str:
+    """The kind of `--data`: `requested` ("image"/"text"), else judged by what it holds (`detect_kind`),
+    else the model's. A model of the other kind is a one-line `CCTError`."""
+    assert requested in DATA_KINDS, f"data kind must be one of {DATA_KINDS}, got {requested!r}"
+    wanted = model_kind(model)
+    kind = requested if requested != "auto" else (detect_kind(data) or wanted)
+    if kind != wanted:
+        how = "--data-kind" if requested != "auto" else "what it holds"
+        raise CCTError(f"--model {model} is {'a text' if wanted == 'text' else 'an image'} model, but --data "
+                       f"{Path(data).name or data} is {kind} data (by {how}): choose {'a text' if kind == 'text' else 'an image'} "
+                       "model")
+    return kind

@@ -1,0 +1,70 @@
+"""Reading checkpoint files into plain dicts without ever unpickling code.
+
+`.pt` files load with `torch.load(weights_only=True)`, `.safetensors` through safetensors (cct's own
+metadata, when present, decoded from JSON). Kept apart from `cct.checkpoint` (which builds models from
+what is read) so that model modules can read foreign weights without importing every model class.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT = "cct-checkpoint"
+VERSION = 1
+# plain-data extras that safetensors metadata carries too (as JSON): the input record, a text model's tokenizer,
+# the recorded test split of class folders and CSVs
+SAFETENSORS_EXTRAS = ("eval", "tokenizer", "split")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file into a plain dict, refusing anything that would need unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        return _read_safetensors(path)
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the outcome is what we report
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if re.search(r"GLOBAL|Unsupported global", str(e)):
+            raise CheckpointError(f"refusing to load {path}: it contains pickled Python objects, which could run "
+                                  "code (only tensors and plain data are accepted)") from None
+        raise CheckpointError(f"{path} is not a valid checkpoint (corrupt or not a PyTorch file)") from None
+    except Exception as e:  # truncated zip, random bytes, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a checkpoint or state dict")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    if meta.get("format") != FORMAT:
+        return {"state_dict": tensors}
+    try:
+        return {"format": FORMAT, "version": int(meta.get("version", 1)), "model_name": meta.get("model_name") or None,
+                "config": json.loads(meta["config"]), "class_names": json.loads(meta.get("class_names", "null")),
+                "state_dict": tensors, **({"config_class": meta["config_class"]} if "config_class" in meta else {}),
+                **{k: json.loads(meta[k]) for k in SAFETENSORS_EXTRAS if k in meta}}
+    except (KeyError, ValueError) as e:  # damaged or hand-made metadata
+        raise CheckpointError(f"{path}: unreadable cct metadata ({type(e).__name__}: {e})") from None

@@ -1,0 +1,113 @@
+"""The data phase of `cct train` for text: read, split, train the tokenizer, tokenize, report truncation.
+
+The order matters for honesty: the seeded, stratified `--train-limit` and `--val-split` subsets are
+drawn from the raw training texts first (`cct.data.split_set`, as for images), and the tokenizer is
+then trained on what remains for training only, so neither validation nor test words shape the
+vocabulary. A resumed run takes the tokenizer from its last.pt instead of training it again. Texts
+longer than the model's `seq_len` keep their first `seq_len` tokens; how many were cut is logged and
+written to results.json ("truncated_texts").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import data as data_mod
+from .errors import CCTError
+from .kinds import RunInputs, TextAugmentConfig, TextPreprocessing, TextSet, TokenBatch
+from .recipes import TrainConfig
+from .registry import get_config
+from .runfiles import log
+from .text_data import TextDataset, load_text
+from .tokenizer import TextTokenizer, load_word_vectors
+
+SHOWN_LINES = 5  # odd input lines listed one by one; the rest are counted
+
+
+@dataclass
+class RawTexts:
+    """A split before tokenization (what `split_set` subsets): texts and int64 labels."""
+    texts: list[str]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> "RawTexts":
+        return RawTexts([self.texts[i] for i in indices.tolist()], self.labels[indices].contiguous())
+
+
+def _report(lines: list[str], quiet: bool) -> None:
+    for line in lines[:SHOWN_LINES]:
+        log(quiet, f"note: {line}")
+    if len(lines) > SHOWN_LINES:
+        log(quiet, f"note: ... and {len(lines) - SHOWN_LINES} more such lines")
+
+
+def _tokenize(tokenizer: TextTokenizer, part: RawTexts | None, seq_len: int) -> tuple[TextSet | None, int]:
+    """A tokenized split padded to `seq_len` columns (so rows can be sliced together), and how many were cut."""
+    if part is None:
+        return None, 0
+    ids, mask, truncated = tokenizer.encode(part.texts, seq_len=seq_len)
+    width = ids.shape[1]
+    ids = torch.nn.functional.pad(ids, (0, seq_len - width), value=tokenizer.pad_id)
+    mask = torch.nn.functional.pad(mask, (0, seq_len - width), value=False)
+    return TextSet(TokenBatch(ids.contiguous(), mask.contiguous()), part.labels), truncated
+
+
+def train_tokenizer(cfg: TrainConfig, texts: list[str], seq_len: int) -> TextTokenizer:
+    """The recipe's tokenizer (`--tokenizer`, `--lowercase`, `--vocab-size`, `--min-frequency`) on `texts`."""
+    tokenizer = TextTokenizer.train(texts, kind=cfg.tokenizer, lowercase=cfg.lowercase, vocab_size=cfg.vocab_size,
+                                    min_frequency=cfg.min_frequency)
+    tokenizer.seq_len = seq_len
+    return tokenizer
+
+
+def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, quiet: bool,
+                dataset: TextDataset | None = None) -> RunInputs:
+    """Everything the run needs from a text source (see the module docstring)."""
+    if dataset is None:
+        dataset = load_text(cfg.data, label_level=cfg.label_level)
+    log(quiet, f"data: {dataset.source}: {len(dataset.train_texts)} training texts, "
+               f"{len(dataset.test_texts or [])} test texts, {dataset.num_classes} classes")
+    _report(dataset.reported + dataset.skipped, quiet)
+    train_raw, val_raw = data_mod.split_set(RawTexts(dataset.train_texts, dataset.train_labels),
+                                            num_classes=dataset.num_classes, train_limit=cfg.train_limit,
+                                            val_split=cfg.val_split, seed=cfg.seed)
+    if len(train_raw) == 0:
+        raise CCTError(f"{cfg.data}: no training texts")
+    test_raw = RawTexts(dataset.test_texts, dataset.test_labels) if dataset.test_texts is not None else None
+    seq_len = cfg.seq_len or get_config(cfg.model).seq_len
+    if checkpoint is not None:  # the run's own vocabulary, whatever training it again would give
+        tokenizer = TextTokenizer.from_json(checkpoint["tokenizer"])
+    else:
+        tokenizer = train_tokenizer(cfg, train_raw.texts, seq_len)
+    log(quiet, f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size} ids (limit {tokenizer.vocab_limit}), "
+               f"{'lower-cased' if tokenizer.lowercase else 'cased'}, trained on {len(train_raw)} training texts")
+    sets, truncated = {}, {}
+    for name, part in (("train", train_raw), ("val", val_raw), ("test", test_raw)):
+        sets[name], truncated[name] = _tokenize(tokenizer, part, seq_len)
+    if any(truncated.values()):
+        log(quiet, "truncated to " + f"{seq_len} tokens: " + ", ".join(
+            f"{n} of {len(sets[k])} {k} texts" for k, n in truncated.items() if sets[k] is not None))
+
+    def setup(model: nn.Module) -> None:
+        model.tokenizer = tokenizer
+        if cfg.word_vectors and checkpoint is None:  # a resumed run's embedding comes from last.pt
+            found = load_word_vectors(cfg.word_vectors, tokenizer, model.embedding)
+            log(quiet, f"word vectors: {found} of {tokenizer.vocab_size} vocabulary rows from {cfg.word_vectors}")
+
+    overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len)
+    for name in ("kernel_size", "embedding_std"):
+        if getattr(cfg, name) is not None:
+            overrides[name] = getattr(cfg, name)
+    return RunInputs(
+        kind="text", classes=list(dataset.classes), train_set=sets["train"], val_set=sets["val"], test_set=sets["test"],
+        prep=TextPreprocessing(seq_len, precision=precision, batch_size=cfg.eval_batch_size),
+        aug_cfg=TextAugmentConfig(token_dropout=cfg.token_dropout), model_overrides=overrides,
+        skipped=len(dataset.skipped),
+        results={"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
+                 "skipped_lines": len(dataset.skipped)},
+        setup_model=setup)

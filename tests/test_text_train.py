@@ -1,0 +1,240 @@
+"""Text classification through the training pipeline: `cct train` on tiny TREC/CSV/JSONL corpora, resume, eval,
+the tokenizer inside checkpoints, data-kind errors, truncation counts, word vectors, the shared TREC files."""
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import cct
+from cct import cli
+from cct.checkpoint import read_checkpoint, save_checkpoint
+from cct.kinds import TextPreprocessing, TokenBatch, data_kind, preprocessing_from_checkpoint
+from cct.recipes import make_config
+from cct.text_run import text_inputs
+from cct.tokenizer import TextTokenizer
+from cct.train import TrainingInterrupted, resume_config, train
+from helpers import make_tree
+
+SHARED_TREC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trec"
+CLASSES = {"HUM": ["who is", "who wrote", "whose"], "LOC": ["where is", "which city", "what country"],
+           "NUM": ["how many", "how much", "what year"]}
+FILL = "the a big old red river king paris war book song moon".split()
+FAST = ["--epochs", "2", "--batch-size", "16", "--seq-len", "8", "--precision", "fp32", "--quiet"]
+
+
+def questions(n: int, seed: int) -> list[tuple[str, str]]:
+    """(label, question) pairs: each class starts with its own words, so it is learnable."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(CLASSES)[i % 3]
+        rows.append((label, f"{rng.choice(CLASSES[label])} {' '.join(rng.choices(FILL, k=rng.randint(2, 9)))} ?"))
+    return rows
+
+
+def write_corpus(root: Path, kind: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    train, test = questions(60, 0), questions(15, 1)
+    if kind == "trec":
+        for name, rows in (("train_5500.label", train), ("TREC_10.label", test)):
+            (root / name).write_text("".join(f"{label}:other {q}\n" for label, q in rows))
+    elif kind == "csv":
+        for name, rows in (("train.csv", train), ("test.csv", test)):
+            with open(root / name, "w", newline="") as f:
+                csv.writer(f).writerows([("label", "text"), *rows])
+    else:
+        for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+            (root / name).write_text("".join(json.dumps({"text": q, "label": label}) + "\n" for label, q in rows))
+    return root
+
+
+def run_cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trec_dir(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("trec"), "trec")
+
+
+@pytest.fixture(scope="module")
+def finished(trec_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert cli.main(["train", "--model", "text_cct_2", "--data", str(trec_dir), "--out", str(out), *FAST]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["trec", "csv", "jsonl"])
+def test_cct_train_end_to_end(kind, tmp_path, capsys):
+    data = write_corpus(tmp_path / "data", kind)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", data, "--out", out, *FAST[:-1]], capsys)
+    assert code == 0, err
+    for name in ("last.pt", "best.pt", "history.csv", "curves.png", "config.json", "results.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["recipe"] == "text" and results["kind"] == "text" and results["classes"] == ["HUM", "LOC", "NUM"]
+    assert results["train_images"] == 54 and results["val_images"] == 6 and results["test_images"] == 15
+    assert 0.0 <= results["test_top1"] <= 1.0 and results["seq_len"] == 8
+    assert "tokenizer: word" in err and "trained on 54 training texts" in err
+
+
+def test_default_recipe_and_config_for_text_models():
+    cfg = make_config("text_cct_2", "d", "o")
+    assert cfg.recipe == "text" and cfg.token_dropout > 0 and cfg.schedule == "cosine"
+    from cct.recipes import RECIPE_MODELS
+    assert RECIPE_MODELS["text"] == "text_cct_2"
+
+
+def test_eval_json_matches_the_run(finished, trec_dir, capsys):
+    code, out, _ = run_cli(["eval", finished / "best.pt", "--data", trec_dir, "--json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert {"top1", "top5", "loss", "per_class"} <= set(result)
+    assert set(result["per_class"]) == {"HUM", "LOC", "NUM"} and result["n"] == 15
+    results = json.loads((finished / "results.json").read_text())
+    assert result["top1"] == pytest.approx(results["test_top1"]) and result["loss"] == pytest.approx(results["test_loss"])
+    assert result["truncated"] == results["truncated_texts"]["test"]
+
+
+def test_tokenizer_round_trip_through_checkpoints(finished, trec_dir, tmp_path):
+    model = cct.load_checkpoint(finished / "best.pt")
+    assert isinstance(model.cfg, cct.get_config("text_cct_2").__class__) and model.cfg.seq_len == 8
+    assert isinstance(model.tokenizer, TextTokenizer) and model.tokenizer.seq_len == 8
+    # the tokenizer was trained on the training split only: the run's 54 training texts
+    data = read_checkpoint(finished / "best.pt")
+    assert data["config_class"] == "TextConfig" and data["eval"]["kind"] == "text"
+    prep = preprocessing_from_checkpoint(data)
+    assert isinstance(prep, TextPreprocessing) and prep.seq_len == 8 and prep.precision == "fp32"
+    assert {"kind", "seq_len", "precision", "batch_size"} <= set(data["eval"])
+    texts = ["who wrote the book ?", "how many kings ?", "where is paris ?"]
+    ids, mask, truncated = model.tokenizer.encode(texts)
+    assert ids.shape[1] <= 8 and truncated == 0
+    logits = model(ids, mask)
+    for path in (tmp_path / "copy.pt", tmp_path / "copy.safetensors"):
+        save_checkpoint(model, path)
+        again = cct.load_checkpoint(path)
+        assert again.tokenizer.to_json() == model.tokenizer.to_json()
+        assert torch.equal(again(*again.tokenizer.encode(texts)[:2]), logits)
+
+
+def test_resume_continues_exactly(trec_dir, tmp_path):
+    def cfg(out):
+        return make_config("text_cct_2", str(trec_dir), str(out), epochs=3, batch_size=16, seq_len=8,
+                           precision="fp32")
+    with pytest.raises(TrainingInterrupted):
+        train(cfg(tmp_path / "a"), stop_at_step=5, quiet=True)
+    resumed = train(resume_config(tmp_path / "a"), resume=True, quiet=True)
+    whole = train(cfg(tmp_path / "b"), quiet=True)
+    assert resumed["test_loss"] == whole["test_loss"] and resumed["steps"] == whole["steps"] == 12
+
+    def rows(out):
+        return [line.rsplit(",", 1)[0] for line in (out / "history.csv").read_text().splitlines()]
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+
+
+def test_data_kind_mismatch_is_one_line(trec_dir, tmp_path, capsys):
+    tree = make_tree(tmp_path / "tree")
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", tree, "--out", tmp_path / "o1"], capsys)
+    assert code == 2 and "text_cct_2 is a text model" in err and "image data" in err and err.count("\n") == 1
+    code, _, err = run_cli(["train", "--model", "cct_2_3x2_32", "--data", trec_dir, "--out", tmp_path / "o2"], capsys)
+    assert code == 2 and "is an image model" in err and "text data" in err and err.count("\n") == 1
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--data-kind", "image",
+                            "--out", tmp_path / "o3"], capsys)
+    assert code == 2 and "--data-kind" in err
+    assert data_kind(str(trec_dir), "auto", "text_cct_2") == "text"
+    code, _, err = run_cli(["train", "--model", "cct_2_3x2_32", "--data", tree, "--kernel-size", "2",
+                            "--out", tmp_path / "o4"], capsys)
+    assert code == 2 and "--kernel-size is for text models" in err
+
+
+def test_truncation_is_counted_and_reported(tmp_path, capsys):
+    data = write_corpus(tmp_path / "data", "jsonl")
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    long_test = sum(len(TextTokenizer.train([r["text"]]).tokens(r["text"])) > 5 for r in rows)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", data, "--out", out, "--epochs", "1",
+                            "--seq-len", "5", "--precision", "fp32", "--kernel-size", "2"], capsys)
+    assert code == 0
+    truncated = json.loads((out / "results.json").read_text())["truncated_texts"]
+    assert truncated["test"] == long_test > 0 and truncated["train"] > 0
+    assert f"truncated to 5 tokens: {truncated['train']} of 54 train texts" in err
+    assert f"{long_test} of 15 test texts" in err
+    assert cct.load_checkpoint(out / "best.pt").cfg.kernel_size == 2
+
+
+def test_val_split_and_train_limit_are_seeded_and_stratified(trec_dir):
+    cfg = make_config("text_cct_2", str(trec_dir), "unused", train_limit=30, val_split=0.2, seq_len=8)
+    a = text_inputs(cfg, checkpoint=None, precision="fp32", quiet=True)
+    b = text_inputs(cfg, checkpoint=None, precision="fp32", quiet=True)
+    assert len(a.train_set) == 24 and len(a.val_set) == 6
+    assert torch.bincount(a.val_set.labels).tolist() == [2, 2, 2]
+    assert torch.equal(a.val_set.inputs.ids, b.val_set.inputs.ids)
+    # the vocabulary comes from the 24 training texts only
+    words = {w for row in a.train_set.inputs.ids.tolist() for w in row}
+    assert words <= set(range(a.model_overrides["vocab_size"]))
+
+
+def test_word_vectors_initialise_known_words(trec_dir, tmp_path, capsys):
+    vectors = tmp_path / "vectors.txt"
+    known = {"who": [0.5] * 300, "river": [-0.25] * 300, "zebra": [1.0] * 300}  # zebra: not in the corpus
+    vectors.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in known.items()))
+    cfg = make_config("text_cct_2", str(trec_dir), "unused", seq_len=8, word_vectors=str(vectors), min_frequency=1)
+    inputs = text_inputs(cfg, checkpoint=None, precision="fp32", quiet=False)
+    model = cct.create_model("text_cct_2", num_classes=3, **inputs.model_overrides)
+    inputs.setup_model(model)
+    tok = model.tokenizer
+    assert torch.equal(model.embedding.weight[tok.token_to_id("who")], torch.full((300,), 0.5))
+    assert torch.equal(model.embedding.weight[tok.token_to_id("river")], torch.full((300,), -0.25))
+    assert "word vectors: 2 of" in capsys.readouterr().err
+    out = tmp_path / "out"
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", out, "--word-vectors",
+                            vectors, "--epochs", "1", "--seq-len", "8", "--min-frequency", "1"], capsys)
+    assert code == 0 and "word vectors: 2 of" in err
+    bad = tmp_path / "bad.txt"
+    bad.write_text("who 1 2 3\n")
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", tmp_path / "o2",
+                            "--word-vectors", bad, "--epochs", "1"], capsys)
+    assert code == 2 and "bad.txt:1" in err
+
+
+def test_label_level_fine(tmp_path):
+    root = tmp_path / "trec"
+    root.mkdir()
+    (root / "train_5500.label").write_text("HUM:ind Who is he ?\nHUM:gr Who are they ?\nNUM:How many ?\n"
+                                           "LOC:city Where is it ?\nHUM:ind Who wrote it ?\nHUM:gr Which team ?\n")
+    (root / "TREC_10.label").write_text("HUM:ind Who is she ?\n")
+    cfg = make_config("text_cct_2", str(root), "unused", label_level="fine", val_split=0.0, seq_len=8)
+    inputs = text_inputs(cfg, checkpoint=None, precision="fp32", quiet=True)
+    assert inputs.classes == ["HUM:gr", "HUM:ind", "LOC:city"] and inputs.results["skipped_lines"] == 1
+
+
+def test_token_batch_trims_to_the_longest_text():
+    batch = TokenBatch(torch.tensor([[5, 6, 1, 1], [7, 1, 1, 1]]), torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]).bool())
+    ids, mask = batch.trimmed()
+    assert ids.tolist() == [[5, 6], [7, 1]] and mask.tolist() == [[True, True], [True, False]]
+    assert len(batch[torch.tensor([1])]) == 1 and [len(b) for b in batch.split(1)] == [1, 1]
+
+
+@pytest.mark.skipif(not (SHARED_TREC / "train_5500.label").is_file(), reason="../shared/data/trec is absent")
+def test_shared_trec_trains_a_few_steps(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", SHARED_TREC, "--out", out, "--train-limit",
+                            "300", "--epochs", "1", "--batch-size", "64", "--seq-len", "32"], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"] and results["test_images"] == 499  # this copy lacks one (shared README)
+    assert "train_5500.label:4451" in err  # the malformed fine label is reported
+
+
+def test_time_budget_sizes_a_text_run(trec_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", out, "--time-budget",
+                            "0.05", "--seq-len", "8", "--precision", "fp32"], capsys)
+    assert code == 0 and "time budget 0.05 min" in err
+    assert json.loads((out / "results.json").read_text())["steps"] >= 1
