@@ -59,7 +59,8 @@ def two_process_run(tree, tmp_path_factory):
 def test_two_processes_write_one_set_of_outputs(two_process_run):
     out, proc = two_process_run
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["best.pt", "last.pt", "history.csv", "curves.png", "config.json", "results.json"])  # no stray temporaries
+        [".lock", "best.pt", "last.pt", "history.csv", "curves.png", "config.json", "results.json"])  # no stray
+    # temporaries; .lock is the run folder's lock (cct.runlock), taken by rank 0 alone
     assert proc.stderr.count("done: 2 epochs") == 1 and proc.stderr.count("epoch 2/2: lr") == 1  # rank 0 alone
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs"] == 2 and results["steps"] == 6
@@ -101,8 +102,8 @@ def test_procs_is_the_torchrun_job(two_process_run, tree, tmp_path):
                            "--procs", "2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("done: 2 epochs") == 1  # the first process alone reports
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["best.pt", "last.pt", "history.csv", "curves.png", "config.json", "results.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(  # one .lock: the workers shared the first's
+        [".lock", "best.pt", "last.pt", "history.csv", "curves.png", "config.json", "results.json"])
     # the same ranks, seeds and shards as torchrun's two processes: the same numbers, bit for bit
     assert read_history(out / "history.csv") == read_history(two_process_run[0] / "history.csv")
     mine, theirs = (json.loads((o / "results.json").read_text()) for o in (out, two_process_run[0]))
