@@ -142,6 +142,21 @@ class KerasBlock(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
+def official_init_(module: nn.Module) -> None:
+    """The official code's initialisation, in module order: kaiming-normal convs, trunc-normal(0.02)
+    linears with zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def keras_fans(shape: tuple[int, ...]) -> tuple[int, int]:
     """Keras's `compute_fans` on a *Keras-layout* kernel shape (last axis = outputs)."""
     if len(shape) == 2:

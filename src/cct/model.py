@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import KerasBlock, OfficialBlock, glorot_uniform_, he_normal_, resize_pos_embed, sinusoidal_embedding
+from .layers import (KerasBlock, OfficialBlock, glorot_uniform_, he_normal_, official_init_, resize_pos_embed,
+                     sinusoidal_embedding)
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 BLOCKS = ("official", "keras")
@@ -190,16 +191,7 @@ class CCT(nn.Module):
 
     def _init_official(self) -> None:
         """As SHI-Labs: kaiming-normal convs, trunc-normal(0.02) linears, trunc-normal(0.2) embedding."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        official_init_(self)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.2)
 

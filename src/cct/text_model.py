@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
-from .layers import drop_path, sinusoidal_embedding
+from .layers import drop_path, official_init_, sinusoidal_embedding
 from .safeload import read_checkpoint
 
 FAMILIES = ("cct", "cvt", "vit", "transformer")
@@ -226,16 +226,7 @@ class TextCCT(nn.Module):
     def init_weights(self) -> None:
         """As the official code: N(0, 1) word vectors (padding row 0; `embedding_std` scales them), kaiming-normal
         conv, trunc-normal(0.02) linears, zero class token, trunc-normal(0.2) learnable positions."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        official_init_(self)
         with torch.no_grad():
             nn.init.normal_(self.embedding.weight, std=self.cfg.embedding_std)  # nn.Embedding's own draw when 1
             self.embedding.weight[self.cfg.padding_idx].zero_()
