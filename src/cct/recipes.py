@@ -185,7 +185,7 @@ RECIPES: dict[str, dict] = {
                  # fused attention kernel runs in training too
                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.05),
     # fine-tuning --pretrained weights on a small dataset (benchmarks/README.md: the experiment that chose it)
-    "finetune": dict(epochs=20, batch_size=64, lr=5e-4, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=2,
+    "finetune": dict(epochs=20, batch_size=64, lr=1e-3, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=2,
                      schedule="cosine", weight_decay=5e-2, weight_decay_all=False, eps=1e-8, label_smoothing=0.1,
                      val_split=0.1, hflip=True, translate=4, normalize="pretrained", restore_best=True,
                      precision="auto", tta=True, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.1),
