@@ -88,6 +88,7 @@ def hold_run_lock(out: str | Path, *, rank: int = 0) -> Iterator[None]:
     if rank != 0:
         yield
         return
+    created = not out.exists()  # a run that fails before writing anything leaves no folder behind
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -113,6 +114,9 @@ def hold_run_lock(out: str | Path, *, rank: int = 0) -> Iterator[None]:
                 else:
                     os.environ[ENV] = previous
         finally:
+            if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:  # nothing written: undo the folder
+                (out / LOCK_NAME).unlink()
+                out.rmdir()
             _unlock(fd)
     finally:
         os.close(fd)
