@@ -28,9 +28,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write, load_checkpoint, read_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint
 from .errors import CCTError
 from .model import CCT
+from .plots import save_figure
 from .predict import load_image
 from .preprocess import Preprocessing
 from .text_explain import explain_texts
@@ -152,10 +153,7 @@ def explain(checkpoint: str | Path, images: Sequence[str | Path], output: str | 
         for ax in (left, right):
             ax.set_xticks([])
             ax.set_yticks([])
-    path = Path(output)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=DPI))
-    return path
+    return save_figure(fig, output, dpi=DPI)
 
 
 # ---------------------------------------------------------------------- command line

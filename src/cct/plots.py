@@ -18,10 +18,12 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, fig.subplots(1, ncols)
 
 
-def _save(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
+    """Write a figure atomically, in the format its suffix names (PNG without one)."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
+    return path
 
 
 def plot_curves(history: list[dict], path: str | Path, title: str | None = None) -> None:
@@ -39,7 +41,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str | None = None)
         ax.legend()
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path, title: str | None = None) -> None:
@@ -64,4 +66,4 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
                     ax.text(j, i, f"{fractions[i, j]:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if fractions[i, j] > 0.5 else "black")
     ax.set_title(title or "confusion matrix")
-    _save(fig, path)
+    save_figure(fig, path)

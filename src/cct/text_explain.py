@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import atomic_write
 from .errors import CCTError
+from .plots import save_figure
 from .text_model import TextCCT
 from .text_predict import load_text_model
 
@@ -111,10 +111,7 @@ def draw_strips(words: list[list[str]], weights: list[torch.Tensor], titles: lis
         ax.set_title(title, fontsize=8, loc="left")
         ax.set_xticks([])
         ax.set_yticks([])
-    path = Path(output)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=DPI))
-    return path
+    return save_figure(fig, output, dpi=DPI)
 
 
 def explain_texts(checkpoint: str | Path | TextCCT, texts: Sequence[str], *, output: str | Path | None = None,
