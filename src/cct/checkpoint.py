@@ -157,7 +157,11 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     The returned model is in eval mode; `model.class_names` holds the class names when known. A text
     model (`TextCCT`, `model.cfg` a `TextConfig`) comes with its tokenizer: `model.tokenizer`.
     """
-    data = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, map_location=map_location)
+
+
+def model_from_checkpoint(data: dict, path: str | Path, *, map_location: str | torch.device = "cpu") -> CCT | TextCCT:
+    """`load_checkpoint` on the dict `read_checkpoint(path)` returned, for callers that read other entries too."""
     if data.get("format") != FORMAT or "config" not in data:
         raise CheckpointError(f"{path} is not a cct checkpoint (no model config); to load foreign weights use "
                               "cct.create_model(name, pretrained=path)")

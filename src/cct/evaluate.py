@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
-from .checkpoint import load_checkpoint, read_checkpoint
+from .checkpoint import model_from_checkpoint, read_checkpoint
 from .errors import CCTError, CheckpointError
 from .kernels import KERNELS, fuse, use_kernels
 from .kinds import TextPreprocessing, TextSet, TokenBatch, model_args, preprocessing_from_checkpoint
@@ -33,8 +33,15 @@ from .runtime import PRECISIONS, autocast, recorded_precision, resolve_device, r
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu", *,
                   kernels: str = "fast") -> tuple[nn.Module, Preprocessing | TextPreprocessing]:
     """A checkpoint's model (eval mode, on `device`, computing with `kernels`) and its input record."""
-    model = use_kernels(load_checkpoint(path, map_location=device), kernels)
-    return model, preprocessing_from_checkpoint(read_checkpoint(path))
+    model, prep, _ = _open(path, device, kernels)
+    return model, prep
+
+
+def _open(path: str | Path, device, kernels: str) -> tuple[nn.Module, Preprocessing | TextPreprocessing, dict]:
+    """`load_for_eval`, and the checkpoint's entries, from one read of the file."""
+    data = read_checkpoint(path)
+    model = use_kernels(model_from_checkpoint(data, path, map_location=device), kernels)
+    return model, preprocessing_from_checkpoint(data), data
 
 
 @torch.no_grad()
@@ -116,7 +123,7 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
     A text checkpoint reads a text source (`cct.text_data.load_text`; TREC labels at `label_level`,
     default: the level it was trained on) and reports how many texts were truncated ("truncated")."""
     device = resolve_device(device)
-    model, prep = load_for_eval(path, device, kernels=kernels)
+    model, prep, recorded = _open(path, device, kernels)
     prep = replace(prep, precision=recorded_precision(prep.precision, device))
     if tta and isinstance(prep, TextPreprocessing):
         raise CCTError("--tta (flip averaging) is for image models")
@@ -127,9 +134,9 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
     prep = replace(prep, precision=resolve_precision(prep.precision, device))
     extra = {}
     if isinstance(model, TextCCT):
-        parts, classes, extra = _text_parts(path, source, model, prep, label_level)
+        parts, classes, extra = _text_parts(recorded, source, model, prep, label_level)
     else:  # class folders and CSVs: exactly the test files training held out (recorded in the checkpoint)
-        test_files = read_checkpoint(path).get("split") if split in ("auto", "test") else None
+        test_files = recorded.get("split") if split in ("auto", "test") else None
         dataset = data_mod.load(source, img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans,
                                 skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode,
                                 test_files=test_files)
@@ -156,10 +163,10 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
             "batch_size": prep.batch_size, "tta": prep.tta}
 
 
-def _text_parts(path, source: str, model: TextCCT, prep: TextPreprocessing, label_level: str | None):
+def _text_parts(recorded: dict, source: str, model: TextCCT, prep: TextPreprocessing, label_level: str | None):
     """A text source's splits, tokenized by the checkpoint's tokenizer: (parts, classes, {"truncated": ...})."""
     if label_level is None:  # as the run was trained
-        label_level = (read_checkpoint(path).get("train_config") or {}).get("label_level", "coarse")
+        label_level = (recorded.get("train_config") or {}).get("label_level", "coarse")
     dataset = load_text(source, label_level=label_level)
     parts, truncated = {"test": None, "val": None, "train": None}, {}
     for name, texts, labels in (("test", dataset.test_texts, dataset.test_labels),

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, load_checkpoint, read_checkpoint
+from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint
 from .decode import UnreadableImageError, decode_image
 from .errors import CCTError
 from .kernels import fuse, use_kernels
@@ -102,8 +102,9 @@ def open_classifier(path: str | Path, precision: str | None = None, *, kernels: 
         return _open_onnx(path)
     if is_text_checkpoint(path):
         raise CCTError(f"{path} is a text model: classify texts with --text or --text-file, not image files")
-    model = fuse(use_kernels(load_checkpoint(path).float().eval(), kernels))
-    prep = Preprocessing.from_checkpoint(read_checkpoint(path))
+    data = read_checkpoint(path)
+    model = fuse(use_kernels(model_from_checkpoint(data, path).float().eval(), kernels))
+    prep = Preprocessing.from_checkpoint(data)
     precision = resolve_precision(precision or recorded_precision(prep.precision, "cpu"), "cpu")
 
     @torch.inference_mode()
