@@ -238,3 +238,55 @@ def test_time_budget_sizes_a_text_run(trec_dir, tmp_path, capsys):
                             "0.05", "--seq-len", "8", "--precision", "fp32"], capsys)
     assert code == 0 and "time budget 0.05 min" in err
     assert json.loads((out / "results.json").read_text())["steps"] >= 1
+
+
+# ---------------------------------------------------------------------- word mixup
+def test_word_mixup_augmentation_gives_lambda_and_soft_targets():
+    from cct.kinds import TextAugmentConfig, augment_tokens
+    ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 1], [5, 9, 6, 7]])
+    batch = TokenBatch(ids, ids != 1)
+    labels = torch.tensor([0, 1, 2])
+    cfg = TextAugmentConfig(mixup_alpha=0.4, label_smoothing=0.1)
+    (got_ids, got_mask, lam), targets = augment_tokens(batch, labels, torch.Generator().manual_seed(0), cfg,
+                                                       num_classes=3)
+    assert torch.equal(got_ids, ids) and torch.equal(got_mask, ids != 1)  # the model mixes, not the augmenter
+    lam = float(lam)
+    assert 0.0 <= lam <= 1.0 and targets.shape == (3, 3)
+    torch.testing.assert_close(targets.sum(1), torch.ones(3))
+    smooth = torch.full((3, 3), 0.1 / 3) + torch.eye(3)[labels] * 0.9
+    torch.testing.assert_close(targets, lam * smooth + (1 - lam) * smooth.flip(0))
+    (_, _), plain = augment_tokens(batch, labels, torch.Generator(), cfg, num_classes=3, mix=False)  # mix off
+    assert torch.equal(plain, labels)
+
+
+def test_word_mixup_in_the_model_mixes_word_vectors_and_masks():
+    torch.manual_seed(0)
+    model = cct.create_model("text_cct_2", vocab_size=50, seq_len=8, kernel_size=2).eval()
+    ids = torch.randint(2, 50, (4, 6))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    torch.testing.assert_close(model(ids, mask, torch.tensor(1.0)), model(ids, mask))
+    torch.testing.assert_close(model(ids, mask, torch.tensor(0.0)), model(ids.flip(0), mask))
+    # halfway: the features of the averaged word vectors; a position is real where either text has a token
+    short = mask.clone()
+    short[0, 3:] = False
+    x = model.embedding(ids) * short.unsqueeze(-1)
+    mixed_x, mixed_mask = 0.3 * x + 0.7 * x.flip(0), short | short.flip(0)
+    feats, token_mask = model.forward_features(ids, short, torch.tensor(0.3))
+    x2, m2 = model.conv_tokenizer(mixed_x, mixed_mask)
+    x2 = model._position(x2)
+    for blk in model.blocks:
+        x2 = blk(x2, m2)
+    torch.testing.assert_close(feats, model.norm(x2))
+    assert torch.equal(token_mask, m2)
+
+
+def test_train_with_word_mixup_and_image_flags_refused(trec_dir, tmp_path, capsys):
+    out = tmp_path / "mix"
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", out, "--mixup-alpha", "0.4",
+                            *FAST], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["mixup_alpha"] == 0.4
+    for flag in (["--cutmix-alpha", "1"], ["--translate", "2"], ["--rand-augment", "rand-m9-mstd0.5"]):
+        code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", tmp_path / "bad",
+                                *flag, *FAST], capsys)
+        assert code != 0 and f"{flag[0]} is image augmentation" in err and not (tmp_path / "bad").exists()

@@ -48,7 +48,7 @@ def interp_codes(interpolation: str, n: int, g: torch.Generator) -> Tensor:
     return torch.full((n,), _INTERP[interpolation], dtype=torch.long)
 
 
-def _numpy_rng(g: torch.Generator) -> np.random.Generator:
+def numpy_rng(g: torch.Generator) -> np.random.Generator:
     # torch has no Beta sampler that takes a generator; seed NumPy's from ours to stay reproducible
     return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
 
@@ -383,7 +383,7 @@ def mixup_cutmix(x: Tensor, labels: Tensor, generator: torch.Generator, *, num_c
     assert mode in ("batch", "elem"), f"unknown mix mode {mode!r}"
     assert mixup_alpha > 0 or cutmix_alpha > 0, "one of mixup_alpha, cutmix_alpha must be > 0"
     B, C, H, W = x.shape
-    rng = _numpy_rng(generator)
+    rng = numpy_rng(generator)
     n = 1 if mode == "batch" else B
     use_cutmix = np.full(n, cutmix_alpha > 0 and mixup_alpha <= 0)
     if mixup_alpha > 0 and cutmix_alpha > 0:

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .augment import mixup_target, numpy_rng
 from .errors import CCTError
 from .policies import AugmentConfig, augment_batch
 from .preprocess import Preprocessing
@@ -136,11 +137,17 @@ def model_args(prep: Preprocessing | TextPreprocessing, batch) -> tuple[torch.Te
 # ---------------------------------------------------------------------- augmentation
 @dataclass(frozen=True)
 class TextAugmentConfig:
-    """Text augmentation: each real token becomes [UNK] with probability `token_dropout` (0: off)."""
+    """Text augmentation: each real token becomes [UNK] with probability `token_dropout` (0: off); word
+    mixup with the reversed batch, λ ~ Beta(mixup_alpha, mixup_alpha) per batch (0: off), its soft targets
+    label-smoothed by `label_smoothing` as timm's Mixup does for images."""
     token_dropout: float = 0.0
+    mixup_alpha: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         assert 0.0 <= self.token_dropout < 1.0, f"token_dropout must be in [0, 1), got {self.token_dropout}"
+        assert self.mixup_alpha >= 0.0, f"mixup_alpha must be non-negative, got {self.mixup_alpha}"
+        assert 0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"
 
 
 def augment_images(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, aug_cfg: AugmentConfig,
@@ -151,12 +158,17 @@ def augment_images(images: torch.Tensor, labels: torch.Tensor, generator: torch.
 
 
 def augment_tokens(batch: TokenBatch, labels: torch.Tensor, generator: torch.Generator, aug_cfg: TextAugmentConfig,
-                   *, num_classes: int, mix: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A `TokenBatch` → ((ids, mask) cut to the longest text, token dropout applied), labels)."""
+                   *, num_classes: int, mix: bool = True) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """A `TokenBatch` → ((ids, mask) cut to the longest text, token dropout applied), labels), or with word
+    mixup on (and `mix`) → ((ids, mask, λ), soft targets): the model mixes the word vectors (`TextCCT`)."""
     ids, mask = batch.trimmed()
     if aug_cfg.token_dropout > 0:
         drop = torch.rand(ids.shape, generator=generator) < aug_cfg.token_dropout
         ids = ids.masked_fill(drop & mask, UNK_ID)
+    if aug_cfg.mixup_alpha > 0 and mix:
+        lam = float(numpy_rng(generator).beta(aug_cfg.mixup_alpha, aug_cfg.mixup_alpha))
+        targets = mixup_target(labels, num_classes, lam, aug_cfg.label_smoothing)
+        return (ids, mask, torch.tensor(lam)), targets
     return (ids, mask), labels
 
 

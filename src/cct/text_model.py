@@ -257,15 +257,23 @@ class TextCCT(nn.Module):
             return x + pe[:, :N].to(x.dtype)
         return x
 
-    def forward_features(self, token_ids: torch.Tensor, mask: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, L) and their mask → (features (B, N, embed_dim), token mask (B, N))."""
+    def forward_features(self, token_ids: torch.Tensor, mask: torch.Tensor | None = None,
+                         mix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) and their mask → (features (B, N, embed_dim), token mask (B, N)).
+
+        `mix` (training only): word mixup (Guo et al., 2019), a 0-d weight λ; each text's word vectors
+        become λ·x + (1 - λ)·(those of the batch in reverse order), position by position, and a position
+        is real where either text has a token. The targets are mixed likewise (`cct.kinds.augment_tokens`).
+        """
         assert token_ids.ndim == 2, f"token_ids must be (batch, length), got shape {tuple(token_ids.shape)}"
         if mask is None:
             mask = torch.ones(token_ids.shape, dtype=torch.bool, device=token_ids.device)
         assert mask.dtype == torch.bool and mask.shape == token_ids.shape, \
             f"mask must be a bool tensor of shape {tuple(token_ids.shape)}, got {mask.dtype} {tuple(mask.shape)}"
         x = self.embedding(token_ids) * mask.unsqueeze(-1).to(self.embedding.weight.dtype)  # (B, L, word_dim)
+        if mix is not None:
+            x = torch.lerp(x.flip(0), x, mix.to(x.dtype))  # λ·x + (1 - λ)·x.flip(0); padding rows are 0 in both
+            mask = mask | mask.flip(0)
         if self.conv_tokenizer is not None:
             x, mask = self.conv_tokenizer(x, mask)  # (B, N, D), (B, N)
         if self.cls_token is not None:
@@ -291,8 +299,9 @@ class TextCCT(nn.Module):
             x = x[:, 0]  # class token
         return x if pre_logits else self.head(x)
 
-    def forward(self, token_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, token_mask = self.forward_features(token_ids, mask)
+    def forward(self, token_ids: torch.Tensor, mask: torch.Tensor | None = None,
+                mix: torch.Tensor | None = None) -> torch.Tensor:
+        x, token_mask = self.forward_features(token_ids, mask, mix)
         return self.forward_head(x, mask=token_mask)
 
     def extra_repr(self) -> str:

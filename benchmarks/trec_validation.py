@@ -1,0 +1,175 @@
+"""Choose the text recipe on validation splits of TREC's training file, never on its test file.
+
+For each seed: the seeded, stratified 10% validation split of `train_5500.label` that `cct train --val-split
+0.1 --seed S` draws (`cct.data.split_set`), a word-level tokenizer trained on the other 90%, and a text model
+from the registry with the fast kernels, trained by the text recipe's loop written out here in a few lines
+(AdamW with weight decay on matrices, linear warm-up then cosine, label smoothing, token dropout, and the
+options below) so that variants the recipe does not have (an EMA or an average of the last epochs' weights,
+fine labels summed into coarse ones) can be tried too. It prints the validation top-1 of the last epoch
+(`last`), of the best epoch (`best`: optimistic, the same split chooses it), of the EMA (`ema`) and of the
+weight average (`swa`) per seed, and their means over seeds. The test file's texts are never tokenized,
+scored or printed. One thread per process, so two variants can run side by side on two cores.
+
+    .venv/bin/python benchmarks/trec_validation.py --tag base --mix 0
+    .venv/bin/python benchmarks/trec_validation.py --tag mixup --mix 0.4 --ema 0.995 --swa 10
+
+Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cct import data as data_mod
+from cct.kernels import fuse, use_kernels
+from cct.registry import create_model
+from cct.text_data import load_text
+from cct.text_run import RawTexts
+from cct.tokenizer import UNK_ID, TextTokenizer
+
+TREC = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(TREC), help="a TREC folder (train_5500.label is all this reads from)")
+    p.add_argument("--model", default="text_cct_2")
+    p.add_argument("--kernel-size", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup-epochs", type=float, default=3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--token-dropout", type=float, default=0.1)
+    p.add_argument("--embedding-std", type=float, default=0.1)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--drop-rate", type=float, default=None, help="dropout (default: the model's)")
+    p.add_argument("--mix", type=float, default=0.4, help="word mixup alpha (0: off)")
+    p.add_argument("--fine", action="store_true", help="train on the fine labels; predict a coarse one by summing "
+                                                       "its fine classes' probabilities")
+    p.add_argument("--ema", type=float, default=0.0, help="also score an EMA of the weights with this decay per step")
+    p.add_argument("--swa", type=int, default=0, help="also score the average of the last N epochs' weights")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--tag", default="")
+    return p.parse_args()
+
+
+def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tensor] | None) -> dict:
+    torch.manual_seed(seed)
+    train, val = data_mod.split_set(RawTexts(ds.train_texts, ds.train_labels), num_classes=ds.num_classes,
+                                    train_limit=None, val_split=0.1, seed=seed)
+    tokenizer = TextTokenizer.train(train.texts, kind="word", lowercase=True, vocab_size=30_000,
+                                    min_frequency=a.min_frequency)
+    ids, mask, _ = tokenizer.encode(train.texts, seq_len=64)
+    labels = train.labels
+    val_ids, val_mask, _ = tokenizer.encode(val.texts, seq_len=64)
+    num_classes = ds.num_classes
+    if fine is not None:  # the training texts with a well-formed fine label, and that label
+        text_to_fine, parent = fine
+        keep = torch.tensor([t in text_to_fine for t in train.texts])
+        ids, mask = ids[keep], mask[keep]
+        labels = torch.tensor([text_to_fine[t] for t in train.texts if t in text_to_fine])
+        num_classes = len(parent)
+    model = use_kernels(create_model(a.model, num_classes=num_classes, vocab_size=tokenizer.vocab_size, seq_len=64,
+                                     kernel_size=a.kernel_size, embedding_std=a.embedding_std,
+                                     **({} if a.drop_rate is None else {"drop_rate": a.drop_rate})), "fast")
+    skip = set(model.no_weight_decay())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in skip]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in skip)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=a.lr, eps=1e-8)
+    n = len(labels)
+    total = math.ceil(n / a.batch_size) * a.epochs
+    warm = int(a.warmup_epochs * math.ceil(n / a.batch_size))
+
+    def lr_at(s: int) -> float:
+        if s < warm:
+            return 1e-5 + (a.lr - 1e-5) * s / warm
+        return 1e-5 + 0.5 * (a.lr - 1e-5) * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+
+    def score(m) -> float:
+        m.eval()
+        with torch.no_grad():
+            logits = fuse(m)(val_ids, val_mask)
+        m.train()
+        if fine is not None:
+            logits = torch.zeros(len(logits), ds.num_classes).index_add_(1, fine[1], logits.softmax(1))
+        return (logits.argmax(1) == val.labels).float().mean().item()
+
+    ema = copy.deepcopy(model) if a.ema else None
+    averaged, n_averaged = None, 0
+    g = torch.Generator().manual_seed(seed)
+    step, t0, history = 0, time.time(), []
+    model.train()
+    for epoch in range(a.epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, a.batch_size):
+            idx = order[i:i + a.batch_size]
+            length = int(mask[idx].sum(1).max())
+            x, m, y = ids[idx, :length].clone(), mask[idx, :length], labels[idx]
+            if a.token_dropout > 0:
+                x[(torch.rand(x.shape, generator=g) < a.token_dropout) & m] = UNK_ID
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            if a.mix > 0:  # word mixup with the reversed batch, as the recipe (cct.kinds.augment_tokens)
+                lam = float(torch.distributions.Beta(a.mix, a.mix).sample())
+                out = model(x, m, torch.tensor(lam))
+                loss = lam * F.cross_entropy(out, y, label_smoothing=a.label_smoothing) + \
+                    (1 - lam) * F.cross_entropy(out, y.flip(0), label_smoothing=a.label_smoothing)
+            else:
+                loss = F.cross_entropy(model(x, m), y, label_smoothing=a.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), model.parameters()):
+                        pe.lerp_(pm, 1 - a.ema)
+        if a.swa and epoch >= a.epochs - a.swa:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if averaged is None:
+                averaged = state
+            else:
+                for k, v in averaged.items():
+                    if v.is_floating_point():
+                        v.mul_(n_averaged / (n_averaged + 1)).add_(state[k] / (n_averaged + 1))
+            n_averaged += 1
+        history.append(score(model))
+    result = dict(seed=seed, last=history[-1], best=max(history), seconds=round(time.time() - t0))
+    if ema is not None:
+        result["ema"] = score(ema)
+    if averaged is not None:
+        copy_ = copy.deepcopy(model)
+        copy_.load_state_dict(averaged)
+        result["swa"] = score(copy_)
+    return result
+
+
+def main() -> None:
+    a = parse_args()
+    torch.set_num_threads(1)
+    ds = load_text(a.data)
+    fine = None
+    if a.fine:
+        fds = load_text(a.data, label_level="fine")
+        parent = torch.tensor([ds.classes.index(c.split(":")[0]) for c in fds.classes])
+        fine = ({t: int(label) for t, label in zip(fds.train_texts, fds.train_labels)}, parent)
+    results = []
+    for seed in (int(s) for s in a.seeds.split(",")):
+        results.append(run_seed(a, ds, seed, fine))
+        print(json.dumps(results[-1]), flush=True)
+    means = {k: round(sum(r[k] for r in results) / len(results), 4) for k in results[0] if k != "seed"}
+    print("mean", a.tag, json.dumps(means), flush=True)
+
+
+if __name__ == "__main__":
+    main()
