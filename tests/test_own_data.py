@@ -1,10 +1,8 @@
 """A user's own images through `cct train`/`eval`: class folders and CSVs with a recorded test split,
 fine-tuning from each weights format, and one run per output folder (tiny generated data, CPU)."""
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

@@ -127,3 +127,22 @@ def test_missing_and_foreign_sources(tmp_path, cache):
         load(tmp_path / "f.txt", cache_dir=cache)
 
 
+
+
+def test_symlinked_class_folders_are_followed(tree, tmp_path, cache):
+    """A tree whose class folders link to photos kept elsewhere loads as the real tree."""
+    linked = tmp_path / "linked"
+    for split in ("train", "test"):
+        (linked / split).mkdir(parents=True)
+        for folder in (tree / split).iterdir():
+            (linked / split / folder.name).symlink_to(folder, target_is_directory=True)
+    assert Files(linked).names == Files(tree).names and "train/dog/000.png" in Files(linked).names
+    reference = load(tree, cache_dir=cache, progress=False)
+    ds = load(linked, cache_dir=tmp_path / "cache2", progress=False)
+    assert ds.classes == reference.classes and torch.equal(ds.train.images, reference.train.images)
+
+
+def test_a_symlink_cycle_is_not_entered(tree):
+    before = Files(tree).names
+    (tree / "train" / "dog" / "up").symlink_to(tree / "train", target_is_directory=True)  # a link to its parent
+    assert Files(tree).names == before

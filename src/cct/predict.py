@@ -43,7 +43,7 @@ from .kernels import fuse, use_kernels
 from .onnxrt import onnx_session, require_onnxruntime  # noqa: F401  (re-exported: callers import them from here)
 from .preprocess import Preprocessing
 from .runtime import autocast, recorded_precision, resolve_precision
-from .sources import IMAGE_EXTENSIONS, is_image_name
+from .sources import IMAGE_EXTENSIONS, folder_files, is_image_name
 from .text_predict import is_text_checkpoint, onnx_is_text, open_text_classifier, predict_texts, read_text_file
 
 BATCH_SIZE = 256
@@ -70,7 +70,7 @@ def image_files(paths: Sequence[str | Path]) -> list[str]:
         if not str(p) or not folder.is_dir():
             found.append(str(p))  # a file, or a path that does not exist: its row reports why
             continue
-        inside = sorted(str(f) for f in folder.rglob("*") if is_image_name(f.name) and f.is_file()
+        inside = sorted(str(f) for f in folder_files(folder) if is_image_name(f.name)
                         and not any(part.startswith(".") for part in f.relative_to(folder).parts))
         if not inside:
             raise CCTError(f"no image files in {p} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")

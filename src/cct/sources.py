@@ -49,6 +49,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CCT_DATA") or Path.home() / ".cache" / "cct").expanduser()
 
 
+def folder_files(root: Path) -> list[Path]:
+    """The regular files below `root`, through symlinked folders too (a class folder that links to photos
+    kept elsewhere, which `Path.rglob` skips before Python 3.13); a link back to a folder it sits in
+    (a cycle) is not entered."""
+    found, real_of = [], {}
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = real_of[folder] = os.path.realpath(folder)
+        ancestors, parent = set(), os.path.dirname(folder)
+        while parent in real_of:
+            ancestors.add(real_of[parent])
+            parent = os.path.dirname(parent)
+        if real in ancestors:
+            subfolders.clear()
+            continue
+        found.extend(p for p in (Path(folder) / name for name in files) if p.is_file())
+    return found
+
+
 class Files:
     """The regular files of a folder or an archive, as sorted relative posix `names` and their bytes."""
 
@@ -60,7 +78,7 @@ class Files:
             self.kind, self.names = "folder", sorted(names)
         elif path.is_dir():
             self.kind = "folder"
-            self.names = sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file())
+            self.names = sorted(p.relative_to(path).as_posix() for p in folder_files(path))
         elif tarfile.is_tarfile(path):
             self.kind = "tar"
             self._blobs = _read_tar(path)
@@ -124,10 +142,9 @@ def fingerprint(path: Path) -> str:
     """The content key of a source: the bytes of a file, or names, sizes and mtimes of a folder's files."""
     h = hashlib.sha256()
     if path.is_dir():
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        for p in sorted(folder_files(path)):
+            st = p.stat()
+            h.update(f"{p.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     else:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
