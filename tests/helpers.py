@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cct import cli
 from cct.data import Dataset, ImageSet
 from cct.recipes import TrainConfig, make_config
 
@@ -58,3 +59,13 @@ def poison_loss(monkeypatch, at_call: int) -> None:
                 return loss * float("nan")
         return loss
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """`cct ARGV` in this process: (exit code, stdout, stderr); argparse's own errors give their code too."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -23,7 +23,7 @@ import cct
 from cct import cli
 from cct.recipes import make_config
 from cct.train import train
-from helpers import make_tree
+from helpers import make_tree, run_cli
 
 
 
@@ -46,12 +46,6 @@ def data_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     return make_tree(tmp_path_factory.mktemp("tree"))
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def history(out: Path) -> list[dict]:

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cct import cli, create_model, save_checkpoint
+from cct import create_model, save_checkpoint
 from cct.data import CIFAR_MEAN
 from cct.evaluate import load_for_eval, metrics, predict_logits
 from cct.kernels import FastAttention
 from cct.preprocess import Preprocessing
+from helpers import run_cli
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -39,15 +40,6 @@ def tiny_checkpoint(path: Path, num_classes=3, eval_settings=None) -> Path:
     extra = {"eval": eval_settings} if eval_settings is not None else {}
     save_checkpoint(model, path, **extra)
     return path
-
-
-def run_cli(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_metrics_top_k_per_class_and_confusion():

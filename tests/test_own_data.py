@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import cct
-from cct import cli
+from helpers import run_cli
 from test_checkpoint import official_keys
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -33,15 +33,6 @@ def flat_folder(root: Path, per_class: int = 10, size: int = 16) -> Path:
     return root
 
 
-def run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 TINY = ["--model", "cct_2_3x2_32", "--epochs", "2", "--batch-size", "8", "--quiet", "--procs", "1"]
 
 
@@ -54,7 +45,7 @@ def test_class_folders_and_csv_train_and_eval_on_the_recorded_split(tmp_path, ca
         rows = [f"photos/{c}/{i}.png,{c}" for c in CLASSES for i in range(10)]
         data.write_text("path,label\n" + "\n".join(rows) + "\n")
     out = tmp_path / "run"
-    code, _, err = run(["train", "--data", str(data), "--out", str(out), "--test-split", "0.3", "--seed", "3",
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(out), "--test-split", "0.3", "--seed", "3",
                         *TINY], capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
@@ -62,7 +53,7 @@ def test_class_folders_and_csv_train_and_eval_on_the_recorded_split(tmp_path, ca
     assert results["test_split"] == {"seed": 3, "fraction": 0.3, "files": "split.json"}
     assert split["seed"] == 3 and len(split["test_files"]) == results["test_images"] == 9  # 3 per class
     assert cct.checkpoint.read_checkpoint(out / "best.pt")["split"] == split
-    code, stdout, err = run(["eval", str(out / "best.pt"), "--data", str(data), "--json"], capsys)
+    code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(data), "--json"], capsys)
     assert code == 0, err
     report = json.loads(stdout)
     assert report["n"] == 9 and report["top1"] == pytest.approx(results["test_top1"])
@@ -72,7 +63,7 @@ def test_class_folders_and_csv_train_and_eval_on_the_recorded_split(tmp_path, ca
         with data.open("a") as f:
             f.write("photos/bee/extra.png,bee\n")
     (root / "ant" / "broken.png").write_bytes(b"not an image")  # not a recorded test file: never decoded
-    code, stdout, err = run(["eval", str(out / "best.pt"), "--data", str(data), "--json"], capsys)
+    code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(data), "--json"], capsys)
     assert code == 0, err
     changed = json.loads(stdout)
     assert changed["source_changed"] and changed["n"] == 9 and changed["top1"] == report["top1"]
@@ -81,7 +72,7 @@ def test_class_folders_and_csv_train_and_eval_on_the_recorded_split(tmp_path, ca
 
 def _finetune(tmp_path, capsys, pretrained: Path, *extra: str) -> dict:
     out = tmp_path / f"ft-{pretrained.stem}"
-    code, _, err = run(["train", "--data", str(flat_folder(tmp_path / f"d-{pretrained.stem}")), "--out", str(out),
+    code, _, err = run_cli(["train", "--data", str(flat_folder(tmp_path / f"d-{pretrained.stem}")), "--out", str(out),
                         "--pretrained", str(pretrained), "--epochs", "2", "--batch-size", "8", "--quiet",
                         "--procs", "1", "--img-size", "16", *extra], capsys)
     assert code == 0, err
@@ -105,7 +96,7 @@ def test_finetune_from_a_cct_checkpoint_new_classes_and_size(tmp_path, capsys):
 def test_finetune_from_official_weights_needs_the_model_name(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(official_keys(cct.create_model("cct_2_3x2_32")), tmp_path / "official.pth")
-    code, _, err = run(["train", "--data", str(flat_folder(tmp_path / "x")), "--out", str(tmp_path / "o"),
+    code, _, err = run_cli(["train", "--data", str(flat_folder(tmp_path / "x")), "--out", str(tmp_path / "o"),
                         "--pretrained", str(tmp_path / "official.pth")], capsys)
     assert code == 2 and "give --model" in err and len(err.strip().splitlines()) == 1
     results = _finetune(tmp_path, capsys, tmp_path / "official.pth", "--model", "cct_2_3x2_32")
@@ -123,7 +114,7 @@ def test_finetune_from_the_keras_example_weights(tmp_path, capsys):
 
 def test_no_model_no_recipe_trains_the_fast_recipe(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run(["train", "--data", str(flat_folder(tmp_path / "p")), "--out", str(out), "--epochs", "1",
+    code, _, err = run_cli(["train", "--data", str(flat_folder(tmp_path / "p")), "--out", str(out), "--epochs", "1",
                         "--quiet"], capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
@@ -137,11 +128,11 @@ def test_a_second_train_on_a_folder_in_use_exits_2_naming_the_holder(tmp_path, c
                                str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        code, _, err = run(["train", "--data", str(flat_folder(tmp_path / "p")), "--out", str(out), *TINY], capsys)
+        code, _, err = run_cli(["train", "--data", str(flat_folder(tmp_path / "p")), "--out", str(out), *TINY], capsys)
         assert code == 2 and f"in use by another cct train (PID {holder.pid})" in err
         assert len(err.strip().splitlines()) == 1 and not (out / "config.json").exists()
     finally:
         holder.kill()
         holder.wait()
-    code, _, err = run(["train", "--data", str(tmp_path / "p"), "--out", str(out), *TINY], capsys)  # a killed holder
+    code, _, err = run_cli(["train", "--data", str(tmp_path / "p"), "--out", str(out), *TINY], capsys)  # a killed holder
     assert code == 0, err  # leaves no lock behind

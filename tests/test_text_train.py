@@ -16,7 +16,7 @@ from cct.recipes import make_config
 from cct.text_run import text_inputs
 from cct.tokenizer import TextTokenizer
 from cct.train import TrainingInterrupted, resume_config, train
-from helpers import make_tree
+from helpers import make_tree, run_cli
 
 SHARED_TREC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trec"
 CLASSES = {"HUM": ["who is", "who wrote", "whose"], "LOC": ["where is", "which city", "what country"],
@@ -49,12 +49,6 @@ def write_corpus(root: Path, kind: str) -> Path:
         for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
             (root / name).write_text("".join(json.dumps({"text": q, "label": label}) + "\n" for label, q in rows))
     return root
-
-
-def run_cli(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

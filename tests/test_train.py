@@ -17,7 +17,7 @@ from cct import cli
 from cct.runfiles import HISTORY_COLUMNS
 from cct.step import NonFiniteLossError, TrainStep
 from cct.train import TrainingInterrupted, train
-from helpers import CLASSES, MODEL, make_tree, memory_dataset, poison_loss, seeded_config
+from helpers import CLASSES, MODEL, make_tree, memory_dataset, poison_loss, run_cli, seeded_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,15 +27,6 @@ def data_cache(tmp_path_factory):
         yield
 
 
-
-
-def run_cli(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def read_history(path: Path) -> list[dict]:
