@@ -3,8 +3,8 @@
 For each seed: the seeded, stratified 10% validation split of `train_5500.label` that `cct train --val-split
 0.1 --seed S` draws (`cct.data.split_set`), a word-level tokenizer trained on the other 90%, and a text model
 from the registry with the fast kernels, trained by the text recipe's loop written out here in a few lines
-(AdamW with weight decay on matrices, linear warm-up then cosine, label smoothing, token dropout, and the
-options below) so that variants the recipe does not have (an EMA or an average of the last epochs' weights,
+(AdamW over `cct.step.param_groups`, the learning rate of `cct.step.lr_at`, label smoothing, token dropout,
+and the options below) so that variants the recipe does not have (an EMA or an average of the last epochs' weights,
 fine labels summed into coarse ones) can be tried too. It prints the validation top-1 of the last epoch
 (`last`), of the best epoch (`best`: optimistic, the same split chooses it), of the EMA (`ema`) and of the
 weight average (`swa`) per seed, and their means over seeds. The test file's texts are never tokenized,
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from cct import data as data_mod
 from cct.kernels import fuse, use_kernels
 from cct.registry import create_model
+from cct.step import lr_at, param_groups
 from cct.text_data import load_text
 from cct.text_run import RawTexts
 from cct.tokenizer import UNK_ID, TextTokenizer
@@ -81,19 +82,11 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
     model = use_kernels(create_model(a.model, num_classes=num_classes, vocab_size=tokenizer.vocab_size, seq_len=64,
                                      kernel_size=a.kernel_size, embedding_std=a.embedding_std,
                                      **({} if a.drop_rate is None else {"drop_rate": a.drop_rate})), "fast")
-    skip = set(model.no_weight_decay())
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in skip]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in skip)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=a.lr, eps=1e-8)
+    opt = torch.optim.AdamW(param_groups(model, a.weight_decay, decay_all=False), lr=a.lr, eps=1e-8)
     n = len(labels)
-    total = math.ceil(n / a.batch_size) * a.epochs
-    warm = int(a.warmup_epochs * math.ceil(n / a.batch_size))
-
-    def lr_at(s: int) -> float:
-        if s < warm:
-            return 1e-5 + (a.lr - 1e-5) * s / warm
-        return 1e-5 + 0.5 * (a.lr - 1e-5) * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+    steps_per_epoch = math.ceil(n / a.batch_size)
+    schedule = dict(lr=a.lr, total_steps=steps_per_epoch * a.epochs, warmup_lr=1e-5, min_lr=1e-5, schedule="cosine",
+                    warmup_steps=int(a.warmup_epochs * steps_per_epoch))
 
     def score(m) -> float:
         m.eval()
@@ -118,7 +111,7 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             if a.token_dropout > 0:
                 x[(torch.rand(x.shape, generator=g) < a.token_dropout) & m] = UNK_ID
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = lr_at(step, **schedule)
             if a.mix > 0:  # word mixup with the reversed batch, as the recipe (cct.kinds.augment_tokens)
                 lam = float(torch.distributions.Beta(a.mix, a.mix).sample())
                 out = model(x, m, torch.tensor(lam))
