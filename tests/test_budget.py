@@ -2,11 +2,14 @@
 import json
 import types
 
+import pytest
+
 from cct import budget, distributed
 from cct import train as train_mod
 from cct.recipes import make_config
 from cct.step import TrainStep
-from cct.train import train
+from cct.resume import resume_config
+from cct.train import TrainingInterrupted, train
 from helpers import MODEL, memory_dataset
 
 
@@ -89,3 +92,53 @@ def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch):
     assert results["steps"] > 2 * refits[0]  # the fast epochs after it lengthened it again
     assert json.loads((tmp_path / "out" / "config.json").read_text())["total_steps"] == results["steps"]
     assert 0.05 * 60 * 0.9 < results["train_seconds"] <= 0.05 * 60  # most of the budget used, none overrun
+
+
+def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch):
+    """Under --time-budget, warm-up and the MixUp/CutMix stop keep their share of the recipe's --epochs at the
+    planned length, whatever that length is (a fast machine's or a slow one's); --epochs alone keeps them in epochs."""
+    clock = {"now": 0.0}
+    calls = []  # (lr, mix) of every step of the real run
+    real_call = TrainStep.__call__
+
+    def timed_step(self, batch, labels, lr, **kwargs):
+        clock["now"] += 0.02
+        calls.append((lr, kwargs.get("mix", True)))
+        return real_call(self, batch, labels, lr, **kwargs)
+
+    plans = []
+    real_fit = budget.fit_to_budget
+    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
+    monkeypatch.setattr(train_mod, "time", virtual)
+    monkeypatch.setattr(budget, "time", virtual)
+    monkeypatch.setattr(budget, "time_trial_step", lambda *a, **k: 0.02)  # the trial, on the virtual clock
+    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: plans.append(real_fit(*a, **k)) or plans[-1])
+    # 256 images at batch 32: 8 steps an epoch; the recipe: 10 epochs, 1 of warm-up, MixUp until epoch 4
+    options = dict(batch_size=32, precision="fp32", epochs=10, warmup_epochs=1, mixup_alpha=0.2, mix_off_epoch=4)
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", time_budget=0.06, **options)
+    train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    scale = plans[0] / 80
+    assert 0.3 < scale < 0.8 and config["schedule_scale"] == round(scale, 6)
+    warmup = round(8 * scale)
+    assert config["warmup_steps"] == warmup < 8
+    lrs = [lr for lr, _ in calls]
+    ramp = [cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * i / warmup for i in range(warmup)]
+    assert lrs[:warmup] == pytest.approx(ramp) and lrs[warmup] > lrs[warmup - 1]  # a warm-up of `warmup` steps
+    mix_off = round(4 * 8 * scale)  # epochs starting before this step mix
+    assert [mix for _, mix in calls[::8]] == [8 * e < mix_off for e in range(len(calls[::8]))]
+    assert sum(mix for _, mix in calls) < 4 * 8  # fewer than the unscaled 4 epochs
+
+    # a resumed budgeted run keeps the scale it was planned with (its length is the checkpoint's, not re-planned)
+    stopped = make_config(MODEL, "memory", str(tmp_path / "stopped"), "fast", time_budget=0.06, **options)
+    with pytest.raises(TrainingInterrupted):
+        train(stopped, dataset=memory_dataset(n_train=256), quiet=True, stop_at_step=12)
+    train(resume_config(tmp_path / "stopped"), dataset=memory_dataset(n_train=256), quiet=True, resume=True)
+    assert json.loads((tmp_path / "stopped" / "config.json").read_text())["warmup_steps"] == warmup
+
+    calls.clear()
+    unbudgeted = make_config(MODEL, "memory", str(tmp_path / "fixed"), "fast", **{**options, "epochs": 6})
+    train(unbudgeted, dataset=memory_dataset(n_train=256), quiet=True)
+    assert json.loads((tmp_path / "fixed" / "config.json").read_text())["warmup_steps"] == 8
+    assert [mix for _, mix in calls] == [i < 4 * 8 for i in range(6 * 8)]

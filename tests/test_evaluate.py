@@ -70,6 +70,17 @@ def test_predict_logits_normalisation_tta_and_batching():
         flipped = model(prep(images.flip(-1)))
     tta = predict_logits(model, images, Preprocessing((16, 16), 3, mean, std, batch_size=10, tta=True))
     assert torch.allclose(tta, (expected + flipped) / 2, atol=1e-5)
+    # with 1-px shifts: half the flip average, half the mean of the up-left and down-right shifts and their mirrors
+    x = prep(images)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    up_left, down_right = padded[..., :16, :16], padded[..., 2:, 2:]
+    assert torch.equal(up_left[..., 1:, 1:], x[..., :15, :15]) and torch.equal(down_right[..., :15, :15], x[..., 1:, 1:])
+    with torch.no_grad():
+        shifts = sum(model(s) + model(s.flip(-1)) for s in (up_left, down_right)) / 4
+    shifted = predict_logits(model, images, Preprocessing((16, 16), 3, mean, std, batch_size=4, tta=True,
+                                                          tta_translate=1))
+    assert torch.allclose(shifted, ((expected + flipped) / 2 + shifts) / 2, atol=1e-5)
+    assert not torch.allclose(shifted, tta, atol=1e-3)
     plain = predict_logits(model, images, Preprocessing((16, 16), 3, batch_size=3))  # no normalisation: x / 255
     with torch.no_grad():
         assert torch.allclose(plain, model(images.float() / 255), atol=1e-5)
@@ -102,6 +113,10 @@ def test_eval_cli_text_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
     code, out, err = run_cli(["eval", str(ckpt), "--data", str(tree), "--tta", "--batch-size", "5"], capsys)
     assert code == 0 and "top-1" in out and "TTA" in out and "ant" in out
+    code, out, _ = run_cli(["eval", str(ckpt), "--data", str(tree), "--tta", "--tta-translate", "2", "--json"], capsys)
+    assert code == 0 and json.loads(out)["tta_translate"] == 2
+    code, _, err = run_cli(["eval", str(ckpt), "--data", str(tree), "--no-tta", "--tta-translate", "1"], capsys)
+    assert code != 0 and "--tta-translate" in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_errors_are_one_line(tmp_path, capsys):

@@ -17,6 +17,8 @@ def test_round_trip_and_normalisation():
     prep = Preprocessing([16, 24], 3, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], precision="bf16", batch_size=7, tta=True)
     assert prep.img_size == (16, 24) and prep.mean == (0.5, 0.4, 0.3)
     assert Preprocessing.from_dict(prep.to_dict()) == prep
+    shifted = Preprocessing([16, 24], 3, tta=True, tta_translate=1)
+    assert Preprocessing.from_dict(shifted.to_dict()).tta_translate == 1
     assert Preprocessing.from_checkpoint({"eval": prep.to_dict(), "config": {}}) == prep
     images = torch.randint(0, 256, (2, 3, 16, 24), dtype=torch.uint8)
     expected = (images.float() / 255 - torch.tensor(prep.mean)[:, None, None]) / torch.tensor(prep.std)[:, None, None]

@@ -47,7 +47,7 @@ def test_last_pt_keeps_its_keys(reference_run):
     assert set(checkpoint["rng"]) >= {"torch", "data_epoch_start", "data", "augment"}
     assert set(checkpoint["step_state"]) == {"loss_sum", "correct", "seen", "skipped", "scaler"}
     assert set(checkpoint["train_state"]) == {"epoch", "batch", "step", "total_steps", "best_top1", "best_epoch",
-                                              "train_seconds", "images", "finished"}
+                                              "train_seconds", "images", "finished", "schedule_scale"}
     assert resume.is_finished(checkpoint, reference_run[0])
 
 

@@ -70,7 +70,7 @@ def image_inputs(cfg: TrainConfig, dataset: Dataset | None, *, checkpoint: dict 
     else:
         mean, std = (tuple(v) if v else None for v in (checkpoint["eval"]["mean"], checkpoint["eval"]["std"]))
     prep = Preprocessing((height, width), in_chans, mean, std, precision=precision, batch_size=cfg.eval_batch_size,
-                         tta=cfg.tta, resize_mode=cfg.resize_mode)
+                         tta=cfg.tta, tta_translate=cfg.tta_translate if cfg.tta else 0, resize_mode=cfg.resize_mode)
     return RunInputs(kind="image", classes=list(dataset.classes), train_set=train_set, val_set=val_set,
                      test_set=dataset.test, prep=prep, aug_cfg=augment_config(cfg, mean, std),
                      model_overrides=dict(in_chans=in_chans, img_size=(height, width)), skipped=dataset.skipped,

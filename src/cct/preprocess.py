@@ -33,7 +33,7 @@ def _floats(values) -> tuple[float, ...] | None:
 class Preprocessing:
     """Input size, channels, how files are resized ("resize" or "crop") and normalisation (fractions
     of 255; None: x / 255), and the evaluation settings training recorded (precision, batch size,
-    test-time flip averaging)."""
+    test-time augmentation: flip averaging, and with `tta_translate` shifted copies too)."""
     img_size: tuple[int, int]
     in_chans: int
     mean: tuple[float, ...] | None = None
@@ -42,6 +42,7 @@ class Preprocessing:
     batch_size: int = 256
     tta: bool = False
     resize_mode: str = "resize"
+    tta_translate: int = 0  # with tta: also the image shifted this many pixels (cct.evaluate.tta_logits)
 
     def __post_init__(self):
         assert self.resize_mode in RESIZE_MODES, f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}"
@@ -61,7 +62,7 @@ class Preprocessing:
                 "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
                 "formula": "x = pixel / 255, then (x - mean) / std per channel when mean is not null",
                 "output": "logits (no softmax)", "precision": self.precision, "batch_size": self.batch_size,
-                "tta": self.tta}
+                "tta": self.tta, "tta_translate": self.tta_translate}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":

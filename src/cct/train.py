@@ -108,6 +108,7 @@ class _Run:
     total_epochs: int = 0
     warmup_steps: int = 0
     cooldown_steps: int = 0
+    mix_off_step: int | None = None  # MixUp/CutMix stop at the first epoch starting at or after this step
     deadline: float | None = None  # time.perf_counter() at which a budgeted run must end
     signum: int | None = None  # the signal that asked the run to stop
 
@@ -296,12 +297,21 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
                                        local_batch=cfg.batch_size // world_size, quiet=quiet)
         state["total_steps"] = distributed.min_int(planned)  # every rank the same length
     run.total_epochs = run.epochs_to_cover()
+    # the schedule's shape. --time-budget keeps the recipe's shape at the length that fits: warm-up, cooldown and
+    # the MixUp/CutMix stop scale by the planned steps over --epochs' (a 10-epoch recipe with 1 warm-up epoch warms
+    # up for a tenth of any budget, on a fast machine or a slow one). Fixed when planned, recorded for a resume.
+    if "schedule_scale" not in state:  # a fresh run, or one saved before the scale was recorded
+        state["schedule_scale"] = state["total_steps"] / (cfg.epochs * steps_per_epoch) if budgeted else 1.0
+    scaled = state["schedule_scale"] * steps_per_epoch
     # a run shortened by --epochs or --time-budget keeps a schedule: warm-up at most half, cooldown a quarter
-    run.warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), state["total_steps"] // 2)
-    run.cooldown_steps = min(round(cfg.cooldown_epochs * steps_per_epoch), state["total_steps"] // 4)
+    run.warmup_steps = min(round(cfg.warmup_epochs * scaled), state["total_steps"] // 2)
+    run.cooldown_steps = min(round(cfg.cooldown_epochs * scaled), state["total_steps"] // 4)
+    run.mix_off_step = None if cfg.mix_off_epoch is None else round(cfg.mix_off_epoch * scaled)
     run.resolved = runfiles.resolved_config(cfg, precision=precision, device=str(device), world_size=world_size,
                                             total_steps=state["total_steps"], steps_per_epoch=steps_per_epoch,
                                             num_classes=num_classes, prep=inputs.prep)
+    run.resolved.update(schedule_scale=round(state["schedule_scale"], 6), warmup_steps=run.warmup_steps,
+                        cooldown_steps=run.cooldown_steps)
     if rank == 0:
         runfiles.write_json(out / "config.json", run.resolved)
         if inputs.split_record:
@@ -344,7 +354,7 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
     batches = data_mod.batch_indices(n_train, cfg.batch_size, run.data_gen, shuffle=True, drop_last=False,
                                      rank=run.rank, world_size=run.world_size)
     batches = itertools.islice(batches, state["batch"], None)
-    mix = cfg.mix_off_epoch is None or epoch < cfg.mix_off_epoch
+    mix = run.mix_off_step is None or state["step"] - state["batch"] < run.mix_off_step  # from the epoch's start
     steps_this_epoch = min(run.steps_per_epoch, state["total_steps"] - state["step"] + state["batch"])
     bar = runfiles.progress_bar(run.quiet, epoch, run.total_epochs, n_train, state["batch"] * (cfg.batch_size // run.world_size))
     lr = run.lr(state["step"])
