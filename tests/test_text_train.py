@@ -67,7 +67,8 @@ def finished(trec_dir, tmp_path_factory):
 def test_cct_train_end_to_end(kind, tmp_path, capsys):
     data = write_corpus(tmp_path / "data", kind)
     out = tmp_path / "out"
-    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", data, "--out", out, *FAST[:-1]], capsys)
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", data, "--out", out, *FAST[:-1],
+                            "--val-split", "0.1"], capsys)
     assert code == 0, err
     for name in ("last.pt", "best.pt", "history.csv", "curves.png", "config.json", "results.json"):
         assert (out / name).is_file(), name
@@ -81,6 +82,7 @@ def test_cct_train_end_to_end(kind, tmp_path, capsys):
 def test_default_recipe_and_config_for_text_models():
     cfg = make_config("text_cct_2", "d", "o")
     assert cfg.recipe == "text" and cfg.token_dropout > 0 and cfg.schedule == "cosine"
+    assert cfg.val_split == 0 and not cfg.restore_best  # all training texts, the last epoch tested
     from cct.recipes import RECIPE_MODELS
     assert RECIPE_MODELS["text"] == "text_cct_2"
 
@@ -157,7 +159,7 @@ def test_truncation_is_counted_and_reported(tmp_path, capsys):
     assert code == 0
     truncated = json.loads((out / "results.json").read_text())["truncated_texts"]
     assert truncated["test"] == long_test > 0 and truncated["train"] > 0
-    assert f"truncated to 5 tokens: {truncated['train']} of 54 train texts" in err
+    assert f"truncated to 5 tokens: {truncated['train']} of 60 train texts" in err
     assert f"{long_test} of 15 test texts" in err
     assert cct.load_checkpoint(out / "best.pt").cfg.kernel_size == 2
 
