@@ -74,7 +74,8 @@ def test_predict_logits_normalisation_tta_and_batching():
     x = prep(images)
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
     up_left, down_right = padded[..., :16, :16], padded[..., 2:, 2:]
-    assert torch.equal(up_left[..., 1:, 1:], x[..., :15, :15]) and torch.equal(down_right[..., :15, :15], x[..., 1:, 1:])
+    assert torch.equal(up_left[..., 1:, 1:], x[..., :15, :15])
+    assert torch.equal(down_right[..., :15, :15], x[..., 1:, 1:])
     with torch.no_grad():
         shifts = sum(model(s) + model(s.flip(-1)) for s in (up_left, down_right)) / 4
     shifted = predict_logits(model, images, Preprocessing((16, 16), 3, mean, std, batch_size=4, tta=True,

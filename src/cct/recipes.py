@@ -120,8 +120,8 @@ class TrainConfig:
     procs: int = _f(1, "data-parallel processes on this CPU, one thread each, each on its share of every batch "
                        "(0: one per core; the keras recipe's default)")
     time_budget: float | None = _f(None, "minutes of training, first step to last (validation included; data loading "
-                                         "and the final test excluded): the run is sized to end within them, its warm-up, cooldown and "
-                                         "--mix-off-epoch scaled with it")
+                                         "and the final test excluded): the run is sized to end within them, its "
+                                         "warm-up, cooldown and --mix-off-epoch scaled with it")
     skip_nonfinite: bool = _f(False, "skip (and count) steps whose loss is not finite instead of stopping")
     log_interval: int = _f(20, "steps between progress-bar updates (each costs a device sync)")
     # text (cct.kinds, cct.text_run): what --data holds, its labels, the tokenizer and the text model's input
