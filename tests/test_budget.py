@@ -3,9 +3,11 @@ import json
 import types
 
 import pytest
+import torch
 
 from cct import budget, distributed
 from cct import train as train_mod
+from cct.evaluate import tta_logits, tta_views
 from cct.recipes import make_config
 from cct.step import TrainStep
 from cct.resume import resume_config
@@ -21,6 +23,25 @@ def test_planned_steps_leave_room_for_validation():
     with_val = budget.planned_steps(val_images=3000, **kw)  # 3000 images at a third of a step's cost: 1 s
     assert with_val == int(100 * budget.PLAN_SHARE / (0.1 + 1.5 / 10)) < without
     assert budget.planned_steps(**{**kw, "budget_seconds": 1e-3}, val_images=0) == 1  # never zero
+    # test-time augmentation: 6 forward passes per validation image cost 6 s an epoch, not 1
+    with_tta = budget.planned_steps(val_images=3000, eval_views=6, **kw)
+    assert with_tta == int(100 * budget.PLAN_SHARE / (0.1 + 6.5 / 10)) < with_val
+
+
+@pytest.mark.parametrize("tta, translate", [(False, 0), (True, 0), (True, 1)])
+def test_tta_views_counts_the_forward_passes_of_tta_logits(tta, translate):
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            return x.mean((1, 2, 3))[:, None].repeat(1, 10)
+
+    model, x = Counting(), torch.zeros(4, 3, 8, 8)
+    logits = model(x)
+    if tta:
+        tta_logits(model, x, logits, translate)
+    assert len(calls) == tta_views(tta, translate)
 
 
 def test_refit_shortens_at_once_and_lengthens_while_a_quarter_remains():

@@ -14,6 +14,7 @@ import time
 import torch
 from torch import nn
 
+from .evaluate import tta_views
 from .recipes import TrainConfig
 from .runfiles import log
 from .step import TrainStep, make_optimizer, make_train_step
@@ -23,10 +24,11 @@ PLAN_SHARE, REFIT_SHARE = 0.97, 0.98
 
 
 def planned_steps(*, budget_seconds: float, step_seconds: float, local_batch: int, val_images: int,
-                  steps_per_epoch: int) -> int:
-    """The steps that fit `budget_seconds` at `step_seconds` a step, validation at every epoch's end included."""
-    eval_seconds_per_image = step_seconds / local_batch / 3  # evaluation: about a third of a training step
-    val_seconds = val_images * eval_seconds_per_image
+                  steps_per_epoch: int, eval_views: int = 1) -> int:
+    """The steps that fit `budget_seconds` at `step_seconds` a step, validation at every epoch's end included;
+    `eval_views` forward passes per validation image (test-time augmentation: `tta_views`)."""
+    eval_seconds_per_image = step_seconds / local_batch / 3  # a forward pass: about a third of a training step
+    val_seconds = val_images * eval_views * eval_seconds_per_image
     per_step = step_seconds + (val_seconds + 0.5) / steps_per_epoch
     return max(1, int(budget_seconds * PLAN_SHARE / per_step))
 
@@ -78,7 +80,8 @@ def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set
     """The steps that fit `cfg.time_budget` minutes: a trial (`time_trial_step`), then `planned_steps`."""
     step_seconds = time_trial_step(cfg, model, step, train_set, local_batch=local_batch)
     total = planned_steps(budget_seconds=cfg.time_budget * 60, step_seconds=step_seconds, local_batch=local_batch,
-                          val_images=val_images, steps_per_epoch=steps_per_epoch)
+                          val_images=val_images, steps_per_epoch=steps_per_epoch,
+                          eval_views=tta_views(cfg.tta, cfg.tta_translate))
     log(quiet, f"time budget {cfg.time_budget:g} min: {step_seconds * 1e3:.0f} ms/step → {total} steps "
                f"({total / steps_per_epoch:.2f} epochs)")
     return total

@@ -81,6 +81,11 @@ def predict_logits(model: nn.Module, images, prep: Preprocessing | TextPreproces
     return torch.cat(outputs)
 
 
+def tta_views(tta: bool, translate: int = 0) -> int:
+    """Forward passes per image of an evaluation with these TTA settings (`tta_logits`)."""
+    return 1 if not tta else 6 if translate else 2
+
+
 def tta_logits(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, translate: int = 0) -> torch.Tensor:
     """Test-time augmentation of a normalised batch whose plain logits are `logits`: the average with its mirror;
     with `translate` > 0, that average weighs half and the other half is the mean over the batch shifted
