@@ -5,11 +5,13 @@ import types
 import pytest
 import torch
 
+import cct
+
 from cct import budget, distributed
 from cct import train as train_mod
 from cct.evaluate import tta_logits, tta_views
 from cct.recipes import make_config
-from cct.step import TrainStep
+from cct.step import TrainStep, resolution_at
 from cct.resume import resume_config
 from cct.train import TrainingInterrupted, train
 from helpers import MODEL, memory_dataset
@@ -70,7 +72,47 @@ def test_refits_on_a_virtual_clock_follow_the_machine():
     assert now <= budget_seconds and now > 0.9 * budget_seconds  # ends within the budget, most of it used
 
 
+def test_schedule_cost_prices_each_phase_at_its_side():
+    phases, costs = [(0.0, 16), (0.4, 24), (0.7, 32)], {16: 0.25, 24: 0.5, 32: 1.0}
+    kw = dict(total_steps=10, phases=phases, costs=costs)
+    assert budget.schedule_cost(0, 10, **kw) == 4 * 0.25 + 3 * 0.5 + 3 * 1.0  # steps 0-3 at 16, 4-6 at 24, 7-9 at 32
+    assert budget.schedule_cost(3, 8, **kw) == 0.25 + 3 * 0.5 + 1.0
+    assert budget.schedule_cost(3, 8, total_steps=10, phases=None, costs=None) == 5  # no resizing: steps
+
+
+def test_refits_on_a_virtual_clock_price_cheap_low_resolution_epochs():
+    """Progressive resizing on a virtual clock: epochs at a quarter of the cost early must not make the re-fit
+    believe every later step is as cheap (which would overrun the budget and cut the full-size phase short)."""
+    phases, costs = [(0.0, 16), (0.5, 32)], {16: 0.25, 32: 1.0}
+    budget_seconds, native, steps_per_epoch = 60.0, 0.1, 10
+    mean = 0.5 * 0.25 * native + 0.5 * native
+    total = budget.planned_steps(budget_seconds=budget_seconds, step_seconds=mean, local_batch=32, val_images=0,
+                                 steps_per_epoch=steps_per_epoch)
+    now, step, sides = 0.0, 0, []
+
+    def cost(first, end, total_steps):
+        return budget.schedule_cost(first, end, total_steps=total_steps, phases=phases, costs=costs)
+
+    while step < total:
+        first, end = step, min(step + steps_per_epoch, total)
+        sides += [resolution_at(s, total_steps=total, phases=phases) for s in range(first, end)]
+        spent = native * cost(first, end, total)
+        now, step = now + spent, end
+        fit = budget.steps_that_fit(step=step, seconds_left=budget_seconds - now,
+                                    seconds_per_step=spent / cost(first, end, total),
+                                    cost=lambda a, n: cost(a, n, n))
+        total = budget.refit(step=step, total_steps=total, fit=fit)
+    assert 0.9 * budget_seconds < now <= budget_seconds  # most of the budget, no overrun
+    assert step > budget_seconds / native  # more steps than at the native size alone
+    assert 0.4 < sides.count(32) / len(sides) < 0.6  # the full-size phase kept its share
+
+
 # ---------------------------------------------------------------------- inside the loop
+def _record(plans: list, fit: tuple[int, dict | None]) -> tuple[int, dict | None]:
+    plans.append(fit[0])
+    return fit
+
+
 def test_time_budget_fits_the_run(tmp_path):
     cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.08,
                       precision="fp32")
@@ -101,10 +143,10 @@ def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "time", virtual)
     monkeypatch.setattr(budget, "time", virtual)
     monkeypatch.setattr(TrainStep, "__call__", timed_step)
-    monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: plans.append(real_fit(*a, **k)) or plans[-1])
+    monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: _record(plans, real_fit(*a, **k)))
     monkeypatch.setattr(distributed, "min_int", lambda v: fits.append(real_min_int(v)) or fits[-1])
     cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
-                      precision="fp32")
+                      precision="fp32", res_schedule=None)  # every step at one cost (resizing: the test below)
     results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
     # the first min_int is the ranks agreeing on the plan; the end-of-epoch re-fits follow
     assert len(plans) == 1 and fits[0] == plans[0] and len(fits) >= 3
@@ -134,9 +176,10 @@ def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch):
     monkeypatch.setattr(budget, "time", virtual)
     monkeypatch.setattr(budget, "time_trial_step", lambda *a, **k: 0.02)  # the trial, on the virtual clock
     monkeypatch.setattr(TrainStep, "__call__", timed_step)
-    monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: plans.append(real_fit(*a, **k)) or plans[-1])
+    monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: _record(plans, real_fit(*a, **k)))
     # 256 images at batch 32: 8 steps an epoch; the recipe: 10 epochs, 1 of warm-up, MixUp until epoch 4
-    options = dict(batch_size=32, precision="fp32", epochs=10, warmup_epochs=1, mixup_alpha=0.2, mix_off_epoch=4)
+    options = dict(batch_size=32, precision="fp32", epochs=10, warmup_epochs=1, mixup_alpha=0.2, mix_off_epoch=4,
+                   res_schedule=None)
     cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", time_budget=0.06, **options)
     train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -163,3 +206,31 @@ def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch):
     train(unbudgeted, dataset=memory_dataset(n_train=256), quiet=True)
     assert json.loads((tmp_path / "fixed" / "config.json").read_text())["warmup_steps"] == 8
     assert [mix for _, mix in calls] == [i < 4 * 8 for i in range(6 * 8)]
+
+
+def test_time_budget_with_progressive_resizing(tmp_path, monkeypatch):
+    """--res-schedule under --time-budget, on a virtual clock where a step at 8 px costs a quarter of one at the
+    native 16: the trial prices both sides, the run fills the budget without overrunning it, and the native phase
+    keeps its share of the steps."""
+    clock = {"now": 0.0}
+    sides = []  # the side of every step of the real run (the trials' steps excluded)
+    real_call = TrainStep.__call__
+
+    def timed_step(self, *args, **kwargs):
+        clock["now"] += 0.005 if self.resolution == 8 else 0.02
+        if kwargs.get("share") is not None:  # the loop's steps pass their stop flags; the trials' do not
+            sides.append(self.resolution)
+        return real_call(self, *args, **kwargs)
+
+    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
+    monkeypatch.setattr(train_mod, "time", virtual)
+    monkeypatch.setattr(budget, "time", virtual)
+    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
+                      precision="fp32", res_schedule="0.5@0,1@0.5")
+    results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    assert 0.05 * 60 * 0.9 < results["train_seconds"] <= 0.05 * 60
+    assert results["steps"] == len(sides) > 0.05 * 60 / 0.02  # more steps than at 16 px throughout
+    assert 0.4 < sides.count(16) / len(sides) < 0.6 and sides[-1] == 16
+    native = results["train_images_seen"] * 6 * cct.count_macs(cct.create_model(MODEL, img_size=16)) / 1e12
+    assert results["train_tflop"] < 0.75 * native  # the 8-px images priced at their size

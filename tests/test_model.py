@@ -87,6 +87,21 @@ def test_sine_and_none_accept_other_sizes_but_learnable_says_how_to_resize():
         cct.create_model("cct_2_3x2_32")(torch.randn(1, 3, 48, 48))
 
 
+def test_any_token_grid_interpolates_the_learnable_embedding_with_gradients():
+    """Progressive resizing's forward: inside `any_token_grid` a smaller input takes the native embedding resized
+    (the same values `set_img_size` would give), and the gradient reaches the native embedding; outside, an error."""
+    model = cct.create_model("vit_2_4_32").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with cct.model.any_token_grid(model):
+        small = model(x)
+        small.sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="set_img_size"):
+        model(x)
+    model.set_img_size(16)
+    torch.testing.assert_close(model(x), small)
+
+
 def test_set_img_size_interpolates_learnable_embedding():
     model = cct.create_model("vit_2_4_32").eval()
     old = model.pos_embed.detach().clone()
@@ -151,3 +166,6 @@ def test_count_macs():
     conv = 30 * 30 * 64 * 27 + 14 * 14 * 128 * 576
     assert conv < macs < conv + 2 * 64 * (128 * 768 + 256 * 128 + 2 * 128 * 128 + 2 * 64 * 256) + 64 * 129 + 1290 + 1
     assert 6 * macs / 1e9 == pytest.approx(0.25, rel=0.05)
+    # at half the side (progressive resizing): a quarter of the convolutions' and about a quarter of the rest
+    half = cct.count_macs(cct.create_model("cct_2_3x2_32"), (16, 16))
+    assert 0.2 < half / cct.count_macs(cct.create_model("cct_2_3x2_32")) < 0.3

@@ -2,7 +2,7 @@
 import pytest
 
 from cct.errors import CCTError
-from cct.recipes import RECIPES, TrainConfig, make_config, validate
+from cct.recipes import RECIPES, TrainConfig, make_config, parse_res_schedule, validate
 from cct.runtime import DEVICES, PRECISIONS
 
 
@@ -31,12 +31,24 @@ def test_make_config_refuses_unknown_names():
     ({"device": "tpu"}, "--device must be one of auto, cpu, cuda"),
     ({"stream_threshold": 0.0}, "--stream-threshold must be in (0, 1]"),
     ({"rrc_scale": (0.9, 0.5)}, "--rrc-scale must satisfy"),
+    ({"res_schedule": "0.5,1@0.5"}, "--res-schedule: '0.5' is not SCALE@START"),
+    ({"res_schedule": "0.5@0.1,1@0.5"}, "must start at 0 and at increasing fractions below 1"),
+    ({"res_schedule": "0.5@0,0.75@0.5,1@0.4"}, "must start at 0 and at increasing fractions below 1"),
+    ({"res_schedule": "0.5@0,1@1"}, "must start at 0 and at increasing fractions below 1"),
+    ({"res_schedule": "0@0,1@0.5"}, "scales must be in (0, 1], the last 1"),
+    ({"res_schedule": "0.5@0,0.75@0.5"}, "scales must be in (0, 1], the last 1"),
 ])
 def test_validate_says_what_is_wrong(override, message):
     validate(make_config("cct_2_3x2_32", "d", "o"))
     with pytest.raises(CCTError) as info:
         validate(make_config("cct_2_3x2_32", "d", "o", **override))
     assert message in str(info.value)
+
+
+def test_res_schedule_parses_and_is_for_images():
+    assert parse_res_schedule("0.5@0, 0.75@0.4,1@0.7") == [(0.0, 0.5), (0.4, 0.75), (0.7, 1.0)]
+    with pytest.raises(CCTError, match="--res-schedule .progressive resizing. is for image models"):
+        validate(make_config("text_cct_2", "d", "o", res_schedule="0.5@0,1@0.5"))
 
 
 def test_choices_come_from_runtime():

@@ -39,6 +39,18 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, reference_r
     assert resumed["test_top1"] == reference["test_top1"] and resumed["test_loss"] == reference["test_loss"]
 
 
+def test_a_resumed_progressive_run_matches_the_uninterrupted_one(tmp_path):
+    """--res-schedule: the side of a step is a function of the step, so a resume lands in the same phase."""
+    ds, options = memory_dataset(), dict(res_schedule="0.5@0,0.75@0.4,1@0.7")  # 8, 12, then 16 px
+    reference = train(seeded_config(tmp_path / "whole", **options), dataset=ds, quiet=True)
+    with pytest.raises(TrainingInterrupted):
+        train(seeded_config(tmp_path / "split", **options), dataset=ds, quiet=True, stop_at_step=2)
+    resumed = train(resume.resume_config(tmp_path / "split"), dataset=ds, resume=True, quiet=True)
+    assert _history_without_seconds(tmp_path / "split" / "history.csv") == \
+        _history_without_seconds(tmp_path / "whole" / "history.csv")
+    assert (resumed["test_loss"], resumed["train_tflop"]) == (reference["test_loss"], reference["train_tflop"])
+
+
 def test_last_pt_keeps_its_keys(reference_run):
     """last.pt is a format: runs started by earlier versions resume, so its keys only ever grow."""
     checkpoint = torch.load(reference_run[0] / "last.pt", weights_only=True)
@@ -47,7 +59,8 @@ def test_last_pt_keeps_its_keys(reference_run):
     assert set(checkpoint["rng"]) >= {"torch", "data_epoch_start", "data", "augment"}
     assert set(checkpoint["step_state"]) == {"loss_sum", "correct", "seen", "skipped", "scaler"}
     assert set(checkpoint["train_state"]) == {"epoch", "batch", "step", "total_steps", "best_top1", "best_epoch",
-                                              "train_seconds", "images", "finished", "schedule_scale"}
+                                              "train_seconds", "images", "reduced_images", "finished",
+                                              "schedule_scale"}
     assert resume.is_finished(checkpoint, reference_run[0])
 
 

@@ -46,7 +46,7 @@ def test_results_keys_and_json(tmp_path):
     assert (r["train_images_seen"], r["train_tflop"], r["bf16"]) == (300, None, False) and r["processor"]
     costed = runfiles.results(cfg, state=state, test=test, params=1000, inputs=inputs, train_images=150,
                               val_images=12, skipped_steps=0, precision="bf16", world_size=1, device="cpu",
-                              macs_per_image=10 ** 9)
+                              train_macs=300 * 10 ** 9)
     assert costed["train_tflop"] == 1.8 and costed["bf16"]  # 300 images × 3 passes × 2 FLOPs × 1 GMAC
     assert runfiles.done_line(r, tmp_path).startswith("done: 2 epochs in 3s (96 images/s); test top-1 0.7500")
     none = runfiles.results(cfg, state=state, test=None, params=1000, inputs=inputs, train_images=150,

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from cct import create_model
+from cct.errors import CCTError
 from cct.evaluate import evaluate
 from cct.kernels import use_kernels
 from cct.preprocess import Preprocessing
 from cct.recipes import make_config
-from cct.step import NonFiniteLossError, augment_config, lr_at, make_optimizer, make_train_step, param_groups
+from cct.step import (NonFiniteLossError, augment_config, lr_at, make_optimizer, make_train_step, param_groups,
+                      resize_batch, resolution_at)
 from helpers import MODEL
 
 
@@ -141,3 +143,44 @@ def test_evaluation_between_steps_sees_the_current_weights(precision):
         assert folded == pytest.approx(plain, rel=2e-2 if precision == "bf16" else 1e-4)
         losses.append(plain)
     assert len(set(losses)) == 3  # the weights did move
+
+
+# ---------------------------------------------------------------------- progressive resizing
+def test_resolution_at_follows_the_phases():
+    phases = [(0.0, 16), (0.4, 24), (0.7, 32)]
+    sides = [resolution_at(s, total_steps=10, phases=phases) for s in range(10)]
+    assert sides == [16] * 4 + [24] * 3 + [32] * 3
+
+
+def test_res_schedule_phases_in_pixels_and_too_small_an_input():
+    from cct.train import _res_phases
+    model = create_model("cvt_2_4_32")  # 4-px patches
+    assert _res_phases(make_config("cvt_2_4_32", "d", "o", res_schedule="0.5@0,0.75@0.5,1@0.7"), model) == \
+        [(0.0, 16), (0.5, 24), (0.7, 32)]
+    with pytest.raises(CCTError, match="3 px is too small for cvt_2_4_32's tokenizer"):
+        _res_phases(make_config("cvt_2_4_32", "d", "o", res_schedule="0.1@0,1@0.5"), model)
+
+
+def test_resize_batch_averages_areas():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4).repeat(2, 3, 1, 1)
+    half = resize_batch(x, 2)
+    assert half.shape == (2, 3, 2, 2) and half[0, 0].tolist() == [[2.5, 4.5], [10.5, 12.5]]  # 2×2 means
+    assert resize_batch(x, 4) is x
+    assert resize_batch(torch.zeros(1, 3, 8, 12), 4).shape == (1, 3, 4, 6)  # the width in proportion
+
+
+def test_a_step_at_a_reduced_resolution_trains_the_native_embedding():
+    model = create_model(MODEL, num_classes=10)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    step = _step(model)
+    before = model.pos_embed.detach().clone()
+    step.resolution = 16
+    step(*_batch(), lr=1e-3)
+    step.resolution = 32  # the native side: no resize
+    step(*_batch(), lr=1e-3)
+    assert seen == [(16, 16), (32, 32)]
+    assert model.pos_embed.shape == before.shape and not torch.equal(model.pos_embed, before)
+    assert not model.any_grid  # only inside the step
+    with pytest.raises(ValueError, match="positional embedding"):
+        model(torch.zeros(1, 3, 16, 16))

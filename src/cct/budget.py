@@ -9,7 +9,9 @@ virtual clock.
 from __future__ import annotations
 
 import copy
+import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -24,22 +26,53 @@ PLAN_SHARE, REFIT_SHARE = 0.97, 0.98
 
 
 def planned_steps(*, budget_seconds: float, step_seconds: float, local_batch: int, val_images: int,
-                  steps_per_epoch: int, eval_views: int = 1) -> int:
+                  steps_per_epoch: int, eval_views: int = 1, native_step_seconds: float | None = None) -> int:
     """The steps that fit `budget_seconds` at `step_seconds` a step, validation at every epoch's end included;
-    `eval_views` forward passes per validation image (test-time augmentation: `tta_views`)."""
-    eval_seconds_per_image = step_seconds / local_batch / 3  # a forward pass: about a third of a training step
+    `eval_views` forward passes per validation image (test-time augmentation: `tta_views`), priced from
+    `native_step_seconds` (a step at the input size evaluated; default `step_seconds`)."""
+    # a forward pass: about a third of a training step
+    eval_seconds_per_image = (native_step_seconds or step_seconds) / local_batch / 3
     val_seconds = val_images * eval_views * eval_seconds_per_image
     per_step = step_seconds + (val_seconds + 0.5) / steps_per_epoch
     return max(1, int(budget_seconds * PLAN_SHARE / per_step))
 
 
-def steps_that_fit(*, step: int, seconds_left: float, seconds_per_step: float) -> int:
+def schedule_cost(first: int, end: int, *, total_steps: int, phases: list[tuple[float, int]] | None,
+                  costs: dict[int, float] | None) -> float:
+    """Steps `first` to `end` - 1 of a run of `total_steps`, in units of a native-resolution step: under
+    progressive resizing (`phases`, as `cct.step.resolution_at` reads them) a step at side s costs `costs[s]`."""
+    if not phases:
+        return float(end - first)
+    units = 0.0
+    bounds = [math.ceil(start * total_steps) for start, _ in phases[1:]] + [math.inf]
+    lo = 0
+    for (_, side), hi in zip(phases, bounds):  # phase i covers steps [lo, hi)
+        units += max(0, min(end, hi) - max(first, lo)) * costs[side]
+        lo = hi
+    return units
+
+
+def steps_that_fit(*, step: int, seconds_left: float, seconds_per_step: float,
+                   cost: Callable[[int, int], float] | None = None) -> int:
     """The total steps that end within the seconds left, at the last epoch's cost of a step.
 
     The latest epoch's rate (evaluation and saving included), so that one slow epoch (a busy
-    machine, the first epoch's warm-up) does not cut the run for good.
+    machine, the first epoch's warm-up) does not cut the run for good. `cost(step, total)`: the remaining
+    steps of a run of `total` in units of the step `seconds_per_step` prices (progressive resizing:
+    `schedule_cost`); by default every step costs one.
     """
-    return step + int(seconds_left * REFIT_SHARE / seconds_per_step)
+    affordable = seconds_left * REFIT_SHARE / seconds_per_step
+    if cost is None:
+        return step + int(affordable)
+    # the remaining cost grows with the total (each added step costs more than the earlier phases' boundaries,
+    # moving later, save), so bisect for the longest run that fits
+    lo, hi = step, step + 1
+    while cost(step, hi) <= affordable:
+        lo, hi = hi, step + 2 * (hi - step)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(step, mid) <= affordable else (lo, mid)
+    return lo
 
 
 def refit(*, step: int, total_steps: int, fit: int) -> int:
@@ -51,8 +84,9 @@ def refit(*, step: int, total_steps: int, fit: int) -> int:
 
 
 def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set, *,
-                    local_batch: int, warm: int = 2, timed: int = 6) -> float:
-    """The median seconds of a training step, timed on copies of the model and optimiser.
+                    local_batch: int, warm: int = 2, timed: int = 6, resolution: int | None = None) -> float:
+    """The median seconds of a training step (at input side `resolution`; None: native), timed on copies of
+    the model and optimiser.
 
     Copies and a throwaway generator keep the real run untouched, so a budgeted run is still the
     seeded run, only of a measured length.
@@ -63,6 +97,7 @@ def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_s
                             device=step.device, label_smoothing=step.label_smoothing, num_classes=step.num_classes,
                             generator=torch.Generator().manual_seed(12345))
     trial.sync_grads = step.sync_grads  # time the gradient exchange too (every rank runs the trial)
+    trial.resolution = resolution
     n = len(train_set.labels)
     g = torch.Generator().manual_seed(0)
     times = []
@@ -76,12 +111,27 @@ def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_s
 
 
 def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set, *, val_images: int,
-                  steps_per_epoch: int, local_batch: int, quiet: bool) -> int:
-    """The steps that fit `cfg.time_budget` minutes: a trial (`time_trial_step`), then `planned_steps`."""
+                  steps_per_epoch: int, local_batch: int, quiet: bool,
+                  phases: list[tuple[float, int]] | None = None) -> tuple[int, dict[int, float] | None]:
+    """The steps that fit `cfg.time_budget` minutes: a trial (`time_trial_step`), then `planned_steps`.
+
+    Under progressive resizing (`phases`) a trial at each side prices its steps; the plan takes their mean
+    over the schedule. Returns (steps, each side's cost of a step relative to the native one, or None).
+    """
     step_seconds = time_trial_step(cfg, model, step, train_set, local_batch=local_batch)
-    total = planned_steps(budget_seconds=cfg.time_budget * 60, step_seconds=step_seconds, local_batch=local_batch,
+    costs, mean_seconds = None, step_seconds
+    if phases:
+        native = phases[-1][1]
+        seconds = {side: step_seconds if side == native else
+                   time_trial_step(cfg, model, step, train_set, local_batch=local_batch, resolution=side)
+                   for side in {side for _, side in phases}}
+        costs = {side: t / step_seconds for side, t in seconds.items()}
+        mean_seconds = sum((end - start) * seconds[side]
+                           for (start, side), end in zip(phases, [start for start, _ in phases[1:]] + [1.0]))
+    total = planned_steps(budget_seconds=cfg.time_budget * 60, step_seconds=mean_seconds, local_batch=local_batch,
                           val_images=val_images, steps_per_epoch=steps_per_epoch,
-                          eval_views=tta_views(cfg.tta, cfg.tta_translate))
-    log(quiet, f"time budget {cfg.time_budget:g} min: {step_seconds * 1e3:.0f} ms/step → {total} steps "
+                          eval_views=tta_views(cfg.tta, cfg.tta_translate), native_step_seconds=step_seconds)
+    sides = "" if not costs else " (" + ", ".join(f"{s}px ×{c:.2f}" for s, c in sorted(costs.items())) + ")"
+    log(quiet, f"time budget {cfg.time_budget:g} min: {step_seconds * 1e3:.0f} ms/step{sides} → {total} steps "
                f"({total / steps_per_epoch:.2f} epochs)")
-    return total
+    return total, costs

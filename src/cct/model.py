@@ -10,7 +10,9 @@ layout and initialisers for `cct_2_3x2_32_keras`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -154,6 +156,7 @@ class CCT(nn.Module):
         self.class_names: list[str] | None = None
         self.tokenizer = ConvTokenizer(cfg)
         self.grid = self.tokenizer.grid(cfg.img_size)
+        self.any_grid = False  # `any_token_grid`: other input sizes interpolate a learnable embedding
         self.num_prefix_tokens = 1 if cfg.pooling == "cls" else 0
         num_tokens = self.grid[0] * self.grid[1] + self.num_prefix_tokens
         D = cfg.embed_dim
@@ -233,11 +236,14 @@ class CCT(nn.Module):
 
     def _position(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.pos_embed is not None:
-            if grid != self.grid:
+            if grid == self.grid:
+                return x + self.pos_embed
+            if not self.any_grid:
                 raise ValueError(f"this model's learnable positional embedding is for a {self.cfg.img_size} input "
                                  f"(token grid {self.grid}); got a token grid {grid}: resize the embedding with "
                                  "cct.checkpoint.set_img_size(model, size)")
-            return x + self.pos_embed
+            # training at a reduced resolution: the gradient reaches the native-size embedding through the resize
+            return x + resize_pos_embed(self.pos_embed, self.grid, grid, self.num_prefix_tokens)
         if self.cfg.positional_embedding == "sine":
             pe = self.sine_embed
             if pe.shape[1] != x.shape[1]:
@@ -292,14 +298,31 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: CCT) -> int:
-    """Multiply-accumulates of one forward pass at the model's native input size (convs, linears, attention).
+@contextlib.contextmanager
+def any_token_grid(model: nn.Module) -> Iterator[None]:
+    """Inside it, the `CCT`s in `model` take inputs of any size: a learnable positional embedding is interpolated
+    (differentiably, bicubic) onto the input's token grid. Training at reduced resolutions (`--res-schedule`) runs
+    its steps inside it; elsewhere an input of another size than the model's is an error, not a silent resize."""
+    ccts = [m for m in model.modules() if isinstance(m, CCT)]
+    for m in ccts:
+        m.any_grid = True
+    try:
+        yield
+    finally:
+        for m in ccts:
+            m.any_grid = False
+
+
+def count_macs(model: CCT, img_size: tuple[int, int] | None = None) -> int:
+    """Multiply-accumulates of one forward pass (convs, linears, attention) at `img_size` (default: the model's
+    native input size).
 
     Counted on a fresh reference model of the same config (built on the meta device: shapes only), so
     the figure is the model as defined, whatever faster kernels `model` runs with.
     """
+    img_size = tuple(img_size or model.cfg.img_size)
     with torch.device("meta"):
-        reference = CCT(replace(model.cfg)).eval()
+        reference = CCT(replace(model.cfg, img_size=img_size)).eval()
     macs = 0
 
     def conv_hook(m, inp, out):
@@ -316,7 +339,7 @@ def count_macs(model: CCT) -> int:
         elif isinstance(m, nn.Linear):
             m.register_forward_hook(linear_hook)
     with torch.no_grad():
-        reference(torch.zeros(1, model.cfg.in_chans, *model.cfg.img_size, device="meta"))
+        reference(torch.zeros(1, model.cfg.in_chans, *img_size, device="meta"))
     tokens = reference.grid[0] * reference.grid[1] + reference.num_prefix_tokens
     for blk in reference.blocks:  # q·k and attn·v: 2 × tokens² × width
         macs += 2 * tokens * tokens * blk.attn.num_heads * blk.attn.head_dim

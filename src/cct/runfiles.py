@@ -106,12 +106,13 @@ def brief(metrics: dict | None) -> dict | None:
 
 def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, inputs: RunInputs, train_images: int,
             val_images: int | None, skipped_steps: int, precision: str, world_size: int, device: str,
-            macs_per_image: int | None = None) -> dict:
+            train_macs: int | None = None) -> dict:
     """The contents of results.json. `val_images` is None for a run without a validation split.
 
     Machine-independent figures, to compare runs on different computers: `train_images_seen` and
     `train_tflop`, forward + backward (taken as 3 forward passes, 2 FLOPs a multiply-accumulate) of
-    every example trained on, at the resolution trained; beside them the processor and whether bf16 was used.
+    every example trained on, at the resolution trained (`train_macs`: their forward multiply-accumulates);
+    beside them the processor and whether bf16 was used.
     """
     split = inputs.split_record
     validated = val_images is not None
@@ -128,7 +129,7 @@ def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, in
         "skipped_steps": skipped_steps, "precision": precision, "seed": cfg.seed, "world_size": world_size,
         "device": device, "processor": processor_name(device), "bf16": precision == "bf16",
         "train_images_seen": state["images"],
-        "train_tflop": round(6 * macs_per_image * state["images"] / 1e12, 3) if macs_per_image else None,
+        "train_tflop": round(6 * train_macs / 1e12, 3) if train_macs else None,
         # class folders and CSVs: the recorded test split (its files are listed in split.json)
         "test_split": {"seed": split["seed"], "fraction": split["fraction"], "files": "split.json"} if split else None,
         "kind": inputs.kind, **inputs.results,

@@ -2,7 +2,8 @@
 
 `TrainStep` is the per-batch work of `cct train`, and `cct bench` times the very same object, so a
 benchmark measures exactly what training does. Its body is one ordered list, as nanoGPT's loop:
-set lr → augment → forward → loss → backward → gradient exchange → step → zero_grad → metrics.
+set lr → augment (→ scale down, at a reduced resolution) → forward → loss → backward → gradient exchange →
+step → zero_grad → metrics.
 The learning-rate schedule is a small pure function of the step (`lr_at`); which parameters get
 weight decay is part of the recipe (`param_groups`). The batch's kind (uint8 images, token batches)
 is settled by its augmentation config (`cct.kinds.augmenter`): the step itself sees the model's
@@ -10,6 +11,7 @@ positional arguments and targets.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import typing
@@ -22,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from .errors import CCTError
 from .kinds import TextAugmentConfig, augmenter
+from .model import any_token_grid
 from .policies import AugmentConfig
 from .recipes import TrainConfig
 from .runtime import autocast
@@ -44,6 +47,25 @@ def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, warm
     if step >= decay_steps:
         return min_lr
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * step / decay_steps))
+
+
+def resolution_at(step: int, *, total_steps: int, phases: list[tuple[float, int]]) -> int:
+    """The input side of optimisation step `step` under progressive resizing (`cct.recipes.parse_res_schedule`):
+    the last phase whose start (a fraction of `total_steps`) the step has reached."""
+    side = phases[0][1]
+    for start, s in phases:
+        if step >= start * total_steps:
+            side = s
+    return side
+
+
+def resize_batch(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Float images (B, C, H, W) scaled so that H becomes `side` (W in proportion), by area averaging: an
+    anti-aliased downscale, a 2×2 mean at half size."""
+    H, W = x.shape[-2:]
+    if side == H:
+        return x
+    return F.interpolate(x, size=(side, max(1, round(W * side / H))), mode="area")
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
@@ -115,6 +137,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.skipped = 0
         self.shared: tuple[bool, ...] = ()
+        self.resolution: int | None = None  # progressive resizing: the input side of the next steps (None: native)
         self.reset_totals()
 
     def reset_totals(self) -> None:
@@ -149,7 +172,10 @@ class TrainStep:
                                      mix=mix)
         args = [a.to(self.device, non_blocking=True) for a in args]
         targets = targets.to(self.device, non_blocking=True)
-        with autocast(self.precision, self.device):
+        reduced = self.resolution is not None and self.resolution != args[0].shape[-2]
+        if reduced:  # progressive resizing: augmented at full size, then scaled down
+            args[0] = resize_batch(args[0], self.resolution)
+        with autocast(self.precision, self.device), any_token_grid(self.model) if reduced else contextlib.nullcontext():
             logits = self.model(*args)
         # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
         smoothing = self.label_smoothing if targets.ndim == 1 else 0.0

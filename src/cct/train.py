@@ -44,13 +44,13 @@ from .kernels import fuse, use_kernels
 from .kinds import RunInputs, TextPreprocessing
 from .model import count_macs, num_params
 from .preprocess import Preprocessing
-from .recipes import TrainConfig, make_config, validate
+from .recipes import TrainConfig, make_config, parse_res_schedule, validate
 from .registry import create_model, model_kind
 from .runlock import hold_run_lock
 from .resume import is_finished, last_state, read_last, restore, resume_config
 from .runfiles import log
 from .runtime import configure_threads, resolve_device, resolve_precision
-from .step import NonFiniteLossError, TrainStep, lr_at, make_optimizer, make_train_step, wrap_model
+from .step import NonFiniteLossError, TrainStep, lr_at, make_optimizer, make_train_step, resolution_at, wrap_model
 from .text_data import TextDataset
 from .text_run import text_inputs
 
@@ -109,6 +109,8 @@ class _Run:
     warmup_steps: int = 0
     cooldown_steps: int = 0
     mix_off_step: int | None = None  # MixUp/CutMix stop at the first epoch starting at or after this step
+    phases: list[tuple[float, int]] | None = None  # progressive resizing (--res-schedule): (start fraction, side)
+    step_costs: dict[int, float] | None = None  # a budgeted run's cost of a step at each side, native = 1
     deadline: float | None = None  # time.perf_counter() at which a budgeted run must end
     signum: int | None = None  # the signal that asked the run to stop
 
@@ -130,6 +132,12 @@ class _Run:
         return lr_at(step, lr=cfg.lr, total_steps=self.state["total_steps"], warmup_steps=self.warmup_steps,
                      warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_steps=self.cooldown_steps,
                      schedule=cfg.schedule)
+
+    def resolution(self, step: int) -> int | None:
+        """The input side of optimisation step `step` (None: no progressive resizing, the native size)."""
+        if self.phases is None:
+            return None
+        return resolution_at(step, total_steps=self.state["total_steps"], phases=self.phases)
 
     def stop_flags(self) -> tuple[bool, bool]:
         """(a signal asked to stop, the time budget is spent): shared by the ranks in the step's collective."""
@@ -272,12 +280,13 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
                            num_classes=num_classes, generator=aug_gen, skip_nonfinite=cfg.skip_nonfinite,
                            world_size=world_size)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    # images trained at each reduced side (progressive resizing), for the run's TFLOP
     state = {"epoch": 0, "batch": 0, "step": 0, "total_steps": cfg.epochs * steps_per_epoch, "best_top1": -1.0,
-             "best_epoch": 0, "train_seconds": 0.0, "images": 0, "finished": False}
+             "best_epoch": 0, "train_seconds": 0.0, "images": 0, "reduced_images": {}, "finished": False}
     run = _Run(cfg=cfg, out=out, rank=rank, world_size=world_size, quiet=quiet, device=device, precision=precision,
                model=model, optimizer=optimizer, step=step, data_gen=data_gen, aug_gen=aug_gen, inputs=inputs,
                steps_per_epoch=steps_per_epoch, data_epoch_state=data_gen.get_state(),
-               state=state)
+               state=state, phases=_res_phases(cfg, model))
 
     # position: where last.pt left the run
     if checkpoint is not None:
@@ -292,9 +301,10 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     # length: --epochs, or what fits --time-budget (fitted before the run, re-fitted at each epoch's end)
     budgeted = checkpoint is None and cfg.time_budget is not None
     if budgeted:
-        planned = budget.fit_to_budget(cfg, model, step, train_set, steps_per_epoch=steps_per_epoch,
-                                       val_images=len(val_set.labels) if val_set is not None else 0,
-                                       local_batch=cfg.batch_size // world_size, quiet=quiet)
+        planned, run.step_costs = budget.fit_to_budget(
+            cfg, model, step, train_set, steps_per_epoch=steps_per_epoch,
+            val_images=len(val_set.labels) if val_set is not None else 0, local_batch=cfg.batch_size // world_size,
+            quiet=quiet, phases=run.phases)
         state["total_steps"] = distributed.min_int(planned)  # every rank the same length
     run.total_epochs = run.epochs_to_cover()
     # the schedule's shape. --time-budget keeps the recipe's shape at the length that fits: warm-up, cooldown and
@@ -331,7 +341,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     results = runfiles.results(cfg, state=state, test=test, params=num_params(model), inputs=inputs,
                                train_images=n_train, val_images=len(val_set.labels) if val_set is not None else None,
                                skipped_steps=step.skipped, precision=precision, world_size=world_size,
-                               device=str(device), macs_per_image=count_macs(model) if kind == "image" else None)
+                               device=str(device), train_macs=_train_macs(model, state) if kind == "image" else None)
     if rank == 0:
         runfiles.write_json(out / "results.json", results)
         log(quiet, runfiles.done_line(results, out))
@@ -363,6 +373,7 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
             if state["batch"] >= steps_this_epoch:
                 break
             lr = run.lr(state["step"])
+            step.resolution = run.resolution(state["step"])
             try:  # the stop flags travel with the step's exchange: one decision for all ranks, or some would wait
                 step(batch, labels, lr, mix=mix, share=run.stop_flags)
             except NonFiniteLossError as e:
@@ -373,12 +384,16 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
             state["batch"] += 1
             state["step"] += 1
             state["images"] += len(idx) * run.world_size
+            if step.resolution is not None and step.resolution != run.phases[-1][1]:
+                reduced = state.setdefault("reduced_images", {})
+                reduced[step.resolution] = reduced.get(step.resolution, 0) + len(idx) * run.world_size
             if bar is not None:
                 bar.update(len(idx) * run.world_size)
                 if state["batch"] % cfg.log_interval == 0 or state["batch"] == steps_this_epoch:
                     # this rank's running loss: rank 0 alone shows a bar, so no collective here
                     local_loss = float(step.loss_sum) / max(1, int(step.seen))
-                    bar.set_postfix_str(f"loss {local_loss:.4f} lr {lr:.3g}", refresh=False)
+                    side = f" {step.resolution}px" if step.resolution is not None else ""
+                    bar.set_postfix_str(f"loss {local_loss:.4f} lr {lr:.3g}{side}", refresh=False)
             stopping, out_of_time = step.shared
             if stopping or state["step"] == stop_at_step:
                 break
@@ -429,13 +444,43 @@ def _end_epoch(run: _Run, val_set, *, lr: float, t_epoch: float, first_step: int
 def _refit_to_budget(run: _Run, *, t_epoch: float, first_step: int) -> None:
     """Re-plan the run's length from this epoch's cost of a step, evaluation and saving included."""
     state = run.state
-    seconds_per_step = (time.perf_counter() - t_epoch) / max(1, state["step"] - first_step)
-    fit = distributed.min_int(budget.steps_that_fit(step=state["step"], seconds_left=run.deadline - time.perf_counter(),
-                                                    seconds_per_step=seconds_per_step))
+    def cost(first: int, end: int, total_steps: int) -> float:  # in native steps (progressive resizing: cheaper)
+        return budget.schedule_cost(first, end, total_steps=total_steps, phases=run.phases, costs=run.step_costs)
+
+    epoch_cost = cost(first_step, state["step"], state["total_steps"])
+    seconds_per_step = (time.perf_counter() - t_epoch) / max(1.0, epoch_cost)
+    fit = distributed.min_int(budget.steps_that_fit(
+        step=state["step"], seconds_left=run.deadline - time.perf_counter(), seconds_per_step=seconds_per_step,
+        cost=(lambda first, total: cost(first, total, total)) if run.phases else None))
     total_steps = budget.refit(step=state["step"], total_steps=state["total_steps"], fit=fit)
     if total_steps != state["total_steps"]:
         run.set_total_steps(total_steps)
         run.total_epochs = run.epochs_to_cover()
+
+
+def _res_phases(cfg: TrainConfig, model: nn.Module) -> list[tuple[float, int]] | None:
+    """--res-schedule's phases as (start fraction, input height in pixels), checked against the model's tokenizer."""
+    if not cfg.res_schedule:
+        return None
+    H, W = model.cfg.img_size
+    phases = [(start, max(1, round(H * scale))) for start, scale in parse_res_schedule(cfg.res_schedule)]
+    for _, side in phases:
+        try:
+            model.tokenizer.grid((side, max(1, round(W * side / H))))
+        except ValueError:
+            raise CCTError(f"--res-schedule {cfg.res_schedule!r}: {side} px is too small for {cfg.model}'s "
+                           "tokenizer") from None
+    return phases
+
+
+def _train_macs(model: nn.Module, state: dict) -> int:
+    """Forward multiply-accumulates of every image trained, each at the size it was trained at."""
+    H, W = model.cfg.img_size
+    reduced = state.get("reduced_images", {})
+    macs = count_macs(model) * (state["images"] - sum(reduced.values()))
+    for side, n in reduced.items():
+        macs += count_macs(model, (side, max(1, round(W * side / H)))) * n
+    return macs
 
 
 def _test(run: _Run) -> dict | None:
