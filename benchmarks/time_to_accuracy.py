@@ -88,7 +88,8 @@ def summarise(out: Path, *, budget: float | None, wall: float | None) -> dict:
 # 30 epochs of 45,000 images through cct_2_3x2_32_keras × 3 passes × 2 FLOPs a multiply-accumulate.
 KERAS_TFLOP = 30 * 45_000 * 6 * count_macs(create_model("cct_2_3x2_32_keras")) / 1e12
 ANCHORS = [
-    ("Keras example, its code on this machine (JPEG copy)", 37.7, KERAS_TFLOP, 76.17),
+    # measured once, on the first sessions' 2-core AMD EPYC with AVX512-BF16 (not on the machine drawing the plot)
+    ("Keras example's code, 2-core EPYC with bf16 (JPEG copy)", 37.7, KERAS_TFLOP, 76.17),
     ("paper: RTX 2080Ti, under 30 min", 30.0, None, 90.0),
     ("paper: 12-core AMD 5900X, under 30 min", 30.0, None, 80.0),
 ]

@@ -47,6 +47,8 @@ def test_validate_says_what_is_wrong(override, message):
 
 def test_res_schedule_parses_and_is_for_images():
     assert parse_res_schedule("0.5@0, 0.75@0.4,1@0.7") == [(0.0, 0.5), (0.4, 0.75), (0.7, 1.0)]
+    assert parse_res_schedule("1@0") == [(0.0, 1.0)]  # full size throughout
+    assert make_config("cct_2_3x2_32", "d", "o", "fast").res_schedule == "0.5@0,0.75@0.43,1@0.71"
     with pytest.raises(CCTError, match="--res-schedule .progressive resizing. is for image models"):
         validate(make_config("text_cct_2", "d", "o", res_schedule="0.5@0,1@0.5"))
 

@@ -95,7 +95,8 @@ class TrainConfig:
     translate: int = _f(0, "random translation by up to this many pixels (zero padded)")
     res_schedule: str | None = _f(None, "progressive resizing: train at reduced resolutions first, e.g. "
                                         "'0.5@0,0.75@0.4,1@0.7' (input scale@the fraction of the run's steps where "
-                                        "it starts; the last at scale 1, the size evaluated)")
+                                        "it starts; the last at scale 1, the size evaluated; 1@0: full size "
+                                        "throughout)")
     rrc_scale: tuple[float, float] | None = _f(None, "random-resized-crop area scale range, e.g. 0.8 1")
     rrc_interpolation: str = _f("random", "random-resized-crop interpolation", choices=("random", "bilinear", "bicubic"))
     rand_augment: str | None = _f(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
