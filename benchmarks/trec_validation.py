@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--token-dropout", type=float, default=0.1)
     p.add_argument("--embedding-std", type=float, default=0.1)
     p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--tokenizer", default="word", choices=("word", "wordpiece", "bpe"))
+    p.add_argument("--vocab-size", type=int, default=30_000, help="most token ids (subword tokenizers: their size)")
     p.add_argument("--drop-rate", type=float, default=None, help="dropout (default: the model's)")
     p.add_argument("--mix", type=float, default=0.4, help="word mixup alpha (0: off)")
     p.add_argument("--fine", action="store_true", help="train on the fine labels; predict a coarse one by summing "
@@ -67,7 +69,7 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
     torch.manual_seed(seed)
     train, val = data_mod.split_set(RawTexts(ds.train_texts, ds.train_labels), num_classes=ds.num_classes,
                                     train_limit=None, val_split=0.1, seed=seed)
-    tokenizer = TextTokenizer.train(train.texts, kind="word", lowercase=True, vocab_size=30_000,
+    tokenizer = TextTokenizer.train(train.texts, kind=a.tokenizer, lowercase=True, vocab_size=a.vocab_size,
                                     min_frequency=a.min_frequency)
     ids, mask, _ = tokenizer.encode(train.texts, seq_len=64)
     labels = train.labels
