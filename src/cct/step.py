@@ -59,13 +59,18 @@ def resolution_at(step: int, *, total_steps: int, phases: list[tuple[float, int]
     return side
 
 
+def reduced_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """The (H, W) input `size` at height `side`, the width in proportion: what a reduced-resolution step trains at."""
+    H, W = size
+    return side, max(1, round(W * side / H))
+
+
 def resize_batch(x: torch.Tensor, side: int) -> torch.Tensor:
     """Float images (B, C, H, W) scaled so that H becomes `side` (W in proportion), by area averaging: an
     anti-aliased downscale, a 2×2 mean at half size."""
-    H, W = x.shape[-2:]
-    if side == H:
+    if side == x.shape[-2]:
         return x
-    return F.interpolate(x, size=(side, max(1, round(W * side / H))), mode="area")
+    return F.interpolate(x, size=reduced_size(x.shape[-2:], side), mode="area")
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:

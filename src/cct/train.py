@@ -50,7 +50,8 @@ from .runlock import hold_run_lock
 from .resume import is_finished, last_state, read_last, restore, resume_config
 from .runfiles import log
 from .runtime import configure_threads, resolve_device, resolve_precision
-from .step import NonFiniteLossError, TrainStep, lr_at, make_optimizer, make_train_step, resolution_at, wrap_model
+from .step import (NonFiniteLossError, TrainStep, lr_at, make_optimizer, make_train_step, reduced_size,
+                   resolution_at, wrap_model)
 from .text_data import TextDataset
 from .text_run import text_inputs
 
@@ -462,11 +463,11 @@ def _res_phases(cfg: TrainConfig, model: nn.Module) -> list[tuple[float, int]] |
     """--res-schedule's phases as (start fraction, input height in pixels), checked against the model's tokenizer."""
     if not cfg.res_schedule:
         return None
-    H, W = model.cfg.img_size
+    H = model.cfg.img_size[0]
     phases = [(start, max(1, round(H * scale))) for start, scale in parse_res_schedule(cfg.res_schedule)]
     for _, side in phases:
         try:
-            model.tokenizer.grid((side, max(1, round(W * side / H))))
+            model.tokenizer.grid(reduced_size(model.cfg.img_size, side))
         except ValueError:
             raise CCTError(f"--res-schedule {cfg.res_schedule!r}: {side} px is too small for {cfg.model}'s "
                            "tokenizer") from None
@@ -475,11 +476,10 @@ def _res_phases(cfg: TrainConfig, model: nn.Module) -> list[tuple[float, int]] |
 
 def _train_macs(model: nn.Module, state: dict) -> int:
     """Forward multiply-accumulates of every image trained, each at the size it was trained at."""
-    H, W = model.cfg.img_size
     reduced = state.get("reduced_images", {})
     macs = count_macs(model) * (state["images"] - sum(reduced.values()))
     for side, n in reduced.items():
-        macs += count_macs(model, (side, max(1, round(W * side / H)))) * n
+        macs += count_macs(model, reduced_size(model.cfg.img_size, side)) * n
     return macs
 
 
