@@ -12,6 +12,7 @@ from cct import train as train_mod
 from cct.evaluate import tta_logits, tta_views
 from cct.recipes import make_config
 from cct.step import TrainStep, resolution_at
+from cct.checkpoint import read_checkpoint
 from cct.resume import resume_config
 from cct.train import TrainingInterrupted, train
 from helpers import MODEL, memory_dataset
@@ -108,7 +109,7 @@ def test_refits_on_a_virtual_clock_price_cheap_low_resolution_epochs():
 
 
 # ---------------------------------------------------------------------- inside the loop
-def _record(plans: list, fit: tuple[int, dict | None]) -> tuple[int, dict | None]:
+def _record(plans: list, fit: tuple) -> tuple:
     plans.append(fit[0])
     return fit
 
@@ -208,29 +209,46 @@ def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch):
     assert [mix for _, mix in calls] == [i < 4 * 8 for i in range(6 * 8)]
 
 
-def test_time_budget_with_progressive_resizing(tmp_path, monkeypatch):
-    """--res-schedule under --time-budget, on a virtual clock where a step at 8 px costs a quarter of one at the
+@pytest.mark.parametrize("small_cost, max_cost, kept", [
+    (0.25, None, True),   # no limit: the schedule runs whatever it saves
+    (0.25, 0.7, True),    # mean cost 0.5 × 0.25 + 0.5 = 0.625 of a native step: under the limit
+    (0.5, 0.7, False),    # mean cost 0.75: over it, so full size throughout
+])
+def test_time_budget_with_progressive_resizing(tmp_path, monkeypatch, capsys, small_cost, max_cost, kept):
+    """--res-schedule under --time-budget, on a virtual clock where a step at 8 px costs `small_cost` of one at the
     native 16: the trial prices both sides, the run fills the budget without overrunning it, and the native phase
-    keeps its share of the steps."""
+    keeps its share of the steps; where the schedule's mean step costs more than --res-schedule-max-cost, the run
+    trains at full size throughout, and says so."""
     clock = {"now": 0.0}
     sides = []  # the side of every step of the real run (the trials' steps excluded)
     real_call = TrainStep.__call__
 
     def timed_step(self, *args, **kwargs):
-        clock["now"] += 0.005 if self.resolution == 8 else 0.02
+        clock["now"] += 0.02 * small_cost if self.resolution == 8 else 0.02
         if kwargs.get("share") is not None:  # the loop's steps pass their stop flags; the trials' do not
-            sides.append(self.resolution)
+            sides.append(self.resolution or 16)
         return real_call(self, *args, **kwargs)
 
     virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
     monkeypatch.setattr(train_mod, "time", virtual)
     monkeypatch.setattr(budget, "time", virtual)
     monkeypatch.setattr(TrainStep, "__call__", timed_step)
-    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
-                      precision="fp32", res_schedule="0.5@0,1@0.5")
-    results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    out = tmp_path / "out"
+    cfg = make_config(MODEL, "memory", str(out), "fast", batch_size=32, time_budget=0.05, precision="fp32",
+                      res_schedule="0.5@0,1@0.5", res_schedule_max_cost=max_cost)
+    results = train(cfg, dataset=memory_dataset(n_train=256), quiet=False)
     assert 0.05 * 60 * 0.9 < results["train_seconds"] <= 0.05 * 60
-    assert results["steps"] == len(sides) > 0.05 * 60 / 0.02  # more steps than at 16 px throughout
-    assert 0.4 < sides.count(16) / len(sides) < 0.6 and sides[-1] == 16
+    assert results["steps"] == len(sides)
+    saved = json.loads((out / "config.json").read_text())["res_schedule"]
     native = results["train_images_seen"] * 6 * cct.count_macs(cct.create_model(MODEL, img_size=16)) / 1e12
-    assert results["train_tflop"] < 0.75 * native  # the 8-px images priced at their size
+    if kept:
+        assert results["steps"] > 0.05 * 60 / 0.02  # more steps than at 16 px throughout
+        assert 0.4 < sides.count(16) / len(sides) < 0.6 and sides[-1] == 16
+        assert results["train_tflop"] < 0.75 * native  # the 8-px images priced at their size
+        assert saved == "0.5@0,1@0.5" and "progressive resizing off" not in capsys.readouterr().err
+    else:
+        assert set(sides) == {16} and results["steps"] < 0.05 * 60 / 0.02
+        assert results["train_tflop"] == pytest.approx(native, abs=1e-3)  # results.json rounds it
+        assert "progressive resizing off: its mean step costs ×0.75" in capsys.readouterr().err
+        # the run's records say what it trained, so a resume from them trains at full size too
+        assert saved is None and read_checkpoint(out / "last.pt")["train_config"]["res_schedule"] is None

@@ -37,6 +37,7 @@ def test_make_config_refuses_unknown_names():
     ({"res_schedule": "0.5@0,1@1"}, "must start at 0 and at increasing fractions below 1"),
     ({"res_schedule": "0@0,1@0.5"}, "scales must be in (0, 1], the last 1"),
     ({"res_schedule": "0.5@0,0.75@0.5"}, "scales must be in (0, 1], the last 1"),
+    ({"res_schedule_max_cost": 0.0}, "--res-schedule-max-cost must be positive"),
 ])
 def test_validate_says_what_is_wrong(override, message):
     validate(make_config("cct_2_3x2_32", "d", "o"))
@@ -48,7 +49,12 @@ def test_validate_says_what_is_wrong(override, message):
 def test_res_schedule_parses_and_is_for_images():
     assert parse_res_schedule("0.5@0, 0.75@0.4,1@0.7") == [(0.0, 0.5), (0.4, 0.75), (0.7, 1.0)]
     assert parse_res_schedule("1@0") == [(0.0, 1.0)]  # full size throughout
-    assert make_config("cct_2_3x2_32", "d", "o", "fast").res_schedule == "0.5@0,0.75@0.43,1@0.71"
+    fast = make_config("cct_2_3x2_32", "d", "o", "fast")
+    assert (fast.res_schedule, fast.res_schedule_max_cost) == ("0.5@0,0.75@0.43,1@0.71", 0.6)
+    # the limit is for the recipe's own schedule: one asked for runs, unless a limit is asked for too
+    assert make_config("cct_2_3x2_32", "d", "o", "fast", res_schedule="0.5@0,1@0.5").res_schedule_max_cost is None
+    assert make_config("cct_2_3x2_32", "d", "o", "fast", res_schedule="0.5@0,1@0.5",
+                       res_schedule_max_cost=0.7).res_schedule_max_cost == 0.7
     with pytest.raises(CCTError, match="--res-schedule .progressive resizing. is for image models"):
         validate(make_config("text_cct_2", "d", "o", res_schedule="0.5@0,1@0.5"))
 

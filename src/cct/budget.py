@@ -112,11 +112,13 @@ def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_s
 
 def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set, *, val_images: int,
                   steps_per_epoch: int, local_batch: int, quiet: bool,
-                  phases: list[tuple[float, int]] | None = None) -> tuple[int, dict[int, float] | None]:
+                  phases: list[tuple[float, int]] | None = None
+                  ) -> tuple[int, dict[int, float] | None, list[tuple[float, int]] | None]:
     """The steps that fit `cfg.time_budget` minutes: a trial (`time_trial_step`), then `planned_steps`.
 
     Under progressive resizing (`phases`) a trial at each side prices its steps; the plan takes their mean
-    over the schedule. Returns (steps, each side's cost of a step relative to the native one, or None).
+    over the schedule, or drops the schedule where that mean exceeds `cfg.res_schedule_max_cost` of a native
+    step. Returns (steps, each side's cost of a step relative to the native one or None, the phases kept or None).
     """
     step_seconds = time_trial_step(cfg, model, step, train_set, local_batch=local_batch)
     costs, mean_seconds = None, step_seconds
@@ -128,10 +130,15 @@ def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set
         costs = {side: t / step_seconds for side, t in seconds.items()}
         mean_seconds = sum((end - start) * seconds[side]
                            for (start, side), end in zip(phases, [start for start, _ in phases[1:]] + [1.0]))
+    sides = "" if not costs else " (" + ", ".join(f"{s}px ×{c:.2f}" for s, c in sorted(costs.items())) + ")"
+    if costs and cfg.res_schedule_max_cost is not None and mean_seconds > cfg.res_schedule_max_cost * step_seconds:
+        log(quiet, f"progressive resizing off: its mean step costs ×{mean_seconds / step_seconds:.2f} of a "
+                   f"full-size one on this machine{sides}, above the ×{cfg.res_schedule_max_cost:g} at which it pays "
+                   "(--res-schedule-max-cost); full size throughout")
+        phases, costs, mean_seconds, sides = None, None, step_seconds, ""
     total = planned_steps(budget_seconds=cfg.time_budget * 60, step_seconds=mean_seconds, local_batch=local_batch,
                           val_images=val_images, steps_per_epoch=steps_per_epoch,
                           eval_views=tta_views(cfg.tta, cfg.tta_translate), native_step_seconds=step_seconds)
-    sides = "" if not costs else " (" + ", ".join(f"{s}px ×{c:.2f}" for s, c in sorted(costs.items())) + ")"
     log(quiet, f"time budget {cfg.time_budget:g} min: {step_seconds * 1e3:.0f} ms/step{sides} → {total} steps "
                f"({total / steps_per_epoch:.2f} epochs)")
-    return total, costs
+    return total, costs, phases

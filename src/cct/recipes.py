@@ -97,6 +97,12 @@ class TrainConfig:
                                         "'0.5@0,0.75@0.4,1@0.7' (input scale@the fraction of the run's steps where "
                                         "it starts; the last at scale 1, the size evaluated; 1@0: full size "
                                         "throughout)")
+    res_schedule_max_cost: float | None = _f(None, "with --time-budget: train at full size throughout instead of "
+                                                   "--res-schedule when the budget's trial prices the schedule's "
+                                                   "mean step above this fraction of a full-size step (where small "
+                                                   "inputs save little, the extra steps do not repay the lost "
+                                                   "resolution). The fast recipe's: 0.6, for its own schedule; "
+                                                   "a --res-schedule given is kept unless this is given too")
     rrc_scale: tuple[float, float] | None = _f(None, "random-resized-crop area scale range, e.g. 0.8 1")
     rrc_interpolation: str = _f("random", "random-resized-crop interpolation", choices=("random", "bilinear", "bicubic"))
     rand_augment: str | None = _f(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
@@ -195,7 +201,9 @@ RECIPES: dict[str, dict] = {
     # batch 64: validation top-1 after 5 epochs 0.697 → 0.716 at batch 128's images/s (benchmarks/README.md)
     "fast": dict(epochs=10, batch_size=64, lr=2e-3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=1,
                  schedule="cosine", weight_decay=5e-2, weight_decay_all=False, eps=1e-8, label_smoothing=0.1,
-                 val_split=0.0, hflip=True, translate=4, normalize="dataset", restore_best=False,
+                 # translation by 2 px, not 4: validation top-1 +1.9 points with progressive resizing, +1.0
+                 # without, in 20-26 epochs on an AMX Xeon (benchmarks/README.md); short runs need little augmentation
+                 val_split=0.0, hflip=True, translate=2, normalize="dataset", restore_best=False,
                  precision="auto", tta=True,
                  # flip + 1-px shifts at test time: validation top-1 +0.5 points over flips alone
                  # (benchmarks/README.md); evaluation time, not training time, triples
@@ -205,7 +213,10 @@ RECIPES: dict[str, dict] = {
                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.05,
                  # progressive resizing: half size for the first 43% of the steps, 3/4 until 71%, then full size;
                  # in the time of 4 full-size epochs, validation top-1 0.6990 → 0.7182 (benchmarks/README.md)
-                 res_schedule="0.5@0,0.75@0.43,1@0.71"),
+                 res_schedule="0.5@0,0.75@0.43,1@0.71",
+                 # ... where it pays: it gained at a mean step cost of ×0.56 of a full-size one (fp32, AVX2 EPYC)
+                 # and lost at ×0.68 (bf16 on an AMX Xeon, where a 16-px step costs ×0.45); benchmarks/README.md
+                 res_schedule_max_cost=0.6),
     # fine-tuning --pretrained weights on a small dataset (benchmarks/README.md: the experiment that chose it)
     "finetune": dict(epochs=20, batch_size=64, lr=1e-3, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=2,
                      schedule="cosine", weight_decay=5e-2, weight_decay_all=False, eps=1e-8, label_smoothing=0.1,
@@ -238,7 +249,10 @@ def make_config(model: str, data: str, out: str, recipe: str | None = None, **ov
     unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise CCTError(f"unknown training option(s): {', '.join(unknown)}")
-    return TrainConfig(model=model, data=data, out=out, recipe=recipe, **{**RECIPES[recipe], **overrides})
+    values = {**RECIPES[recipe], **overrides}
+    if "res_schedule" in overrides and "res_schedule_max_cost" not in overrides:
+        values["res_schedule_max_cost"] = None  # the limit is the recipe's, for its own schedule; one asked for is kept
+    return TrainConfig(model=model, data=data, out=out, recipe=recipe, **values)
 
 
 def parse_res_schedule(spec: str) -> list[tuple[float, float]]:
@@ -313,6 +327,8 @@ def validate(cfg: TrainConfig) -> None:
     need(not (text and cfg.res_schedule), "--res-schedule (progressive resizing) is for image models")
     if cfg.res_schedule:
         parse_res_schedule(cfg.res_schedule)
+    need(cfg.res_schedule_max_cost is None or cfg.res_schedule_max_cost > 0,
+         f"--res-schedule-max-cost must be positive, got {cfg.res_schedule_max_cost}")
     need(cfg.tta_translate >= 0, f"--tta-translate must be non-negative, got {cfg.tta_translate}")
     if text:  # image augmentation would otherwise be silently ignored by a text run
         for flag, on in (("translate", cfg.translate), ("rrc-scale", cfg.rrc_scale), ("rand-augment", cfg.rand_augment),
