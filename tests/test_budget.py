@@ -11,8 +11,8 @@ from cct import budget, distributed
 from cct import train as train_mod
 from cct.evaluate import tta_logits, tta_views
 from cct.recipes import make_config
-from cct.step import TrainStep, resolution_at
 from cct.checkpoint import read_checkpoint
+from cct.step import TrainStep, resolution_at
 from cct.resume import resume_config
 from cct.train import TrainingInterrupted, train
 from helpers import MODEL, memory_dataset
@@ -109,7 +109,7 @@ def test_refits_on_a_virtual_clock_price_cheap_low_resolution_epochs():
 
 
 # ---------------------------------------------------------------------- inside the loop
-def _record(plans: list, fit: tuple) -> tuple:
+def _record(plans: list, fit: tuple[int, dict | None]) -> tuple[int, dict | None]:
     plans.append(fit[0])
     return fit
 

@@ -112,13 +112,13 @@ def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_s
 
 def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set, *, val_images: int,
                   steps_per_epoch: int, local_batch: int, quiet: bool,
-                  phases: list[tuple[float, int]] | None = None
-                  ) -> tuple[int, dict[int, float] | None, list[tuple[float, int]] | None]:
+                  phases: list[tuple[float, int]] | None = None) -> tuple[int, dict[int, float] | None]:
     """The steps that fit `cfg.time_budget` minutes: a trial (`time_trial_step`), then `planned_steps`.
 
     Under progressive resizing (`phases`) a trial at each side prices its steps; the plan takes their mean
     over the schedule, or drops the schedule where that mean exceeds `cfg.res_schedule_max_cost` of a native
-    step. Returns (steps, each side's cost of a step relative to the native one or None, the phases kept or None).
+    step. Returns (steps, each side's cost of a step relative to the native one: None without a schedule or
+    where it was dropped).
     """
     step_seconds = time_trial_step(cfg, model, step, train_set, local_batch=local_batch)
     costs, mean_seconds = None, step_seconds
@@ -135,10 +135,10 @@ def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set
         log(quiet, f"progressive resizing off: its mean step costs ×{mean_seconds / step_seconds:.2f} of a "
                    f"full-size one on this machine{sides}, above the ×{cfg.res_schedule_max_cost:g} at which it pays "
                    "(--res-schedule-max-cost); full size throughout")
-        phases, costs, mean_seconds, sides = None, None, step_seconds, ""
+        costs, mean_seconds, sides = None, step_seconds, ""
     total = planned_steps(budget_seconds=cfg.time_budget * 60, step_seconds=mean_seconds, local_batch=local_batch,
                           val_images=val_images, steps_per_epoch=steps_per_epoch,
                           eval_views=tta_views(cfg.tta, cfg.tta_translate), native_step_seconds=step_seconds)
     log(quiet, f"time budget {cfg.time_budget:g} min: {step_seconds * 1e3:.0f} ms/step{sides} → {total} steps "
                f"({total / steps_per_epoch:.2f} epochs)")
-    return total, costs, phases
+    return total, costs

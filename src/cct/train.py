@@ -302,12 +302,12 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     # length: --epochs, or what fits --time-budget (fitted before the run, re-fitted at each epoch's end)
     budgeted = checkpoint is None and cfg.time_budget is not None
     if budgeted:
-        planned, run.step_costs, kept = budget.fit_to_budget(
+        planned, run.step_costs = budget.fit_to_budget(
             cfg, model, step, train_set, steps_per_epoch=steps_per_epoch,
             val_images=len(val_set.labels) if val_set is not None else 0, local_batch=cfg.batch_size // world_size,
             quiet=quiet, phases=run.phases)
         # resizing does not pay here (by any rank's trial): this run, its records and a resume at full size
-        if run.phases and distributed.any_true(not kept)[0]:
+        if run.phases and distributed.any_true(run.step_costs is None)[0]:
             cfg = run.cfg = replace(cfg, res_schedule=None)
             run.phases, run.step_costs = None, None
         state["total_steps"] = distributed.min_int(planned)  # every rank the same length
