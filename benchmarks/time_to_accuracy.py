@@ -74,7 +74,7 @@ def summarise(out: Path, *, budget: float | None, wall: float | None) -> dict:
     """One run's figures, from its results.json and history.csv."""
     results = json.loads((out / "results.json").read_text())
     config = out / "config.json"
-    res_schedule = json.loads(config.read_text()).get("res_schedule") if config.is_file() else None
+    settings = json.loads(config.read_text()) if config.is_file() else {}
     with open(out / "history.csv") as f:
         history = list(csv.DictReader(f))
     return {"recipe": results["recipe"], "budget_minutes": budget, "model": results["model"],
@@ -83,7 +83,8 @@ def summarise(out: Path, *, budget: float | None, wall: float | None) -> dict:
             "test_top1": results["test_top1"], "train_tflop": results.get("train_tflop"),
             "train_images": results["train_images"], "val_images": results["val_images"],
             "precision": results["precision"], "processor": results.get("processor"), "out": str(out),
-            "res_schedule": res_schedule,
+            "res_schedule": settings.get("res_schedule"), "optimizer": settings.get("optimizer", "adamw"),
+            "lr": settings.get("lr"),
             "val_top1_per_epoch": [float(h["val_top1"]) for h in history if h.get("val_top1")]}
 
 
@@ -99,8 +100,9 @@ ANCHORS = [
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Test top-1 against training minutes and against training TFLOP, one series per recipe, model, precision and
-    resolution schedule (runs of the same recipe before and after a change of its defaults apart)."""
+    """Test top-1 against training minutes and against training TFLOP, one series per recipe, model, precision,
+    optimiser, learning rate and resolution schedule (runs of the same recipe before and after a change of its
+    defaults apart)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(11, 4.5), layout="constrained")
@@ -109,7 +111,8 @@ def plot(rows: list[dict], path: str) -> None:
     series: dict[str, list[dict]] = {}
     for row in rows:
         sizes = f", sizes {row['res_schedule']}" if row.get("res_schedule") else ""
-        series.setdefault(f"{row['recipe']} ({row['model']}, {row['precision']}{sizes})", []).append(row)
+        optimiser = f", {row.get('optimizer', 'adamw')}" + (f" lr {row['lr']:g}" if row.get("lr") else "")
+        series.setdefault(f"{row['recipe']} ({row['model']}, {row['precision']}{optimiser}{sizes})", []).append(row)
     for label, runs in sorted(series.items()):
         runs.sort(key=lambda r: r["train_seconds"])
         top1 = [100 * r["test_top1"] for r in runs]

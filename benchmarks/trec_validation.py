@@ -3,9 +3,9 @@
 For each seed: the seeded, stratified 10% validation split of `train_5500.label` that `cct train --val-split
 0.1 --seed S` draws (`cct.data.split_set`), a word-level tokenizer trained on the other 90%, and a text model
 from the registry with the fast kernels, trained by the text recipe's loop written out here in a few lines
-(AdamW over `cct.step.param_groups`, the learning rate of `cct.step.lr_at`, label smoothing, token dropout,
-and the options below) so that variants the recipe does not have (an EMA or an average of the last epochs' weights,
-fine labels summed into coarse ones) can be tried too. It prints the validation top-1 of the last epoch
+(`cct.step.make_optimizer`: AdamW, or Muon with `--optimizer muon`; the learning rate of `cct.step.lr_at`, label
+smoothing, token dropout, and the options below) so that variants the recipe does not have (an EMA or an average of
+the last epochs' weights, fine labels summed into coarse ones) can be tried too. It prints the validation top-1 of the last epoch
 (`last`), of the best epoch (`best`: optimistic, the same split chooses it), of the EMA (`ema`) and of the
 weight average (`swa`) per seed, and their means over seeds. The test file's texts are never tokenized,
 scored or printed. One thread per process, so two variants can run side by side on two cores.
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from cct import data as data_mod
 from cct.kernels import fuse, use_kernels
 from cct.registry import create_model
-from cct.step import lr_at, param_groups
+from cct.recipes import make_config
+from cct.step import lr_at, make_optimizer
 from cct.text_data import load_text
 from cct.text_run import RawTexts
 from cct.tokenizer import UNK_ID, TextTokenizer
@@ -48,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-epochs", type=float, default=3)
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--token-dropout", type=float, default=0.1)
     p.add_argument("--embedding-std", type=float, default=0.1)
@@ -84,7 +86,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
     model = use_kernels(create_model(a.model, num_classes=num_classes, vocab_size=tokenizer.vocab_size, seq_len=64,
                                      kernel_size=a.kernel_size, embedding_std=a.embedding_std,
                                      **({} if a.drop_rate is None else {"drop_rate": a.drop_rate})), "fast")
-    opt = torch.optim.AdamW(param_groups(model, a.weight_decay, decay_all=False), lr=a.lr, eps=1e-8)
+    opt = make_optimizer(model, make_config(a.model, "", "", "text", lr=a.lr, weight_decay=a.weight_decay,
+                                            optimizer=a.optimizer))
     n = len(labels)
     steps_per_epoch = math.ceil(n / a.batch_size)
     schedule = dict(lr=a.lr, total_steps=steps_per_epoch * a.epochs, warmup_lr=1e-5, min_lr=1e-5, schedule="cosine",

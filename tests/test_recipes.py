@@ -50,6 +50,7 @@ def test_res_schedule_parses_and_is_for_images():
     assert parse_res_schedule("0.5@0, 0.75@0.4,1@0.7") == [(0.0, 0.5), (0.4, 0.75), (0.7, 1.0)]
     assert parse_res_schedule("1@0") == [(0.0, 1.0)]  # full size throughout
     fast = make_config("cct_2_3x2_32", "d", "o", "fast")
+    assert fast.optimizer == "muon" and make_config("cct_2_3x2_32_keras", "d", "o", "keras").optimizer == "adamw"
     assert (fast.res_schedule, fast.res_schedule_max_cost) == ("0.5@0,0.75@0.43,1@0.71", 0.6)
     # the limit is for the recipe's own schedule: one asked for runs, unless a limit is asked for too
     assert make_config("cct_2_3x2_32", "d", "o", "fast", res_schedule="0.5@0,1@0.5").res_schedule_max_cost is None

@@ -39,12 +39,17 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, reference_r
     assert resumed["test_top1"] == reference["test_top1"] and resumed["test_loss"] == reference["test_loss"]
 
 
-def test_a_resumed_progressive_run_matches_the_uninterrupted_one(tmp_path):
-    """--res-schedule: the side of a step is a function of the step, so a resume lands in the same phase."""
-    ds, options = memory_dataset(), dict(res_schedule="0.5@0,0.75@0.4,1@0.7")  # 8, 12, then 16 px
+@pytest.mark.parametrize("options, stop_step", [
+    # --res-schedule: the side of a step is a function of the step, so a resume lands in the same phase (8, 12, 16 px)
+    (dict(res_schedule="0.5@0,0.75@0.4,1@0.7"), 2),
+    # --optimizer muon: its momentum buffers and groups travel through last.pt's safe load
+    (dict(optimizer="muon", precision="bf16"), 4),
+], ids=["progressive", "muon"])
+def test_a_resumed_run_with_options_matches_the_uninterrupted_one(tmp_path, options, stop_step):
+    ds = memory_dataset()
     reference = train(seeded_config(tmp_path / "whole", **options), dataset=ds, quiet=True)
     with pytest.raises(TrainingInterrupted):
-        train(seeded_config(tmp_path / "split", **options), dataset=ds, quiet=True, stop_at_step=2)
+        train(seeded_config(tmp_path / "split", **options), dataset=ds, quiet=True, stop_at_step=stop_step)
     resumed = train(resume.resume_config(tmp_path / "split"), dataset=ds, resume=True, quiet=True)
     assert _history_without_seconds(tmp_path / "split" / "history.csv") == \
         _history_without_seconds(tmp_path / "whole" / "history.csv")

@@ -164,7 +164,7 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         mean = std = None
         if cfg.normalize != "none":  # the cost of normalising does not depend on the values
             mean, std = (0.5,) * C, (0.25,) * C
-        optimizer = make_optimizer(net, cfg)
+        optimizer = make_optimizer(net, cfg, precision=prec)
         step = make_train_step(wrap_model(net, world_size), optimizer, augment_config(cfg, mean, std),
                                precision=prec, device=dev, label_smoothing=cfg.label_smoothing,
                                num_classes=num_classes, generator=torch.Generator().manual_seed(seed + 1),

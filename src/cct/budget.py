@@ -93,8 +93,9 @@ def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_s
     """
     torch_state = torch.get_rng_state()
     trial_model = copy.deepcopy(model)
-    trial = make_train_step(trial_model, make_optimizer(trial_model, cfg), step.aug_cfg, precision=step.precision,
-                            device=step.device, label_smoothing=step.label_smoothing, num_classes=step.num_classes,
+    trial_optimizer = make_optimizer(trial_model, cfg, precision=step.precision)
+    trial = make_train_step(trial_model, trial_optimizer, step.aug_cfg, precision=step.precision, device=step.device,
+                            label_smoothing=step.label_smoothing, num_classes=step.num_classes,
                             generator=torch.Generator().manual_seed(12345))
     trial.sync_grads = step.sync_grads  # time the gradient exchange too (every rank runs the trial)
     trial.resolution = resolution

@@ -25,6 +25,7 @@ from . import distributed
 from .errors import CCTError
 from .kinds import TextAugmentConfig, augmenter
 from .model import any_token_grid
+from .optim import MuonAdamW, muon_params
 from .policies import AugmentConfig
 from .recipes import TrainConfig
 from .runtime import autocast
@@ -90,10 +91,19 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The recipe's AdamW over `param_groups`, fused where the device has the kernel."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig, *, precision: str = "fp32") -> torch.optim.Optimizer:
+    """The recipe's AdamW over `param_groups`, fused where the device has the kernel; or, with
+    `optimizer="muon"`, `cct.optim.MuonAdamW` with Muon for `muon_params(model)`, its orthogonalisation
+    in bf16 when the training `precision` is."""
     groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "muon":
+        names = muon_params(model)
+        hidden = [p for n, p in model.named_parameters() if n in names]
+        ids = {id(p) for p in hidden}
+        rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+        return MuonAdamW([{"params": hidden, "weight_decay": cfg.weight_decay, "muon": True}, *rest], **kwargs,
+                         ns_precision="bf16" if precision == "bf16" else "fp32")
     if all(p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for g in groups for p in g["params"]):
         try:
             return torch.optim.AdamW(groups, fused=True, **kwargs)

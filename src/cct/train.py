@@ -271,7 +271,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     # each rank's own (rank 0's: one process's)
     model = _build_model(cfg, inputs, num_classes=num_classes, device=device,
                          pretrained=cfg.pretrained if checkpoint is None else None)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, precision=precision)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 2, rank))
     if rank:

@@ -1,0 +1,119 @@
+"""Muon for the hidden matrices, AdamW for the rest, in one `torch.optim.Optimizer`.
+
+Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers in neural networks"; the optimiser of
+the NanoGPT and airbench speed records): SGD momentum whose update, reshaped to a matrix (out, fan-in),
+is replaced by its nearest semi-orthogonal matrix, found with a few Newton–Schulz iterations. Every
+direction of the matrix then moves by the same amount, instead of the few that dominate the gradient.
+
+The update is scaled to the root-mean-square of an AdamW update (0.2·√max(out, fan-in), Liu et al.,
+2025, "Muon is Scalable for LLM Training"), so both kinds of group share the recipe's learning rate,
+schedule and decoupled weight decay. Which parameters are "hidden" is `muon_params`' rule.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# the quintic's coefficients from the Muon write-up: they drive singular values into ~[0.7, 1.2] in 5 steps
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+_NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The approximate U Vᵀ of each matrix g = U S Vᵀ in (..., rows, cols), by `steps` Newton–Schulz
+    iterations in `dtype` (bf16 suffices: the iteration only has to land singular values near 1)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype).reshape(-1, *g.shape[-2:])  # (n, rows, cols)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values ≤ 1, where the iteration converges
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    for _ in range(steps):
+        A = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(A, A, A, beta=b, alpha=c), x, beta=a)  # a·x + (b·A + c·A²)·x
+    return (x.mT if tall else x).reshape(g.shape)
+
+
+def muon_params(model: nn.Module) -> set[str]:
+    """Names of the parameters Muon trains: ≥ 2-D weights of the transformer blocks and of the tokenizer's
+    convolutions after the first. The input layer (first conv, word embedding), the positional embedding,
+    the sequence pooling and the classifier stay with AdamW, as in the Muon write-up."""
+    names = set()
+    convs_seen = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad or p.ndim < 2:
+            continue
+        if name.startswith("blocks."):
+            names.add(name)
+        elif name.startswith("tokenizer.") and p.ndim == 4:
+            if convs_seen:
+                names.add(name)
+            convs_seen += 1
+    return names
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups with `muon=True` take Muon steps, the others AdamW steps; `lr` and `weight_decay` mean the
+    same in both (decoupled decay, p ← p·(1 − lr·wd)). `ns_precision="bf16"` runs the Newton–Schulz
+    iterations in bf16, for where the training does (on an AMX CPU they are then nearly free)."""
+
+    def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, momentum: float = 0.95, ns_steps: int = 5,
+                 ns_precision: str = "fp32"):
+        assert ns_precision in _NS_DTYPES, f"ns_precision must be one of {tuple(_NS_DTYPES)}, got {ns_precision!r}"
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps,
+                                      ns_precision=ns_precision, weight_decay=0.0, muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            (self._muon if group["muon"] else self._adamw)(group, params)
+        return loss
+
+    def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
+        mu = group["momentum"]
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        bufs, grads = [self.state[p]["momentum_buffer"] for p in params], [p.grad for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        updates = [g.lerp(b, mu) for g, b in zip(grads, bufs)]  # Nesterov
+        # matrices of one shape orthogonalised as one batch: (n, out, fan-in), a conv's filters as rows
+        by_shape: dict[tuple, list[int]] = {}
+        for i, u in enumerate(updates):
+            by_shape.setdefault((u.shape[0], u[0].numel()), []).append(i)
+        for (rows, cols), idx in by_shape.items():
+            batch = torch.stack([updates[i].reshape(rows, cols) for i in idx])
+            ortho = orthogonalize(batch, group["ns_steps"], _NS_DTYPES[group["ns_precision"]])
+            scale = 0.2 * math.sqrt(max(rows, cols))
+            for i, o in zip(idx, ortho):
+                params[i].add_(o.view_as(params[i]).to(params[i].dtype), alpha=-group["lr"] * scale)
+
+    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        t = float(states[0]["step"])
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, m, denom, value=-group["lr"] / (1 - beta1 ** t))
