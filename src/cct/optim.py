@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 # the quintic's coefficients from the Muon write-up: they drive singular values into ~[0.7, 1.2] in 5 steps
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -76,12 +77,12 @@ class MuonAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             (self._muon if group["muon"] else self._adamw)(group, params)
         return loss
 
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
+        if group["weight_decay"]:  # decoupled, as torch's AdamW applies it
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
         mu = group["momentum"]
         for p in params:
             if not self.state[p]:
@@ -101,19 +102,12 @@ class MuonAdamW(torch.optim.Optimizer):
                 params[i].add_(o.view_as(params[i]).to(params[i].dtype), alpha=-group["lr"] * scale)
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
-        beta1, beta2 = group["betas"]
+        """torch's own AdamW step (`torch.optim.adamw.adamw`, the function `torch.optim.AdamW` calls), foreach."""
         for p in params:
             if not self.state[p]:
                 self.state[p].update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
-        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        torch._foreach_add_([s["step"] for s in states], 1)
-        t = float(states[0]["step"])
-        torch._foreach_lerp_(m, grads, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
-        torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, m, denom, value=-group["lr"] / (1 - beta1 ** t))
+        beta1, beta2 = group["betas"]
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+              [s["step"] for s in states], foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
