@@ -14,7 +14,7 @@ from cct.kernels import (FastAttention, FastConvTokenizer, FastDropout, FastGELU
 from cct.layers import Attention
 from cct.model import ConvTokenizer
 
-SMALL = [n for n in cct.list_models() if n.endswith(("_32", "_32_sine", "_keras", "_c100"))]
+SMALL = [n for n in cct.list_models() if not n.startswith("text_") and cct.get_config(n).img_size == (32, 32)]
 
 
 # ---------------------------------------------------------------------- choosing kernels

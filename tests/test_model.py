@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cct
-from cct.model import _same_pool_padding
+from cct.model import _same_pool_padding, any_token_grid
 
 # the official implementation's counts (default heads: 10 classes at 32 px, 102 for Flowers, 1000 for ImageNet)
 OFFICIAL_PARAMS = {
@@ -15,8 +15,7 @@ OFFICIAL_PARAMS = {
     "cvt_7_4_32": 3_716_619, "vit_lite_6_4_32": 3_190_538, "vit_lite_7_4_32": 3_716_874,
     "vit_6_4_32": 3_190_538, "cct_2_3x2_32_keras": 416_331,
 }
-SMALL = [n for n in cct.list_models() if n.endswith("_32") or n.endswith("_32_sine") or n.endswith("_keras")
-         or n.endswith("_c100")]
+SMALL = [n for n in cct.list_models() if not n.startswith("text_") and cct.get_config(n).img_size == (32, 32)]
 
 
 @pytest.mark.parametrize("name", cct.list_models())
@@ -158,6 +157,31 @@ def test_timm_interface():
     assert model.head.out_features == 5 and model.cfg.num_classes == 5 and model.class_names is None
     model.reset_classifier(0)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 256)
+
+
+def test_deeper_tokenizer_widths_and_pools():
+    model = cct.create_model("cct_2_3x4_32")
+    assert [c.out_channels for c in model.tokenizer.convs] == [64, 128, 128, 128]
+    assert model.grid == (8, 8) and model.tokenizer.grid((16, 16)) == (4, 4)  # pooled after convs 0 and 2 only
+    assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 64, 128)
+    with any_token_grid(model):
+        assert model.forward_features(torch.randn(2, 3, 16, 16)).shape == (2, 16, 128)
+    cfg = model.cfg
+    assert cct.CCTConfig.from_dict(cfg.to_dict()) == cfg  # lists in the checkpoint's JSON-able dict, tuples back
+    # by hand: 3x3 convs at 32, 16, 16 and 8 px, then the encoder and head of cct_2_3x2_32
+    conv = 32 * 32 * 64 * 27 + 16 * 16 * 128 * 576 + 16 * 16 * 128 * 1152 + 8 * 8 * 128 * 1152
+    official_convs = 32 * 32 * 64 * 27 + 16 * 16 * 128 * 576
+    assert cct.count_macs(model) - conv == cct.count_macs(cct.create_model("cct_2_3x2_32")) - official_convs
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(conv_widths=(64, 128)), "conv_widths must give 4 widths"),
+    (dict(conv_widths=(64, 128, 128, 64)), "ending in embed_dim 128"),
+    (dict(pool_layers=(0, 4)), "pool_layers must be conv indices"),
+])
+def test_deeper_tokenizer_rejects_inconsistent_settings(overrides, message):
+    with pytest.raises(AssertionError, match=message):
+        cct.create_model("cct_2_3x4_32", **overrides)
 
 
 def test_count_macs():

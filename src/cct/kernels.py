@@ -319,8 +319,14 @@ class FastConvTokenizer(ConvTokenizer):
         # channels-last (NHWC): oneDNN's convolutions and max-pool run several times faster so on a
         # CPU, and the last one's output flattens into (B, tokens, D) without a copy
         x = x.contiguous(memory_format=torch.channels_last)
-        for conv in self.convs:
-            x = self._pool_then_relu(conv(x))
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if self.cfg.pools_after(i):
+                x = self._pool_then_relu(x)
+            else:
+                x = F.relu(x)
+                if self.cfg.post_pad:
+                    x = F.pad(x, (self.cfg.post_pad,) * 4)
         return x.flatten(2).transpose(1, 2)  # (B, gh*gw, embed_dim)
 
 

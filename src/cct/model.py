@@ -40,6 +40,8 @@ class CCTConfig:
     # tokenizer: `conv_layers` × [conv → (ReLU) → (zero pad) → (max-pool)]
     conv_layers: int = 2
     conv_channels: int = 64  # width of every conv but the last (the official `in_planes`)
+    conv_widths: tuple[int, ...] | None = None  # each conv's output width (the last = embed_dim); None: as above
+    pool_layers: tuple[int, ...] | None = None  # the convs a max-pool follows (0-based); None: every one
     kernel_size: int = 3
     stride: int = 1
     padding: int = 1
@@ -70,6 +72,15 @@ class CCTConfig:
         assert self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"
         assert self.pool_padding == "same" or isinstance(self.pool_padding, int), \
             f"pool_padding must be an int or 'same', got {self.pool_padding!r}"
+        if self.conv_widths is not None:
+            self.conv_widths = tuple(int(w) for w in self.conv_widths)
+            assert len(self.conv_widths) == self.conv_layers and self.conv_widths[-1] == self.embed_dim, \
+                f"conv_widths must give {self.conv_layers} widths ending in embed_dim {self.embed_dim}, " \
+                f"got {self.conv_widths}"
+        if self.pool_layers is not None:
+            self.pool_layers = tuple(int(i) for i in self.pool_layers)
+            assert all(0 <= i < self.conv_layers for i in self.pool_layers), \
+                f"pool_layers must be conv indices in [0, {self.conv_layers}), got {self.pool_layers}"
         assert self.in_chans > 0 and self.num_classes >= 0 and self.depth > 0 and self.conv_layers > 0
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             assert 0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}"
@@ -77,7 +88,14 @@ class CCTConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["img_size"] = list(self.img_size)
+        for name in ("conv_widths", "pool_layers"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
+
+    def pools_after(self, i: int) -> bool:
+        """Whether a max-pool follows conv `i`."""
+        return self.max_pool and (self.pool_layers is None or i in self.pool_layers)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CCTConfig":
@@ -101,7 +119,7 @@ class ConvTokenizer(nn.Module):
     def __init__(self, cfg: CCTConfig):
         super().__init__()
         self.cfg = cfg
-        widths = [cfg.in_chans] + [cfg.conv_channels] * (cfg.conv_layers - 1) + [cfg.embed_dim]
+        widths = [cfg.in_chans] + list(cfg.conv_widths or [cfg.conv_channels] * (cfg.conv_layers - 1) + [cfg.embed_dim])
         self.convs = nn.ModuleList(
             nn.Conv2d(widths[i], widths[i + 1], cfg.kernel_size, stride=cfg.stride, padding=cfg.padding,
                       bias=cfg.conv_bias)
@@ -119,13 +137,13 @@ class ConvTokenizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        for conv in self.convs:  # (B, C, H, W) → (B, C', H', W') per layer
+        for i, conv in enumerate(self.convs):  # (B, C, H, W) → (B, C', H', W') per layer
             x = conv(x)
             if cfg.conv_act:
                 x = F.relu(x)
             if cfg.post_pad:
                 x = F.pad(x, (cfg.post_pad,) * 4)
-            if cfg.max_pool:
+            if cfg.pools_after(i):
                 x = self._pool(x)
         return x.flatten(2).transpose(1, 2)  # (B, gh*gw, embed_dim)
 
@@ -134,9 +152,9 @@ class ConvTokenizer(nn.Module):
         cfg = self.cfg
         dims = []
         for size in img_size:
-            for _ in range(cfg.conv_layers):
+            for i in range(cfg.conv_layers):
                 size = (size + 2 * cfg.padding - cfg.kernel_size) // cfg.stride + 1 + 2 * cfg.post_pad
-                if cfg.max_pool:
+                if cfg.pools_after(i):
                     if cfg.pool_padding == "same":
                         size = -(-size // cfg.pool_stride)
                     else:

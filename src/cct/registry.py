@@ -64,6 +64,12 @@ _VARIANTS["cct_2_3x2_32_keras"] = dict(
     _size(2), head_dim=128, kernel_size=3, conv_layers=2, stride=1, padding=0, post_pad=1, pool_padding="same",
     block="keras", img_size=(32, 32), num_classes=10, drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.1)
 
+# A tokenizer that carries more of the work (issue 15): four 3x3 convs, 64, 128, 128 and 128 wide, each
+# followed by a ReLU, max-pooled after the first and the third; the same 8x8 grid of 128-wide tokens and the
+# same CCT-2 encoder as cct_2_3x2_32, at 2.4x its MACs. Not an official variant: the fast recipe's model.
+_VARIANTS["cct_2_3x4_32"] = dict(_VARIANTS["cct_2_3x2_32"], conv_layers=4, conv_widths=(64, 128, 128, 128),
+                                 pool_layers=(0, 2))
+
 _ALIASES = {f"vit_lite_{n}_4_32{s}": f"vit_{n}_4_32{s}" for n in (2, 4, 6, 7) for s in ("", "_sine")}
 _CONFIG_FIELDS = {f.name for f in fields(CCTConfig)}
 
