@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-frequency", type=int, default=2)
     p.add_argument("--tokenizer", default="word", choices=("word", "wordpiece", "bpe"))
     p.add_argument("--vocab-size", type=int, default=30_000, help="most token ids (subword tokenizers: their size)")
+    p.add_argument("--word-embedding-dim", type=int, default=300)
+    p.add_argument("--positional-embedding", default="sine", choices=("sine", "learnable", "none"))
     p.add_argument("--drop-rate", type=float, default=None, help="dropout (default: the model's)")
     p.add_argument("--mix", type=float, default=0.4, help="word mixup alpha (0: off)")
     p.add_argument("--fine", action="store_true", help="train on the fine labels; predict a coarse one by summing "
@@ -85,6 +87,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
         num_classes = len(parent)
     model = use_kernels(create_model(a.model, num_classes=num_classes, vocab_size=tokenizer.vocab_size, seq_len=64,
                                      kernel_size=a.kernel_size, embedding_std=a.embedding_std,
+                                     word_embedding_dim=a.word_embedding_dim,
+                                     positional_embedding=a.positional_embedding,
                                      **({} if a.drop_rate is None else {"drop_rate": a.drop_rate})), "fast")
     opt = make_optimizer(model, make_config(a.model, "", "", "text", lr=a.lr, weight_decay=a.weight_decay,
                                             optimizer=a.optimizer))
