@@ -336,7 +336,7 @@ def test_fast_model_trains_with_dropout_in_bf16():
 # ---------------------------------------------------------------------- tokenizer: pool before ReLU
 @pytest.mark.parametrize("name,size,overrides", [
     ("cct_2_3x2_32_keras", 32, {}), ("cct_2_3x2_32_keras", 29, {}), ("cct_7_3x1_32", 32, {}), ("cct_2_3x2_32", 31, {}),
-    ("cct_7_7x2_224", 64, {}), ("cct_2_3x4_32", 29, {}),
+    ("cct_7_7x2_224", 64, {}), ("cct_2_3x4_32", 29, {}), ("cct_2_3x5_32", 30, {}),
     ("cct_2_3x2_32_keras", 29, {"pool_layers": (1,)})])  # an unpooled conv whose ReLU is zero-padded
 def test_tokenizer_matches_relu_pad_pool_exactly(name, size, overrides):
     torch.manual_seed(0)

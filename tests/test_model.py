@@ -174,6 +174,15 @@ def test_deeper_tokenizer_widths_and_pools():
     assert cct.count_macs(model) - conv == cct.count_macs(cct.create_model("cct_2_3x2_32")) - official_convs
 
 
+def test_fifth_conv_on_the_token_grid():
+    model, four = cct.create_model("cct_2_3x5_32"), cct.create_model("cct_2_3x4_32")
+    assert [c.out_channels for c in model.tokenizer.convs] == [64, 128, 128, 128, 128]
+    assert model.grid == (8, 8) and model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 64, 128)
+    # the one extra 3x3 conv runs on the 8x8 grid, unpooled: everything else is cct_2_3x4_32's
+    assert cct.count_macs(model) - cct.count_macs(four) == 8 * 8 * 128 * 1152
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in four.parameters()) == 128 * 1152
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(conv_widths=(64, 128)), "conv_widths must give 4 widths"),
     (dict(conv_widths=(64, 128, 128, 64)), "ending in embed_dim 128"),

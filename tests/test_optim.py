@@ -23,8 +23,8 @@ def test_muon_params_are_the_hidden_matrices():
     assert "blocks.1.fc2.weight" in names and len(names) == 9
     for outside in ("tokenizer.convs.0.weight", "pos_embed", "head.weight", "attention_pool.weight"):
         assert outside not in names
-    deep = muon_params(create_model("cct_2_3x4_32"))  # every conv after the first
-    assert {f"tokenizer.convs.{i}.weight" for i in (1, 2, 3)} <= deep and "tokenizer.convs.0.weight" not in deep
+    deep = muon_params(create_model("cct_2_3x5_32"))  # every conv after the first
+    assert {f"tokenizer.convs.{i}.weight" for i in (1, 2, 3, 4)} <= deep and "tokenizer.convs.0.weight" not in deep
     text = muon_params(create_model("text_cct_2", vocab_size=50, num_classes=3))
     assert not any(n.startswith(("embed", "word")) for n in text) and "blocks.0.attn.qkv.weight" in text
 

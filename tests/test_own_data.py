@@ -118,7 +118,7 @@ def test_no_model_no_recipe_trains_the_fast_recipe(tmp_path, capsys):
                         "--quiet"], capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    assert (results["recipe"], results["model"]) == ("fast", "cct_2_3x4_32")
+    assert (results["recipe"], results["model"]) == ("fast", "cct_2_3x5_32")
 
 
 def test_a_second_train_on_a_folder_in_use_exits_2_naming_the_holder(tmp_path, capsys):

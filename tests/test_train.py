@@ -52,7 +52,7 @@ def test_recipe_supplies_the_model_when_none_is_given(tree, tmp_path):
     out = tmp_path / "fast"
     assert cli.main(["train", "--recipe", "fast", "--data", str(tree), "--out", str(out), "--epochs", "1",
                      "--batch-size", "16", "--precision", "fp32", "--quiet"]) == 0
-    assert json.loads((out / "config.json").read_text())["model"] == "cct_2_3x4_32"
+    assert json.loads((out / "config.json").read_text())["model"] == "cct_2_3x5_32"
 
 
 # ---------------------------------------------------------------------- outputs
