@@ -66,7 +66,7 @@ _VARIANTS["cct_2_3x2_32_keras"] = dict(
 
 # A tokenizer that carries more of the work (issue 15): four 3x3 convs, 64, 128, 128 and 128 wide, each
 # followed by a ReLU, max-pooled after the first and the third; the same 8x8 grid of 128-wide tokens and the
-# same CCT-2 encoder as cct_2_3x2_32, at 2.4x its MACs. Not an official variant: the fast recipe's model.
+# same CCT-2 encoder as cct_2_3x2_32, at 2.4x its MACs. Not an official variant (nor the next one).
 _VARIANTS["cct_2_3x4_32"] = dict(_VARIANTS["cct_2_3x2_32"], conv_layers=4, conv_widths=(64, 128, 128, 128),
                                  pool_layers=(0, 2))
 # One more 3x3 conv on the 8x8 grid (128 wide): +9.4M MACs (x1.11), about x0.95 the images/s in bf16; the fast
