@@ -18,6 +18,8 @@ import statistics
 import subprocess
 import sys
 
+from cct.recipes import RECIPE_MODELS
+
 
 def run_json(cmd: list[str]) -> dict:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
@@ -26,7 +28,7 @@ def run_json(cmd: list[str]) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["cct_2_3x2_32_keras:keras", "cct_2_3x2_32:fast"],
+    parser.add_argument("--models", nargs="+", default=[f"{RECIPE_MODELS[r]}:{r}" for r in ("keras", "fast")],
                         help="MODEL or MODEL:RECIPE (default: the keras and the fast recipe's models)")
     parser.add_argument("--procs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                         else os.cpu_count(), help="processes of the multi-process side (default: one per CPU)")
