@@ -252,3 +252,41 @@ def test_time_budget_with_progressive_resizing(tmp_path, monkeypatch, capsys, sm
         assert "progressive resizing off: its mean step costs ×0.75" in capsys.readouterr().err
         # the run's records say what it trained, so a resume from them trains at full size too
         assert saved is None and read_checkpoint(out / "last.pt")["train_config"]["res_schedule"] is None
+
+
+@pytest.mark.parametrize("min_epochs, mixes", [(None, True), (2.0, True), (20.0, False)])
+def test_mixing_only_in_runs_planned_long_enough(tmp_path, monkeypatch, capsys, min_epochs, mixes):
+    """--mix-min-epochs reads the planned length: a budget that plans about 5 epochs mixes under a threshold of 2
+    and trains unmixed throughout under one of 20 (and says so); a resume keeps the decision, not re-deciding it
+    from the shorter run left; --epochs alone is the planned length without a budget."""
+    clock = {"now": 0.0}
+    mixed = []  # whether each step of the real run was asked to mix (the trials' steps excluded)
+    real_call = TrainStep.__call__
+
+    def timed_step(self, *args, **kwargs):
+        clock["now"] += 0.02
+        if kwargs.get("share") is not None:
+            mixed.append(kwargs.get("mix", True))
+        return real_call(self, *args, **kwargs)
+
+    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
+    monkeypatch.setattr(train_mod, "time", virtual)
+    monkeypatch.setattr(budget, "time", virtual)
+    monkeypatch.setattr(budget, "time_trial_step", lambda *a, **k: 0.02)
+    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    # 256 images at batch 32: 8 steps an epoch; 0.04 min at 0.02 s a step: about 7 epochs planned of --epochs 10
+    options = dict(batch_size=32, precision="fp32", epochs=10, cutmix_alpha=1.0, mix_prob=0.5, res_schedule=None,
+                   mix_min_epochs=min_epochs)
+    stopped = make_config(MODEL, "memory", str(tmp_path / "b"), "fast", time_budget=0.04, **options)
+    with pytest.raises(TrainingInterrupted):
+        train(stopped, dataset=memory_dataset(n_train=256), quiet=False, stop_at_step=12)
+    train(resume_config(tmp_path / "b"), dataset=memory_dataset(n_train=256), quiet=True, resume=True)
+    planned = json.loads((tmp_path / "b" / "config.json").read_text())["schedule_scale"] * 10
+    assert 2 < planned < 20
+    assert len(mixed) > 40 and set(mixed) == {mixes}
+    assert ("MixUp/CutMix off: this run is planned for" in capsys.readouterr().err) == (not mixes)
+
+    mixed.clear()
+    fixed = make_config(MODEL, "memory", str(tmp_path / "e"), "fast", **{**options, "epochs": 3})
+    train(fixed, dataset=memory_dataset(n_train=256), quiet=True)
+    assert set(mixed) == {min_epochs is None or 3 >= min_epochs}

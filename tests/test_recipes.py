@@ -38,6 +38,7 @@ def test_make_config_refuses_unknown_names():
     ({"res_schedule": "0@0,1@0.5"}, "scales must be in (0, 1], the last 1"),
     ({"res_schedule": "0.5@0,0.75@0.5"}, "scales must be in (0, 1], the last 1"),
     ({"res_schedule_max_cost": 0.0}, "--res-schedule-max-cost must be positive"),
+    ({"mix_min_epochs": -1.0}, "--mix-min-epochs must be non-negative"),
 ])
 def test_validate_says_what_is_wrong(override, message):
     validate(make_config("cct_2_3x2_32", "d", "o"))
@@ -56,6 +57,11 @@ def test_res_schedule_parses_and_is_for_images():
     assert make_config("cct_2_3x2_32", "d", "o", "fast", res_schedule="0.5@0,1@0.5").res_schedule_max_cost is None
     assert make_config("cct_2_3x2_32", "d", "o", "fast", res_schedule="0.5@0,1@0.5",
                        res_schedule_max_cost=0.7).res_schedule_max_cost == 0.7
+    # so is the fast recipe's mixing threshold: mixing asked for runs at any length, unless a threshold is asked for
+    assert (fast.cutmix_alpha, fast.mix_prob, fast.mix_min_epochs) == (1.0, 0.5, 20)
+    for asked in ({"cutmix_alpha": 1.0}, {"mixup_alpha": 0.2}, {"mix_prob": 1.0}):
+        assert make_config("cct_2_3x2_32", "d", "o", "fast", **asked).mix_min_epochs is None
+    assert make_config("cct_2_3x2_32", "d", "o", "fast", mixup_alpha=0.2, mix_min_epochs=5).mix_min_epochs == 5
     with pytest.raises(CCTError, match="--res-schedule .progressive resizing. is for image models"):
         validate(make_config("text_cct_2", "d", "o", res_schedule="0.5@0,1@0.5"))
 

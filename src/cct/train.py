@@ -322,11 +322,16 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     run.warmup_steps = min(round(cfg.warmup_epochs * scaled), state["total_steps"] // 2)
     run.cooldown_steps = min(round(cfg.cooldown_epochs * scaled), state["total_steps"] // 4)
     run.mix_off_step = None if cfg.mix_off_epoch is None else round(cfg.mix_off_epoch * scaled)
+    planned_epochs = state["schedule_scale"] * cfg.epochs  # the length planned, not a later re-fit's
+    if (cfg.mixup_alpha or cfg.cutmix_alpha) and cfg.mix_min_epochs is not None and planned_epochs < cfg.mix_min_epochs:
+        run.mix_off_step = 0
+        log(quiet, f"MixUp/CutMix off: this run is planned for {planned_epochs:.1f} epochs, fewer than the "
+                   f"{cfg.mix_min_epochs:g} from which mixing pays (--mix-min-epochs)")
     run.resolved = runfiles.resolved_config(cfg, precision=precision, device=str(device), world_size=world_size,
                                             total_steps=state["total_steps"], steps_per_epoch=steps_per_epoch,
                                             num_classes=num_classes, prep=inputs.prep)
     run.resolved.update(schedule_scale=round(state["schedule_scale"], 6), warmup_steps=run.warmup_steps,
-                        cooldown_steps=run.cooldown_steps)
+                        cooldown_steps=run.cooldown_steps, mix_off_step=run.mix_off_step)
     if rank == 0:
         runfiles.write_json(out / "config.json", run.resolved)
         if inputs.split_record:
