@@ -272,6 +272,14 @@ def make_config(model: str, data: str, out: str, recipe: str | None = None, **ov
     return TrainConfig(model=model, data=data, out=out, recipe=recipe, **values)
 
 
+def mixing_off(cfg: TrainConfig, *, planned_epochs: float) -> str | None:
+    """Why a run planned for `planned_epochs` trains unmixed (--mix-min-epochs); None where it mixes as configured."""
+    if (cfg.mixup_alpha or cfg.cutmix_alpha) and cfg.mix_min_epochs is not None and planned_epochs < cfg.mix_min_epochs:
+        return (f"MixUp/CutMix off: this run is planned for {planned_epochs:.1f} epochs, fewer than the "
+                f"{cfg.mix_min_epochs:g} from which mixing pays (--mix-min-epochs)")
+    return None
+
+
 def parse_res_schedule(spec: str) -> list[tuple[float, float]]:
     """'0.5@0,0.75@0.4,1@0.7' → [(0.0, 0.5), (0.4, 0.75), (0.7, 1.0)]: (start as a fraction of the run's steps,
     input scale as a fraction of the model's input size)."""

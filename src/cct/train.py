@@ -44,7 +44,7 @@ from .kernels import fuse, use_kernels
 from .kinds import RunInputs, TextPreprocessing
 from .model import count_macs, num_params
 from .preprocess import Preprocessing
-from .recipes import TrainConfig, make_config, parse_res_schedule, validate
+from .recipes import TrainConfig, make_config, mixing_off, parse_res_schedule, validate
 from .registry import create_model, model_kind
 from .runlock import hold_run_lock
 from .resume import is_finished, last_state, read_last, restore, resume_config
@@ -322,11 +322,9 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     run.warmup_steps = min(round(cfg.warmup_epochs * scaled), state["total_steps"] // 2)
     run.cooldown_steps = min(round(cfg.cooldown_epochs * scaled), state["total_steps"] // 4)
     run.mix_off_step = None if cfg.mix_off_epoch is None else round(cfg.mix_off_epoch * scaled)
-    planned_epochs = state["schedule_scale"] * cfg.epochs  # the length planned, not a later re-fit's
-    if (cfg.mixup_alpha or cfg.cutmix_alpha) and cfg.mix_min_epochs is not None and planned_epochs < cfg.mix_min_epochs:
+    if reason := mixing_off(cfg, planned_epochs=state["schedule_scale"] * cfg.epochs):  # as planned, not re-fitted
         run.mix_off_step = 0
-        log(quiet, f"MixUp/CutMix off: this run is planned for {planned_epochs:.1f} epochs, fewer than the "
-                   f"{cfg.mix_min_epochs:g} from which mixing pays (--mix-min-epochs)")
+        log(quiet, reason)
     run.resolved = runfiles.resolved_config(cfg, precision=precision, device=str(device), world_size=world_size,
                                             total_steps=state["total_steps"], steps_per_epoch=steps_per_epoch,
                                             num_classes=num_classes, prep=inputs.prep)
