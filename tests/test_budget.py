@@ -256,7 +256,7 @@ def test_time_budget_with_progressive_resizing(tmp_path, monkeypatch, capsys, sm
 
 @pytest.mark.parametrize("min_epochs, mixes", [(None, True), (2.0, True), (20.0, False)])
 def test_mixing_only_in_runs_planned_long_enough(tmp_path, monkeypatch, capsys, min_epochs, mixes):
-    """--mix-min-epochs reads the planned length: a budget that plans about 5 epochs mixes under a threshold of 2
+    """--mix-min-epochs reads the planned length: a budget that plans about 7 epochs mixes under a threshold of 2
     and trains unmixed throughout under one of 20 (and says so); a resume keeps the decision, not re-deciding it
     from the shorter run left; --epochs alone is the planned length without a budget."""
     clock = {"now": 0.0}

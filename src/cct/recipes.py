@@ -221,7 +221,7 @@ RECIPES: dict[str, dict] = {
                  # fused attention kernel runs in training too
                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.05,
                  # CutMix on half the batches, in runs planned for 20 epochs or more: validation top-1 0.8966 →
-                 # 0.9030 in 39 epochs, though it trailed for the first 21 (AMX Xeon); a 10-minute run plans 9-14
+                 # 0.9030 in 39 epochs, though it trailed for the first 21 (AMX Xeon); a 10-minute run trains 9-14
                  # and a 30-minute one 22-39 (benchmarks/README.md)
                  cutmix_alpha=1.0, mix_prob=0.5, mix_min_epochs=20,
                  # progressive resizing: half size for the first 43% of the steps, 3/4 until 71%, then full size;
