@@ -12,6 +12,7 @@ from cct import train as train_mod
 from cct.evaluate import tta_logits, tta_views
 from cct.recipes import make_config
 from cct.checkpoint import read_checkpoint
+from cct.policies import AugmentConfig
 from cct.step import TrainStep, resolution_at
 from cct.resume import resume_config
 from cct.train import TrainingInterrupted, train
@@ -175,7 +176,7 @@ def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch):
     virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
     monkeypatch.setattr(train_mod, "time", virtual)
     monkeypatch.setattr(budget, "time", virtual)
-    monkeypatch.setattr(budget, "time_trial_step", lambda *a, **k: 0.02)  # the trial, on the virtual clock
+    monkeypatch.setattr(budget, "time_trial_steps", lambda *a, **k: {side: 0.02 for side in k["resolutions"]})
     monkeypatch.setattr(TrainStep, "__call__", timed_step)
     monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: _record(plans, real_fit(*a, **k)))
     # 256 images at batch 32: 8 steps an epoch; the recipe: 10 epochs, 1 of warm-up, MixUp until epoch 4
@@ -254,6 +255,30 @@ def test_time_budget_with_progressive_resizing(tmp_path, monkeypatch, capsys, sm
         assert saved is None and read_checkpoint(out / "last.pt")["train_config"]["res_schedule"] is None
 
 
+def test_trial_prices_each_side_under_the_same_host_speed(monkeypatch):
+    """The sides take turns in the trial, so a host that slows down halfway through it (here to half speed)
+    leaves the ratio of a reduced step to a native one, which decides progressive resizing, at its true 0.5.
+    Timed side after side, the native steps would all fall in the fast half and the 8-px ones in the slow one."""
+    clock, calls = {"now": 0.0}, []
+
+    def timed_step(self, *args, **kwargs):
+        calls.append(self.resolution)
+        slow = 2.0 if len(calls) > 8 else 1.0
+        clock["now"] += slow * (0.01 if self.resolution == 8 else 0.02)
+
+    monkeypatch.setattr(budget, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    cfg = make_config(MODEL, "memory", "unused", "fast", batch_size=32, precision="fp32")
+    model = cct.create_model(MODEL, img_size=16, num_classes=10)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), AugmentConfig(),
+                     precision="fp32", device="cpu", label_smoothing=0.0, num_classes=10,
+                     generator=torch.Generator())
+    seconds = budget.time_trial_steps(cfg, model, step, memory_dataset(n_train=64).train, local_batch=32,
+                                      resolutions=[None, 8], warm=2, timed=6)
+    assert calls == [None, 8] * 8  # interleaved
+    assert seconds[8] / seconds[None] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("min_epochs, mixes", [(None, True), (2.0, True), (20.0, False)])
 def test_mixing_only_in_runs_planned_long_enough(tmp_path, monkeypatch, capsys, min_epochs, mixes):
     """--mix-min-epochs reads the planned length: a budget that plans about 7 epochs mixes under a threshold of 2
@@ -272,7 +297,7 @@ def test_mixing_only_in_runs_planned_long_enough(tmp_path, monkeypatch, capsys, 
     virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
     monkeypatch.setattr(train_mod, "time", virtual)
     monkeypatch.setattr(budget, "time", virtual)
-    monkeypatch.setattr(budget, "time_trial_step", lambda *a, **k: 0.02)
+    monkeypatch.setattr(budget, "time_trial_steps", lambda *a, **k: {side: 0.02 for side in k["resolutions"]})
     monkeypatch.setattr(TrainStep, "__call__", timed_step)
     # 256 images at batch 32: 8 steps an epoch; 0.04 min at 0.02 s a step: about 7 epochs planned of --epochs 10
     options = dict(batch_size=32, precision="fp32", epochs=10, cutmix_alpha=1.0, mix_prob=0.5, res_schedule=None,

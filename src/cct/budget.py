@@ -1,6 +1,6 @@
 """A run sized to a time budget (`cct train --time-budget MINUTES`).
 
-Before the run, a few trial steps on copies of the model measure a step (`time_trial_step`), and
+Before the run, a few trial steps on copies of the model measure a step (`time_trial_steps`), and
 `planned_steps` turns that into a number of steps. At each epoch's end the loop re-fits the plan
 from the time the epoch really took (`steps_that_fit`, `refit`), and it stops at once when the
 deadline passes. The sizing functions are pure arithmetic on seconds, so they can be checked on a
@@ -83,13 +83,15 @@ def refit(*, step: int, total_steps: int, fit: int) -> int:
     return total_steps
 
 
-def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set, *,
-                    local_batch: int, warm: int = 2, timed: int = 6, resolution: int | None = None) -> float:
-    """The median seconds of a training step (at input side `resolution`; None: native), timed on copies of
-    the model and optimiser.
+def time_trial_steps(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set, *, local_batch: int,
+                     resolutions: list[int | None], warm: int = 2, timed: int = 6) -> dict[int | None, float]:
+    """The median seconds of a training step at each input side of `resolutions` (None: native), timed on
+    copies of the model and optimiser.
 
-    Copies and a throwaway generator keep the real run untouched, so a budgeted run is still the
-    seeded run, only of a measured length.
+    The sides take turns, one step each per round, so a host that speeds up or slows down during the trial
+    (a shared VM does) moves every side's time alike and leaves their ratios, which decide progressive
+    resizing, as they are. Copies and a throwaway generator keep the real run untouched, so a budgeted run
+    is still the seeded run, only of a measured length.
     """
     torch_state = torch.get_rng_state()
     trial_model = copy.deepcopy(model)
@@ -98,36 +100,37 @@ def time_trial_step(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_s
                             label_smoothing=step.label_smoothing, num_classes=step.num_classes,
                             generator=torch.Generator().manual_seed(12345))
     trial.sync_grads = step.sync_grads  # time the gradient exchange too (every rank runs the trial)
-    trial.resolution = resolution
     n = len(train_set.labels)
     g = torch.Generator().manual_seed(0)
-    times = []
+    times: dict[int | None, list[float]] = {side: [] for side in resolutions}
     for _ in range(warm + timed):
         idx = torch.randint(0, n, (min(local_batch, n),), generator=g)
-        t = time.perf_counter()
-        trial(train_set.inputs[idx], train_set.labels[idx], cfg.lr * 1e-3)
-        times.append(time.perf_counter() - t)
+        for side in resolutions:
+            trial.resolution = side
+            t = time.perf_counter()
+            trial(train_set.inputs[idx], train_set.labels[idx], cfg.lr * 1e-3)
+            times[side].append(time.perf_counter() - t)
     torch.set_rng_state(torch_state)
-    return sorted(times[warm:])[timed // 2]
+    return {side: sorted(t[warm:])[timed // 2] for side, t in times.items()}
 
 
 def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set, *, val_images: int,
                   steps_per_epoch: int, local_batch: int, quiet: bool,
                   phases: list[tuple[float, int]] | None = None) -> tuple[int, dict[int, float] | None]:
-    """The steps that fit `cfg.time_budget` minutes: a trial (`time_trial_step`), then `planned_steps`.
+    """The steps that fit `cfg.time_budget` minutes: a trial (`time_trial_steps`), then `planned_steps`.
 
-    Under progressive resizing (`phases`) a trial at each side prices its steps; the plan takes their mean
-    over the schedule, or drops the schedule where that mean exceeds `cfg.res_schedule_max_cost` of a native
-    step. Returns (steps, each side's cost of a step relative to the native one: None without a schedule or
-    where it was dropped).
+    Under progressive resizing (`phases`) the trial prices a step at each side, the sides interleaved; the plan
+    takes their mean over the schedule, or drops the schedule where that mean exceeds `cfg.res_schedule_max_cost`
+    of a native step. Returns (steps, each side's cost of a step relative to the native one: None without a
+    schedule or where it was dropped).
     """
-    step_seconds = time_trial_step(cfg, model, step, train_set, local_batch=local_batch)
+    native = phases[-1][1] if phases else None
+    reduced = sorted({side for _, side in phases} - {native}) if phases else []
+    trial = time_trial_steps(cfg, model, step, train_set, local_batch=local_batch, resolutions=[None, *reduced])
+    step_seconds = trial[None]
     costs, mean_seconds = None, step_seconds
     if phases:
-        native = phases[-1][1]
-        seconds = {side: step_seconds if side == native else
-                   time_trial_step(cfg, model, step, train_set, local_batch=local_batch, resolution=side)
-                   for side in {side for _, side in phases}}
+        seconds = {side: trial[None if side == native else side] for _, side in phases}
         costs = {side: t / step_seconds for side, t in seconds.items()}
         mean_seconds = sum((end - start) * seconds[side]
                            for (start, side), end in zip(phases, [start for start, _ in phases[1:]] + [1.0]))
