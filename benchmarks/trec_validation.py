@@ -12,6 +12,7 @@ scored or printed. One thread per process, so two variants can run side by side 
 
     .venv/bin/python benchmarks/trec_validation.py --tag base --mix 0
     .venv/bin/python benchmarks/trec_validation.py --tag mixup --mix 0.4 --ema 0.995 --swa 10
+    .venv/bin/python benchmarks/trec_validation.py --tag fgm --fgm 1.0
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
@@ -62,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mix", type=float, default=0.4, help="word mixup alpha (0: off)")
     p.add_argument("--fine", action="store_true", help="train on the fine labels; predict a coarse one by summing "
                                                        "its fine classes' probabilities")
+    p.add_argument("--fgm", type=float, default=0.0, help="FGM (Miyato et al. 2017): also train on the loss with the "
+                                                           "word-embedding table moved this far along its gradient")
     p.add_argument("--ema", type=float, default=0.0, help="also score an EMA of the weights with this decay per step")
     p.add_argument("--swa", type=int, default=0, help="also score the average of the last N epochs' weights")
     p.add_argument("--seeds", default="0,1,2,3,4")
@@ -121,15 +124,25 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
                 x[(torch.rand(x.shape, generator=g) < a.token_dropout) & m] = UNK_ID
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, **schedule)
-            if a.mix > 0:  # word mixup with the reversed batch, as the recipe (cct.kinds.augment_tokens)
-                lam = float(torch.distributions.Beta(a.mix, a.mix).sample())
-                out = model(x, m, torch.tensor(lam))
-                loss = lam * F.cross_entropy(out, y, label_smoothing=a.label_smoothing) + \
+            lam = float(torch.distributions.Beta(a.mix, a.mix).sample()) if a.mix > 0 else None
+
+            def batch_loss() -> torch.Tensor:
+                if lam is None:
+                    return F.cross_entropy(model(x, m), y, label_smoothing=a.label_smoothing)
+                out = model(x, m, torch.tensor(lam))  # word mixup with the reversed batch, as the recipe
+                return lam * F.cross_entropy(out, y, label_smoothing=a.label_smoothing) + \
                     (1 - lam) * F.cross_entropy(out, y.flip(0), label_smoothing=a.label_smoothing)
-            else:
-                loss = F.cross_entropy(model(x, m), y, label_smoothing=a.label_smoothing)
+
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_loss().backward()
+            if a.fgm > 0:  # the table's gradient is nonzero only in the batch's rows, so only they move
+                table = next(mod for mod in model.modules() if isinstance(mod, torch.nn.Embedding)).weight
+                shift = a.fgm * table.grad / (table.grad.norm() + 1e-12)
+                with torch.no_grad():
+                    table.add_(shift)
+                batch_loss().backward()
+                with torch.no_grad():
+                    table.sub_(shift)
             opt.step()
             step += 1
             if ema is not None:
