@@ -109,6 +109,7 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             logits = torch.zeros(len(logits), ds.num_classes).index_add_(1, fine[1], logits.softmax(1))
         return (logits.argmax(1) == val.labels).float().mean().item()
 
+    table = next(mod for mod in model.modules() if isinstance(mod, torch.nn.Embedding)).weight  # FGM moves it
     ema = copy.deepcopy(model) if a.ema else None
     averaged, n_averaged = None, 0
     g = torch.Generator().manual_seed(seed)
@@ -136,7 +137,6 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             opt.zero_grad(set_to_none=True)
             batch_loss().backward()
             if a.fgm > 0:  # the table's gradient is nonzero only in the batch's rows, so only they move
-                table = next(mod for mod in model.modules() if isinstance(mod, torch.nn.Embedding)).weight
                 shift = a.fgm * table.grad / (table.grad.norm() + 1e-12)
                 with torch.no_grad():
                     table.add_(shift)

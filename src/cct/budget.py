@@ -124,13 +124,12 @@ def fit_to_budget(cfg: TrainConfig, model: nn.Module, step: TrainStep, train_set
     of a native step. Returns (steps, each side's cost of a step relative to the native one: None without a
     schedule or where it was dropped).
     """
-    native = phases[-1][1] if phases else None
-    reduced = sorted({side for _, side in phases} - {native}) if phases else []
-    trial = time_trial_steps(cfg, model, step, train_set, local_batch=local_batch, resolutions=[None, *reduced])
-    step_seconds = trial[None]
+    native = phases[-1][1] if phases else None  # timed as the loop runs it: TrainStep scales nothing down there
+    seconds = time_trial_steps(cfg, model, step, train_set, local_batch=local_batch,
+                               resolutions=sorted({side for _, side in phases}) if phases else [None])
+    step_seconds = seconds[native]
     costs, mean_seconds = None, step_seconds
     if phases:
-        seconds = {side: trial[None if side == native else side] for _, side in phases}
         costs = {side: t / step_seconds for side, t in seconds.items()}
         mean_seconds = sum((end - start) * seconds[side]
                            for (start, side), end in zip(phases, [start for start, _ in phases[1:]] + [1.0]))
