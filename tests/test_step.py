@@ -1,17 +1,21 @@
 """cct.step: the learning-rate schedule, weight-decay groups, and the training step itself (CPU)."""
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cct import create_model
 from cct.errors import CCTError
 from cct.evaluate import evaluate
+from cct.kinds import TextAugmentConfig, TokenBatch
 from cct.kernels import use_kernels
 from cct.preprocess import Preprocessing
-from cct.recipes import make_config
+from cct.recipes import make_config, validate
 from cct.step import (NonFiniteLossError, augment_config, lr_at, make_optimizer, make_train_step, param_groups,
                       resize_batch, resolution_at)
+from cct.tokenizer import PAD_ID
 from helpers import MODEL
 
 
@@ -184,3 +188,60 @@ def test_a_step_at_a_reduced_resolution_trains_the_native_embedding():
     assert not model.any_grid  # only inside the step
     with pytest.raises(ValueError, match="positional embedding"):
         model(torch.zeros(1, 3, 16, 16))
+
+
+# ---------------------------------------------------------------------- adversarial word vectors (text)
+def _text_model():
+    torch.manual_seed(0)  # no dropout of any kind, so that both passes are deterministic
+    return create_model("text_cct_2", num_classes=3, vocab_size=30, seq_len=8, kernel_size=2, drop_rate=0.0,
+                        attn_drop_rate=0.0, drop_path_rate=0.0)
+
+
+def _token_batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 30, (6, 8), generator=g)
+    mask = torch.arange(8) < torch.tensor([8, 5, 3, 8, 2, 6])[:, None]
+    return TokenBatch(ids.masked_fill(~mask, PAD_ID), mask), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize("fgm", [0.0, 0.5])
+def test_fgm_adds_the_gradient_at_the_moved_word_vectors(monkeypatch, fgm):
+    model, (batch, labels) = _text_model(), _token_batch()
+    reference = copy.deepcopy(model)
+    # the expected update by hand: SGD at lr 1 moves every weight by minus the sum of the two passes' gradients
+    loss = F.cross_entropy(reference(batch.ids, batch.mask), labels, label_smoothing=0.1)
+    expected = torch.autograd.grad(loss, list(reference.parameters()))
+    if fgm:
+        table = reference.embedding.weight
+        g = expected[[p is table for p in reference.parameters()].index(True)]
+        assert 0 < int((g.abs().sum(1) > 0).sum()) < 30  # only the batch's words have a gradient, so only they move
+        with torch.no_grad():
+            table += fgm * g / g.norm()
+        loss = F.cross_entropy(reference(batch.ids, batch.mask), labels, label_smoothing=0.1)
+        expected = [a + b for a, b in zip(expected, torch.autograd.grad(loss, list(reference.parameters())))]
+        with torch.no_grad():
+            table -= fgm * g / g.norm()
+    aug = TextAugmentConfig(label_smoothing=0.1, fgm=fgm)
+    step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), aug, precision="fp32", device="cpu",
+                           label_smoothing=0.1, num_classes=3, generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = _count_backward(monkeypatch)
+    step(batch, labels, 1.0)
+    assert calls["n"] == (2 if fgm else 1)
+    for b, p, g in zip(before, model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), b - g, atol=2e-5, rtol=1e-4)
+    # the clean pass's loss is what the step reports
+    assert step.totals()[0] == pytest.approx(F.cross_entropy(_text_model()(batch.ids, batch.mask), labels,
+                                                             label_smoothing=0.1).item(), rel=1e-5)
+
+
+def test_fgm_is_a_text_option():
+    validate(make_config("text_cct_2", "d", "o", fgm=0.5))
+    with pytest.raises(CCTError, match="--fgm .* is for text models"):
+        validate(make_config(MODEL, "d", "o", fgm=1.0))
+    with pytest.raises(CCTError, match="--fgm must be non-negative"):
+        validate(make_config("text_cct_2", "d", "o", fgm=-1.0))
+    with pytest.raises(AssertionError, match="one word embedding"):
+        make_train_step(create_model(MODEL), torch.optim.SGD(create_model(MODEL).parameters(), lr=1.0),
+                        TextAugmentConfig(fgm=1.0), precision="fp32", device="cpu", label_smoothing=0.0,
+                        num_classes=10, generator=torch.Generator())

@@ -81,7 +81,7 @@ def test_cct_train_end_to_end(kind, tmp_path, capsys):
 
 def test_default_recipe_and_config_for_text_models():
     cfg = make_config("text_cct_2", "d", "o")
-    assert cfg.recipe == "text" and cfg.token_dropout > 0 and cfg.schedule == "cosine"
+    assert cfg.recipe == "text" and cfg.token_dropout > 0 and cfg.schedule == "cosine" and cfg.fgm == 2.0
     assert cfg.val_split == 0 and not cfg.restore_best  # all training texts, the last epoch tested
     from cct.recipes import RECIPE_MODELS
     assert RECIPE_MODELS["text"] == "text_cct_2"

@@ -139,15 +139,18 @@ def model_args(prep: Preprocessing | TextPreprocessing, batch) -> tuple[torch.Te
 class TextAugmentConfig:
     """Text augmentation: each real token becomes [UNK] with probability `token_dropout` (0: off); word
     mixup with the reversed batch, λ ~ Beta(mixup_alpha, mixup_alpha) per batch (0: off), its soft targets
-    label-smoothed by `label_smoothing` as timm's Mixup does for images."""
+    label-smoothed by `label_smoothing` as timm's Mixup does for images. `fgm` > 0: adversarial word vectors
+    (FGM, Miyato et al. 2017), applied by `cct.step.TrainStep`, since they need the batch's gradient."""
     token_dropout: float = 0.0
     mixup_alpha: float = 0.0
     label_smoothing: float = 0.0
+    fgm: float = 0.0
 
     def __post_init__(self):
         assert 0.0 <= self.token_dropout < 1.0, f"token_dropout must be in [0, 1), got {self.token_dropout}"
         assert self.mixup_alpha >= 0.0, f"mixup_alpha must be non-negative, got {self.mixup_alpha}"
         assert 0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"
+        assert self.fgm >= 0.0, f"fgm must be non-negative, got {self.fgm}"
 
 
 def augment_images(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, aug_cfg: AugmentConfig,

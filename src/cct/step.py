@@ -2,8 +2,8 @@
 
 `TrainStep` is the per-batch work of `cct train`, and `cct bench` times the very same object, so a
 benchmark measures exactly what training does. Its body is one ordered list, as nanoGPT's loop:
-set lr → augment (→ scale down, at a reduced resolution) → forward → loss → backward → gradient exchange →
-step → zero_grad → metrics.
+set lr → augment (→ scale down, at a reduced resolution) → forward → loss → backward (→ the adversarial pass, for
+text with FGM) → gradient exchange → step → zero_grad → metrics.
 The learning-rate schedule is a small pure function of the step (`lr_at`); which parameters get
 weight decay is part of the recipe (`param_groups`). The batch's kind (uint8 images, token batches)
 is settled by its augmentation config (`cct.kinds.augmenter`): the step itself sees the model's
@@ -153,6 +153,8 @@ class TrainStep:
         self.skipped = 0
         self.shared: tuple[bool, ...] = ()
         self.resolution: int | None = None  # progressive resizing: the input side of the next steps (None: native)
+        self.fgm = aug_cfg.fgm if isinstance(aug_cfg, TextAugmentConfig) else 0.0
+        self.table = word_embedding(model) if self.fgm else None
         self.reset_totals()
 
     def reset_totals(self) -> None:
@@ -197,12 +199,13 @@ class TrainStep:
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
         # every rank runs backward, finite or not (DDP exchanges inside it); the ranks then agree
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        checked = loss.detach() if not self.fgm else loss.detach() + self.adversarial_backward(args, targets, smoothing)
         if self.sync_grads:  # the gradients, the loss's finiteness and the flags in one exchange
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            finite, self.shared = distributed.average_gradients(params, finite=bool(torch.isfinite(loss)),
+            finite, self.shared = distributed.average_gradients(params, finite=bool(torch.isfinite(checked)),
                                                                 flags=share() if share is not None else ())
         else:  # one process, or DDP (the gradients are averaged already)
-            finite, self.shared = distributed.all_finite(loss), ()
+            finite, self.shared = distributed.all_finite(checked), ()
         if not finite:  # never step on a NaN (on any rank): every rank raises or skips together
             self.optimizer.zero_grad(set_to_none=True)
             if not self.skip_nonfinite:
@@ -225,6 +228,23 @@ class TrainStep:
             self.shared = distributed.any_true(*share())
         return loss.detach()
 
+    def adversarial_backward(self, args: list[torch.Tensor], targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+        """FGM (Miyato et al. 2017): the batch's loss again with the word-vector table moved `fgm` along its
+        gradient, backpropagated onto the same gradients; returns that loss. The gradient is normalised over
+        the whole table, whose rows outside the batch have none, so only the batch's words move; the table is
+        put back bit for bit before the optimiser steps."""
+        grad = self.table.grad  # a GradScaler's scale cancels in the normalisation
+        saved = self.table.detach().clone()
+        with torch.no_grad():
+            self.table.add_(grad, alpha=self.fgm / (float(grad.norm()) + 1e-12))
+        with autocast(self.precision, self.device):
+            logits = self.model(*args)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        with torch.no_grad():
+            self.table.copy_(saved)
+        return loss.detach()
+
     def state_dict(self) -> dict:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen.cpu(),
                 "skipped": self.skipped, "scaler": self.scaler.state_dict() if self.scaler else None}
@@ -236,6 +256,14 @@ class TrainStep:
         self.skipped = int(state["skipped"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def word_embedding(model: nn.Module) -> nn.Parameter:
+    """A text model's word-vector table: its one `nn.Embedding`'s weight (through any wrapper)."""
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    assert len(tables) == 1, f"FGM needs a text model with one word embedding, found {len(tables)} nn.Embedding"
+    assert tables[0].requires_grad, "FGM moves the word vectors along their gradient: they must be trained"
+    return tables[0]
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg: AugmentConfig | TextAugmentConfig, *,

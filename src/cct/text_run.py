@@ -107,7 +107,7 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
         kind="text", classes=list(dataset.classes), train_set=sets["train"], val_set=sets["val"], test_set=sets["test"],
         prep=TextPreprocessing(seq_len, precision=precision, batch_size=cfg.eval_batch_size),
         aug_cfg=TextAugmentConfig(token_dropout=cfg.token_dropout, mixup_alpha=cfg.mixup_alpha,
-                                  label_smoothing=cfg.label_smoothing), model_overrides=overrides,
+                                  label_smoothing=cfg.label_smoothing, fgm=cfg.fgm), model_overrides=overrides,
         skipped=len(dataset.skipped),
         results={"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
                  "skipped_lines": len(dataset.skipped)},
