@@ -370,7 +370,7 @@ def validate(cfg: TrainConfig) -> None:
                          ("auto-augment", cfg.auto_augment), ("erasing", cfg.erasing), ("cutmix-alpha", cfg.cutmix_alpha),
                          ("tta-translate", cfg.tta_translate),
                          ("mix-prob", cfg.mix_prob != 1.0), ("mix-mode", cfg.mix_mode != "batch")):
-            need(not on, f"--{flag} is image augmentation; text models take --token-dropout and --mixup-alpha")
+            need(not on, f"--{flag} is image augmentation; text models take --token-dropout, --mixup-alpha and --fgm")
     for name, choices in (("precision", PRECISIONS), ("device", DEVICES),
                           ("normalize", NORMALIZATIONS), ("schedule", ("constant", "cosine")),
                           ("resize_mode", RESIZE_MODES), ("data_kind", DATA_KINDS), ("label_level", LABEL_LEVELS),

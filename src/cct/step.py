@@ -2,8 +2,8 @@
 
 `TrainStep` is the per-batch work of `cct train`, and `cct bench` times the very same object, so a
 benchmark measures exactly what training does. Its body is one ordered list, as nanoGPT's loop:
-set lr → augment (→ scale down, at a reduced resolution) → forward → loss → backward (→ the adversarial pass, for
-text with FGM) → gradient exchange → step → zero_grad → metrics.
+set lr → augment (→ scale down, at a reduced resolution) → forward → loss → backward (→ the adversarial
+pass, for text with FGM) → gradient exchange → step → zero_grad → metrics.
 The learning-rate schedule is a small pure function of the step (`lr_at`); which parameters get
 weight decay is part of the recipe (`param_groups`). The batch's kind (uint8 images, token batches)
 is settled by its augmentation config (`cct.kinds.augmenter`): the step itself sees the model's
