@@ -32,7 +32,7 @@ from cct import data as data_mod
 from cct.kernels import fuse, use_kernels
 from cct.registry import create_model
 from cct.recipes import make_config
-from cct.step import lr_at, make_optimizer
+from cct.step import lr_at, make_optimizer, word_embedding
 from cct.text_data import load_text
 from cct.text_run import RawTexts
 from cct.tokenizer import UNK_ID, TextTokenizer
@@ -109,7 +109,7 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             logits = torch.zeros(len(logits), ds.num_classes).index_add_(1, fine[1], logits.softmax(1))
         return (logits.argmax(1) == val.labels).float().mean().item()
 
-    table = next(mod for mod in model.modules() if isinstance(mod, torch.nn.Embedding)).weight  # FGM moves it
+    table = word_embedding(model)  # FGM moves it
     ema = copy.deepcopy(model) if a.ema else None
     averaged, n_averaged = None, 0
     g = torch.Generator().manual_seed(seed)

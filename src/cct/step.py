@@ -192,14 +192,9 @@ class TrainStep:
         reduced = self.resolution is not None and self.resolution != args[0].shape[-2]
         if reduced:  # progressive resizing: augmented at full size, then scaled down
             args[0] = resize_batch(args[0], self.resolution)
-        with autocast(self.precision, self.device), any_token_grid(self.model) if reduced else contextlib.nullcontext():
-            logits = self.model(*args)
-        # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
-        smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
         # every rank runs backward, finite or not (DDP exchanges inside it); the ranks then agree
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        checked = loss.detach() if not self.fgm else loss.detach() + self.adversarial_backward(args, targets, smoothing)
+        logits, loss = self.forward_backward(args, targets, any_token_grid(self.model) if reduced else None)
+        checked = loss if not self.fgm else loss + self.adversarial_backward(args, targets)
         if self.sync_grads:  # the gradients, the loss's finiteness and the flags in one exchange
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             finite, self.shared = distributed.average_gradients(params, finite=bool(torch.isfinite(checked)),
@@ -219,16 +214,28 @@ class TrainStep:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             hard = targets if targets.ndim == 1 else targets.argmax(-1)
-            self.loss_sum += loss.detach().double() * labels.shape[0]
-            self.correct += (logits.detach().argmax(-1) == hard).sum()
+            self.loss_sum += loss.double() * labels.shape[0]
+            self.correct += (logits.argmax(-1) == hard).sum()
             self.seen += labels.shape[0]
         if share is not None and not self.sync_grads:
             # no exchange of our own to carry them: read last, so that a signal arriving during this
             # step (its optimiser step included) stops the run right after it
             self.shared = distributed.any_true(*share())
-        return loss.detach()
+        return loss
 
-    def adversarial_backward(self, args: list[torch.Tensor], targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    def forward_backward(self, args: list[torch.Tensor], targets: torch.Tensor,
+                         grid: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward (inside `grid`, if given) → loss → backward onto the gradients; returns the detached
+        (logits, loss)."""
+        with autocast(self.precision, self.device), grid if grid is not None else contextlib.nullcontext():
+            logits = self.model(*args)
+        # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
+        smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return logits.detach(), loss.detach()
+
+    def adversarial_backward(self, args: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """FGM (Miyato et al. 2017): the batch's loss again with the word-vector table moved `fgm` along its
         gradient, backpropagated onto the same gradients; returns that loss. The gradient is normalised over
         the whole table, whose rows outside the batch have none, so only the batch's words move; the table is
@@ -237,13 +244,10 @@ class TrainStep:
         saved = self.table.detach().clone()
         with torch.no_grad():
             self.table.add_(grad, alpha=self.fgm / (float(grad.norm()) + 1e-12))
-        with autocast(self.precision, self.device):
-            logits = self.model(*args)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        _, loss = self.forward_backward(args, targets)
         with torch.no_grad():
             self.table.copy_(saved)
-        return loss.detach()
+        return loss
 
     def state_dict(self) -> dict:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen.cpu(),
