@@ -81,7 +81,7 @@ def test_cct_train_end_to_end(kind, tmp_path, capsys):
 
 def test_default_recipe_and_config_for_text_models():
     cfg = make_config("text_cct_2", "d", "o")
-    assert cfg.recipe == "text" and cfg.token_dropout > 0 and cfg.schedule == "cosine" and cfg.fgm == 2.0
+    assert cfg.recipe == "text" and cfg.token_dropout == 0.0 and cfg.schedule == "cosine" and cfg.fgm == 2.0
     assert cfg.val_split == 0 and not cfg.restore_best  # all training texts, the last epoch tested
     from cct.recipes import RECIPE_MODELS
     assert RECIPE_MODELS["text"] == "text_cct_2"
@@ -234,6 +234,27 @@ def test_time_budget_sizes_a_text_run(trec_dir, tmp_path, capsys):
                             "0.05", "--seq-len", "8", "--precision", "fp32"], capsys)
     assert code == 0 and "time budget 0.05 min" in err
     assert json.loads((out / "results.json").read_text())["steps"] >= 1
+
+
+# ---------------------------------------------------------------------- token dropout
+def test_token_dropout_replaces_real_tokens_only():
+    from cct.kinds import TextAugmentConfig, augment_tokens
+    from cct.tokenizer import UNK_ID
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 50, (64, 40), generator=g)
+    mask = torch.arange(40) < torch.randint(1, 41, (64, 1), generator=g)
+    ids = ids.masked_fill(~mask, 1)
+    cfg = TextAugmentConfig(token_dropout=0.3)
+    (got, got_mask), labels = augment_tokens(TokenBatch(ids, mask), torch.zeros(64, dtype=torch.long), g, cfg,
+                                             num_classes=2)
+    width = got.shape[1]  # cut to the longest text
+    ids, mask = ids[:, :width], mask[:, :width]
+    changed = got != ids
+    assert torch.equal(got_mask, mask) and not changed[~mask].any()  # padding stays padding
+    assert (got[changed] == UNK_ID).all()
+    assert 0.25 < changed.sum() / mask.sum() < 0.35
+    (same, _), _ = augment_tokens(TokenBatch(ids, mask), labels, g, TextAugmentConfig(), num_classes=2)
+    assert torch.equal(same, ids)  # off by default
 
 
 # ---------------------------------------------------------------------- word mixup
