@@ -223,6 +223,24 @@ def test_bench_text_model(capsys):
     assert "for text models" in capsys.readouterr().err
 
 
+def test_bench_text_recipe_times_the_training_step(capsys, monkeypatch):
+    from cct.step import TrainStep
+    passes = []
+    original = TrainStep.adversarial_backward
+    monkeypatch.setattr(TrainStep, "adversarial_backward", lambda self, *a: passes.append(1) or original(self, *a))
+    common = ["bench", "--model", "text_cct_2", "--json", "--batch-size", "4", "--steps", "1", "--windows", "1",
+              "--warmup", "1", "--no-peak", "--no-infer", "--vocab-size", "50", "--seq-len", "12"]
+    assert main(common + ["--precision", "fp32"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert not passes and plain["recipe"] is None
+    assert main(common + ["--recipe", "text"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(passes) == 2 and r["recipe"] == "text"  # the warm-up step and the timed one, each with FGM
+    assert r["precision"] == "fp32" and r["threads"] == 1  # the recipe's, not --precision auto's
+    # the recipe's kernel 2, not the official default 4: fewer multiplies a sequence
+    assert r["gflops_per_sequence_forward"] < plain["gflops_per_sequence_forward"]
+
+
 # ---------------------------------------------------------------------- benchmark scripts
 def _script(name):
     import importlib.util

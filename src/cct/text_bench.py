@@ -8,6 +8,12 @@ parameter groups of `cct.step.param_groups`); a timed inference step is a forwar
 `cct.kernels.fuse`. Each rate is the median of timed windows after warm-up steps, as `cct.bench` times
 images, and the result has the same keys with "sequences" for "images".
 
+That plain step is the one `benchmarks/compare_official.py` sets beside the official code's. With a recipe
+(`cct bench --model text_cct_2 --recipe text`) the timed step is what `cct train` runs per batch instead
+(`cct.step.make_train_step`: the recipe's optimiser, word mixup and FGM, whose second pass doubles the cost),
+on the model as the recipe builds it (its kernel size and word-vector scale), at the recipe's precision and
+threads unless `precision` / `threads` say otherwise.
+
 The embedding table is most of the parameters (vocab_size × 300), and AdamW updates all of it every
 step, so the vocabulary size matters: the default is the model's (100,000, the official `Embedder`'s),
 `vocab_size` sets another (a word-level TREC vocabulary has about 9,000 words).
@@ -27,9 +33,11 @@ from torch import nn
 
 from .bench import gemm_peak_gflops, peak_memory_mb, timed_windows
 from .kernels import fuse, use_kernels
+from . import recipes
+from .kinds import TextAugmentConfig, TokenBatch
 from .model import num_params
 from .runtime import autocast, configure_threads, cpu_supports_bf16, resolve_device, resolve_precision, tune_allocator
-from .step import param_groups
+from .step import make_optimizer, make_train_step, param_groups
 from .text_model import TEXT_VARIANTS, TextCCT, create_text_model
 
 LABEL_SMOOTHING = 0.1
@@ -88,7 +96,7 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
                    length: int | None = None, fixed_length: bool = False, vocab_size: int | None = None,
                    num_classes: int = 6, device: str = "auto", threads: int | None = None, train: bool = True,
                    infer: bool = True, peak: bool = True, seed: int = 0, quiet: bool = True,
-                   kernels: str = "fast") -> dict:
+                   kernels: str = "fast", recipe: str | None = None) -> dict:
     """Training and inference throughput of a text model on random token ids.
 
     Args:
@@ -101,17 +109,24 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
         vocab_size: the embedding's rows (default: the model's).
         num_classes: classes of the head.
         device, threads, seed, quiet, kernels: as `cct.bench.benchmark`.
+        recipe: None times the plain step (see the module docstring); a recipe name times `cct train`'s step
+            for it, with "auto" precision and unset threads taken from the recipe.
     Returns:
         a dict with `train_sequences_per_second`, `infer_sequences_per_second`, GFLOP/s, share of the
         measured GEMM peak, peak memory and the settings.
     """
     if not is_text_model(model):
         raise ValueError(f"{model!r} is not a text model (known: {', '.join(sorted(TEXT_VARIANTS))})")
+    overrides = {"num_classes": num_classes, **({"vocab_size": vocab_size} if vocab_size else {})}
+    cfg = recipes.make_config(model, "", "", recipe=recipe, batch_size=batch_size) if recipe else None
+    if cfg is not None:  # as `cct train` runs this recipe
+        precision = cfg.precision if precision == "auto" else precision
+        threads = threads or cfg.workers or None
+        overrides.update({k: getattr(cfg, k) for k in ("kernel_size", "embedding_std") if getattr(cfg, k) is not None})
     threads = configure_threads(threads)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     torch.manual_seed(seed)
-    overrides = {"num_classes": num_classes, **({"vocab_size": vocab_size} if vocab_size else {})}
     net = use_kernels(create_text_model(model, **overrides), kernels).to(dev)
     length = length or net.cfg.seq_len
     if length < 1:
@@ -125,25 +140,39 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
         "seq_len": length, "fixed_length": fixed_length, "vocab_size": net.cfg.vocab_size,
         "torch": torch.__version__, "cpu_bf16": cpu_supports_bf16(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "allocator_tuned": tune_allocator(), "procs": 1, "kernels": kernels,
+        "recipe": recipe,
     }
     batches = dict(fixed_length=fixed_length, generator=g, padding_idx=net.cfg.padding_idx)
 
     if train:
-        groups = param_groups(net, 0.05, False)
-        optimizer = torch.optim.AdamW(groups, lr=1e-6, fused=dev.type in ("cpu", "cuda"))  # tiny lr: random data
         ids, mask = random_batches(POOL, batch_size, length, net.cfg.vocab_size, **batches)
         labels = torch.randint(0, num_classes, (POOL, batch_size), generator=g)
-        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
         net.train()
         counter = iter(range(1 << 62))
+        passes = 1  # forward + backward passes a step makes
+        if cfg is None:
+            groups = param_groups(net, 0.05, False)
+            optimizer = torch.optim.AdamW(groups, lr=1e-6, fused=dev.type in ("cpu", "cuda"))  # tiny lr: random data
+            ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
 
-        def train_step() -> None:
-            i = next(counter) % POOL
-            with autocast(prec, dev):
-                logits = net(ids[i], mask[i])
-            F.cross_entropy(logits.float(), labels[i], label_smoothing=LABEL_SMOOTHING).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            def train_step() -> None:
+                i = next(counter) % POOL
+                with autocast(prec, dev):
+                    logits = net(ids[i], mask[i])
+                F.cross_entropy(logits.float(), labels[i], label_smoothing=LABEL_SMOOTHING).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer = make_optimizer(net, cfg, precision=prec)
+            aug = TextAugmentConfig(token_dropout=cfg.token_dropout, mixup_alpha=cfg.mixup_alpha,
+                                    label_smoothing=cfg.label_smoothing, fgm=cfg.fgm)
+            step = make_train_step(net, optimizer, aug, precision=prec, device=dev, label_smoothing=cfg.label_smoothing,
+                                   num_classes=num_classes, generator=torch.Generator().manual_seed(seed + 1))
+            passes = 2 if cfg.fgm else 1
+
+            def train_step() -> None:
+                i = next(counter) % POOL
+                step(TokenBatch(ids[i], mask[i]), labels[i], cfg.lr * 1e-3)  # a small lr: random data
 
         _log(quiet, f"timing training: {model}, batch {batch_size} × {length} tokens, {prec}")
         seconds = timed_windows(train_step, warmup=warmup, steps=steps, windows=windows, device=dev)
@@ -151,7 +180,7 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
         rate = statistics.median(rates)
         result.update(train_sequences_per_second=round(rate, 1), train_window_rates=[round(r, 1) for r in rates],
                       train_ms_per_step=round(1e3 * batch_size / rate, 2),
-                      train_gflops=round(rate * 3 * 2 * macs / 1e9, 1))
+                      train_gflops=round(rate * passes * 3 * 2 * macs / 1e9, 1))
         del optimizer
 
     if infer:
