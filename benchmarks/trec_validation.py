@@ -10,9 +10,12 @@ the last epochs' weights, fine labels summed into coarse ones) can be tried too.
 weight average (`swa`) per seed, and their means over seeds. The test file's texts are never tokenized,
 scored or printed. One thread per process, so two variants can run side by side on two cores.
 
-    .venv/bin/python benchmarks/trec_validation.py --tag base --mix 0
-    .venv/bin/python benchmarks/trec_validation.py --tag mixup --mix 0.4 --ema 0.995 --swa 10
-    .venv/bin/python benchmarks/trec_validation.py --tag fgm --fgm 1.0
+The defaults are the text recipe's as of its eighth round (FGM 2.0, no token dropout). Earlier rounds in
+benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no FGM): their flags are on top of those.
+
+    .venv/bin/python benchmarks/trec_validation.py --tag recipe
+    .venv/bin/python benchmarks/trec_validation.py --tag nomix --mix 0 --ema 0.995 --swa 10
+    .venv/bin/python benchmarks/trec_validation.py --tag fgm1 --fgm 1.0 --seeds 5,6,7,8,9
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
@@ -52,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--token-dropout", type=float, default=0.1)
+    p.add_argument("--token-dropout", type=float, default=0.0)
     p.add_argument("--embedding-std", type=float, default=0.1)
     p.add_argument("--min-frequency", type=int, default=2)
     p.add_argument("--tokenizer", default="word", choices=("word", "wordpiece", "bpe"))
@@ -63,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mix", type=float, default=0.4, help="word mixup alpha (0: off)")
     p.add_argument("--fine", action="store_true", help="train on the fine labels; predict a coarse one by summing "
                                                        "its fine classes' probabilities")
-    p.add_argument("--fgm", type=float, default=0.0, help="FGM (Miyato et al. 2017): also train on the loss with the "
+    p.add_argument("--fgm", type=float, default=2.0, help="FGM (Miyato et al. 2017): also train on the loss with the "
                                                            "word-embedding table moved this far along its gradient")
     p.add_argument("--ema", type=float, default=0.0, help="also score an EMA of the weights with this decay per step")
     p.add_argument("--swa", type=int, default=0, help="also score the average of the last N epochs' weights")
