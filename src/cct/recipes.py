@@ -19,9 +19,9 @@ Recipes are data: a name → `TrainConfig` overrides.
   progressive resizing (half, then three quarters of the input size before the full size), bf16 where
   the CPU runs it fast, no validation split; `--time-budget MINUTES` sizes the run to the budget.
 * `text` (the default for `text_*` models): AdamW with warm-up + cosine, label smoothing, word mixup,
-  adversarial word vectors (FGM); batch size, epochs and the rest chosen on validation splits of TREC's training
-  file, never its test file (benchmarks/README.md); the run then trains on the whole training file
-  and tests its last epoch (`--val-split 0.1` for validation curves).
+  adversarial word vectors (FGM); batch size, epochs and the rest chosen on validation splits of TREC's
+  training file, never its test file (benchmarks/README.md); the run then trains on the whole training
+  file and tests its last epoch (`--val-split 0.1` for validation curves).
 """
 from __future__ import annotations
 

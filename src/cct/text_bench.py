@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import recipes
 from .bench import gemm_peak_gflops, peak_memory_mb, timed_windows
 from .kernels import fuse, use_kernels
-from . import recipes
 from .kinds import TextAugmentConfig, TokenBatch
 from .model import num_params
 from .runtime import autocast, configure_threads, cpu_supports_bf16, resolve_device, resolve_precision, tune_allocator
