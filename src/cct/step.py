@@ -122,6 +122,12 @@ def augment_config(cfg: TrainConfig, mean: tuple | None, std: tuple | None) -> A
                          label_smoothing=cfg.label_smoothing, mean=mean, std=std)
 
 
+def text_augment_config(cfg: TrainConfig) -> TextAugmentConfig:
+    """The recipe's text augmentation: token dropout, word mixup, label smoothing and FGM."""
+    return TextAugmentConfig(token_dropout=cfg.token_dropout, mixup_alpha=cfg.mixup_alpha,
+                             label_smoothing=cfg.label_smoothing, fgm=cfg.fgm)
+
+
 # ---------------------------------------------------------------------- the step
 class NonFiniteLossError(CCTError):
     """The loss became NaN or infinite."""

@@ -34,11 +34,12 @@ from torch import nn
 from . import recipes
 from .bench import gemm_peak_gflops, peak_memory_mb, timed_windows
 from .kernels import fuse, use_kernels
-from .kinds import TextAugmentConfig, TokenBatch
+from .kinds import TokenBatch
 from .model import num_params
 from .runtime import autocast, configure_threads, cpu_supports_bf16, resolve_device, resolve_precision, tune_allocator
-from .step import make_optimizer, make_train_step, param_groups
+from .step import make_optimizer, make_train_step, param_groups, text_augment_config
 from .text_model import TEXT_VARIANTS, TextCCT, create_text_model
+from .text_run import recipe_model_overrides
 
 LABEL_SMOOTHING = 0.1
 POOL = 8  # distinct batches, cycled, so no step sees a cached input
@@ -122,7 +123,7 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
     if cfg is not None:  # as `cct train` runs this recipe
         precision = cfg.precision if precision == "auto" else precision
         threads = threads or cfg.workers or None
-        overrides.update({k: getattr(cfg, k) for k in ("kernel_size", "embedding_std") if getattr(cfg, k) is not None})
+        overrides.update(recipe_model_overrides(cfg))
     threads = configure_threads(threads)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -164,9 +165,7 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
                 optimizer.zero_grad(set_to_none=True)
         else:
             optimizer = make_optimizer(net, cfg, precision=prec)
-            aug = TextAugmentConfig(token_dropout=cfg.token_dropout, mixup_alpha=cfg.mixup_alpha,
-                                    label_smoothing=cfg.label_smoothing, fgm=cfg.fgm)
-            step = make_train_step(net, optimizer, aug, precision=prec, device=dev, label_smoothing=cfg.label_smoothing,
+            step = make_train_step(net, optimizer, text_augment_config(cfg), precision=prec, device=dev, label_smoothing=cfg.label_smoothing,
                                    num_classes=num_classes, generator=torch.Generator().manual_seed(seed + 1))
             passes = 2 if cfg.fgm else 1
 

@@ -16,10 +16,11 @@ from torch import nn
 
 from . import data as data_mod
 from .errors import CCTError
-from .kinds import RunInputs, TextAugmentConfig, TextPreprocessing, TextSet, TokenBatch
+from .kinds import RunInputs, TextPreprocessing, TextSet, TokenBatch
 from .recipes import TrainConfig
 from .registry import get_config
 from .runfiles import log
+from .step import text_augment_config
 from .text_data import TextDataset, load_text
 from .tokenizer import TextTokenizer, load_word_vectors
 
@@ -65,6 +66,11 @@ def train_tokenizer(cfg: TrainConfig, texts: list[str], seq_len: int) -> TextTok
     return tokenizer
 
 
+def recipe_model_overrides(cfg: TrainConfig) -> dict:
+    """The text model settings a run's config sets (`--kernel-size`, `--embedding-std`; unset: the model's)."""
+    return {name: getattr(cfg, name) for name in ("kernel_size", "embedding_std") if getattr(cfg, name) is not None}
+
+
 def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, quiet: bool,
                 dataset: TextDataset | None = None) -> RunInputs:
     """Everything the run needs from a text source (see the module docstring)."""
@@ -99,15 +105,11 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
             found = load_word_vectors(cfg.word_vectors, tokenizer, model.embedding)
             log(quiet, f"word vectors: {found} of {tokenizer.vocab_size} vocabulary rows from {cfg.word_vectors}")
 
-    overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len)
-    for name in ("kernel_size", "embedding_std"):
-        if getattr(cfg, name) is not None:
-            overrides[name] = getattr(cfg, name)
+    overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len, **recipe_model_overrides(cfg))
     return RunInputs(
         kind="text", classes=list(dataset.classes), train_set=sets["train"], val_set=sets["val"], test_set=sets["test"],
         prep=TextPreprocessing(seq_len, precision=precision, batch_size=cfg.eval_batch_size),
-        aug_cfg=TextAugmentConfig(token_dropout=cfg.token_dropout, mixup_alpha=cfg.mixup_alpha,
-                                  label_smoothing=cfg.label_smoothing, fgm=cfg.fgm), model_overrides=overrides,
+        aug_cfg=text_augment_config(cfg), model_overrides=overrides,
         skipped=len(dataset.skipped),
         results={"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
                  "skipped_lines": len(dataset.skipped)},
