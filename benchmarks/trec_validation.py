@@ -10,7 +10,8 @@ the last epochs' weights, fine labels summed into coarse ones) can be tried too.
 weight average (`swa`) per seed, and their means over seeds. The test file's texts are never tokenized,
 scored or printed. One thread per process, so two variants can run side by side on two cores.
 
-The defaults are the text recipe's as of its eighth round (FGM 2.0, no token dropout). Earlier rounds in
+The defaults are the text recipe's as of its eighth round (FGM 2.0, no token dropout), in fp32; `--precision bf16`
+trains as the recipe does where its trial picks bf16 (ninth round). Earlier rounds in
 benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no FGM): their flags are on top of those.
 
     .venv/bin/python benchmarks/trec_validation.py --tag recipe
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from cct import data as data_mod
 from cct.kernels import fuse, use_kernels
 from cct.registry import create_model
+from cct.runtime import autocast
 from cct.recipes import make_config
 from cct.step import lr_at, make_optimizer, word_embedding
 from cct.text_data import load_text
@@ -68,8 +70,13 @@ def parse_args() -> argparse.Namespace:
                                                        "its fine classes' probabilities")
     p.add_argument("--fgm", type=float, default=2.0, help="FGM (Miyato et al. 2017): also train on the loss with the "
                                                            "word-embedding table moved this far along its gradient")
+    p.add_argument("--adv-steps", type=int, default=1, help="with --fgm: 1 is FGM; K > 1 is PGD (Madry et al. "
+                   "2018): K moves of fgm/K, each along the gradient at the last point, projected to within fgm; the "
+                   "last point's gradient is added to the clean one")
     p.add_argument("--ema", type=float, default=0.0, help="also score an EMA of the weights with this decay per step")
     p.add_argument("--swa", type=int, default=0, help="also score the average of the last N epochs' weights")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: the forward under bf16 autocast, as `cct train --precision bf16` (loss in fp32)")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--tag", default="")
     return p.parse_args()
@@ -105,8 +112,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
 
     def score(m) -> float:
         m.eval()
-        with torch.no_grad():
-            logits = fuse(m)(val_ids, val_mask)
+        with torch.no_grad(), autocast(a.precision):
+            logits = fuse(m)(val_ids, val_mask).float()
         m.train()
         if fine is not None:
             logits = torch.zeros(len(logits), ds.num_classes).index_add_(1, fine[1], logits.softmax(1))
@@ -131,21 +138,42 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             lam = float(torch.distributions.Beta(a.mix, a.mix).sample()) if a.mix > 0 else None
 
             def batch_loss() -> torch.Tensor:
+                with autocast(a.precision):
+                    out = model(x, m) if lam is None else model(x, m, torch.tensor(lam))
+                out = out.float()
                 if lam is None:
-                    return F.cross_entropy(model(x, m), y, label_smoothing=a.label_smoothing)
-                out = model(x, m, torch.tensor(lam))  # word mixup with the reversed batch, as the recipe
+                    return F.cross_entropy(out, y, label_smoothing=a.label_smoothing)
+                # word mixup with the reversed batch, as the recipe
                 return lam * F.cross_entropy(out, y, label_smoothing=a.label_smoothing) + \
                     (1 - lam) * F.cross_entropy(out, y.flip(0), label_smoothing=a.label_smoothing)
 
             opt.zero_grad(set_to_none=True)
             batch_loss().backward()
-            if a.fgm > 0:  # the table's gradient is nonzero only in the batch's rows, so only they move
+            if a.fgm > 0 and a.adv_steps == 1:  # the table's gradient is nonzero only in the batch's rows
                 shift = a.fgm * table.grad / (table.grad.norm() + 1e-12)
                 with torch.no_grad():
                     table.add_(shift)
                 batch_loss().backward()
                 with torch.no_grad():
                     table.sub_(shift)
+            elif a.fgm > 0:  # PGD: steps of fgm / K along each new gradient, kept within fgm of the table
+                clean = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
+                saved = table.detach().clone()
+                for k in range(a.adv_steps):
+                    with torch.no_grad():
+                        table.add_(table.grad, alpha=a.fgm / a.adv_steps / (float(table.grad.norm()) + 1e-12))
+                        moved = table - saved
+                        norm = float(moved.norm())
+                        if norm > a.fgm:
+                            table.copy_(saved + moved * (a.fgm / norm))
+                    if k == a.adv_steps - 1:  # the last point's gradient is added to the clean one
+                        for p in model.parameters():
+                            p.grad = clean.get(p)
+                    else:
+                        model.zero_grad(set_to_none=False)
+                    batch_loss().backward()
+                with torch.no_grad():
+                    table.copy_(saved)
             opt.step()
             step += 1
             if ema is not None:

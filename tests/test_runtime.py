@@ -4,7 +4,8 @@ import platform
 import pytest
 import torch
 
-from cct.runtime import PRECISIONS, configure_threads, resolve_device, resolve_precision, tune_allocator
+from cct.runtime import (PRECISIONS, configure_threads, faster_precision, resolve_device, resolve_precision,
+                         tune_allocator)
 
 
 def test_configure_threads():
@@ -31,3 +32,17 @@ def test_precision_and_device():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(AssertionError):
         resolve_precision("fp64")
+
+
+@pytest.mark.parametrize("bf16_ms, expected", [(50.0, "bf16"), (95.0, "fp32"), (150.0, "fp32")])
+def test_faster_precision_times_both_in_turns_on_a_virtual_clock(bf16_ms, expected):
+    now, calls = [0.0], []
+
+    def step(precision):  # each call moves the clock by that precision's step time
+        calls.append(precision)
+        now[0] += {"fp32": 100.0, "bf16": bf16_ms}[precision] / 1e3
+
+    choice, ms = faster_precision(step, rounds=3, margin=0.9, clock=lambda: now[0])
+    assert choice == expected  # 95 ms is within the margin of 100: a near tie goes to fp32
+    assert ms == pytest.approx({"fp32": 100.0, "bf16": bf16_ms})
+    assert calls == ["fp32", "bf16"] + ["fp32", "bf16"] * 3  # one untimed each, then timed in turns

@@ -224,7 +224,12 @@ def test_bench_text_model(capsys):
 
 
 def test_bench_text_recipe_times_the_training_step(capsys, monkeypatch):
+    import cct.text_bench
+    import cct.text_run
     from cct.step import TrainStep
+    # a CPU with native bf16, where the trial finds fp32 faster: the recipe's "auto" must follow the trial
+    monkeypatch.setattr(cct.text_bench, "resolve_precision", lambda p, d: "bf16" if p == "auto" else p)
+    monkeypatch.setattr(cct.text_run, "faster_precision", lambda step: ("fp32", {"fp32": 1.0, "bf16": 2.0}))
     passes = []
     original = TrainStep.adversarial_backward
     monkeypatch.setattr(TrainStep, "adversarial_backward", lambda self, *a: passes.append(1) or original(self, *a))
@@ -236,7 +241,8 @@ def test_bench_text_recipe_times_the_training_step(capsys, monkeypatch):
     assert main(common + ["--recipe", "text"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert len(passes) == 2 and r["recipe"] == "text"  # the warm-up step and the timed one, each with FGM
-    assert r["precision"] == "fp32" and r["threads"] == 1  # the recipe's, not --precision auto's
+    assert r["precision"] == "fp32" and r["precision_trial_ms"] == {"fp32": 1.0, "bf16": 2.0}  # the trial's
+    assert r["threads"] == 1 and plain["precision_trial_ms"] is None  # the recipe's threads; fp32 asked: no trial
     # the recipe's kernel 2, not the official default 4: fewer multiplies a sequence
     assert r["gflops_per_sequence_forward"] < plain["gflops_per_sequence_forward"]
 

@@ -77,14 +77,43 @@ def test_cct_train_end_to_end(kind, tmp_path, capsys):
     assert results["train_images"] == 54 and results["val_images"] == 6 and results["test_images"] == 15
     assert 0.0 <= results["test_top1"] <= 1.0 and results["seq_len"] == 8
     assert "tokenizer: word" in err and "trained on 54 training texts" in err
+    assert "texts/s)" in err and "images/s" not in err  # the closing line counts texts
 
 
 def test_default_recipe_and_config_for_text_models():
     cfg = make_config("text_cct_2", "d", "o")
     assert cfg.recipe == "text" and cfg.token_dropout == 0.0 and cfg.schedule == "cosine" and cfg.fgm == 2.0
     assert cfg.val_split == 0 and not cfg.restore_best  # all training texts, the last epoch tested
+    assert cfg.precision == "auto"  # settled by a trial on CPUs with native bf16 (the next test)
     from cct.recipes import RECIPE_MODELS
     assert RECIPE_MODELS["text"] == "text_cct_2"
+
+
+@pytest.mark.parametrize("faster", ["fp32", "bf16"])
+def test_precision_auto_is_settled_by_a_trial_of_the_first_batch(trec_dir, tmp_path, monkeypatch, faster):
+    import cct.text_run
+    import cct.train
+    trials = []
+
+    def fake_faster(step):  # runs the real steps, so the trial model is built and trained in each precision
+        step("fp32"), step("bf16")
+        trials.append(1)
+        return faster, {"fp32": 10.0, "bf16": 20.0 if faster == "fp32" else 5.0}
+
+    monkeypatch.setattr(cct.text_run, "faster_precision", fake_faster)
+    monkeypatch.setattr(cct.train, "resolve_precision", lambda p, d: "bf16" if p == "auto" else p)  # a bf16 CPU
+    before = torch.random.get_rng_state()
+    cfg = make_config("text_cct_2", str(trec_dir), "unused", seq_len=8, batch_size=16)
+    inputs = text_inputs(cfg, checkpoint=None, precision="bf16", quiet=True)
+    assert inputs.precision == faster == inputs.prep.precision and len(trials) == 1
+    assert torch.equal(torch.random.get_rng_state(), before)  # the trial model leaves the run's random state
+    results = train(make_config("text_cct_2", str(trec_dir), str(tmp_path / "run"), epochs=1, batch_size=16,
+                                seq_len=8), quiet=True)
+    assert results["precision"] == faster and results["precision_trial_ms"]["fp32"] == 10.0 and len(trials) == 2
+    # an explicit precision, or a resolved fp32 (a CPU without native bf16), runs no trial
+    assert text_inputs(make_config("text_cct_2", str(trec_dir), "unused", seq_len=8, precision="bf16"),
+                       checkpoint=None, precision="bf16", quiet=True).precision == "bf16"
+    assert text_inputs(cfg, checkpoint=None, precision="fp32", quiet=True).precision == "fp32" and len(trials) == 2
 
 
 def test_eval_json_matches_the_run(finished, trec_dir, capsys):

@@ -165,7 +165,8 @@ def _add_bench_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="training batch")
     p.add_argument("--infer-batch-size", type=int, default=256, help="inference batch")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 where the CPU supports it natively, fp32 elsewhere")
+                   help="auto: bf16 where the CPU supports it natively, fp32 elsewhere (a text model: on such a "
+                        "CPU, the faster of the two in a trial of a few steps, as cct train decides)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")

@@ -200,6 +200,7 @@ class RunInputs:
     split_record: dict | None = None  # class folders and CSVs: the recorded test split (`cct.holdout`)
     results: dict = field(default_factory=dict)  # extra results.json entries
     setup_model: Callable[[nn.Module], None] | None = None  # once built (text: attach the tokenizer)
+    precision: str | None = None  # where the data phase settles --precision auto (text: `trial_precision`)
 
 
 def data_kind(data: str, requested: str, model: str) -> str:

@@ -129,8 +129,8 @@ class TrainConfig:
                                "each with its mirror (0: off)")
     # runtime
     seed: int = _f(0, "seed of initialisation, split, shuffling and augmentation")
-    precision: str = _f("auto", "compute precision (auto: bf16 where the CPU runs it natively, else fp32)",
-                        choices=PRECISIONS)
+    precision: str = _f("auto", "compute precision (auto: bf16 where the CPU runs it natively, else fp32; for a "
+                                "text model, the faster of the two in a trial of a few steps)", choices=PRECISIONS)
     device: str = _f("auto", "where to train", choices=DEVICES)
     kernels: str = _f("fast", "fast: the CPU kernels of cct.kernels (the same math, measured faster); reference: the "
                               "plain layers of cct.layers", choices=KERNELS)
@@ -208,9 +208,10 @@ RECIPES: dict[str, dict] = {
                  # the official text models default to kernel 4; 2 measured better on the validation split,
                  # as in the official results table (TREC: CCT-2 91.8 at 2 against 91.0 at 4)
                  kernel_size=2,
-                 # bf16 autocast measured slower than fp32 for text_cct_2 on the 2-core CPUs (the casts of
-                 # the 300-wide word vectors cost more than the small GEMMs gain)
-                 precision="fp32",
+                 # a trial of the first batch picks the faster of bf16 and fp32 on CPUs with native bf16
+                 # (`cct.text_run.trial_precision`): slower on the AMX Xeon, ×1.8 on the Zen 4 EPYC, where
+                 # validation top-1 was level (0.8864 against 0.8859, 10 splits; benchmarks/README.md)
+                 precision="auto",
                  # one thread: this model's small GEMMs gain little from a second one, and on a shared machine
                  # two threads waiting on each other made epochs up to 30x slower (2.8 s → 82 s)
                  workers=1),

@@ -32,11 +32,13 @@ def log(quiet: bool, *parts) -> None:
         print(*parts, file=sys.stderr, flush=True)
 
 
-def progress_bar(quiet: bool, epoch: int, total_epochs: int, n_images: int, done: int) -> tqdm | None:
-    """The epoch's progress bar on stderr (None when quiet)."""
+def progress_bar(quiet: bool, epoch: int, total_epochs: int, n_examples: int, done: int, *,
+                 kind: str = "image") -> tqdm | None:
+    """The epoch's progress bar on stderr (None when quiet), counting images or texts."""
     if quiet:
         return None
-    return tqdm(total=n_images, initial=done, desc=f"epoch {epoch + 1}/{total_epochs}", unit="img", unit_scale=True,
+    unit = "text" if kind == "text" else "img"
+    return tqdm(total=n_examples, initial=done, desc=f"epoch {epoch + 1}/{total_epochs}", unit=unit, unit_scale=True,
                 file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
 
 
@@ -138,6 +140,7 @@ def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, in
 
 def done_line(r: dict, out: Path) -> str:
     """The line logged when a run ends."""
-    return (f"done: {r['epochs']} epochs in {r['train_seconds']:.0f}s ({r['images_per_second']:.0f} images/s)"
+    unit = "texts" if r.get("kind") == "text" else "images"  # results.json's key says images for both kinds
+    return (f"done: {r['epochs']} epochs in {r['train_seconds']:.0f}s ({r['images_per_second']:.0f} {unit}/s)"
             + (f"; test top-1 {r['test_top1']:.4f}, top-5 {r['test_top5']:.4f}" if r["test_top1"] is not None else "")
             + f"; outputs in {out}")

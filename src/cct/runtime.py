@@ -10,7 +10,10 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import statistics
 import sys
+import time
+from typing import Callable
 
 import torch
 
@@ -61,6 +64,28 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def faster_precision(step: Callable[[str], object], *, rounds: int = 3, margin: float = 0.9,
+                     clock: Callable[[], float] = time.perf_counter) -> tuple[str, dict[str, float]]:
+    """"bf16" if `step("bf16")` takes less than `margin` × `step("fp32")`'s time, else "fp32"; and each one's
+    median milliseconds.
+
+    For models whose GEMMs are too narrow for bf16 to pay everywhere: on one CPU with native bf16 a text
+    model's step is faster in bf16, on another slower (benchmarks/README.md, "Text models"), so only a
+    trial on the machine can tell. One untimed step each, then `rounds` timed in turns, so that a host
+    slowing down mid-trial slows both alike. A near tie goes to fp32, the more exact.
+    """
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for precision in times:
+        step(precision)
+    for _ in range(rounds):
+        for precision, seen in times.items():
+            start = clock()
+            step(precision)
+            seen.append(1e3 * (clock() - start))
+    ms = {p: statistics.median(seen) for p, seen in times.items()}
+    return ("bf16" if ms["bf16"] < margin * ms["fp32"] else "fp32"), ms
 
 
 def recorded_precision(precision: str, device: torch.device | str = "cpu") -> str:

@@ -12,7 +12,8 @@ That plain step is the one `benchmarks/compare_official.py` sets beside the offi
 (`cct bench --model text_cct_2 --recipe text`) the timed step is what `cct train` runs per batch instead
 (`cct.step.make_train_step`: the recipe's optimiser, word mixup and FGM, whose second pass doubles the cost),
 on the model as the recipe builds it (its kernel size and word-vector scale), at the recipe's precision and
-threads unless `precision` / `threads` say otherwise.
+threads unless `precision` / `threads` say otherwise. Precision "auto" is settled as `cct train` settles it
+for a text model: on a CPU with native bf16, by a trial of a few steps in each (`cct.text_run.trial_precision`).
 
 The embedding table is most of the parameters (vocab_size × 300), and AdamW updates all of it every
 step, so the vocabulary size matters: the default is the model's (100,000, the official `Embedder`'s),
@@ -39,7 +40,7 @@ from .model import num_params
 from .runtime import autocast, configure_threads, cpu_supports_bf16, resolve_device, resolve_precision, tune_allocator
 from .step import make_optimizer, make_train_step, param_groups, text_augment_config
 from .text_model import TEXT_VARIANTS, TextCCT, create_text_model
-from .text_run import recipe_model_overrides
+from .text_run import recipe_model_overrides, trial_precision
 
 LABEL_SMOOTHING = 0.1
 POOL = 8  # distinct batches, cycled, so no step sees a cached input
@@ -103,7 +104,8 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
     Args:
         model: a text model name (`cct.text_model.TEXT_VARIANTS`).
         batch_size, infer_batch_size: sequences per training and inference step.
-        precision: "auto" (bf16 where the CPU runs it natively, else fp32), "fp32", "bf16".
+        precision: "auto" (on a CPU with native bf16, the faster of bf16 and fp32 in a trial of a few steps,
+            as `cct train` decides for a text model; elsewhere fp32), "fp32", "bf16".
         steps, windows, warmup: steps per timed window, windows (the median is reported), untimed steps.
         length: tokens per padded sequence (default: the model's seq_len).
         fixed_length: every sequence `length` real tokens (no padding), else random lengths, padded.
@@ -133,6 +135,13 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
     if length < 1:
         raise ValueError(f"--seq-len must be at least 1, got {length}")
     macs = count_text_macs(net, length)
+    trial = None
+    if precision == "auto" and prec == "bf16" and dev.type == "cpu":  # settled as `cct train` settles it
+        t = torch.Generator().manual_seed(seed)  # its own, so the timed batches stay those of a fixed precision
+        ids, mask = random_batches(1, batch_size, length, net.cfg.vocab_size, fixed_length=fixed_length, generator=t,
+                                   padding_idx=net.cfg.padding_idx)
+        prec, trial = trial_precision(model, overrides, TokenBatch(ids[0], mask[0]),
+                                      torch.randint(0, num_classes, (batch_size,), generator=t), kernels=kernels)
     g = torch.Generator().manual_seed(seed)
     result: dict = {
         "model": model, "params": num_params(net), "gflops_per_sequence_forward": round(2 * macs / 1e9, 5),
@@ -141,7 +150,7 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
         "seq_len": length, "fixed_length": fixed_length, "vocab_size": net.cfg.vocab_size,
         "torch": torch.__version__, "cpu_bf16": cpu_supports_bf16(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "allocator_tuned": tune_allocator(), "procs": 1, "kernels": kernels,
-        "recipe": recipe,
+        "recipe": recipe, "precision_trial_ms": trial and {k: round(v, 1) for k, v in trial.items()},
     }
     batches = dict(fixed_length=fixed_length, generator=g, padding_idx=net.cfg.padding_idx)
 

@@ -6,6 +6,10 @@ then trained on what remains for training only, so neither validation nor test w
 vocabulary. A resumed run takes the tokenizer from its last.pt instead of training it again. Texts
 longer than the model's `seq_len` keep their first `seq_len` tokens; how many were cut is logged and
 written to results.json ("truncated_texts").
+
+`--precision auto` is settled here for a text model on a CPU with native bf16: its GEMMs are narrow
+(128 wide, 300-wide word vectors), and bf16 is faster than fp32 on some such CPUs and slower on others,
+so a few steps on the run's first batch, in each precision, decide (`trial_precision`).
 """
 from __future__ import annotations
 
@@ -15,11 +19,14 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from . import distributed
 from .errors import CCTError
+from .kernels import use_kernels
 from .kinds import RunInputs, TextPreprocessing, TextSet, TokenBatch
 from .recipes import TrainConfig
-from .registry import get_config
+from .registry import create_model, get_config
 from .runfiles import log
+from .runtime import autocast, faster_precision
 from .step import text_augment_config
 from .text_data import TextDataset, load_text
 from .tokenizer import TextTokenizer, load_word_vectors
@@ -71,8 +78,25 @@ def recipe_model_overrides(cfg: TrainConfig) -> dict:
     return {name: getattr(cfg, name) for name in ("kernel_size", "embedding_std") if getattr(cfg, name) is not None}
 
 
+def trial_precision(model: str, overrides: dict, batch: TokenBatch, labels: torch.Tensor, *,
+                    kernels: str) -> tuple[str, dict[str, float]]:
+    """"bf16" or "fp32", whichever trains `model` faster on this CPU (`cct.runtime.faster_precision`: forward,
+    loss and backward of `batch`, on a throwaway copy with its own random state), and each one's milliseconds."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = use_kernels(create_model(model, **overrides), kernels).train()
+
+        def step(precision: str) -> None:
+            with autocast(precision):
+                logits = net(batch.ids, batch.mask)
+            torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+            net.zero_grad(set_to_none=True)
+
+        return faster_precision(step)
+
+
 def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, quiet: bool,
-                dataset: TextDataset | None = None) -> RunInputs:
+                dataset: TextDataset | None = None, device: torch.device | str = "cpu") -> RunInputs:
     """Everything the run needs from a text source (see the module docstring)."""
     if dataset is None:
         dataset = load_text(cfg.data, label_level=cfg.label_level)
@@ -106,11 +130,19 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
             log(quiet, f"word vectors: {found} of {tokenizer.vocab_size} vocabulary rows from {cfg.word_vectors}")
 
     overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len, **recipe_model_overrides(cfg))
+    results = {"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
+               "skipped_lines": len(dataset.skipped)}
+    if cfg.precision == "auto" and precision == "bf16" and torch.device(device).type == "cpu":
+        precision, ms = trial_precision(
+            cfg.model, dict(overrides, num_classes=cfg.num_classes or dataset.num_classes),
+            TokenBatch(*sets["train"].inputs[:cfg.batch_size].trimmed()), sets["train"].labels[:cfg.batch_size],
+            kernels=cfg.kernels)
+        precision = "bf16" if distributed.from_main(precision == "bf16") else "fp32"  # one choice for all ranks
+        log(quiet, f"precision auto: {precision} (a training step of the first batch took {ms['fp32']:.0f} ms "
+                   f"in fp32, {ms['bf16']:.0f} ms in bf16)")
+        results["precision_trial_ms"] = {k: round(v, 1) for k, v in ms.items()}
     return RunInputs(
         kind="text", classes=list(dataset.classes), train_set=sets["train"], val_set=sets["val"], test_set=sets["test"],
         prep=TextPreprocessing(seq_len, precision=precision, batch_size=cfg.eval_batch_size),
         aug_cfg=text_augment_config(cfg), model_overrides=overrides,
-        skipped=len(dataset.skipped),
-        results={"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
-                 "skipped_lines": len(dataset.skipped)},
-        setup_model=setup)
+        skipped=len(dataset.skipped), results=results, setup_model=setup, precision=precision)

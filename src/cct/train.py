@@ -261,11 +261,11 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     elif (kind := "text" if isinstance(dataset, TextDataset) else "image") != model_kind(cfg.model):
         raise CCTError(f"--model {cfg.model} is a {model_kind(cfg.model)} model, but the dataset given holds {kind}")
     if kind == "text":
-        inputs = text_inputs(cfg, checkpoint=checkpoint, precision=precision, quiet=quiet, dataset=dataset)
+        inputs = text_inputs(cfg, checkpoint=checkpoint, precision=precision, quiet=quiet, dataset=dataset, device=device)
     else:
         inputs = image_inputs(cfg, dataset, checkpoint=checkpoint, precision=precision, quiet=quiet)
     train_set, val_set, n_train = inputs.train_set, inputs.val_set, len(inputs.train_set)
-    num_classes = cfg.num_classes or len(inputs.classes)
+    num_classes, precision = cfg.num_classes or len(inputs.classes), inputs.precision or precision  # text: a trial's
 
     # model, optimiser and step; the data order is shared by every rank, augmentation and dropout are
     # each rank's own (rank 0's: one process's)
@@ -369,12 +369,12 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
         run.data_epoch_state = run.data_gen.get_state()
         step.reset_totals()
     run.data_gen.set_state(run.data_epoch_state)  # the epoch's permutation, re-drawn identically on resume
-    batches = data_mod.batch_indices(n_train, cfg.batch_size, run.data_gen, shuffle=True, drop_last=False,
-                                     rank=run.rank, world_size=run.world_size)
-    batches = itertools.islice(batches, state["batch"], None)
+    batches = itertools.islice(data_mod.batch_indices(n_train, cfg.batch_size, run.data_gen, shuffle=True, drop_last=False,
+                                                      rank=run.rank, world_size=run.world_size), state["batch"], None)
     mix = run.mix_off_step is None or state["step"] - state["batch"] < run.mix_off_step  # from the epoch's start
     steps_this_epoch = min(run.steps_per_epoch, state["total_steps"] - state["step"] + state["batch"])
-    bar = runfiles.progress_bar(run.quiet, epoch, run.total_epochs, n_train, state["batch"] * (cfg.batch_size // run.world_size))
+    bar = runfiles.progress_bar(run.quiet, epoch, run.total_epochs, n_train,
+                                state["batch"] * (cfg.batch_size // run.world_size), kind=run.inputs.kind)
     lr = run.lr(state["step"])
     try:
         for idx, batch, labels in data_mod.load_batches(train_set, batches, pin_memory=run.device.type == "cuda"):
