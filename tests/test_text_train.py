@@ -116,6 +116,19 @@ def test_precision_auto_is_settled_by_a_trial_of_the_first_batch(trec_dir, tmp_p
     assert text_inputs(cfg, checkpoint=None, precision="fp32", quiet=True).precision == "fp32" and len(trials) == 2
 
 
+def test_a_resumed_run_keeps_its_trials_precision(trec_dir, tmp_path, monkeypatch):
+    import cct.text_run
+    import cct.train
+    monkeypatch.setattr(cct.train, "resolve_precision", lambda p, d: "bf16" if p == "auto" else p)
+    monkeypatch.setattr(cct.text_run, "faster_precision", lambda step: ("fp32", {"fp32": 1.0, "bf16": 2.0}))
+    cfg = make_config("text_cct_2", str(trec_dir), str(tmp_path / "a"), epochs=2, batch_size=16, seq_len=8)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, stop_at_step=3, quiet=True)
+    # the host now times bf16 faster: the resumed run still trains in the fp32 its first trial chose
+    monkeypatch.setattr(cct.text_run, "faster_precision", lambda step: ("bf16", {"fp32": 2.0, "bf16": 1.0}))
+    assert train(resume_config(tmp_path / "a"), resume=True, quiet=True)["precision"] == "fp32"
+
+
 def test_eval_json_matches_the_run(finished, trec_dir, capsys):
     code, out, _ = run_cli(["eval", finished / "best.pt", "--data", trec_dir, "--json"], capsys)
     assert code == 0

@@ -132,7 +132,9 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len, **recipe_model_overrides(cfg))
     results = {"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
                "skipped_lines": len(dataset.skipped)}
-    if cfg.precision == "auto" and precision == "bf16" and torch.device(device).type == "cpu":
+    if cfg.precision == "auto" and precision == "bf16" and torch.device(device).type == "cpu" and checkpoint:
+        precision = checkpoint["eval"]["precision"]  # a resumed run keeps its trial's choice, to continue exactly
+    elif cfg.precision == "auto" and precision == "bf16" and torch.device(device).type == "cpu":
         precision, ms = trial_precision(
             cfg.model, dict(overrides, num_classes=cfg.num_classes or dataset.num_classes),
             TokenBatch(*sets["train"].inputs[:cfg.batch_size].trimmed()), sets["train"].labels[:cfg.batch_size],
