@@ -65,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--word-embedding-dim", type=int, default=300)
     p.add_argument("--positional-embedding", default="sine", choices=("sine", "learnable", "none"))
     p.add_argument("--drop-rate", type=float, default=None, help="dropout (default: the model's)")
+    p.add_argument("--attn-drop-rate", type=float, default=None, help="attention dropout (default: the model's)")
+    p.add_argument("--drop-path-rate", type=float, default=None, help="stochastic depth (default: the model's)")
     p.add_argument("--mix", type=float, default=0.4, help="word mixup alpha (0: off)")
     p.add_argument("--fine", action="store_true", help="train on the fine labels; predict a coarse one by summing "
                                                        "its fine classes' probabilities")
@@ -102,7 +104,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
                                      kernel_size=a.kernel_size, embedding_std=a.embedding_std,
                                      word_embedding_dim=a.word_embedding_dim,
                                      positional_embedding=a.positional_embedding,
-                                     **({} if a.drop_rate is None else {"drop_rate": a.drop_rate})), "fast")
+                                     **{k: getattr(a, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
+                                        if getattr(a, k) is not None}), "fast")
     opt = make_optimizer(model, make_config(a.model, "", "", "text", lr=a.lr, weight_decay=a.weight_decay,
                                             optimizer=a.optimizer))
     n = len(labels)
