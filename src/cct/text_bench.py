@@ -40,7 +40,7 @@ from .model import num_params
 from .runtime import autocast, configure_threads, cpu_supports_bf16, resolve_device, resolve_precision, tune_allocator
 from .step import make_optimizer, make_train_step, param_groups, text_augment_config
 from .text_model import TEXT_VARIANTS, TextCCT, create_text_model
-from .text_run import recipe_model_overrides, trial_precision
+from .text_run import recipe_model_overrides, settled_by_trial, trial_precision
 
 LABEL_SMOOTHING = 0.1
 POOL = 8  # distinct batches, cycled, so no step sees a cached input
@@ -136,7 +136,7 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
         raise ValueError(f"--seq-len must be at least 1, got {length}")
     macs = count_text_macs(net, length)
     trial = None
-    if precision == "auto" and prec == "bf16" and dev.type == "cpu":  # settled as `cct train` settles it
+    if settled_by_trial(precision, prec, dev):  # as `cct train` settles it
         t = torch.Generator().manual_seed(seed)  # its own, so the timed batches stay those of a fixed precision
         ids, mask = random_batches(1, batch_size, length, net.cfg.vocab_size, fixed_length=fixed_length, generator=t,
                                    padding_idx=net.cfg.padding_idx)

@@ -78,6 +78,12 @@ def recipe_model_overrides(cfg: TrainConfig) -> dict:
     return {name: getattr(cfg, name) for name in ("kernel_size", "embedding_std") if getattr(cfg, name) is not None}
 
 
+def settled_by_trial(requested: str, resolved: str, device: torch.device | str) -> bool:
+    """Whether a text model's precision is `trial_precision`'s to choose: "auto" asked for, and resolved to bf16
+    on a CPU (one with native bf16; elsewhere "auto" is fp32, and CUDA keeps bf16)."""
+    return requested == "auto" and resolved == "bf16" and torch.device(device).type == "cpu"
+
+
 def trial_precision(model: str, overrides: dict, batch: TokenBatch, labels: torch.Tensor, *,
                     kernels: str) -> tuple[str, dict[str, float]]:
     """"bf16" or "fp32", whichever trains `model` faster on this CPU (`cct.runtime.faster_precision`: forward,
@@ -132,9 +138,9 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len, **recipe_model_overrides(cfg))
     results = {"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
                "skipped_lines": len(dataset.skipped)}
-    if cfg.precision == "auto" and precision == "bf16" and torch.device(device).type == "cpu" and checkpoint:
+    if settled_by_trial(cfg.precision, precision, device) and checkpoint:
         precision = checkpoint["eval"]["precision"]  # a resumed run keeps its trial's choice, to continue exactly
-    elif cfg.precision == "auto" and precision == "bf16" and torch.device(device).type == "cpu":
+    elif settled_by_trial(cfg.precision, precision, device):
         precision, ms = trial_precision(
             cfg.model, dict(overrides, num_classes=cfg.num_classes or dataset.num_classes),
             TokenBatch(*sets["train"].inputs[:cfg.batch_size].trimmed()), sets["train"].labels[:cfg.batch_size],
