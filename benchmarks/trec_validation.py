@@ -17,6 +17,7 @@ benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no 
     .venv/bin/python benchmarks/trec_validation.py --tag recipe
     .venv/bin/python benchmarks/trec_validation.py --tag nomix --mix 0 --ema 0.995 --swa 10
     .venv/bin/python benchmarks/trec_validation.py --tag fgm1 --fgm 1.0 --seeds 5,6,7,8,9
+    .venv/bin/python benchmarks/trec_validation.py --tag ngrams --precision bf16 --char-ngrams 16384 --fgm-ngrams
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
@@ -27,6 +28,7 @@ import copy
 import json
 import math
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -77,6 +79,10 @@ def parse_args() -> argparse.Namespace:
                    "last point's gradient is added to the clean one")
     p.add_argument("--ema", type=float, default=0.0, help="also score an EMA of the weights with this decay per step")
     p.add_argument("--swa", type=int, default=0, help="also score the average of the last N epochs' weights")
+    p.add_argument("--char-ngrams", type=int, default=0, help="fastText-style: add to each word's vector the mean of "
+                   "its 3-5-character n-grams' vectors, hashed into this many rows (0: off)")
+    p.add_argument("--fgm-ngrams", action="store_true", help="with --char-ngrams: FGM moves the n-gram table too "
+                   "(one move over both tables, of size --fgm)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: the forward under bf16 autocast, as `cct train --precision bf16` (loss in fp32)")
     p.add_argument("--seeds", default="0,1,2,3,4")
@@ -100,12 +106,20 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
         ids, mask = ids[keep], mask[keep]
         labels = torch.tensor([text_to_fine[t] for t in train.texts if t in text_to_fine])
         num_classes = len(parent)
+    grams = val_grams = None
+    if a.char_ngrams:
+        grams, val_grams = char_ngrams(tokenizer, train.texts, ids.shape[1], a.char_ngrams), \
+            char_ngrams(tokenizer, val.texts, val_ids.shape[1], a.char_ngrams)
+        if fine is not None:
+            grams = grams[keep]
     model = use_kernels(create_model(a.model, num_classes=num_classes, vocab_size=tokenizer.vocab_size, seq_len=64,
                                      kernel_size=a.kernel_size, embedding_std=a.embedding_std,
                                      word_embedding_dim=a.word_embedding_dim,
                                      positional_embedding=a.positional_embedding,
                                      **{k: getattr(a, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
                                         if getattr(a, k) is not None}), "fast")
+    if a.char_ngrams:
+        model.embedding = NgramEmbedding(model.embedding, a.char_ngrams, a.embedding_std)
     opt = make_optimizer(model, make_config(a.model, "", "", "text", lr=a.lr, weight_decay=a.weight_decay,
                                             optimizer=a.optimizer))
     n = len(labels)
@@ -115,6 +129,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
 
     def score(m) -> float:
         m.eval()
+        if a.char_ngrams:
+            m.embedding.grams = val_grams
         with torch.no_grad(), autocast(a.precision):
             logits = fuse(m)(val_ids, val_mask).float()
         m.train()
@@ -134,6 +150,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             idx = order[i:i + a.batch_size]
             length = int(mask[idx].sum(1).max())
             x, m, y = ids[idx, :length].clone(), mask[idx, :length], labels[idx]
+            if a.char_ngrams:
+                model.embedding.grams = grams[idx, :length]
             if a.token_dropout > 0:
                 x[(torch.rand(x.shape, generator=g) < a.token_dropout) & m] = UNK_ID
             for group in opt.param_groups:
@@ -153,12 +171,14 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             opt.zero_grad(set_to_none=True)
             batch_loss().backward()
             if a.fgm > 0 and a.adv_steps == 1:  # the table's gradient is nonzero only in the batch's rows
-                shift = a.fgm * table.grad / (table.grad.norm() + 1e-12)
+                tables = [table] + ([model.embedding.table] if a.char_ngrams and a.fgm_ngrams else [])
+                norm = torch.stack([t.grad.norm() for t in tables]).norm() + 1e-12
+                shifts = [a.fgm * t.grad / norm for t in tables]
                 with torch.no_grad():
-                    table.add_(shift)
+                    torch._foreach_add_(tables, shifts)
                 batch_loss().backward()
                 with torch.no_grad():
-                    table.sub_(shift)
+                    torch._foreach_sub_(tables, shifts)
             elif a.fgm > 0:  # PGD: steps of fgm / K along each new gradient, kept within fgm of the table
                 clean = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
                 saved = table.detach().clone()
@@ -201,6 +221,45 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
         copy_.load_state_dict(averaged)
         result["swa"] = score(copy_)
     return result
+
+
+MAX_GRAMS = 24  # n-grams kept per word (a 9-letter word has 24 of 3-5 characters with its boundary marks)
+
+
+def char_ngrams(tokenizer: TextTokenizer, texts, length: int, buckets: int) -> torch.Tensor:
+    """(N, length, MAX_GRAMS) hashed ids (1..buckets; 0 pads) of each token's 3-5-character n-grams of "<word>",
+    the words as the tokenizer splits them (normalised), aligned with `encode`'s ids."""
+    backend = tokenizer.backend
+    out = torch.zeros(len(texts), length, MAX_GRAMS, dtype=torch.long)
+    for row, text in enumerate(texts):
+        words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))]
+        for col, w in enumerate(words[:length]):
+            w = f"<{w}>"
+            g = [w[i:i + n] for n in (3, 4, 5) for i in range(len(w) - n + 1)][:MAX_GRAMS]
+            out[row, col, :len(g)] = torch.tensor([zlib.crc32(x.encode()) % buckets + 1 for x in g], dtype=torch.long)
+    return out
+
+
+class NgramEmbedding(torch.nn.Module):
+    """The word vector plus the mean of its character n-grams' vectors (`grams` set before each forward)."""
+
+    def __init__(self, word: torch.nn.Embedding, buckets: int, std: float):
+        super().__init__()
+        self.word = word
+        self.table = torch.nn.Parameter(torch.randn(buckets + 1, word.embedding_dim) * std)
+        self.grams: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # the model reads the word table's dtype
+        return self.word.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        g = self.grams
+        assert g is not None and g.shape[:2] == ids.shape, "set grams to the batch's n-grams first"
+        flat = g.reshape(-1, g.shape[-1])
+        summed = F.embedding_bag(flat, self.table, mode="sum", padding_idx=0)  # (B·L, D)
+        count = (flat > 0).sum(1, keepdim=True).clamp(min=1).to(summed.dtype)
+        return self.word(ids) + (summed / count).view(*ids.shape, -1)
 
 
 def main() -> None:
