@@ -58,7 +58,7 @@ def test_res_schedule_parses_and_is_for_images():
     assert make_config("cct_2_3x2_32", "d", "o", "fast", res_schedule="0.5@0,1@0.5",
                        res_schedule_max_cost=0.7).res_schedule_max_cost == 0.7
     # so is the fast recipe's mixing threshold: mixing asked for runs at any length, unless a threshold is asked for
-    assert (fast.cutmix_alpha, fast.mix_prob, fast.mix_min_epochs) == (1.0, 0.5, 20)
+    assert (fast.cutmix_alpha, fast.mix_prob, fast.mix_min_epochs) == (1.0, 0.5, 15)
     for asked in ({"cutmix_alpha": 1.0}, {"mixup_alpha": 0.2}, {"mix_prob": 1.0}):
         assert make_config("cct_2_3x2_32", "d", "o", "fast", **asked).mix_min_epochs is None
     assert make_config("cct_2_3x2_32", "d", "o", "fast", mixup_alpha=0.2, mix_min_epochs=5).mix_min_epochs == 5

@@ -119,7 +119,7 @@ class TrainConfig:
     mix_min_epochs: float | None = _f(None, "MixUp/CutMix only in runs planned for at least this many epochs "
                                             "(--epochs, or what fits --time-budget); a shorter run trains unmixed "
                                             "(mixing pays only once the run is long enough to fit the training set). "
-                                            "The fast recipe's: 20; a --mixup-alpha, --cutmix-alpha or --mix-prob "
+                                            "The fast recipe's: 15; a --mixup-alpha, --cutmix-alpha or --mix-prob "
                                             "given is kept unless this is given too")
     # evaluation
     restore_best: bool = _f(True, "test the best-validation weights rather than the last ones")
@@ -230,10 +230,10 @@ RECIPES: dict[str, dict] = {
                  # a run of a few epochs needs little regularisation; without attention dropout the
                  # fused attention kernel runs in training too
                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.05,
-                 # CutMix on half the batches, in runs planned for 20 epochs or more: validation top-1 0.8966 →
-                 # 0.9030 in 39 epochs, though it trailed for the first 21 (AMX Xeon); a 10-minute run trains 9-14
-                 # and a 30-minute one 22-39 (benchmarks/README.md)
-                 cutmix_alpha=1.0, mix_prob=0.5, mix_min_epochs=20,
+                 # CutMix on half the batches, in runs planned for 15 epochs or more: validation top-1 +0.64 points
+                 # in 39 epochs (AMX Xeon) and +0.48 in 21 (Zen 4), test -0.46 in 10; a 10-minute run plans 6-14
+                 # epochs on 2 cores, a 30-minute one 17-39 (benchmarks/README.md)
+                 cutmix_alpha=1.0, mix_prob=0.5, mix_min_epochs=15,
                  # progressive resizing: half size for the first 43% of the steps, 3/4 until 71%, then full size;
                  # in the time of 4 full-size epochs, validation top-1 0.6990 → 0.7182 (benchmarks/README.md)
                  res_schedule="0.5@0,0.75@0.43,1@0.71",
