@@ -87,7 +87,10 @@ def parse_args() -> argparse.Namespace:
                    help="bf16: the forward under bf16 autocast, as `cct train --precision bf16` (loss in fp32)")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--tag", default="")
-    return p.parse_args()
+    a = p.parse_args()
+    if a.fgm_ngrams and not (a.char_ngrams and a.fgm > 0 and a.adv_steps == 1):
+        p.error("--fgm-ngrams needs --char-ngrams and FGM (--fgm > 0, --adv-steps 1)")
+    return a
 
 
 def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tensor] | None) -> dict:

@@ -138,17 +138,18 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len, **recipe_model_overrides(cfg))
     results = {"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
                "skipped_lines": len(dataset.skipped)}
-    if settled_by_trial(cfg.precision, precision, device) and checkpoint:
-        precision = checkpoint["eval"]["precision"]  # a resumed run keeps its trial's choice, to continue exactly
-    elif settled_by_trial(cfg.precision, precision, device):
-        precision, ms = trial_precision(
-            cfg.model, dict(overrides, num_classes=cfg.num_classes or dataset.num_classes),
-            TokenBatch(*sets["train"].inputs[:cfg.batch_size].trimmed()), sets["train"].labels[:cfg.batch_size],
-            kernels=cfg.kernels)
-        precision = "bf16" if distributed.from_main(precision == "bf16") else "fp32"  # one choice for all ranks
-        log(quiet, f"precision auto: {precision} (a training step of the first batch took {ms['fp32']:.0f} ms "
-                   f"in fp32, {ms['bf16']:.0f} ms in bf16)")
-        results["precision_trial_ms"] = {k: round(v, 1) for k, v in ms.items()}
+    if settled_by_trial(cfg.precision, precision, device):
+        if checkpoint:  # a resumed run keeps its trial's choice, to continue exactly
+            precision = checkpoint["eval"]["precision"]
+        else:
+            precision, ms = trial_precision(
+                cfg.model, dict(overrides, num_classes=cfg.num_classes or dataset.num_classes),
+                TokenBatch(*sets["train"].inputs[:cfg.batch_size].trimmed()), sets["train"].labels[:cfg.batch_size],
+                kernels=cfg.kernels)
+            precision = "bf16" if distributed.from_main(precision == "bf16") else "fp32"  # one choice for all ranks
+            log(quiet, f"precision auto: {precision} (a training step of the first batch took {ms['fp32']:.0f} ms "
+                       f"in fp32, {ms['bf16']:.0f} ms in bf16)")
+            results["precision_trial_ms"] = {k: round(v, 1) for k, v in ms.items()}
     return RunInputs(
         kind="text", classes=list(dataset.classes), train_set=sets["train"], val_set=sets["val"], test_set=sets["test"],
         prep=TextPreprocessing(seq_len, precision=precision, batch_size=cfg.eval_batch_size),
