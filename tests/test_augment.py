@@ -107,6 +107,22 @@ def test_hflip(images):
     assert torch.equal(A.hflip(images, gen(1)), A.hflip(images, gen(1)))
 
 
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    n = 1000
+    first = A.alternating_flips(n, seed=5, epoch=0)
+    assert first.dtype == torch.bool and first.shape == (n,) and 400 < first.sum() < 600  # a random half
+    assert torch.equal(A.alternating_flips(n, seed=5, epoch=1), ~first)  # each image the other way
+    assert torch.equal(A.alternating_flips(n, seed=5, epoch=2), first)
+    assert torch.equal(A.alternating_flips(n, seed=5, epoch=7), ~first)
+    assert not torch.equal(A.alternating_flips(n, seed=6, epoch=0), first)  # the seed picks the half
+
+
+def test_flip_where(images):
+    flip = torch.arange(len(images)) % 3 == 0
+    out = A.flip_where(images, flip)
+    assert torch.equal(out[flip], images[flip].flip(-1)) and torch.equal(out[~flip], images[~flip])
+
+
 def test_random_translate(images):
     out = A.random_translate(images, gen(), padding=4)
     assert out.shape == images.shape and out.dtype == torch.uint8

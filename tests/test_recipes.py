@@ -39,6 +39,7 @@ def test_make_config_refuses_unknown_names():
     ({"res_schedule": "0.5@0,0.75@0.5"}, "scales must be in (0, 1], the last 1"),
     ({"res_schedule_max_cost": 0.0}, "--res-schedule-max-cost must be positive"),
     ({"mix_min_epochs": -1.0}, "--mix-min-epochs must be non-negative"),
+    ({"alternate_flip": True, "hflip": False}, "--alternate-flip decides how --hflip flips; it needs --hflip"),
 ])
 def test_validate_says_what_is_wrong(override, message):
     validate(make_config("cct_2_3x2_32", "d", "o"))
@@ -59,6 +60,11 @@ def test_res_schedule_parses_and_is_for_images():
                        res_schedule_max_cost=0.7).res_schedule_max_cost == 0.7
     # so is the fast recipe's mixing threshold: mixing asked for runs at any length, unless a threshold is asked for
     assert (fast.cutmix_alpha, fast.mix_prob, fast.mix_min_epochs) == (1.0, 0.5, 15)
+    # the alternating flip is how the fast recipe flips: --no-hflip turns it off with the flips
+    assert fast.alternate_flip and not make_config("cct_2_3x2_32_keras", "d", "o", "keras").alternate_flip
+    no_flips = make_config("cct_2_3x2_32", "d", "o", "fast", hflip=False)
+    assert not no_flips.alternate_flip
+    validate(no_flips)
     for asked in ({"cutmix_alpha": 1.0}, {"mixup_alpha": 0.2}, {"mix_prob": 1.0}):
         assert make_config("cct_2_3x2_32", "d", "o", "fast", **asked).mix_min_epochs is None
     assert make_config("cct_2_3x2_32", "d", "o", "fast", mixup_alpha=0.2, mix_min_epochs=5).mix_min_epochs == 5

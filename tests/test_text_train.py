@@ -346,7 +346,7 @@ def test_train_with_word_mixup_and_image_flags_refused(trec_dir, tmp_path, capsy
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["mixup_alpha"] == 0.4
     for flag in (["--cutmix-alpha", "1"], ["--translate", "2"], ["--rand-augment", "rand-m9-mstd0.5"],
-                 ["--tta-translate", "1"]):
+                 ["--tta-translate", "1"], ["--alternate-flip"]):
         code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", tmp_path / "bad",
                                 *flag, *FAST], capsys)
         assert code != 0 and f"{flag[0]} is image augmentation" in err and not (tmp_path / "bad").exists()

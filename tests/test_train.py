@@ -16,7 +16,7 @@ import torch
 from cct import cli
 from cct.runfiles import HISTORY_COLUMNS
 from cct.step import NonFiniteLossError, TrainStep
-from cct.train import TrainingInterrupted, train
+from cct.train import TrainingInterrupted, make_config, train
 from helpers import CLASSES, MODEL, make_tree, memory_dataset, poison_loss, run_cli, seeded_config
 
 
@@ -99,6 +99,35 @@ def test_resuming_a_finished_run_says_so(finished_run, capsys):
     code, out, err = run_cli(["train", "--resume", str(finished_run)], capsys)
     assert code == 0 and "already finished" in err
     assert (finished_run / "history.csv").read_text() == before
+
+
+def test_alternate_flip_mirrors_each_image_in_every_other_epoch(tmp_path, monkeypatch):
+    data = memory_dataset()
+    seen = []  # (epoch, the batch as the step receives it)
+    real_call = TrainStep.__call__
+
+    def call(self, inputs, labels, *args, **kwargs):
+        assert not self.aug_cfg.hflip  # the loop flips; the step's augmentation must not flip again
+        seen.append(inputs.clone())
+        return real_call(self, inputs, labels, *args, **kwargs)
+    monkeypatch.setattr(TrainStep, "__call__", call)
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "keras", epochs=3, batch_size=32, alternate_flip=True)
+    train(cfg, dataset=data, quiet=True)
+    originals, mirrors = data.train.inputs, data.train.inputs.flip(-1)
+
+    def sides(epoch):  # each training image of the epoch: True where it came to the step mirrored
+        batches = seen[3 * epoch:3 * epoch + 3]
+        mirrored = {}
+        for x in torch.cat(batches):
+            hits = [(i, m) for i in range(len(originals)) for m, ref in ((False, originals), (True, mirrors))
+                    if torch.equal(x, ref[i])]
+            assert len(hits) == 1
+            mirrored[hits[0][0]] = hits[0][1]
+        assert len(mirrored) == 81  # every training image once (the keras recipe holds out 9 of the 90)
+        return mirrored
+    first = sides(0)
+    assert 0 < sum(first.values()) < len(first)
+    assert sides(1) == {i: not m for i, m in first.items()} and sides(2) == first
 
 
 # ---------------------------------------------------------------------- interruption, non-finite losses

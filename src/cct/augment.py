@@ -4,6 +4,8 @@ Each function is pure — `(images, generator, ...) -> images` — with per-samp
 airbench (Jordan, 2024), and follows a published definition, cited on the function:
 
 - `hflip`, `random_translate` (random crop with zero padding), `random_resized_crop`: torchvision;
+- `alternating_flips`: airbench's derandomised flip, applied by the training loop (it needs the
+  images' indices and the epoch);
 - `random_erasing`: Random Erasing (Zhong et al., 2020) as timm's `RandomErasing`;
 - `mixup_cutmix`: mixup (Zhang et al., 2018) and CutMix (Yun et al., 2019) as timm's `Mixup`;
 - the colour and geometric kernels of RandAugment and AutoAugment (`cct.policies`), Pillow's
@@ -245,8 +247,21 @@ def apply_ops(x: Tensor, kernel: Tensor, arg: Tensor, interp: Tensor, fill: Tens
 
 def hflip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
     """Mirror each image left-right with probability p (torchvision's RandomHorizontalFlip)."""
-    flip = torch.rand(len(x), generator=generator) < p
+    return flip_where(x, torch.rand(len(x), generator=generator) < p)
+
+
+def flip_where(x: Tensor, flip: Tensor) -> Tensor:
+    """Mirror left-right the images (B, C, H, W) where the bool (B,) `flip` is True."""
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def alternating_flips(n: int, *, seed: int, epoch: int) -> Tensor:
+    """airbench's derandomised flip (Jordan, 2024, "94% on CIFAR-10 in 3.29 seconds"): which of a training
+    set's `n` images are mirrored in `epoch` (0-based), a bool (n,). A seeded random half in the first
+    epoch, then each image the opposite way to the epoch before, so that every two consecutive epochs
+    show every image both ways, where independent coin flips repeat a side half of the time."""
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return first ^ bool(epoch % 2)
 
 
 def random_translate(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from .errors import CCTError
 from .kinds import TextAugmentConfig, augmenter
-from .model import any_token_grid
+from .model import any_token_grid, count_macs
 from .optim import MuonAdamW, muon_params
 from .policies import AugmentConfig
 from .recipes import TrainConfig
@@ -64,6 +64,15 @@ def reduced_size(size: tuple[int, int], side: int) -> tuple[int, int]:
     """The (H, W) input `size` at height `side`, the width in proportion: what a reduced-resolution step trains at."""
     H, W = size
     return side, max(1, round(W * side / H))
+
+
+def trained_macs(model: nn.Module, images: int, reduced: dict[int, int]) -> int:
+    """Forward multiply-accumulates of `images` trained, `reduced[side]` of them at height `side` (progressive
+    resizing), the rest at the model's native size."""
+    macs = count_macs(model) * (images - sum(reduced.values()))
+    for side, n in reduced.items():
+        macs += count_macs(model, reduced_size(model.cfg.img_size, side)) * n
+    return macs
 
 
 def resize_batch(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -114,9 +123,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, *, precision: str = "fp32
 
 def augment_config(cfg: TrainConfig, mean: tuple | None, std: tuple | None) -> AugmentConfig:
     """The recipe's augmentation, normalising with `mean`/`std` (fractions of 255; None: x / 255)."""
-    return AugmentConfig(translate=cfg.translate, hflip=cfg.hflip, rrc_scale=cfg.rrc_scale,
-                         rrc_interpolation=cfg.rrc_interpolation, rand_augment=cfg.rand_augment,
-                         auto_augment=cfg.auto_augment,
+    # the alternating flip is the loop's (`cct.train`): it needs the images' indices and the epoch
+    return AugmentConfig(translate=cfg.translate, hflip=cfg.hflip and not cfg.alternate_flip,
+                         rrc_scale=cfg.rrc_scale, rrc_interpolation=cfg.rrc_interpolation,
+                         rand_augment=cfg.rand_augment, auto_augment=cfg.auto_augment,
                          erasing=cfg.erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
                          mix_prob=cfg.mix_prob, switch_prob=cfg.switch_prob, mix_mode=cfg.mix_mode,
                          label_smoothing=cfg.label_smoothing, mean=mean, std=std)

@@ -3,9 +3,9 @@
 As nanoGPT's train.py, one `train(config) -> results` function whose body is an ordered list of
 phases (where the run stands → runtime → data → model and step → position → length → epochs →
 test). The data phase is the input kind's (`cct.kinds`): `cct.image_run` for images, `cct.text_run`
-for text; every later phase sees batches of (inputs, labels) and a model config. Beside it: the step, optimiser and schedule (`cct.step`), recipes (`cct.recipes`), last.pt
-and the random streams (`cct.resume`), the output files (`cct.runfiles`), the time budget
-(`cct.budget`), the command line (`cct.cli`).
+for text; every later phase sees batches of (inputs, labels) and a model config. Beside it: the step,
+optimiser and schedule (`cct.step`), recipes (`cct.recipes`), last.pt and the random streams
+(`cct.resume`), the output files (`cct.runfiles`), the time budget (`cct.budget`), the command line (`cct.cli`).
 
 Interruption (SIGINT/SIGTERM): the current step finishes, `last.pt` records the position inside the
 epoch (the epoch's shuffling seed, the batch index and the running sums), and `--resume` continues
@@ -35,6 +35,7 @@ from torch import nn
 
 from . import budget, distributed, kinds, runfiles
 from . import data as data_mod
+from .augment import alternating_flips, flip_where
 from .checkpoint import read_checkpoint, remove_stale_temporaries, save_checkpoint
 from .data import Dataset
 from .errors import CCTError
@@ -42,7 +43,7 @@ from .evaluate import evaluate, metrics, predict_logits
 from .image_run import image_inputs
 from .kernels import fuse, use_kernels
 from .kinds import RunInputs, TextPreprocessing
-from .model import count_macs, num_params
+from .model import num_params
 from .preprocess import Preprocessing
 from .recipes import TrainConfig, make_config, mixing_off, parse_res_schedule, validate
 from .registry import create_model, model_kind
@@ -51,7 +52,7 @@ from .resume import is_finished, last_state, read_last, restore, resume_config
 from .runfiles import log
 from .runtime import configure_threads, resolve_device, resolve_precision
 from .step import (NonFiniteLossError, TrainStep, lr_at, make_optimizer, make_train_step, reduced_size,
-                   resolution_at, wrap_model)
+                   resolution_at, trained_macs, wrap_model)
 from .text_data import TextDataset
 from .text_run import text_inputs
 
@@ -349,7 +350,8 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     results = runfiles.results(cfg, state=state, test=test, params=num_params(model), inputs=inputs,
                                train_images=n_train, val_images=len(val_set.labels) if val_set is not None else None,
                                skipped_steps=step.skipped, precision=precision, world_size=world_size,
-                               device=str(device), train_macs=_train_macs(model, state) if kind == "image" else None)
+                               device=str(device), train_macs=None if kind != "image" else
+                               trained_macs(model, state["images"], state.get("reduced_images", {})))
     if rank == 0:
         runfiles.write_json(out / "results.json", results)
         log(quiet, runfiles.done_line(results, out))
@@ -372,6 +374,7 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
     batches = itertools.islice(data_mod.batch_indices(n_train, cfg.batch_size, run.data_gen, shuffle=True, drop_last=False,
                                                       rank=run.rank, world_size=run.world_size), state["batch"], None)
     mix = run.mix_off_step is None or state["step"] - state["batch"] < run.mix_off_step  # from the epoch's start
+    flips = alternating_flips(n_train, seed=cfg.seed + 3, epoch=epoch) if cfg.alternate_flip else None
     steps_this_epoch = min(run.steps_per_epoch, state["total_steps"] - state["step"] + state["batch"])
     bar = runfiles.progress_bar(run.quiet, epoch, run.total_epochs, n_train,
                                 state["batch"] * (cfg.batch_size // run.world_size), kind=run.inputs.kind)
@@ -380,6 +383,8 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
         for idx, batch, labels in data_mod.load_batches(train_set, batches, pin_memory=run.device.type == "cuda"):
             if state["batch"] >= steps_this_epoch:
                 break
+            if flips is not None:  # by the images' indices, which the step's augmentation does not see
+                batch = flip_where(batch, flips[idx])
             lr = run.lr(state["step"])
             step.resolution = run.resolution(state["step"])
             try:  # the stop flags travel with the step's exchange: one decision for all ranks, or some would wait
@@ -479,15 +484,6 @@ def _res_phases(cfg: TrainConfig, model: nn.Module) -> list[tuple[float, int]] |
             raise CCTError(f"--res-schedule {cfg.res_schedule!r}: {side} px is too small for {cfg.model}'s "
                            "tokenizer") from None
     return phases
-
-
-def _train_macs(model: nn.Module, state: dict) -> int:
-    """Forward multiply-accumulates of every image trained, each at the size it was trained at."""
-    reduced = state.get("reduced_images", {})
-    macs = count_macs(model) * (state["images"] - sum(reduced.values()))
-    for side, n in reduced.items():
-        macs += count_macs(model, reduced_size(model.cfg.img_size, side)) * n
-    return macs
 
 
 def _test(run: _Run) -> dict | None:
