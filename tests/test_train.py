@@ -103,7 +103,7 @@ def test_resuming_a_finished_run_says_so(finished_run, capsys):
 
 def test_alternate_flip_mirrors_each_image_in_every_other_epoch(tmp_path, monkeypatch):
     data = memory_dataset()
-    seen = []  # (epoch, the batch as the step receives it)
+    seen = []  # each batch as the step receives it, 3 an epoch
     real_call = TrainStep.__call__
 
     def call(self, inputs, labels, *args, **kwargs):
