@@ -10,6 +10,7 @@ import cct
 from cct import budget, distributed
 from cct import train as train_mod
 from cct.evaluate import tta_logits, tta_views
+from cct.optim import Lookahead
 from cct.recipes import make_config
 from cct.checkpoint import read_checkpoint
 from cct.policies import AugmentConfig
@@ -125,8 +126,10 @@ def test_time_budget_fits_the_run(tmp_path):
     assert results["train_seconds"] < 0.08 * 60 + 3.0
 
 
-def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch):
-    """A slow first epoch (a busy machine) shortens the plan; faster epochs after it lengthen it again.
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch, lookahead):
+    """A slow first epoch (a busy machine) shortens the plan; faster epochs after it lengthen it again; with
+    --lookahead its schedule follows each plan, and the run's last step ends on its slow weights.
 
     The loop's clock is virtual, advanced by each step, so the test checks the decisions and not
     the speed of the machine it runs on (real timings made it flaky on a loaded CI runner)."""
@@ -147,9 +150,23 @@ def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(TrainStep, "__call__", timed_step)
     monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: _record(plans, real_fit(*a, **k)))
     monkeypatch.setattr(distributed, "min_int", lambda v: fits.append(real_min_int(v)) or fits[-1])
+    updates, finished = [], []  # --lookahead: (step, planned steps) of each update; the lookahead at each finish
+    real_update, real_finish = Lookahead.update, Lookahead.finish
+    monkeypatch.setattr(Lookahead, "update", lambda self, t, total: updates.append((t, total)) or
+                        real_update(self, t, total))
+    monkeypatch.setattr(Lookahead, "finish", lambda self: real_finish(self) or finished.append(self))
     cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
-                      precision="fp32", res_schedule=None)  # every step at one cost (resizing: the test below)
+                      precision="fp32", res_schedule=None, lookahead=lookahead)  # one cost a step (resizing: below)
     results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    if lookahead:
+        assert [t for t, _ in updates] == list(range(1, results["steps"] + 1))
+        assert {total for _, total in updates} <= set(fits) | {results["steps"]}  # the plans, or the budget's cut
+        assert updates[7][1] == plans[0] and updates[8][1] == fits[1]  # the first epoch's re-fit moved the schedule
+        # the run ends on the slow weights (an epoch that reached the plan, then re-fitted longer, finished once
+        # more: a sync with d = 1 in mid-run)
+        assert finished and all(torch.equal(p, s) for p, s in zip(finished[-1].params, finished[-1].slow))
+    else:
+        assert not updates and not finished
     # the first min_int is the ranks agreeing on the plan; the end-of-epoch re-fits follow
     assert len(plans) == 1 and fits[0] == plans[0] and len(fits) >= 3
     refits = fits[1:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cct import create_model
-from cct.optim import MuonAdamW, muon_params, orthogonalize
+from cct.optim import Lookahead, MuonAdamW, muon_params, orthogonalize
 from cct.recipes import make_config
 from cct.step import make_optimizer
 
@@ -93,3 +93,58 @@ def test_bf16_orthogonalisation_lands_near_the_fp32_one():
     g = torch.randn(3, 128, 384)
     a, b = orthogonalize(g), orthogonalize(g, dtype=torch.bfloat16).float()
     assert (a - b).norm() / a.norm() < 0.05
+
+
+def test_lookahead_follows_airbenchs_rule():
+    """Every 5 steps slow ← lerp(slow, w, 1 − 0.95⁵·(t/T)³) and w ← slow; after step T, w ← slow."""
+    total = 23
+    ours, ref = _params(), _params()
+    look = Lookahead(ours)
+    slow = [p.detach().clone() for p in ref]
+    for t in range(1, total + 1):
+        g = torch.Generator().manual_seed(t)
+        with torch.no_grad():
+            for a, b in zip(ours, ref):
+                step = torch.randn(a.shape, generator=g)
+                a.add_(step), b.add_(step)
+            if t % 5 == 0 and t < total:
+                d = 0.95 ** 5 * (t / total) ** 3
+                for s, b in zip(slow, ref):
+                    s.mul_(d).add_(b, alpha=1 - d)
+                    b.copy_(s)
+        look.update(t, total)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b)
+    look.finish()
+    for a, s in zip(ours, slow):
+        torch.testing.assert_close(a, s)
+
+
+def test_lookahead_smooths_late_steps_only():
+    w = torch.nn.Parameter(torch.zeros(4))
+    look = Lookahead([w])
+    with torch.no_grad():
+        w.add_(1.0)
+    look.update(5, 1000)  # d = 0.77·(0.005)³ ≈ 1e-7: the weights stay where the steps took them
+    torch.testing.assert_close(w.detach(), torch.ones(4))
+    with torch.no_grad():
+        w.add_(1.0)
+    look.update(995, 1000)  # d ≈ 0.77·0.985: most of the way back to the slow copy (1)
+    d = 0.95 ** 5 * 0.995 ** 3
+    torch.testing.assert_close(w.detach(), torch.full((4,), d * 1 + (1 - d) * 2))
+    look.update(996, 1000)  # not a multiple of 5: nothing
+    torch.testing.assert_close(w.detach(), torch.full((4,), d * 1 + (1 - d) * 2))
+
+
+def test_lookahead_state_round_trips_and_checks_shapes():
+    params = _params()
+    look = Lookahead(params)
+    with torch.no_grad():
+        params[0].add_(1.0)
+    look.update(5, 10)
+    other = Lookahead(_params(seed=1))
+    other.load_state_dict(look.state_dict())
+    for a, b in zip(other.slow, look.slow):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="do not match"):
+        Lookahead([torch.nn.Parameter(torch.zeros(2))]).load_state_dict(look.state_dict())

@@ -44,7 +44,10 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, reference_r
     (dict(res_schedule="0.5@0,0.75@0.4,1@0.7"), 2),
     # --optimizer muon: its momentum buffers and groups travel through last.pt's safe load
     (dict(optimizer="muon", precision="bf16"), 4),
-], ids=["progressive", "muon"])
+    # --lookahead: its slow weights travel in last.pt (rebuilt from the weights at step 4, the update at step 5,
+    # d = 0.95⁵·(5/6)³ ≈ 0.45, would pull towards other weights)
+    (dict(lookahead=True), 4),
+], ids=["progressive", "muon", "lookahead"])
 def test_a_resumed_run_with_options_matches_the_uninterrupted_one(tmp_path, options, stop_step):
     ds = memory_dataset()
     reference = train(seeded_config(tmp_path / "whole", **options), dataset=ds, quiet=True)
@@ -62,7 +65,7 @@ def test_last_pt_keeps_its_keys(reference_run):
     for key in ("train_config", "resolved_config", "eval", "optimizer", "step_state", "train_state", "rng", "history"):
         assert key in checkpoint, key
     assert set(checkpoint["rng"]) >= {"torch", "data_epoch_start", "data", "augment"}
-    assert set(checkpoint["step_state"]) == {"loss_sum", "correct", "seen", "skipped", "scaler"}
+    assert set(checkpoint["step_state"]) == {"loss_sum", "correct", "seen", "skipped", "scaler", "lookahead"}
     assert set(checkpoint["train_state"]) == {"epoch", "batch", "step", "total_steps", "best_top1", "best_epoch",
                                               "train_seconds", "images", "reduced_images", "finished",
                                               "schedule_scale"}

@@ -8,6 +8,9 @@ direction of the matrix then moves by the same amount, instead of the few that d
 The update is scaled to the root-mean-square of an AdamW update (0.2·√max(out, fan-in), Liu et al.,
 2025, "Muon is Scalable for LLM Training"), so both kinds of group share the recipe's learning rate,
 schedule and decoupled weight decay. Which parameters are "hidden" is `muon_params`' rule.
+
+Beside it, `Lookahead` (`--lookahead`): airbench's slow copy of the weights, which the training loop
+updates every few steps on top of any optimiser.
 """
 from __future__ import annotations
 
@@ -111,3 +114,44 @@ class MuonAdamW(torch.optim.Optimizer):
         adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
               [s["step"] for s in states], foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+class Lookahead:
+    """airbench's lookahead (Jordan, 2024, after Zhang et al., 2019, "Lookahead Optimizer: k steps forward,
+    1 step back"): a slow copy of `params`, every `every` steps pulled towards them, `slow ← lerp(slow, w, 1 − d)`,
+    and copied back, `w ← slow`; after the run's last step the weights are the slow copy (`finish`).
+
+    d = base^every · (t / T)³ for step t of T planned: no smoothing early, while the weights travel far, and at
+    the end (d → 0.77) an average over roughly the last 20 steps, as the learning rate ends. T is whatever the run plans when
+    the update runs, so a time budget's re-fit moves the schedule with the run's length.
+    """
+
+    def __init__(self, params: list[torch.Tensor], *, every: int = 5, base: float = 0.95):
+        assert every >= 1 and 0 <= base < 1, f"every must be >= 1 and base in [0, 1), got {every}, {base}"
+        self.params, self.every, self.base = list(params), every, base
+        self.slow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int, total_steps: int) -> None:
+        """After optimisation step `step` (counted from 1) of `total_steps`; the last one is `finish`'s."""
+        if step % self.every or step >= total_steps:
+            return
+        decay = self.base ** self.every * (step / total_steps) ** 3
+        torch._foreach_lerp_(self.slow, [p.detach() for p in self.params], 1 - decay)
+        torch._foreach_copy_([p.detach() for p in self.params], self.slow)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """The run's end: the weights become the slow copy (the fast steps since its last update are dropped)."""
+        torch._foreach_copy_([p.detach() for p in self.params], self.slow)
+
+    def state_dict(self) -> dict:
+        return {"every": self.every, "base": self.base, "slow": [s.clone() for s in self.slow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        slow = state["slow"]
+        if len(slow) != len(self.slow) or any(a.shape != b.shape for a, b in zip(slow, self.slow)):
+            raise ValueError("the lookahead's slow weights do not match the model's parameters")
+        self.every, self.base = int(state["every"]), float(state["base"])
+        for s, saved in zip(self.slow, slow):
+            s.copy_(saved)

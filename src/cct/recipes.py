@@ -69,6 +69,9 @@ class TrainConfig:
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2")
     label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy")
+    lookahead: bool = _f(False, "airbench's lookahead (cct.optim.Lookahead): every 5 steps the weights move to a slow "
+                                "copy that follows them ever more slowly as the run's planned steps pass, and end as "
+                                "that copy")
     # data
     val_split: float = _f(0.1, "fraction of the training set held out (seeded, stratified), in [0, 1)")
     train_limit: int | None = _f(None, "use at most this many training images")

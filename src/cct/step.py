@@ -25,7 +25,7 @@ from . import distributed
 from .errors import CCTError
 from .kinds import TextAugmentConfig, augmenter
 from .model import any_token_grid, count_macs
-from .optim import MuonAdamW, muon_params
+from .optim import Lookahead, MuonAdamW, muon_params
 from .policies import AugmentConfig
 from .recipes import TrainConfig
 from .runtime import autocast
@@ -158,8 +158,10 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  aug_cfg: AugmentConfig | TextAugmentConfig, *,
                  precision: str, device: torch.device | str, label_smoothing: float, num_classes: int,
-                 generator: torch.Generator, skip_nonfinite: bool = False, sync_grads: bool = False):
+                 generator: torch.Generator, skip_nonfinite: bool = False, sync_grads: bool = False,
+                 lookahead: Lookahead | None = None):
         self.model, self.optimizer, self.aug_cfg = model, optimizer, aug_cfg
+        self.lookahead = lookahead  # the loop updates it (it knows the step and the run's planned length)
         self.augment = augmenter(aug_cfg)  # the kind's: uint8 images → (x,), token batches → (ids, mask)
         self.sync_grads = sync_grads  # average gradients over processes here (a model not wrapped in DDP)
         self.precision, self.device = precision, torch.device(device)
@@ -267,7 +269,8 @@ class TrainStep:
 
     def state_dict(self) -> dict:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen.cpu(),
-                "skipped": self.skipped, "scaler": self.scaler.state_dict() if self.scaler else None}
+                "skipped": self.skipped, "scaler": self.scaler.state_dict() if self.scaler else None,
+                "lookahead": self.lookahead.state_dict() if self.lookahead else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss_sum = state["loss_sum"].to(self.device)
@@ -276,6 +279,10 @@ class TrainStep:
         self.skipped = int(state["skipped"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if (self.lookahead is None) != (state.get("lookahead") is None):
+            raise ValueError("the run's lookahead setting differs from its last.pt's")
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
 
 
 def word_embedding(model: nn.Module) -> nn.Parameter:
@@ -288,15 +295,19 @@ def word_embedding(model: nn.Module) -> nn.Parameter:
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg: AugmentConfig | TextAugmentConfig, *,
                     precision: str, device: torch.device | str, label_smoothing: float, num_classes: int,
-                    generator: torch.Generator, skip_nonfinite: bool = False, world_size: int = 1) -> TrainStep:
+                    generator: torch.Generator, skip_nonfinite: bool = False, world_size: int = 1,
+                    lookahead: bool = False) -> TrainStep:
     """The per-batch work of `train()`: `step(inputs, labels, lr, mix=True) -> loss` (inputs of `aug_cfg`'s kind).
+    `lookahead`: a `cct.optim.Lookahead` over the optimiser's parameters, in `step.lookahead` for the loop.
 
     With `world_size` > 1, `model` is what `wrap_model` returned: DistributedDataParallel on GPUs, else
     the plain model, whose gradients the step averages over processes itself.
     """
     sync = world_size > 1 and not isinstance(model, DistributedDataParallel)
+    slow = Lookahead([p for g in optimizer.param_groups for p in g["params"]]) if lookahead else None
     return TrainStep(model, optimizer, aug_cfg, precision=precision, device=device, label_smoothing=label_smoothing,
-                     num_classes=num_classes, generator=generator, skip_nonfinite=skip_nonfinite, sync_grads=sync)
+                     num_classes=num_classes, generator=generator, skip_nonfinite=skip_nonfinite, sync_grads=sync,
+                     lookahead=slow)
 
 
 def wrap_model(model: nn.Module, world_size: int = 1) -> nn.Module:

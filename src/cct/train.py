@@ -280,7 +280,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     step = make_train_step(wrap_model(model, world_size), optimizer, inputs.aug_cfg,
                            precision=precision, device=device, label_smoothing=cfg.label_smoothing,
                            num_classes=num_classes, generator=aug_gen, skip_nonfinite=cfg.skip_nonfinite,
-                           world_size=world_size)
+                           world_size=world_size, lookahead=cfg.lookahead)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     # images trained at each reduced side (progressive resizing), for the run's TFLOP
     state = {"epoch": 0, "batch": 0, "step": 0, "total_steps": cfg.epochs * steps_per_epoch, "best_top1": -1.0,
@@ -396,6 +396,8 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
                 ) from None
             state["batch"] += 1
             state["step"] += 1
+            if step.lookahead is not None:  # by the planned length, which a budget's re-fit moves
+                step.lookahead.update(state["step"], state["total_steps"])
             state["images"] += len(idx) * run.world_size
             if step.resolution is not None and step.resolution != run.phases[-1][1]:
                 reduced = state.setdefault("reduced_images", {})
@@ -417,6 +419,8 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
     finally:
         if bar is not None:
             bar.close()
+    if step.lookahead is not None and state["step"] >= state["total_steps"]:  # the run's last step (or cut)
+        step.lookahead.finish()
     state["train_seconds"] += time.perf_counter() - t_epoch
     if state["batch"] < steps_this_epoch:  # interrupted inside the epoch: record the position
         run.save_last()
