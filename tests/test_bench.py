@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from cct import bench
+from cct import bench, recipes
+from cct.optim import Lookahead
 from cct.cli import main
 
 
@@ -27,6 +28,24 @@ def test_benchmark_builds_the_model_of_its_recipe():
                             precision="fp32", infer=False, peak=False)
     assert fast["drop_rates"] == {"drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.05}
     assert keras["drop_rates"] == {}  # the keras recipe keeps the model's own rates
+
+
+def test_benchmark_times_the_loops_own_work_of_the_recipe(monkeypatch):
+    """The fast recipe's alternating flip (and a recipe's lookahead) run in the loop, not the step: timed too."""
+    calls = {"flip": 0, "lookahead": 0}
+    real_flip, real_update = bench.flip_where, Lookahead.update
+    monkeypatch.setattr(bench, "flip_where", lambda x, f: calls.__setitem__("flip", calls["flip"] + 1) or
+                        real_flip(x, f))
+    monkeypatch.setattr(Lookahead, "update", lambda self, t, total: calls.__setitem__("lookahead", t) or
+                        real_update(self, t, total))
+    monkeypatch.setitem(recipes.RECIPES, "fast", {**recipes.RECIPES["fast"], "lookahead": True})
+    bench.benchmark("cct_2_3x2_32_keras", batch_size=4, steps=2, windows=1, warmup=1, recipe="fast",
+                    precision="fp32", infer=False, peak=False)
+    assert calls == {"flip": 3, "lookahead": 3}
+    calls.update(flip=0, lookahead=0)
+    bench.benchmark("cct_2_3x2_32_keras", batch_size=4, steps=2, windows=1, warmup=1, recipe="keras",
+                    precision="fp32", infer=False, peak=False, world_size=1)
+    assert calls == {"flip": 0, "lookahead": 0}  # coin flips inside the step's augmentation; no lookahead
 
 
 def test_gemm_peak_is_positive():

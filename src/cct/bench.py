@@ -2,7 +2,8 @@
 
 A timed training step is exactly what `cct train` does per batch, through the same object
 (`cct.step.make_train_step`): a uint8 batch → the recipe's augmentation → forward with dropout on
-→ loss → backward → optimiser step. A timed inference step is what `cct eval` does per batch
+→ loss → backward → optimiser step, with the loop's own work on a batch where the recipe has it (the
+alternating flip, the lookahead's update). A timed inference step is what `cct eval` does per batch
 (`cct.evaluate.predict_logits`: normalise → forward in eval mode → logits). Each rate is the median
 of several timed windows of consecutive steps, after warm-up steps that absorb one-time costs
 (allocator growth, oneDNN kernel selection).
@@ -27,6 +28,7 @@ from typing import Callable
 import torch
 
 from . import distributed, recipes
+from .augment import flip_where
 from .evaluate import predict_logits
 from .kernels import fuse, use_kernels
 from .model import count_macs, num_params
@@ -168,16 +170,23 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         step = make_train_step(wrap_model(net, world_size), optimizer, augment_config(cfg, mean, std),
                                precision=prec, device=dev, label_smoothing=cfg.label_smoothing,
                                num_classes=num_classes, generator=torch.Generator().manual_seed(seed + 1),
-                               world_size=world_size)
+                               world_size=world_size, lookahead=cfg.lookahead)
         pool = 8  # distinct batches, cycled, so no step sees a cached input
         images = torch.randint(0, 256, (pool, local_batch, C, H, W), dtype=torch.uint8, generator=g)
         labels = torch.randint(0, num_classes, (pool, local_batch), generator=g)
+        flips = (torch.rand((pool, local_batch), generator=torch.Generator().manual_seed(seed + 3)) < 0.5
+                 if cfg.alternate_flip else None)
         net.train()
         counter = iter(range(1 << 62))
 
         def train_step() -> None:
-            i = next(counter) % pool
-            step(images[i], labels[i], cfg.lr * 1e-3)  # a small lr: random data must not blow the weights up
+            n = next(counter)
+            i = n % pool
+            # with the loop's own work on a batch (`cct.train`): the alternating flip, the lookahead's update
+            batch = flip_where(images[i], flips[i]) if flips is not None else images[i]
+            step(batch, labels[i], cfg.lr * 1e-3)  # a small lr: random data must not blow the weights up
+            if step.lookahead is not None:
+                step.lookahead.update(n + 1, 1 << 62)
 
         _log(quiet, f"timing training: {model}, batch {batch_size}, {prec}, recipe {recipe}, "
                     f"{world_size} process(es) of {threads} thread(s)")
