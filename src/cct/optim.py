@@ -128,7 +128,8 @@ class Lookahead:
 
     def __init__(self, params: list[torch.Tensor], *, every: int = 5, base: float = 0.95):
         assert every >= 1 and 0 <= base < 1, f"every must be >= 1 and base in [0, 1), got {every}, {base}"
-        self.params, self.every, self.base = list(params), every, base
+        self.every, self.base = every, base
+        self.params = list(params)  # written in place under no_grad, as an optimiser writes them
         self.slow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
@@ -137,21 +138,20 @@ class Lookahead:
         if step % self.every or step >= total_steps:
             return
         decay = self.base ** self.every * (step / total_steps) ** 3
-        torch._foreach_lerp_(self.slow, [p.detach() for p in self.params], 1 - decay)
-        torch._foreach_copy_([p.detach() for p in self.params], self.slow)
+        torch._foreach_lerp_(self.slow, self.params, 1 - decay)
+        torch._foreach_copy_(self.params, self.slow)
 
     @torch.no_grad()
     def finish(self) -> None:
         """The run's end: the weights become the slow copy (the fast steps since its last update are dropped)."""
-        torch._foreach_copy_([p.detach() for p in self.params], self.slow)
+        torch._foreach_copy_(self.params, self.slow)
 
     def state_dict(self) -> dict:
-        return {"every": self.every, "base": self.base, "slow": [s.clone() for s in self.slow]}
+        return {"slow": [s.clone() for s in self.slow]}
 
     def load_state_dict(self, state: dict) -> None:
         slow = state["slow"]
         if len(slow) != len(self.slow) or any(a.shape != b.shape for a, b in zip(slow, self.slow)):
             raise ValueError("the lookahead's slow weights do not match the model's parameters")
-        self.every, self.base = int(state["every"]), float(state["base"])
         for s, saved in zip(self.slow, slow):
             s.copy_(saved)
