@@ -37,7 +37,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--model", default=None, help="any registered model (default: each recipe's own)")
     parser.add_argument("--recipes", nargs="+", default=["fast"], help="recipes to run at every budget")
     parser.add_argument("--budgets", type=float, nargs="+", default=[10.0], help="training minutes, one run each")
-    parser.add_argument("--results", nargs="+", default=[], metavar="DIR", help="runs made before: draw them too")
+    parser.add_argument("--results", nargs="+", default=[], metavar="DIR", help="runs made before: summarise and draw these instead of training new runs")
     parser.add_argument("--plot", metavar="FILE", help="draw test top-1 against minutes and TFLOP to FILE")
     parser.add_argument("--val-split", type=float, default=0.0, help="0.1 for tuning; 0 for the reported run")
     parser.add_argument("--out", default="/tmp/cct_time_to_accuracy")
@@ -54,7 +54,8 @@ def main(argv=None) -> list[dict]:
             cmd += ["--model", args.model] if args.model else []
             print(" ".join(cmd), file=sys.stderr, flush=True)
             start = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=sys.stderr)
+            if (code := subprocess.run(cmd, stdout=sys.stderr).returncode) != 0:
+                sys.exit(f"time_to_accuracy: cct train exited with {code} (its error is above): {' '.join(cmd)}")
             row = summarise(out, budget=budget, wall=time.perf_counter() - start)
             rows.append(row)
             print(f"{recipe}, budget {budget:g} min: {row['model']}, {row['epochs']} epochs in "

@@ -31,7 +31,8 @@ def run(model: str, data: str, out: Path, *, seed: int, budget: float | None, ep
         cmd += ["--val-split", str(val_split)]
     cmd += extra
     print(" ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    if (code := subprocess.run(cmd, stdout=sys.stderr).returncode) != 0:
+        sys.exit(f"time_to_accuracy_trec: cct train exited with {code} (its error is above): {' '.join(cmd)}")
     results = json.loads((out / "results.json").read_text())
     return {"seed": seed, "budget_minutes": budget, "epochs_asked": epochs, "out": str(out),
             "model": results.get("model"), "epochs": results.get("epochs"), "steps": results.get("steps"),

@@ -99,9 +99,9 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
                                     train_limit=None, val_split=0.1, seed=seed)
     tokenizer = TextTokenizer.train(train.texts, kind=a.tokenizer, lowercase=True, vocab_size=a.vocab_size,
                                     min_frequency=a.min_frequency)
-    ids, mask, _ = tokenizer.encode(train.texts, seq_len=64)
+    ids, mask = tokenizer.encode(train.texts, seq_len=64)
     labels = train.labels
-    val_ids, val_mask, _ = tokenizer.encode(val.texts, seq_len=64)
+    val_ids, val_mask = tokenizer.encode(val.texts, seq_len=64)
     num_classes = ds.num_classes
     if fine is not None:  # the training texts with a well-formed fine label, and that label
         text_to_fine, parent = fine

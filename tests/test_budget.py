@@ -81,6 +81,7 @@ def test_schedule_cost_prices_each_phase_at_its_side():
     assert budget.schedule_cost(0, 10, **kw) == 4 * 0.25 + 3 * 0.5 + 3 * 1.0  # steps 0-3 at 16, 4-6 at 24, 7-9 at 32
     assert budget.schedule_cost(3, 8, **kw) == 0.25 + 3 * 0.5 + 1.0
     assert budget.schedule_cost(3, 8, total_steps=10, phases=None, costs=None) == 5  # no resizing: steps
+    assert budget.schedule_cost(0, 10, **kw, floor=24) == 7 * 0.5 + 3 * 1.0  # never below the side reached
 
 
 def test_refits_on_a_virtual_clock_price_cheap_low_resolution_epochs():
@@ -174,6 +175,25 @@ def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch, lookahead
     assert results["steps"] > 2 * refits[0]  # the fast epochs after it lengthened it again
     assert json.loads((tmp_path / "out" / "config.json").read_text())["total_steps"] == results["steps"]
     assert 0.05 * 60 * 0.9 < results["train_seconds"] <= 0.05 * 60  # most of the budget used, none overrun
+
+
+def test_lookahead_ends_on_its_slow_weights_when_a_refit_ends_the_run(tmp_path, monkeypatch):
+    """The re-fit at the first epoch's end finds no time left (the deadline passed while it evaluated, say): the run
+    ends there, after the epoch's own check found steps still planned. It still ends on the slow weights, and the
+    checkpoints and the test hold those weights."""
+    monkeypatch.setattr(budget, "steps_that_fit", lambda *, step, **_: step)
+    finished = []
+    real_finish = Lookahead.finish
+    monkeypatch.setattr(Lookahead, "finish", lambda self: real_finish(self) or finished.append(self))
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=1.0,
+                      precision="fp32", res_schedule=None, lookahead=True)
+    results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    assert results["steps"] == 8 and len(finished) == 1  # one epoch of 8 steps, of many planned
+    slow = finished[0].slow
+    assert all(torch.equal(p, s) for p, s in zip(finished[0].params, slow))
+    for name in ("best.pt", "last.pt"):  # (the lookahead holds the optimiser's order of the parameters)
+        saved = list(read_checkpoint(tmp_path / "out" / name)["state_dict"].values())
+        assert all(any(v.shape == s.shape and torch.equal(v, s) for v in saved) for s in slow), name
 
 
 def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch):
@@ -270,6 +290,37 @@ def test_time_budget_with_progressive_resizing(tmp_path, monkeypatch, capsys, sm
         assert "progressive resizing off: its mean step costs ×0.75" in capsys.readouterr().err
         # the run's records say what it trained, so a resume from them trains at full size too
         assert saved is None and read_checkpoint(out / "last.pt")["train_config"]["res_schedule"] is None
+
+
+def test_a_longer_refit_never_goes_back_to_smaller_images(tmp_path, monkeypatch):
+    """The trial prices a full-size step at twice what the run's take: the re-fits after the first full-size epoch
+    lengthen the run, which moves the full-size phase's start past the steps already trained at full size. The
+    images stay at full size from the first full-size step on."""
+    clock = {"now": 0.0}
+    sides = []
+
+    def timed_step(self, *args, **kwargs):
+        in_loop = kwargs.get("share") is not None  # the loop's steps pass their stop flags; the trial's do not
+        if in_loop:
+            sides.append(self.resolution)
+        clock["now"] += 0.005 if self.resolution == 8 else 0.02 if in_loop else 0.04
+        return real_call(self, *args, **kwargs)
+
+    real_call = TrainStep.__call__
+    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
+    monkeypatch.setattr(train_mod, "time", virtual)
+    monkeypatch.setattr(budget, "time", virtual)
+    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    plans = []
+    real_refit = budget.refit
+    monkeypatch.setattr(budget, "refit", lambda **k: plans.append(real_refit(**k)) or plans[-1])
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
+                      precision="fp32", res_schedule="0.5@0,1@0.3")
+    results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    first_full = sides.index(16)
+    assert any(b > a for a, b in zip(plans, plans[1:]) if a >= first_full)  # lengthened after full size began
+    assert sides[first_full:] == [16] * (len(sides) - first_full)
+    assert results["steps"] == len(sides) and results["train_seconds"] <= 0.05 * 60
 
 
 def test_trial_prices_each_side_under_the_same_host_speed(monkeypatch):

@@ -45,6 +45,15 @@ def test_python_m_cct_entry_point():
     assert proc.returncode == 0 and "3,716,619" in proc.stdout
 
 
+def test_a_closed_stdout_pipe_ends_quietly():
+    """`cct models | head -1`: the reader leaves before cct writes; no traceback, the shell's SIGPIPE status."""
+    proc = subprocess.Popen([sys.executable, "-m", "cct", "models", "--no-macs"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has started, so every write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == "", err
+
+
 def test_help_lists_every_subcommand_in_order(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])

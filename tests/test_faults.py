@@ -795,7 +795,9 @@ def test_broken_keras_files(tmp_path, capsys):
     (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
     (["--workers", "-1"], "--workers must be non-negative"),
     (["--drop-rate", "nan"], "--drop-rate must be in [0, 1)"),
-    (["--time-budget", "0"], "--time-budget must be positive"),
+    (["--time-budget", "0"], "--time-budget must be a positive number of minutes"),
+    (["--time-budget", "inf"], "--time-budget must be a positive number of minutes"),
+    (["--time-budget", "nan"], "--time-budget must be a positive number of minutes"),
 ])
 def test_out_of_range_train_flags(flags, message, tree, tmp_path, capsys):
     code, _, err = run_cli(train_argv(tree, tmp_path / "o", *flags), capsys)

@@ -70,6 +70,26 @@ def test_class_folders_and_csv_train_and_eval_on_the_recorded_split(tmp_path, ca
     assert "changed since its test split was recorded" in caplog.text  # a warning on stderr
 
 
+def test_eval_on_other_labelled_data_than_the_run_held_out(tmp_path, capsys, caplog):
+    """A model trained on a flat folder, evaluated on new photos (another flat folder, none of its files the
+    run's) scores all of them; on a tree with a test split of its own, that split."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--data", str(flat_folder(tmp_path / "photos")), "--out", str(out), *TINY],
+                           capsys)
+    assert code == 0, err
+    new = flat_folder(tmp_path / "new", per_class=4)
+    for image in list(new.glob("*/*.png")):  # other photos, other names
+        image.rename(image.with_name(f"new-{image.name}"))
+    code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(new), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["n"] == 12 and "evaluating all 12 of its images" in caplog.text
+    tree = tmp_path / "tree"
+    flat_folder(tree / "train", per_class=3), flat_folder(tree / "test", per_class=2)
+    code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(tree), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["n"] == 6 and "evaluating its test split" in caplog.text
+
+
 def _finetune(tmp_path, capsys, pretrained: Path, *extra: str) -> dict:
     out = tmp_path / f"ft-{pretrained.stem}"
     code, _, err = run_cli(["train", "--data", str(flat_folder(tmp_path / f"d-{pretrained.stem}")), "--out", str(out),

@@ -1,4 +1,6 @@
 """cct.recipes: the named recipes, and the one place where training options are range-checked."""
+from dataclasses import replace
+
 import pytest
 
 from cct.errors import CCTError
@@ -68,8 +70,10 @@ def test_res_schedule_parses_and_is_for_images():
     for asked in ({"cutmix_alpha": 1.0}, {"mixup_alpha": 0.2}, {"mix_prob": 1.0}):
         assert make_config("cct_2_3x2_32", "d", "o", "fast", **asked).mix_min_epochs is None
     assert make_config("cct_2_3x2_32", "d", "o", "fast", mixup_alpha=0.2, mix_min_epochs=5).mix_min_epochs == 5
-    with pytest.raises(CCTError, match="--res-schedule .progressive resizing. is for image models"):
-        validate(make_config("text_cct_2", "d", "o", res_schedule="0.5@0,1@0.5"))
+    with pytest.raises(CCTError, match="--res-schedule is for image models, and text_cct_2 is a text model"):
+        make_config("text_cct_2", "d", "o", res_schedule="0.5@0,1@0.5")
+    with pytest.raises(CCTError, match="--res-schedule .progressive resizing. is for image models"):  # a config made
+        validate(replace(make_config("text_cct_2", "d", "o"), res_schedule="0.5@0,1@0.5"))  # without make_config
 
 
 def test_choices_come_from_runtime():

@@ -68,7 +68,7 @@ def test_last_pt_keeps_its_keys(reference_run):
     assert set(checkpoint["step_state"]) == {"loss_sum", "correct", "seen", "skipped", "scaler", "lookahead"}
     assert set(checkpoint["train_state"]) == {"epoch", "batch", "step", "total_steps", "best_top1", "best_epoch",
                                               "train_seconds", "images", "reduced_images", "finished",
-                                              "schedule_scale"}
+                                              "schedule_scale", "side_floor"}
     assert resume.is_finished(checkpoint, reference_run[0])
 
 

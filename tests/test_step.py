@@ -154,15 +154,17 @@ def test_resolution_at_follows_the_phases():
     phases = [(0.0, 16), (0.4, 24), (0.7, 32)]
     sides = [resolution_at(s, total_steps=10, phases=phases) for s in range(10)]
     assert sides == [16] * 4 + [24] * 3 + [32] * 3
+    # a floor (the largest side trained so far) holds where a longer total moved the phases later
+    assert [resolution_at(s, total_steps=20, phases=phases, floor=24) for s in range(7, 16)] == [24] * 7 + [32] * 2
 
 
 def test_res_schedule_phases_in_pixels_and_too_small_an_input():
-    from cct.train import _res_phases
+    from cct.step import res_phases
     model = create_model("cvt_2_4_32")  # 4-px patches
-    assert _res_phases(make_config("cvt_2_4_32", "d", "o", res_schedule="0.5@0,0.75@0.5,1@0.7"), model) == \
+    assert res_phases(make_config("cvt_2_4_32", "d", "o", res_schedule="0.5@0,0.75@0.5,1@0.7"), model) == \
         [(0.0, 16), (0.5, 24), (0.7, 32)]
     with pytest.raises(CCTError, match="3 px is too small for cvt_2_4_32's tokenizer"):
-        _res_phases(make_config("cvt_2_4_32", "d", "o", res_schedule="0.1@0,1@0.5"), model)
+        res_phases(make_config("cvt_2_4_32", "d", "o", res_schedule="0.1@0,1@0.5"), model)
 
 
 def test_resize_batch_averages_areas():
@@ -237,7 +239,7 @@ def test_fgm_adds_the_gradient_at_the_moved_word_vectors(monkeypatch, fgm):
 
 def test_fgm_is_a_text_option():
     validate(make_config("text_cct_2", "d", "o", fgm=0.5))
-    with pytest.raises(CCTError, match="--fgm .* is for text models"):
+    with pytest.raises(CCTError, match="--fgm.* is for text models"):
         validate(make_config(MODEL, "d", "o", fgm=1.0))
     with pytest.raises(CCTError, match="--fgm must be non-negative"):
         validate(make_config("text_cct_2", "d", "o", fgm=-1.0))

@@ -81,6 +81,13 @@ def test_csv_with_header_and_text_column(tmp_path):
     assert ds.train_texts == ["good, very good", "bad", "fine really"] and ds.test_texts is None
 
 
+def test_csv_header_in_any_case_and_one_without_a_label_column(tmp_path):
+    ds = load_text(write(tmp_path / "c.csv", "Label,Text\npos,good\nneg,bad\n"))
+    assert ds.classes == ["neg", "pos"] and ds.train_texts == ["good", "bad"]  # the header is not a text
+    with pytest.raises(CCTError, match=r"b.csv:1: missing column 'label' \(columns: category, text\)"):
+        load_text(write(tmp_path / "b.csv", "category,text\npos,good\n"))  # not a headerless row of class 'category'
+
+
 def test_csv_several_text_columns(tmp_path):
     path = write(tmp_path / "d.csv", "label,title,body,id\npos,Good,very good,1\nneg,Bad,awful,2\n")
     ds = read_table(path, text_columns=["title", "body"])
@@ -187,6 +194,11 @@ def test_detect_kind(tmp_path):
     image_csv = write(tmp_path / "images.csv", "path,label\nimgs/a.png,cat\nimgs/b.jpg,dog\n")
     assert detect_kind(image_csv) == "image"
     assert detect_kind(write(tmp_path / "texts.csv", "label,text\ncat,a photo of a cat\n")) == "text"
+    # a text naming a file is text: only the path column (the first) of every row decides
+    assert detect_kind(write(tmp_path / "mentions.csv", "label,text\ncat,what is shown in cat.jpg\n")) == "text"
+    assert detect_kind(write(tmp_path / "headless.csv", "imgs/a.png,cat\nimgs/b.jpg,dog\n")) == "image"
+    assert detect_kind(write(tmp_path / "stray.csv", "path,label\nimgs/a.png,cat\nnotes.txt,dog\n")) == "image"
+    assert detect_kind(write(tmp_path / "few.csv", "label,text\ncat,a.png\ndog,a dog\ncow,a cow\n")) == "text"
     assert detect_kind(write(tmp_path / "x.jsonl", "{}\n")) == "text"
     assert detect_kind(trec(tmp_path / "trec", TREC_TRAIN)) == "text"
     assert detect_kind("cifar10") == "image"

@@ -48,7 +48,9 @@ def _image_checkpoint(tmp_path):
 def test_three_lines_classify_a_string_and_match_predict_texts(tmp_path):
     ckpt = _checkpoint(tmp_path)
     model = load_text_model(ckpt)
-    ids, mask, _ = model.tokenizer.encode(["What is the capital of Peru ?"], seq_len=model.cfg.seq_len)
+    encoded = model.tokenizer.encode(["What is the capital of Peru ?"])  # the spec's (ids, mask), cut to seq_len
+    assert len(encoded) == 2
+    ids, mask = encoded
     probs = model(ids, mask).softmax(-1)[0]
     top = predict_texts(ckpt, ["What is the capital of Peru ?"], topk=4)[0]["predictions"]
     assert [p["class"] for p in top] == [CLASSES[i] for i in probs.argsort(descending=True).tolist()]
@@ -95,6 +97,7 @@ def test_one_line_errors_for_the_wrong_kind_and_empty_input(tmp_path, capsys):
     cases = [(["predict", str(image_ckpt), "--text", "hello"], "is an image model"),
              (["predict", str(text_ckpt), str(image)], "is a text model"),
              (["predict", str(text_ckpt), "--text-file", str(empty)], "holds no text"),
+             (["predict", str(text_ckpt), "--text", "who ?", "--text", "  "], "text 2 of 2 is empty"),
              (["explain", str(image_ckpt), "--text", "hello"], "is an image model"),
              (["explain", str(text_ckpt), str(image), "--output", str(tmp_path / "x.png")], "is a text model")]
     for argv, message in cases:
@@ -116,7 +119,7 @@ def test_onnx_export_parity_dynamic_length_and_predict_without_a_torch_model(tmp
     assert [i.name for i in session.get_inputs()] == ["token_ids", "mask"]
     model = load_text_model(ckpt)
     for texts in (["who wrote hamlet ?"], ["a", "what is the capital of peru ?", " ".join(["x"] * 30)]):
-        ids, mask, _ = model.tokenizer.encode(texts, seq_len=SEQ_LEN)
+        ids, mask = model.tokenizer.encode(texts, seq_len=SEQ_LEN)
         got = session.run(None, {"token_ids": ids.numpy(), "mask": mask.numpy()})[0]
         assert (torch.from_numpy(got) - model(ids, mask)).abs().max().item() <= 1e-4
     # classifying through the .onnx never builds a PyTorch model
@@ -148,7 +151,7 @@ def test_torchscript_export_carries_the_tokenizer(tmp_path):
     extra = {"text_tokenizer.json": "", "class_names.json": ""}
     loaded = torch.jit.load(str(tmp_path / "text.ts"), _extra_files=extra)
     tok = TextTokenizer.from_json(extra["text_tokenizer.json"])
-    ids, mask, _ = tok.encode(["who wrote hamlet ?", "what ?"], seq_len=SEQ_LEN)
+    ids, mask = tok.encode(["who wrote hamlet ?", "what ?"], seq_len=SEQ_LEN)
     assert torch.allclose(loaded(ids, mask), load_text_model(ckpt)(ids, mask), atol=1e-5)
     assert json.loads(extra["class_names.json"]) == CLASSES
 
@@ -174,7 +177,7 @@ def test_word_weights_sum_to_one_and_follow_the_receptive_fields(kernel_size):
 def test_word_weight_is_the_pooled_weight_when_a_token_is_one_word():
     model = _model(kernel_size=1, stride=1, padding=0, pool_kernel=1, pool_stride=1, pool_padding=0)
     words, weights, _ = word_weights(model, ["who wrote hamlet ?"])
-    ids, mask, _ = model.tokenizer.encode(["who wrote hamlet ?"], seq_len=SEQ_LEN)
+    ids, mask = model.tokenizer.encode(["who wrote hamlet ?"], seq_len=SEQ_LEN)
     features, token_mask = model.forward_features(ids, mask)
     assert torch.allclose(weights[0], model.pool_weights(features, token_mask)[0], atol=1e-6)
 
@@ -189,6 +192,17 @@ def test_cli_explain_prints_words_and_writes_a_png(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = explain_texts(ckpt, ["who wrote hamlet ?"])
     assert [w["word"] for w in results[0]["words"]] == ["who", "wrote", "hamlet", "?"]
+    assert results[0]["truncated"] is False
+
+
+def test_cli_explain_reports_truncated_texts(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    long = " ".join(["where"] * (SEQ_LEN + 3))
+    assert main(["explain", str(ckpt), "--text", long, "--text", "who ?", "--json"]) == 0
+    out, err = capsys.readouterr()
+    results = json.loads(out)["results"]
+    assert [r["truncated"] for r in results] == [True, False] and len(results[0]["words"]) == SEQ_LEN
+    assert "1 of 2 text(s) longer than the model's seq_len tokens were truncated" in err
 
 
 def test_explain_refuses_class_token_models():
@@ -203,7 +217,7 @@ def test_fast_text_tokenizer_matches_the_reference(name, kernel_size):
     reference = _model(name, kernel_size=kernel_size, attn_drop_rate=0.0, drop_path_rate=0.0).double()
     fast = use_kernels(copy.deepcopy(reference), "fast")
     assert isinstance(fast.conv_tokenizer, FastTextConvTokenizer)
-    ids, mask, _ = reference.tokenizer.encode(CORPUS, seq_len=SEQ_LEN)
+    ids, mask = reference.tokenizer.encode(CORPUS, seq_len=SEQ_LEN)
     a, b = reference(ids, mask), fast(ids, mask)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     a.square().sum().backward()
@@ -280,7 +294,7 @@ def test_time_to_accuracy_trec_runs_each_budget_and_seed_and_plots(tmp_path, mon
 def test_fast_masked_attention_matches_the_reference_in_inference_and_with_empty_texts():
     reference = _model(attn_drop_rate=0.0, drop_path_rate=0.0).double().eval()
     fast = use_kernels(copy.deepcopy(reference), "fast")
-    ids, mask, _ = reference.tokenizer.encode(CORPUS + [""], seq_len=SEQ_LEN)
+    ids, mask = reference.tokenizer.encode(CORPUS + [""], seq_len=SEQ_LEN)
     with torch.inference_mode():  # the SDPA path
         torch.testing.assert_close(fast(ids, mask), reference(ids, mask), rtol=0, atol=1e-12)
     fast.train()  # dropout on: finite, and a different draw each call

@@ -80,6 +80,30 @@ def test_cct_train_end_to_end(kind, tmp_path, capsys):
     assert "texts/s)" in err and "images/s" not in err  # the closing line counts texts
 
 
+def test_a_source_without_a_test_set_holds_one_out_for_train_and_eval(tmp_path, capsys):
+    """One training file (a TREC `.label` file, a CSV, a .jsonl): `--test-split` holds a seeded, stratified share of
+    each class out before the validation split and the tokenizer, records it, and `cct eval` holds out the same."""
+    data = write_corpus(tmp_path / "data", "trec")
+    for source in (data / "train_5500.label", write_corpus(tmp_path / "csv", "csv") / "train.csv"):
+        out = tmp_path / f"out-{source.suffix[1:]}"
+        code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", source, "--out", out, "--test-split",
+                                "0.25", "--seed", "2", "--val-split", "0.1", *FAST[:-1]], capsys)
+        assert code == 0, err
+        results, split = json.loads((out / "results.json").read_text()), json.loads((out / "split.json").read_text())
+        assert results["test_images"] == 15 and len(split["test_rows"]) == 15  # 5 of each class's 20
+        assert (results["train_images"], results["val_images"]) == (39, 6) and "trained on 39 training texts" in err
+        assert results["test_split"]["fraction"] == 0.25 and "(held out: --test-split 0.25, seed 2)" in err
+        code, stdout, err = run_cli(["eval", out / "best.pt", "--data", source, "--json"], capsys)
+        report = json.loads(stdout)
+        assert code == 0 and report["n"] == 15 and report["top1"] == pytest.approx(results["test_top1"]), err
+        code, stdout, _ = run_cli(["eval", out / "best.pt", "--data", source, "--json", "--split", "train"], capsys)
+        assert code == 0 and json.loads(stdout)["n"] == 60  # every text of the file
+    with open(source, "a") as f:  # another row: not the texts the run held its test split out of
+        f.write("HUM,who is there ?\n")
+    code, _, err = run_cli(["eval", out / "best.pt", "--data", source], capsys)
+    assert code == 2 and "is not the source the run held its 15 test texts out of" in err and err.count("\n") == 1
+
+
 def test_default_recipe_and_config_for_text_models():
     cfg = make_config("text_cct_2", "d", "o")
     assert cfg.recipe == "text" and cfg.token_dropout == 0.0 and cfg.schedule == "cosine" and cfg.fgm == 2.0
@@ -151,14 +175,14 @@ def test_tokenizer_round_trip_through_checkpoints(finished, trec_dir, tmp_path):
     assert isinstance(prep, TextPreprocessing) and prep.seq_len == 8 and prep.precision == "fp32"
     assert {"kind", "seq_len", "precision", "batch_size"} <= set(data["eval"])
     texts = ["who wrote the book ?", "how many kings ?", "where is paris ?"]
-    ids, mask, truncated = model.tokenizer.encode(texts)
+    ids, mask, truncated = model.tokenizer.encode_counted(texts)
     assert ids.shape[1] <= 8 and truncated == 0
     logits = model(ids, mask)
     for path in (tmp_path / "copy.pt", tmp_path / "copy.safetensors"):
         save_checkpoint(model, path)
         again = cct.load_checkpoint(path)
         assert again.tokenizer.to_json() == model.tokenizer.to_json()
-        assert torch.equal(again(*again.tokenizer.encode(texts)[:2]), logits)
+        assert torch.equal(again(*again.tokenizer.encode(texts)), logits)
 
 
 def test_resume_continues_exactly(trec_dir, tmp_path):
@@ -346,7 +370,8 @@ def test_train_with_word_mixup_and_image_flags_refused(trec_dir, tmp_path, capsy
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["mixup_alpha"] == 0.4
     for flag in (["--cutmix-alpha", "1"], ["--translate", "2"], ["--rand-augment", "rand-m9-mstd0.5"],
-                 ["--tta-translate", "1"], ["--alternate-flip"]):
+                 ["--tta-translate", "1"], ["--alternate-flip"], ["--hflip"], ["--img-size", "64"],
+                 ["--normalize", "cifar"]):
         code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", tmp_path / "bad",
                                 *flag, *FAST], capsys)
-        assert code != 0 and f"{flag[0]} is image augmentation" in err and not (tmp_path / "bad").exists()
+        assert code != 0 and f"{flag[0]} is for image models, and text_cct_2 is a text model" in err and not (tmp_path / "bad").exists()

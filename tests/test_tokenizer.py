@@ -30,14 +30,14 @@ def test_case_kept_and_vocabulary_limit():
 
 def test_encode_pads_masks_and_counts_truncation():
     tok = TextTokenizer.train(TRAIN)
-    ids, mask, truncated = tok.encode(TEST, seq_len=7)
+    ids, mask, truncated = tok.encode_counted(TEST, seq_len=7)
     assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape == (4, 7)
     assert truncated == 1  # the eight "far"
     assert mask.sum(1).tolist() == [7, 3, 0, 7]
     assert ids[1, :3].tolist() == [tok.token_to_id(w) for w in ("who", "wrote", "hamlet")]
     assert (ids[~mask] == PAD_ID).all()
     assert ids[0, 5] == UNK_ID  # "france"
-    ids, mask, truncated = tok.encode(["Who wrote Hamlet ?"], seq_len=64)
+    ids, mask, truncated = tok.encode_counted(["Who wrote Hamlet ?"], seq_len=64)
     assert ids.shape == (1, 4) and mask.all() and truncated == 0  # as long as the longest text
 
 

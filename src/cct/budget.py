@@ -38,16 +38,17 @@ def planned_steps(*, budget_seconds: float, step_seconds: float, local_batch: in
 
 
 def schedule_cost(first: int, end: int, *, total_steps: int, phases: list[tuple[float, int]] | None,
-                  costs: dict[int, float] | None) -> float:
+                  costs: dict[int, float] | None, floor: int | None = None) -> float:
     """Steps `first` to `end` - 1 of a run of `total_steps`, in units of a native-resolution step: under
-    progressive resizing (`phases`, as `cct.step.resolution_at` reads them) a step at side s costs `costs[s]`."""
+    progressive resizing (`phases` and `floor`, as `cct.step.resolution_at` reads them) a step at side s costs
+    `costs[s]`."""
     if not phases:
         return float(end - first)
     units = 0.0
     bounds = [math.ceil(start * total_steps) for start, _ in phases[1:]] + [math.inf]
     lo = 0
     for (_, side), hi in zip(phases, bounds):  # phase i covers steps [lo, hi)
-        units += max(0, min(end, hi) - max(first, lo)) * costs[side]
+        units += max(0, min(end, hi) - max(first, lo)) * costs[max(side, floor or 0)]
         lo = hi
     return units
 

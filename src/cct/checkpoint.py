@@ -184,6 +184,8 @@ def model_from_checkpoint(data: dict, path: str | Path, *, map_location: str | t
         if not isinstance(data.get("tokenizer"), str):
             raise CheckpointError(f"{path}: a text model checkpoint without its tokenizer")
         model.tokenizer = TextTokenizer.from_json(data["tokenizer"])
+        if model.tokenizer.seq_len is None:  # so that `model(*model.tokenizer.encode(texts))` fits the model
+            model.tokenizer.seq_len = model.cfg.seq_len
     return model.to(map_location).eval()
 
 

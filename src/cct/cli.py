@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import types
 import typing
@@ -301,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv)  # what `--procs` workers are started with
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader gone is then seen here, not in the interpreter's exit
+        return code
     except (CCTError, ValueError, FileNotFoundError) as e:
         if debug:
             raise
@@ -313,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cct {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (`cct eval --json | head`): stop quietly, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer its pipe cut off
 
 
 if __name__ == "__main__":

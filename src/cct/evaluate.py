@@ -11,7 +11,9 @@ tokenizer at the recorded `seq_len` (`cct.kinds.TextPreprocessing`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,9 +28,12 @@ from .errors import CCTError, CheckpointError
 from .kernels import KERNELS, fuse, use_kernels
 from .kinds import TextPreprocessing, TextSet, TokenBatch, model_args, preprocessing_from_checkpoint
 from .preprocess import Preprocessing
-from .text_data import LABEL_LEVELS, load_text
+from .holdout import OtherSource
+from .text_data import LABEL_LEVELS, load_text, recorded_test
 from .text_model import TextCCT
 from .runtime import PRECISIONS, autocast, recorded_precision, resolve_device, resolve_precision, tune_allocator
+
+log = logging.getLogger(__name__)
 
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu", *,
@@ -142,7 +147,8 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
     """Evaluate a checkpoint on a data source, with the checkpoint's evaluation settings unless overridden.
 
     A text checkpoint reads a text source (`cct.text_data.load_text`; TREC labels at `label_level`,
-    default: the level it was trained on) and reports how many texts were truncated ("truncated")."""
+    default: the level it was trained on; the test texts its run held out of a source without a test set)
+    and reports how many texts were truncated ("truncated")."""
     device = resolve_device(device)
     model, prep, recorded = _open(path, device, kernels)
     prep = replace(prep, precision=recorded_precision(prep.precision, device))
@@ -158,12 +164,19 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
     prep = replace(prep, precision=resolve_precision(prep.precision, device))
     extra = {}
     if isinstance(model, TextCCT):
-        parts, classes, extra = _text_parts(recorded, source, model, prep, label_level)
+        parts, classes, extra = _text_parts(recorded if split in ("auto", "test") else {}, source, model, prep,
+                                            label_level)
     else:  # class folders and CSVs: exactly the test files training held out (recorded in the checkpoint)
         test_files = recorded.get("split") if split in ("auto", "test") else None
-        dataset = data_mod.load(source, img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans,
-                                skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode,
-                                test_files=test_files)
+        load = functools.partial(data_mod.load, source, img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans,
+                                 skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode)
+        try:
+            dataset = load(test_files=test_files)
+        except OtherSource as e:  # other labelled data: its own test split, or every image of a flat one
+            dataset = load(test_split=0.0)
+            log.warning("%s: evaluating %s", e, "its test split" if dataset.test is not None else
+                        f"all {len(dataset.train)} of its images")
+            dataset = dataset if dataset.test is not None else replace(dataset, test=dataset.train)
         parts = {"test": dataset.test, "val": dataset.val, "train": dataset.train}
         classes = list(dataset.classes)
         extra = {"source_changed": True} if dataset.source_changed else {}
@@ -193,11 +206,13 @@ def _text_parts(recorded: dict, source: str, model: TextCCT, prep: TextPreproces
     if label_level is None:  # as the run was trained
         label_level = (recorded.get("train_config") or {}).get("label_level", "coarse")
     dataset = load_text(source, label_level=label_level)
+    if recorded.get("split"):  # the test texts the run held out of a source without a test set
+        dataset = recorded_test(dataset, recorded["split"], source)
     parts, truncated = {"test": None, "val": None, "train": None}, {}
     for name, texts, labels in (("test", dataset.test_texts, dataset.test_labels),
                                 ("train", dataset.train_texts, dataset.train_labels)):
         if texts is not None:
-            ids, mask, truncated[name] = model.tokenizer.encode(texts, seq_len=prep.seq_len)
+            ids, mask, truncated[name] = model.tokenizer.encode_counted(texts, seq_len=prep.seq_len)
             parts[name] = TextSet(TokenBatch(ids, mask), labels)
     return parts, list(dataset.classes), {"truncated": truncated}
 

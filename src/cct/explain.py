@@ -165,12 +165,16 @@ def _run_texts(args: argparse.Namespace) -> int:
     if not is_text_checkpoint(args.checkpoint):
         raise CCTError(f"{args.checkpoint} is an image model: give it image files, not --text")
     results = explain_texts(args.checkpoint, args.text, output=args.output)
+    truncated = sum(r["truncated"] for r in results)
+    if truncated:
+        print(f"cct explain: {truncated} of {len(results)} text(s) longer than the model's seq_len tokens were "
+              "truncated: only their first words are weighed", file=sys.stderr)
     if args.json:
         json.dump({"model": args.checkpoint, "results": results}, sys.stdout, indent=2)
         print()
     else:
         for r in results:
-            print(r["text"] + "  →  " + ", ".join(f"{p['class']} {p['probability']:.1%}" for p in r["predictions"]))
+            print(r["text"] + ("  [truncated]" if r["truncated"] else "") + "  →  " + ", ".join(f"{p['class']} {p['probability']:.1%}" for p in r["predictions"]))
             for w in r["words"]:
                 print(f"  {w['weight']:6.3f}  {w['word']}")
     if args.output:

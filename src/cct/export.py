@@ -212,7 +212,7 @@ def _export_text(checkpoint: str | Path, data: dict, output: str | Path, format:
     extra = {"eval": record} if record else {}
     path = save_checkpoint(model, output, format="safetensors", **extra, **{TOKENIZER_KEY: model.tokenizer.to_json()})
     loaded = load_text_model(path)  # refuses a copy that lost its tokenizer
-    ids, mask, _ = model.tokenizer.encode(["a text to compare", "and another one"], seq_len=model.cfg.seq_len)
+    ids, mask = model.tokenizer.encode(["a text to compare", "and another one"], seq_len=model.cfg.seq_len)
     with torch.inference_mode():
         diff = (loaded(ids, mask) - model(ids, mask)).abs().max().item()
     if not diff <= TOLERANCE:

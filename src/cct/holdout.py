@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 1
 
 
+class OtherSource(DataError):
+    """The source given is not the one a recorded test split was drawn from (`decode_recorded`)."""
+
+
 def choose_test(items: list[tuple[int, str]], num_classes: int, *, fraction: float,
                 seed: int) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """(train, test) items of (label, name) in (class, name) order: round(fraction × n) random test
@@ -78,16 +82,17 @@ def decode_recorded(path: Path, record: dict, *, size: tuple[int, int] | None, i
         raise DataError(f"data source {path} not found")
     files, classes, items, flat = layout(path.resolve(), min_per_class=0)
     if not flat:
-        raise DataError(f"{path} has its own train/ and test/ folders: a recorded test split is for flat class "
-                        "folders and CSVs")
-    changed, message = check(record, classes, items["train"], str(path))
-    if changed:
-        log.warning("%s", message)
+        raise OtherSource(f"{path} has test images of its own (train/ and test/ folders), so it is not the flat "
+                          "source the run held its test split out of")
     present = {n for _, n in items["train"]}
     index = {c: i for i, c in enumerate(record["classes"])}
     pairs = [(n, index[c]) for n, c in zip(record["test_files"], record["test_labels"]) if n in present]
     if not pairs:
-        raise DataError(f"{path}: none of the {len(record['test_files'])} recorded test files remain")
+        raise OtherSource(f"{path} holds none of the {len(record['test_files'])} test files the run held out, so it "
+                          "is another source than the one it trained on")
+    changed, message = check(record, classes, items["train"], str(path))
+    if changed:
+        log.warning("%s", message)
     arrays = decode_images([files.handle(n) for n, _ in pairs], size=size, channels=in_chans, progress=progress,
                            resize_mode=resize_mode)
     good, bad = [], []

@@ -75,8 +75,9 @@ class TrainConfig:
     # data
     val_split: float = _f(0.1, "fraction of the training set held out (seeded, stratified), in [0, 1)")
     train_limit: int | None = _f(None, "use at most this many training images")
-    test_split: float = _f(0.2, "class folders and CSVs without a test set: the fraction of each class held out "
-                                "as the test set (seeded, stratified, recorded in the run for `cct eval`)")
+    test_split: float = _f(0.2, "sources without a test set (flat class folders, CSVs, a text file): the fraction "
+                                "of each class held out as the test set (seeded, stratified, recorded in the run for "
+                                "`cct eval`)")
     img_size: int | None = _f(None, "resize images to this size (default: the data's own)")
     resize_mode: str = _f("resize", "resize: to --img-size, aspect ignored; crop: the short side to --img-size, "
                                     "then the centre", choices=RESIZE_MODES)
@@ -274,6 +275,15 @@ def default_recipe(model_name: str) -> str:
     return "keras" if model_name.endswith("_keras") else "paper"
 
 
+# options only one kind of model reads: asked for with a model of the other kind, they would do nothing
+IMAGE_ONLY = ("img_size", "resize_mode", "in_chans", "skip_bad_images", "stream", "stream_threshold", "loader_workers",
+              "normalize", "hflip", "alternate_flip", "translate", "res_schedule", "res_schedule_max_cost", "rrc_scale",
+              "rrc_interpolation", "rand_augment", "auto_augment", "erasing", "cutmix_alpha", "mix_prob",
+              "switch_prob", "mix_mode", "tta", "tta_translate")
+TEXT_ONLY = ("label_level", "tokenizer", "vocab_size", "min_frequency", "lowercase", "seq_len", "kernel_size",
+             "word_vectors", "token_dropout", "fgm", "embedding_std")
+
+
 def make_config(model: str, data: str, out: str, recipe: str | None = None, **overrides) -> TrainConfig:
     """A `TrainConfig`: the dataclass defaults, then the recipe's values, then `overrides`."""
     recipe = recipe or default_recipe(model)
@@ -282,7 +292,17 @@ def make_config(model: str, data: str, out: str, recipe: str | None = None, **ov
     unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise CCTError(f"unknown training option(s): {', '.join(unknown)}")
+    text = model_kind(model) == "text"
+    if (recipe == "text") != text:  # every other recipe is made of image settings
+        raise CCTError(f"--recipe {recipe} is for {'image' if text else 'text'} models, and {model} is "
+                       f"{'a text model (--recipe text)' if text else 'an image model'}")
+    wrong = [name for name in (IMAGE_ONLY if text else TEXT_ONLY) if name in overrides]
+    if wrong:
+        raise CCTError(f"--{wrong[0].replace('_', '-')} is for {'image' if text else 'text'} models, and {model} is "
+                       f"{'a text' if text else 'an image'} model")
     values = {**RECIPES[recipe], **overrides}
+    if text:
+        values.update(hflip=False, alternate_flip=False)  # the dataclass's image defaults, recorded as not applying
     if "res_schedule" in overrides and "res_schedule_max_cost" not in overrides:
         values["res_schedule_max_cost"] = None  # the limit is the recipe's, for its own schedule; one asked for is kept
     if {"mixup_alpha", "cutmix_alpha", "mix_prob"} & set(overrides) and "mix_min_epochs" not in overrides:
@@ -349,7 +369,8 @@ def validate(cfg: TrainConfig) -> None:
     need(0.0 <= cfg.mix_prob <= 1.0 and 0.0 <= cfg.switch_prob <= 1.0, "--mix-prob and --switch-prob must be in [0, 1]")
     need(cfg.rrc_scale is None or 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1,
          f"--rrc-scale must satisfy 0 < min <= max <= 1, got {cfg.rrc_scale}")
-    need(cfg.time_budget is None or cfg.time_budget > 0, f"--time-budget must be positive, got {cfg.time_budget}")
+    need(cfg.time_budget is None or 0 < cfg.time_budget < math.inf, f"--time-budget must be a positive number of minutes, "
+                                                                    f"got {cfg.time_budget}")
     need(cfg.workers >= 0, f"--workers must be non-negative, got {cfg.workers}")
     need(cfg.procs >= 0, f"--procs must be 0 (one per core) or positive, got {cfg.procs}")
     need(cfg.loader_workers >= 0, f"--loader-workers must be non-negative, got {cfg.loader_workers}")

@@ -27,7 +27,7 @@ from .kinds import TextAugmentConfig, augmenter
 from .model import any_token_grid, count_macs
 from .optim import Lookahead, MuonAdamW, muon_params
 from .policies import AugmentConfig
-from .recipes import TrainConfig
+from .recipes import TrainConfig, parse_res_schedule
 from .runtime import autocast
 
 
@@ -50,14 +50,31 @@ def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, warm
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * step / decay_steps))
 
 
-def resolution_at(step: int, *, total_steps: int, phases: list[tuple[float, int]]) -> int:
+def resolution_at(step: int, *, total_steps: int, phases: list[tuple[float, int]], floor: int | None = None) -> int:
     """The input side of optimisation step `step` under progressive resizing (`cct.recipes.parse_res_schedule`):
-    the last phase whose start (a fraction of `total_steps`) the step has reached."""
+    the last phase whose start (a fraction of `total_steps`) the step has reached, and at least `floor` (the
+    largest side trained so far: a budget's re-fit that lengthens the run moves the phases' starts later, and
+    the run must not go back to smaller images)."""
     side = phases[0][1]
     for start, s in phases:
         if step >= start * total_steps:
             side = s
-    return side
+    return max(side, floor or 0)
+
+
+def res_phases(cfg: TrainConfig, model: nn.Module) -> list[tuple[float, int]] | None:
+    """--res-schedule's phases as (start fraction, input height in pixels), checked against the model's tokenizer."""
+    if not cfg.res_schedule:
+        return None
+    H = model.cfg.img_size[0]
+    phases = [(start, max(1, round(H * scale))) for start, scale in parse_res_schedule(cfg.res_schedule)]
+    for _, side in phases:
+        try:
+            model.tokenizer.grid(reduced_size(model.cfg.img_size, side))
+        except ValueError:
+            raise CCTError(f"--res-schedule {cfg.res_schedule!r}: {side} px is too small for {cfg.model}'s "
+                           "tokenizer") from None
+    return phases
 
 
 def reduced_size(size: tuple[int, int], side: int) -> tuple[int, int]:

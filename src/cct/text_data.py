@@ -2,32 +2,39 @@
 
 Sources accepted by `load_text` (and told from image sources by `detect_kind`):
 - TREC (Li & Roth, 2002) in its original `COARSE:fine question` format: a folder holding
-  `train_5500.label` and `TREC_10.label`; coarse labels by default, named as written (ABBR, DESC, ...),
+  `train_5500.label` and `TREC_10.label`, or one `.label` file; coarse labels by default, named as written (ABBR, DESC, ...),
   or `label_level="fine"` (`COARSE:fine` names, as "other" occurs under several coarse classes);
 - CSV/TSV with a label column and one or more text columns (joined by a space): a file, or a folder with
-  `train.csv` and `test.csv` (or `.tsv`). With a header, the label column is `label` and the text
-  column `text` (else every other column); without one, the first column is the label and the rest the
-  text: AG News's layout (`"class index","title","description"`);
+  `train.csv` and `test.csv` (or `.tsv`). A first row naming a `label` or a `text` column (in any case) is
+  a header: the label column is then `label` and the text column `text` (else every other column); without
+  one, the first column is the label and the rest the text: AG News's layout (`"class index","title",
+  "description"`);
 - JSON Lines with `text` and `label` fields: a `.jsonl` file, or a folder with `train.jsonl`/`test.jsonl`;
 - folders of `.txt` files, one text each: `root/train/<class>/*.txt`, `root/test/<class>/*.txt`
   (the IMDb / scikit-learn `load_files` layout).
 
 Classes come from the training split, sorted (numerically when every label is an integer); a test label
 not seen in training is an error. Bad input is a one-line `CCTError` naming the file and line.
+
+A source without a test set (one file, or a folder without the test file) gets one from `hold_out_test`:
+a seeded, stratified fraction of each class's training texts, as `cct.holdout` draws for image folders,
+recorded so that `cct eval` holds out the same texts again (`recorded_test`).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .errors import CCTError
+from .holdout import choose_test
 
 TREC_FILES = ("train_5500.label", "TREC_10.label")
 LABEL_LEVELS = ("coarse", "fine")
@@ -106,18 +113,19 @@ def _text(value: str, where: str) -> str:
 
 # ---------------------------------------------------------------------- TREC
 def read_trec(folder: str | Path, *, label_level: str = "coarse") -> TextDataset:
-    """TREC question classification from `folder/train_5500.label` and `folder/TREC_10.label`.
+    """TREC question classification from `folder/train_5500.label` and `folder/TREC_10.label`, or from one
+    `.label` file of that format (training texts only: `cct train` then holds out a test split).
 
     A line whose fine label is malformed (not lower-case letters, as `NUM:How` on line 4451 of the
     shared train file) is reported and kept for coarse labels, skipped for fine ones.
     """
     assert label_level in LABEL_LEVELS, f"label_level must be one of {LABEL_LEVELS}, got {label_level!r}"
     folder = Path(folder)
+    files = [folder] if folder.is_file() else [folder / name for name in TREC_FILES]
     skipped: list[str] = []
     reported: list[str] = []
     splits = []
-    for name in TREC_FILES:
-        path = folder / name
+    for path in files:
         rows = []
         for number, line in enumerate(_decode(path).splitlines(), start=1):
             where = f"{path}:{number}"
@@ -135,18 +143,21 @@ def read_trec(folder: str | Path, *, label_level: str = "coarse") -> TextDataset
                 reported.append(f"{where}: malformed fine label {label!r}, kept for its coarse label {coarse}")
             rows.append((text, coarse if label_level == "coarse" else label, where))
         splits.append(rows)
-    return _dataset(splits[0], splits[1], f"TREC {folder} ({label_level} labels)", skipped=skipped, reported=reported)
+    return _dataset(splits[0], splits[1] if len(splits) > 1 else None, f"TREC {folder} ({label_level} labels)",
+                    skipped=skipped, reported=reported)
 
 
 # ---------------------------------------------------------------------- CSV / TSV
 def _column(names: list[str], wanted: str | int, where: str) -> int:
+    """The index of column `wanted`: an index, or a header name matched without regard to case."""
     if isinstance(wanted, int):
         if not 0 <= wanted < len(names):
             raise CCTError(f"{where}: no column {wanted} ({len(names)} columns)")
         return wanted
-    if wanted not in names:
+    keys = [name.strip().lower() for name in names]
+    if wanted.lower() not in keys:
         raise CCTError(f"{where}: missing column {wanted!r} (columns: {', '.join(names)})")
-    return names.index(wanted)
+    return keys.index(wanted.lower())
 
 
 def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns: Sequence[str | int] | None,
@@ -160,14 +171,15 @@ def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns
         first = next(reader, None)
         if first is None:
             raise CCTError(f"{path}: empty file")
-        if header is None:  # a header names its label column; AG News has none
-            header = isinstance(label_column, str) or (label_column is None and "label" in first)
+        if header is None:  # a header names the label or the text column; AG News has none
+            keys = {cell.strip().lower() for cell in first}
+            header = isinstance(label_column, str) or (label_column is None and bool(keys & {"label", "text"}))
         names = first if header else [str(i) for i in range(len(first))]
         where = f"{path}:1"
         label_at = _column(names, label_column if label_column is not None else ("label" if header else 0), where)
         if text_columns is None:
-            text_at = [names.index("text")] if header and "text" in names else \
-                [i for i in range(len(names)) if i != label_at]
+            has_text = header and "text" in (name.strip().lower() for name in names)
+            text_at = [_column(names, "text", where)] if has_text else [i for i in range(len(names)) if i != label_at]
         else:
             text_at = [_column(names, c, where) for c in text_columns]
         if not text_at:
@@ -282,17 +294,64 @@ def read_text_folders(root: str | Path) -> TextDataset:
                     f"text folders {root}")
 
 
+# ---------------------------------------------------------------------- a held-out test split
+def _fingerprint(ds: TextDataset) -> str:
+    """A key of the training texts and their labels, in order: what a recorded test split depends on."""
+    h = hashlib.sha256()
+    for text, label in zip(ds.train_texts, ds.train_labels.tolist()):
+        h.update(f"{ds.classes[label]}\t{text}\n".encode())
+    return h.hexdigest()
+
+
+def _with_test(ds: TextDataset, rows: list[int]) -> TextDataset:
+    test = set(rows)
+    keep = [i for i in range(len(ds.train_texts)) if i not in test]
+    return replace(ds, train_texts=[ds.train_texts[i] for i in keep], train_labels=ds.train_labels[keep],
+                   test_texts=[ds.train_texts[i] for i in rows], test_labels=ds.train_labels[rows])
+
+
+def hold_out_test(ds: TextDataset, *, fraction: float, seed: int) -> tuple[TextDataset, dict | None]:
+    """`ds` with round(fraction × n) of each class's n training texts moved to its test set (seeded,
+    stratified, at least one a class of two or more: `cct.holdout.choose_test`), and the record of the choice;
+    `ds` itself and None when it has a test set or `fraction` is 0."""
+    if ds.test_texts is not None or fraction == 0:
+        return ds, None
+    items = [(label, f"{i:010d}") for i, label in enumerate(ds.train_labels.tolist())]
+    _, test = choose_test(items, ds.num_classes, fraction=fraction, seed=seed)
+    rows = sorted(int(name) for _, name in test)
+    record = {"version": 1, "kind": "text", "seed": int(seed), "fraction": float(fraction), "num_texts": len(items),
+              "classes": list(ds.classes), "fingerprint": _fingerprint(ds), "test_rows": rows}
+    return _with_test(ds, rows), record
+
+
+def recorded_test(ds: TextDataset, record: dict, where: str) -> TextDataset:
+    """`ds` split again as `hold_out_test` recorded it, when `ds` has no test set of its own (one that has
+    is another source, evaluated on its own test set). A source that differs from the recorded one is a
+    one-line error: its held-out rows would be other texts."""
+    if ds.test_texts is not None:
+        return ds
+    if record.get("kind") != "text" or "test_rows" not in record or "fingerprint" not in record:
+        raise CCTError(f"{where}: the checkpoint's recorded test split is not one of text rows")
+    if _fingerprint(ds) != record["fingerprint"] or list(ds.classes) != record.get("classes", ds.classes):
+        raise CCTError(f"{where} is not the source the run held its {len(record['test_rows'])} test texts out of, "
+                       f"or it changed since ({record.get('num_texts', '?')} texts then, {len(ds.train_texts)} now); "
+                       "--split train evaluates on all its texts")
+    return _with_test(ds, [int(i) for i in record["test_rows"]])
+
+
 # ---------------------------------------------------------------------- detection
 def _table_names_images(path: Path) -> bool:
-    """Whether a CSV's first rows name image files (the own-data `path,label` layout), read cheaply."""
+    """Whether a CSV is the own-data `path,label` layout: the first column of its first rows (after a header,
+    if any) names image files, at least half of them (a text that mentions a file name is still text; an image
+    CSV with a stray row is still an image CSV, and its loader names the row)."""
     try:
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
             reader = csv.reader(f, delimiter=TABLE_SUFFIXES.get(path.suffix.lower(), ","))
-            head = [row for _, row in zip(range(6), reader)]
+            head = [row[0].strip().lower() for _, row in zip(range(6), reader) if row and row[0].strip()]
     except (OSError, csv.Error):
         return False
-    cells = [cell.strip().lower() for row in head[1:] or head for cell in row]
-    return any(Path(cell).suffix in IMAGE_SUFFIXES for cell in cells)
+    paths = head[1:] if head and Path(head[0]).suffix not in IMAGE_SUFFIXES else head  # past a header
+    return bool(paths) and 2 * sum(Path(cell).suffix in IMAGE_SUFFIXES for cell in paths) >= len(paths)
 
 
 def _split_kind(split: Path) -> str | None:
@@ -348,7 +407,8 @@ def load_text(source: str | Path, *, label_level: str = "coarse", label_column: 
         label_column, text_columns, max_field_chars: CSV/TSV only, as for `read_table`.
     """
     path = Path(source)
-    if path.is_dir() and any((path / name).is_file() for name in TREC_FILES):
+    if (path.is_dir() and any((path / name).is_file() for name in TREC_FILES)) or \
+            (path.is_file() and path.suffix.lower() == ".label"):
         return read_trec(path, label_level=label_level)
     if path.suffix.lower() == ".jsonl" or (path.is_dir() and (path / "train.jsonl").is_file()):
         return read_jsonl(path)

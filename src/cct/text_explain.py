@@ -73,7 +73,7 @@ def word_weights(model: TextCCT, texts: Sequence[str]) -> tuple[list[list[str]],
     if getattr(model, "tokenizer", None) is None:
         raise CCTError("this text model has no tokenizer")
     seq_len = model.cfg.seq_len
-    ids, mask, _ = model.tokenizer.encode(list(texts), seq_len=seq_len)
+    ids, mask = model.tokenizer.encode(list(texts), seq_len=seq_len)
     features, token_mask = model.forward_features(ids, mask)
     pooled = model.pool_weights(features, token_mask).float()  # (B, N), 0 on padded tokens
     logits = model.forward_head(features, mask=token_mask).float()
@@ -118,7 +118,9 @@ def explain_texts(checkpoint: str | Path | TextCCT, texts: Sequence[str], *, out
                   topk: int = 3) -> list[dict]:
     """Word weights and top classes of each text; with `output`, also a PNG of heat strips.
 
-    Returns one dict per text: {"text", "words": [{"word", "weight"}], "predictions": [{"class", "probability"}]}.
+    Returns one dict per text: {"text", "truncated", "words": [{"word", "weight"}], "predictions": [{"class",
+    "probability"}]}; a text longer than the model's `seq_len` tokens is weighed on its first `seq_len` words
+    (`truncated` True).
     """
     texts = [str(t) for t in texts]
     if not texts:
@@ -131,7 +133,8 @@ def explain_texts(checkpoint: str | Path | TextCCT, texts: Sequence[str], *, out
     names = model.class_names or [str(i) for i in range(probs.shape[1])]
     results = []
     for i, text in enumerate(texts):
-        results.append({"text": text, "words": [{"word": t, "weight": float(w)} for t, w in zip(words[i], weights[i])],
+        truncated = len(model.tokenizer.tokens(text)) > model.cfg.seq_len
+        results.append({"text": text, "truncated": truncated, "words": [{"word": t, "weight": float(w)} for t, w in zip(words[i], weights[i])],
                         "predictions": [{"class": names[j], "probability": v}
                                         for v, j in zip(values[i].tolist(), indices[i].tolist())]})
     if output is not None:

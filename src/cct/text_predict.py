@@ -6,7 +6,7 @@ model's `seq_len` tokens (the number of texts cut is reported), padded with [PAD
 text of its batch and masked, so padding never changes an answer. From Python:
 
     model = cct.load_checkpoint("runs/trec/best.pt")
-    ids, mask, _ = model.tokenizer.encode(["What is the capital of Peru ?"], seq_len=model.cfg.seq_len)
+    ids, mask = model.tokenizer.encode(["What is the capital of Peru ?"])  # cut to the model's seq_len
     print(model.class_names[model(ids, mask).argmax(-1).item()])
 
 or `predict_texts("runs/trec/best.pt", ["What is the capital of Peru ?"])` for the top-k classes with
@@ -195,11 +195,14 @@ def predict_texts(model_or_path: str | Path | TextCCT | TextClassifier, texts: S
     texts = [str(t) for t in texts]
     if not texts:
         raise CCTError("no texts to classify")
+    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    if empty is not None:  # training refuses empty texts too: a model has never seen one
+        raise CCTError(f"text {empty + 1} of {len(texts)} is empty: nothing to classify")
     size = batch_size or clf.batch_size
     results = []
     for start in range(0, len(texts), size):
         chunk = texts[start:start + size]
-        ids, mask, _ = clf.tokenizer.encode(chunk, seq_len=clf.seq_len)
+        ids, mask = clf.tokenizer.encode(chunk, seq_len=clf.seq_len)
         cut = [len(clf.tokenizer.tokens(t)) > clf.seq_len for t in chunk]
         probs = torch.softmax(clf.logits(ids, mask).float(), dim=1)
         values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)

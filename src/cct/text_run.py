@@ -1,11 +1,12 @@
 """The data phase of `cct train` for text: read, split, train the tokenizer, tokenize, report truncation.
 
-The order matters for honesty: the seeded, stratified `--train-limit` and `--val-split` subsets are
-drawn from the raw training texts first (`cct.data.split_set`, as for images), and the tokenizer is
-then trained on what remains for training only, so neither validation nor test words shape the
-vocabulary. A resumed run takes the tokenizer from its last.pt instead of training it again. Texts
-longer than the model's `seq_len` keep their first `seq_len` tokens; how many were cut is logged and
-written to results.json ("truncated_texts").
+The order matters for honesty: a source without a test set first has one held out (`--test-split`,
+`cct.text_data.hold_out_test`, recorded in the checkpoints for `cct eval`); the seeded, stratified
+`--train-limit` and `--val-split` subsets are then drawn from the raw training texts (`cct.data.split_set`,
+as for images), and the tokenizer is trained on what remains for training only, so neither validation
+nor test words shape the vocabulary. A resumed run takes the tokenizer from its last.pt instead of
+training it again. Texts longer than the model's `seq_len` keep their first `seq_len` tokens; how many
+were cut is logged and written to results.json ("truncated_texts").
 
 `--precision auto` is settled here for a text model on a CPU with native bf16: its GEMMs are narrow
 (128 wide, 300-wide word vectors), and bf16 is faster than fp32 on some such CPUs and slower on others,
@@ -28,7 +29,7 @@ from .registry import create_model, get_config
 from .runfiles import log
 from .runtime import autocast, faster_precision
 from .step import text_augment_config
-from .text_data import TextDataset, load_text
+from .text_data import TextDataset, hold_out_test, load_text
 from .tokenizer import TextTokenizer, load_word_vectors
 
 SHOWN_LINES = 5  # odd input lines listed one by one; the rest are counted
@@ -58,7 +59,7 @@ def _tokenize(tokenizer: TextTokenizer, part: RawTexts | None, seq_len: int) -> 
     """A tokenized split padded to `seq_len` columns (so rows can be sliced together), and how many were cut."""
     if part is None:
         return None, 0
-    ids, mask, truncated = tokenizer.encode(part.texts, seq_len=seq_len)
+    ids, mask, truncated = tokenizer.encode_counted(part.texts, seq_len=seq_len)
     width = ids.shape[1]
     ids = torch.nn.functional.pad(ids, (0, seq_len - width), value=tokenizer.pad_id)
     mask = torch.nn.functional.pad(mask, (0, seq_len - width), value=False)
@@ -106,8 +107,11 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     """Everything the run needs from a text source (see the module docstring)."""
     if dataset is None:
         dataset = load_text(cfg.data, label_level=cfg.label_level)
+    dataset, split_record = hold_out_test(dataset, fraction=cfg.test_split, seed=cfg.seed)  # a source without one
     log(quiet, f"data: {dataset.source}: {len(dataset.train_texts)} training texts, "
-               f"{len(dataset.test_texts or [])} test texts, {dataset.num_classes} classes")
+               f"{len(dataset.test_texts or [])} test texts" + (
+                   f" (held out: --test-split {cfg.test_split:g}, seed {cfg.seed})" if split_record else "") +
+               f", {dataset.num_classes} classes")
     _report(dataset.reported + dataset.skipped, quiet)
     train_raw, val_raw = data_mod.split_set(RawTexts(dataset.train_texts, dataset.train_labels),
                                             num_classes=dataset.num_classes, train_limit=cfg.train_limit,
@@ -154,4 +158,5 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
         kind="text", classes=list(dataset.classes), train_set=sets["train"], val_set=sets["val"], test_set=sets["test"],
         prep=TextPreprocessing(seq_len, precision=precision, batch_size=cfg.eval_batch_size),
         aug_cfg=text_augment_config(cfg), model_overrides=overrides,
-        skipped=len(dataset.skipped), results=results, setup_model=setup, precision=precision)
+        skipped=len(dataset.skipped), results=results, setup_model=setup, precision=precision,
+        split_record=split_record)

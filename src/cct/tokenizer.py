@@ -85,10 +85,17 @@ class TextTokenizer:
         """The tokens of one text, as the model sees them (before truncation)."""
         return self.backend.encode(text, add_special_tokens=False).tokens
 
-    def encode(self, texts: Sequence[str], *, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Token ids (B, L) padded with [PAD], their mask (B, L) (True for real tokens), and how many
-        texts were truncated to `seq_len` tokens (default: `self.seq_len`, the trained model's). L is the
-        longest text's length, at most `seq_len` (at least 1: a text without tokens has an all-False row)."""
+    def encode(self, texts: Sequence[str], *, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) padded with [PAD] and their mask (B, L), True for real tokens: `model(ids, mask)`.
+        Texts longer than `seq_len` tokens (default: `self.seq_len`, the trained model's) keep their first
+        `seq_len`; `encode_counted` also says how many were cut. L is the longest text's length, at most
+        `seq_len` (at least 1: a text without tokens has an all-False row)."""
+        ids, mask, _ = self.encode_counted(texts, seq_len=seq_len)
+        return ids, mask
+
+    def encode_counted(self, texts: Sequence[str], *,
+                       seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """`encode`'s ids and mask, and how many texts were truncated to `seq_len` tokens."""
         seq_len = seq_len or self.seq_len
         assert seq_len is not None and seq_len > 0, f"seq_len must be positive (or set on the tokenizer), got {seq_len}"
         encoded = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]

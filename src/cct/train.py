@@ -45,13 +45,13 @@ from .kernels import fuse, use_kernels
 from .kinds import RunInputs, TextPreprocessing
 from .model import num_params
 from .preprocess import Preprocessing
-from .recipes import TrainConfig, make_config, mixing_off, parse_res_schedule, validate
+from .recipes import TrainConfig, make_config, mixing_off, validate
 from .registry import create_model, model_kind
 from .runlock import hold_run_lock
 from .resume import is_finished, last_state, read_last, restore, resume_config
 from .runfiles import log
 from .runtime import configure_threads, resolve_device, resolve_precision
-from .step import (NonFiniteLossError, TrainStep, lr_at, make_optimizer, make_train_step, reduced_size,
+from .step import (NonFiniteLossError, TrainStep, lr_at, make_optimizer, make_train_step, res_phases,
                    resolution_at, trained_macs, wrap_model)
 from .text_data import TextDataset
 from .text_run import text_inputs
@@ -113,6 +113,7 @@ class _Run:
     mix_off_step: int | None = None  # MixUp/CutMix stop at the first epoch starting at or after this step
     phases: list[tuple[float, int]] | None = None  # progressive resizing (--res-schedule): (start fraction, side)
     step_costs: dict[int, float] | None = None  # a budgeted run's cost of a step at each side, native = 1
+    epoch_floor: int | None = None  # the smallest input side this epoch could train at (`resolution_at`'s floor)
     deadline: float | None = None  # time.perf_counter() at which a budgeted run must end
     signum: int | None = None  # the signal that asked the run to stop
 
@@ -139,7 +140,8 @@ class _Run:
         """The input side of optimisation step `step` (None: no progressive resizing, the native size)."""
         if self.phases is None:
             return None
-        return resolution_at(step, total_steps=self.state["total_steps"], phases=self.phases)
+        return resolution_at(step, total_steps=self.state["total_steps"], phases=self.phases,
+                             floor=self.state.get("side_floor"))
 
     def stop_flags(self) -> tuple[bool, bool]:
         """(a signal asked to stop, the time budget is spent): shared by the ranks in the step's collective."""
@@ -288,7 +290,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     run = _Run(cfg=cfg, out=out, rank=rank, world_size=world_size, quiet=quiet, device=device, precision=precision,
                model=model, optimizer=optimizer, step=step, data_gen=data_gen, aug_gen=aug_gen, inputs=inputs,
                steps_per_epoch=steps_per_epoch, data_epoch_state=data_gen.get_state(),
-               state=state, phases=_res_phases(cfg, model))
+               state=state, phases=res_phases(cfg, model))
 
     # position: where last.pt left the run
     if checkpoint is not None:
@@ -341,7 +343,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
         run.deadline = time.perf_counter() + cfg.time_budget * 60
     with _stop_on_signals(run):
         while state["epoch"] < run.total_epochs:
-            t_epoch, first_step = time.perf_counter(), state["step"]
+            t_epoch, first_step, run.epoch_floor = time.perf_counter(), state["step"], state.get("side_floor")
             lr = _train_epoch(run, train_set, t_epoch=t_epoch, stop_at_step=stop_at_step)
             _end_epoch(run, val_set, lr=lr, t_epoch=t_epoch, first_step=first_step, stop_at_step=stop_at_step)
 
@@ -386,7 +388,7 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
             if flips is not None:  # by the images' indices, which the step's augmentation does not see
                 batch = flip_where(batch, flips[idx])
             lr = run.lr(state["step"])
-            step.resolution = run.resolution(state["step"])
+            step.resolution = state["side_floor"] = run.resolution(state["step"])  # never smaller again
             try:  # the stop flags travel with the step's exchange: one decision for all ranks, or some would wait
                 step(batch, labels, lr, mix=mix, share=run.stop_flags)
             except NonFiniteLossError as e:
@@ -430,12 +432,21 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
 
 def _end_epoch(run: _Run, val_set, *, lr: float, t_epoch: float, first_step: int,
                stop_at_step: int | None) -> None:
-    """Evaluate, then best.pt → last.pt → history.csv (a crash between them is harmless)."""
+    """Evaluate, re-fit a budget, then best.pt → last.pt → history.csv (a crash between them is harmless)."""
     cfg, state = run.cfg, run.state
     epoch = state["epoch"]
     train_loss, train_top1, _ = run.step.totals()
-    val = run.eval_metrics(val_set.inputs, val_set.labels, cfg.label_smoothing) if val_set is not None else None
+    def validate() -> dict | None:
+        return run.eval_metrics(val_set.inputs, val_set.labels, cfg.label_smoothing) if val_set is not None else None
+
+    val = validate()
     state.update(epoch=epoch + 1, batch=0)
+    if run.deadline is not None:  # priced with this epoch's evaluation (saving is small beside it)
+        planned = state["total_steps"]
+        _refit_to_budget(run, t_epoch=t_epoch, first_step=first_step)
+        if run.step.lookahead is not None and planned > state["step"] >= state["total_steps"]:
+            run.step.lookahead.finish()  # the re-fit ends the run here, past the epoch's own check: end as promised
+            val = validate()
     row = runfiles.history_row(epoch + 1, lr=lr, train_loss=train_loss, train_top1=train_top1, val=val,
                                seconds=time.perf_counter() - t_epoch)
     run.history.append(row)
@@ -444,8 +455,6 @@ def _end_epoch(run: _Run, val_set, *, lr: float, t_epoch: float, first_step: int
         if run.is_main:
             save_checkpoint(run.model, run.out / "best.pt", train_config=cfg.to_dict(), **run.records(),
                             epoch=epoch + 1, val=runfiles.brief(val))
-    if run.deadline is not None:
-        _refit_to_budget(run, t_epoch=t_epoch, first_step=first_step)
     state["finished"] = state["epoch"] >= run.total_epochs
     run.data_epoch_state = run.data_gen.get_state()
     run.save_last()
@@ -461,33 +470,19 @@ def _end_epoch(run: _Run, val_set, *, lr: float, t_epoch: float, first_step: int
 def _refit_to_budget(run: _Run, *, t_epoch: float, first_step: int) -> None:
     """Re-plan the run's length from this epoch's cost of a step, evaluation and saving included."""
     state = run.state
-    def cost(first: int, end: int, total_steps: int) -> float:  # in native steps (progressive resizing: cheaper)
-        return budget.schedule_cost(first, end, total_steps=total_steps, phases=run.phases, costs=run.step_costs)
+    def cost(first: int, end: int, total_steps: int, floor: int | None) -> float:  # in native steps (resizing: cheaper)
+        return budget.schedule_cost(first, end, total_steps=total_steps, phases=run.phases, costs=run.step_costs,
+                                    floor=floor)
 
-    epoch_cost = cost(first_step, state["step"], state["total_steps"])
+    epoch_cost = cost(first_step, state["step"], state["total_steps"], run.epoch_floor)
     seconds_per_step = (time.perf_counter() - t_epoch) / max(1.0, epoch_cost)
     fit = distributed.min_int(budget.steps_that_fit(
         step=state["step"], seconds_left=run.deadline - time.perf_counter(), seconds_per_step=seconds_per_step,
-        cost=(lambda first, total: cost(first, total, total)) if run.phases else None))
+        cost=(lambda first, total: cost(first, total, total, state.get("side_floor"))) if run.phases else None))
     total_steps = budget.refit(step=state["step"], total_steps=state["total_steps"], fit=fit)
     if total_steps != state["total_steps"]:
         run.set_total_steps(total_steps)
         run.total_epochs = run.epochs_to_cover()
-
-
-def _res_phases(cfg: TrainConfig, model: nn.Module) -> list[tuple[float, int]] | None:
-    """--res-schedule's phases as (start fraction, input height in pixels), checked against the model's tokenizer."""
-    if not cfg.res_schedule:
-        return None
-    H = model.cfg.img_size[0]
-    phases = [(start, max(1, round(H * scale))) for start, scale in parse_res_schedule(cfg.res_schedule)]
-    for _, side in phases:
-        try:
-            model.tokenizer.grid(reduced_size(model.cfg.img_size, side))
-        except ValueError:
-            raise CCTError(f"--res-schedule {cfg.res_schedule!r}: {side} px is too small for {cfg.model}'s "
-                           "tokenizer") from None
-    return phases
 
 
 def _test(run: _Run) -> dict | None:
