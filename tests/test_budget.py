@@ -177,6 +177,32 @@ def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch, lookahead
     assert 0.05 * 60 * 0.9 < results["train_seconds"] <= 0.05 * 60  # most of the budget used, none overrun
 
 
+@pytest.mark.parametrize("res_schedule", [None, "0.5@0,1@0.5"])
+def test_a_resumed_budgeted_run_keeps_to_what_is_left_of_its_budget(tmp_path, monkeypatch, res_schedule):
+    """Interrupted after 12 steps, resumed on a host twice as slow: the resumed run re-fits to the budget's
+    remaining seconds (at the trial's prices of each size, saved for it), so training stays within the budget."""
+    clock = {"now": 0.0, "slow": False}
+
+    def timed_step(self, *args, **kwargs):
+        clock["now"] += (0.04 if clock["slow"] else 0.02) * (0.5 if self.resolution == 8 else 1.0)
+        return real_call(self, *args, **kwargs)
+
+    real_call = TrainStep.__call__
+    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
+    monkeypatch.setattr(train_mod, "time", virtual)
+    monkeypatch.setattr(budget, "time", virtual)
+    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
+                      precision="fp32", res_schedule=res_schedule, res_schedule_max_cost=None)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, dataset=memory_dataset(n_train=256), quiet=True, stop_at_step=12)
+    planned = read_checkpoint(tmp_path / "out" / "last.pt")["train_state"]["total_steps"]
+    clock["slow"] = True
+    results = train(resume_config(tmp_path / "out"), dataset=memory_dataset(n_train=256), quiet=True, resume=True)
+    assert 0.05 * 60 * 0.85 < results["train_seconds"] <= 0.05 * 60
+    assert 12 < results["steps"] < planned  # shortened to what the slower host fits
+
+
 def test_lookahead_ends_on_its_slow_weights_when_a_refit_ends_the_run(tmp_path, monkeypatch):
     """The re-fit at the first epoch's end finds no time left (the deadline passed while it evaluated, say): the run
     ends there, after the epoch's own check found steps still planned. It still ends on the slow weights, and the

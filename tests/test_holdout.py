@@ -88,6 +88,17 @@ def test_a_csv_of_paths_and_labels(tmp_path, cache):
         load(tmp_path / "text.csv", cache_dir=cache, progress=False)
 
 
+def test_a_class_folder_without_images_is_reported_not_dropped_unseen(flat, cache, caplog):
+    (flat / "fox").mkdir()
+    (flat / "gnu").mkdir()
+    (flat / "gnu" / "notes.txt").write_text("no images here")
+    (flat / ".thumbnails").mkdir()  # hidden: not a class anyone meant
+    with caplog.at_level(logging.WARNING):
+        ds = load(flat, img_size=8, cache_dir=cache, progress=False)
+    assert ds.classes == ["cat", "dog", "emu"]
+    assert caplog.text.count("2 folder(s) without images left out, so not classes: fox, gnu") == 1
+
+
 def test_recorded_test_files_alone_and_a_changed_folder(flat, cache, caplog):
     (flat / "dog" / "99.png").write_bytes(b"not a png")  # skipped as bad: never in the record
     ds = load(flat, img_size=8, cache_dir=cache, progress=False, skip_bad_images=True)

@@ -191,6 +191,8 @@ def test_text_folders(tmp_path):
 def test_detect_kind(tmp_path):
     Image.new("RGB", (4, 4)).save(write(tmp_path / "img" / "train" / "cat" / "a.png", b""))
     assert detect_kind(tmp_path / "img") == "image"
+    Image.new("RGB", (4, 4)).save(write(tmp_path / "flat" / "cat" / "a.png", b""))
+    assert detect_kind(tmp_path / "flat") == "image"  # flat class folders
     image_csv = write(tmp_path / "images.csv", "path,label\nimgs/a.png,cat\nimgs/b.jpg,dog\n")
     assert detect_kind(image_csv) == "image"
     assert detect_kind(write(tmp_path / "texts.csv", "label,text\ncat,a photo of a cat\n")) == "text"

@@ -154,6 +154,8 @@ def test_torchscript_export_carries_the_tokenizer(tmp_path):
     ids, mask = tok.encode(["who wrote hamlet ?", "what ?"], seq_len=SEQ_LEN)
     assert torch.allclose(loaded(ids, mask), load_text_model(ckpt)(ids, mask), atol=1e-5)
     assert json.loads(extra["class_names.json"]) == CLASSES
+    with pytest.raises(CCTError, match="text.ts is a TorchScript export, for torch.jit.load"):  # not cct's to read
+        predict_texts(tmp_path / "text.ts", ["who ?"])
 
 
 # ---------------------------------------------------------------------- explain

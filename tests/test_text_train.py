@@ -215,6 +215,15 @@ def test_data_kind_mismatch_is_one_line(trec_dir, tmp_path, capsys):
     assert code == 2 and "--kernel-size is for text models" in err
 
 
+def test_eval_of_the_other_kind_of_data_is_one_line(finished, trec_dir, tmp_path, capsys):
+    image_ckpt = save_checkpoint(cct.create_model("cct_2_3x2_32", num_classes=3), tmp_path / "image.pt")
+    for ckpt, data, message in ((finished / "best.pt", make_tree(tmp_path / "tree"), "is a text model, but"),
+                                (image_ckpt, trec_dir, "is an image model, but")):
+        code, _, err = run_cli(["eval", ckpt, "--data", data], capsys)
+        assert code == 2 and message in err and f"{data} is {'image' if 'text' in message else 'text'} data" in err
+        assert err.count("\n") == 1
+
+
 def test_truncation_is_counted_and_reported(tmp_path, capsys):
     data = write_corpus(tmp_path / "data", "jsonl")
     rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]

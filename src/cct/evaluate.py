@@ -29,7 +29,7 @@ from .kernels import KERNELS, fuse, use_kernels
 from .kinds import TextPreprocessing, TextSet, TokenBatch, model_args, preprocessing_from_checkpoint
 from .preprocess import Preprocessing
 from .holdout import OtherSource
-from .text_data import LABEL_LEVELS, load_text, recorded_test
+from .text_data import LABEL_LEVELS, detect_kind, load_text, recorded_test
 from .text_model import TextCCT
 from .runtime import PRECISIONS, autocast, recorded_precision, resolve_device, resolve_precision, tune_allocator
 
@@ -151,6 +151,9 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
     and reports how many texts were truncated ("truncated")."""
     device = resolve_device(device)
     model, prep, recorded = _open(path, device, kernels)
+    kind, found = ("text" if isinstance(model, TextCCT) else "image"), detect_kind(source)
+    if found not in (None, kind):
+        raise CCTError(f"{path} is {'a text' if kind == 'text' else 'an image'} model, but {source} is {found} data")
     prep = replace(prep, precision=recorded_precision(prep.precision, device))
     if (tta or tta_translate) and isinstance(prep, TextPreprocessing):
         raise CCTError("--tta and --tta-translate (test-time augmentation) are for image models")

@@ -42,6 +42,9 @@ def read_checkpoint(path: str | Path) -> dict:
                                   "code (only tensors and plain data are accepted)") from None
         raise CheckpointError(f"{path} is not a valid checkpoint (corrupt or not a PyTorch file)") from None
     except Exception as e:  # truncated zip, random bytes, ...
+        if "TorchScript" in str(e):
+            raise CheckpointError(f"{path} is a TorchScript export, for torch.jit.load: cct reads checkpoints (.pt, "
+                                  ".safetensors) and, to predict, .onnx exports") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
     if not isinstance(data, dict):

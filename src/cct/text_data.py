@@ -392,6 +392,8 @@ def detect_kind(source: str | Path) -> str | None:
             return "image" if _table_names_images(path / f"train{suffix}") else "text"
     if (path / "train").is_dir():
         return _split_kind(path / "train")
+    if _split_kind(path) == "image":  # flat class folders of images (text ones need train/ and test/)
+        return "image"
     if (path / "data_batch_1").is_file() or (path / "train").is_file():  # CIFAR's python folders
         return "image"
     return None

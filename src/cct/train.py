@@ -314,6 +314,9 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
             cfg = run.cfg = replace(cfg, res_schedule=None)
             run.phases, run.step_costs = None, None
         state["total_steps"] = distributed.min_int(planned)  # every rank the same length
+        state["step_costs"] = run.step_costs  # for a resume's re-fits
+    elif cfg.time_budget is not None and run.phases:  # resumed: the trial's prices (before they were saved: 1)
+        run.step_costs = state.get("step_costs") or {side: 1.0 for _, side in run.phases}
     run.total_epochs = run.epochs_to_cover()
     # the schedule's shape. --time-budget keeps the recipe's shape at the length that fits: warm-up, cooldown and
     # the MixUp/CutMix stop scale by the planned steps over --epochs' (a 10-epoch recipe with 1 warm-up epoch warms
@@ -338,9 +341,10 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
         if inputs.split_record:
             runfiles.write_json(out / "split.json", inputs.split_record)
 
-    # the epochs; a budget counts from the first training step, as the time to accuracy is measured
-    if budgeted:
-        run.deadline = time.perf_counter() + cfg.time_budget * 60
+    # the epochs; a budget counts from the first training step, as the time to accuracy is measured (a resumed run
+    # has what its training so far left of it, and re-fits to that)
+    if cfg.time_budget is not None:
+        run.deadline = time.perf_counter() + cfg.time_budget * 60 - state["train_seconds"]
     with _stop_on_signals(run):
         while state["epoch"] < run.total_epochs:
             t_epoch, first_step, run.epoch_floor = time.perf_counter(), state["step"], state.get("side_floor")
