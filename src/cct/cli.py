@@ -138,6 +138,8 @@ def _run_train(args: argparse.Namespace) -> int:
                                                         and detect_kind(args.data) == "text")
         default = "text" if texts else "fast"
         model = args.model or (pretrained_model(args.pretrained) if args.pretrained else RECIPE_MODELS[recipe or default])
+        if recipe == "finetune" and not args.recipe and model_kind(model) == "text":
+            recipe = None  # the finetune recipe is made of image settings: a text model keeps its own
         cfg = make_config(model, args.data, args.out, recipe or (None if args.model else default), **overrides)
     validate(cfg)
     procs = distributed.resolve_procs(cfg.procs, resolve_device(cfg.device),

@@ -440,6 +440,7 @@ def _end_epoch(run: _Run, val_set, *, lr: float, t_epoch: float, first_step: int
     cfg, state = run.cfg, run.state
     epoch = state["epoch"]
     train_loss, train_top1, _ = run.step.totals()
+
     def validate() -> dict | None:
         return run.eval_metrics(val_set.inputs, val_set.labels, cfg.label_smoothing) if val_set is not None else None
 
@@ -472,7 +473,7 @@ def _end_epoch(run: _Run, val_set, *, lr: float, t_epoch: float, first_step: int
 
 
 def _refit_to_budget(run: _Run, *, t_epoch: float, first_step: int) -> None:
-    """Re-plan the run's length from this epoch's cost of a step, evaluation and saving included."""
+    """Re-plan the run's length from this epoch's cost of a step, its evaluation included."""
     state = run.state
     def cost(first: int, end: int, total_steps: int, floor: int | None) -> float:  # in native steps (resizing: cheaper)
         return budget.schedule_cost(first, end, total_steps=total_steps, phases=run.phases, costs=run.step_costs,
