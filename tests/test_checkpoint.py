@@ -133,6 +133,28 @@ def test_fine_tuning_resizes_embedding_and_resets_head(tmp_path):
     assert dst(torch.randn(1, 3, 48, 64)).shape == (1, 5)
 
 
+def test_pretrained_from_a_plain_state_dict_a_headless_model_and_a_sine_one(tmp_path):
+    torch.manual_seed(0)
+    source = cct.create_model("cct_2_3x2_32", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "plain.pt")  # `torch.save(model.state_dict())`, as users do
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "ddp.pt")
+    same = cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "plain.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), source.state_dict().values()))
+    other = cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "ddp.pt"), num_classes=3)  # a fresh head
+    assert other.head.out_features == 3 and torch.equal(other.pos_embed, source.pos_embed)
+    cct.save_checkpoint(cct.create_model("cct_2_3x2_32", num_classes=0), tmp_path / "nc0.pt")
+    assert cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "nc0.pt"), num_classes=4).head.out_features == 4
+    assert isinstance(cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "plain.pt"), num_classes=0).head,
+                      torch.nn.Identity)
+    sine = cct.create_model("cct_2_3x2_32_sine", num_classes=10)
+    cct.save_checkpoint(sine, tmp_path / "sine.pt")
+    learnable = cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "sine.pt"))  # a fresh embedding
+    assert torch.equal(learnable.blocks[0].attn.qkv.weight, sine.blocks[0].attn.qkv.weight)
+    torch.save({"tokenizer.nothing": torch.zeros(1)}, tmp_path / "alien.pt")
+    with pytest.raises(cct.CheckpointError, match="unrecognised weights"):
+        cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "alien.pt"))
+
+
 def test_cct_checkpoint_as_pretrained_other_size(tmp_path):
     src = cct.create_model("cct_2_3x2_32", img_size=(32, 64))
     cct.save_checkpoint(src, tmp_path / "rect.pt")

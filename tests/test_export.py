@@ -119,6 +119,27 @@ def test_cli_batch_size_flag(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_opset_flag_is_checked_and_kept(tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    ckpt = cct.save_checkpoint(_model(), tmp_path / "m.pt")
+    out = tmp_path / "m.onnx"
+    for opset, message in (("5", "--opset must be between 17"), ("999", "--opset must be between 17")):
+        assert main(["export", str(ckpt), "--format", "onnx", "--output", str(out), "--opset", opset]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not out.exists()
+    assert main(["export", str(ckpt), "--format", "torchscript", "--output", str(tmp_path / "m.ts"),
+                 "--opset", "20"]) == 2
+    assert "--opset applies to ONNX graphs" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "onnx", "--output", str(out), "--opset", "17"]) == 0
+    assert "(onnx, opset 17)" in capsys.readouterr().out  # the opset asked for, or an error: never another one
+    with pytest.raises(CCTError, match="could not write this model at opset 17 .it kept opset 18"):
+        from cct.onnxrt import written_opset
+        import onnx
+        written_opset(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []),
+                                             opset_imports=[onnx.helper.make_opsetid("", 18)]), 17)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_failed_check_writes_nothing(tmp_path, monkeypatch, fmt):
     if fmt == "onnx":

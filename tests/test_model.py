@@ -193,6 +193,18 @@ def test_deeper_tokenizer_rejects_inconsistent_settings(overrides, message):
         cct.create_model("cct_2_3x4_32", **overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(img_size="32"), "img_size must be a positive int or .h, w. of ints, got '32'"),  # not (3, 2)
+    (dict(img_size=(32, 0)), "img_size must be a positive int"),
+    (dict(num_classes=-1), "num_classes must be a non-negative int .0: no classifier., got -1"),
+    (dict(in_chans=0), "in_chans must be a positive int, got 0"),
+    (dict(depth=2.5), "depth must be a positive int, got 2.5"),
+])
+def test_config_overrides_are_checked(overrides, message):
+    with pytest.raises(AssertionError, match=message):
+        cct.create_model("cct_2_3x2_32", **overrides)
+
+
 def test_count_macs():
     # cct_2_3x2_32_keras: ≈ 0.041 GMACs, i.e. ≈ 0.25 GFLOP per training image (forward + backward ≈ 3 × forward)
     macs = cct.count_macs(cct.create_model("cct_2_3x2_32_keras"))

@@ -142,6 +142,46 @@ def test_onnx_needs_onnxruntime(tmp_path, monkeypatch):
         predict(tmp_path / "m.onnx", _images(tmp_path)[:1])
 
 
+def test_a_model_without_a_classifier_is_refused_with_one_line(tmp_path, capsys):
+    """num_classes 0 (a feature extractor): no classes to predict, from the checkpoint or its ONNX export."""
+    image = _images(tmp_path)[0]
+    headless = cct.save_checkpoint(cct.create_model("cct_2_3x2_32", num_classes=0), tmp_path / "nc0.pt")
+    argvs = [["predict", str(headless), image], ["explain", str(headless), image, "--output", str(tmp_path / "x.png")]]
+    if _has_onnx():
+        assert main(["export", str(headless), "--format", "onnx", "--output", str(tmp_path / "nc0.onnx")]) == 0
+        argvs.append(["predict", str(tmp_path / "nc0.onnx"), image])
+    capsys.readouterr()
+    for argv in argvs:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "has no classifier (num_classes 0" in err and err.count("\n") == 1, argv
+
+
+def test_flags_that_would_do_nothing_are_refused(tmp_path, capsys):
+    image, ckpt = _images(tmp_path)[0], _checkpoint(tmp_path)
+    argvs = [(["explain", str(ckpt), image, "--output", str(tmp_path / "x.png"), "--json"], "--json prints a text"),
+             (["explain", str(tmp_path / "m.onnx"), image, "--output", str(tmp_path / "x.png")], "explain reads a "
+              "checkpoint"),
+             (["cache", "clear", "--older-than", "nan"], "--older-than must be a number of days")]
+    if _has_onnx():
+        assert main(["export", str(ckpt), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
+        argvs.append((["predict", str(tmp_path / "m.onnx"), image, "--precision", "bf16"], "is for checkpoints"))
+    capsys.readouterr()
+    for argv, message in argvs:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, argv
+    assert main(["explain", str(ckpt), str(tmp_path), "--output", str(tmp_path / "x.png")]) == 0  # a folder, as predict
+
+
+def _has_onnx() -> bool:
+    try:
+        import onnxruntime, onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_topk_must_be_positive(tmp_path):
     with pytest.raises(CCTError, match="topk"):
         predict(_checkpoint(tmp_path), _images(tmp_path)[:1], topk=0)

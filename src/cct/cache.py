@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,8 @@ def entries(cache_dir: Path | None = None) -> list[CacheEntry]:
 def clear(cache_dir: Path | None = None, *, older_than_days: float | None = None) -> list[CacheEntry]:
     """Remove every entry, or those last used more than `older_than_days` ago; returns the removed ones.
     Downloaded CIFAR archives are kept."""
-    if older_than_days is not None and older_than_days < 0:
-        raise CCTError(f"--older-than must be at least 0 days, got {older_than_days}")
+    if older_than_days is not None and not 0 <= older_than_days < math.inf:
+        raise CCTError(f"--older-than must be a number of days, at least 0, got {older_than_days}")
     cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
     removed = []
     for entry in entries(cache_dir):

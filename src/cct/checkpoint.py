@@ -220,23 +220,44 @@ def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit the model: {detail[:300]}") from None
 
 
+def require_classifier(num_classes: int, path: str | Path) -> None:
+    """A model without a classifier (`num_classes` 0: a feature extractor) has no classes to give."""
+    if num_classes == 0:
+        raise CheckpointError(f"{path} has no classifier (num_classes 0: a feature extractor); give it one with "
+                              "reset_classifier(n) and train it, or take its features from Python")
+
+
 # ---------------------------------------------------------------------- foreign weights (filters in cct.interop)
 def adapt_state_dict(model: CCT, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fit foreign weights to `model`: resize the positional embedding, re-initialise a head of another size."""
     state = dict(state)
     pe = state.get("pos_embed")
     if pe is not None and model.pos_embed is not None and pe.shape != model.pos_embed.shape:
-        n = pe.shape[1] - model.num_prefix_tokens
+        prefix = getattr(model, "_source_prefix", model.num_prefix_tokens)  # a class token's row, in the source
+        n = pe.shape[1] - prefix
         side = math.isqrt(n)
         old_grid = getattr(model, "_source_grid", None) or (side, side)
         if old_grid[0] * old_grid[1] != n:
             raise CheckpointError(f"cannot resize a positional embedding of {n} tokens: not a square grid")
-        state["pos_embed"] = resize_pos_embed(pe, old_grid, model.grid, model.num_prefix_tokens)
+        rows = pe[:, :prefix] if prefix == model.num_prefix_tokens else model.pos_embed[:, :model.num_prefix_tokens]
+        state["pos_embed"] = torch.cat([rows.detach(), resize_pos_embed(pe[:, prefix:], old_grid, model.grid)], 1)
+    if pe is None and isinstance(model.pos_embed, nn.Parameter):  # from weights without a learnable one: fresh
+        state["pos_embed"] = model.pos_embed.detach().clone()
     head_w = state.get("head.weight")
-    if head_w is not None and isinstance(model.head, nn.Linear) and head_w.shape != model.head.weight.shape:
-        state["head.weight"] = model.head.weight.detach().clone()  # fine-tuning: keep the fresh head
+    if isinstance(model.head, nn.Linear) and (head_w is None or head_w.shape != model.head.weight.shape):
+        state["head.weight"] = model.head.weight.detach().clone()  # fine-tuning (or no head given): a fresh head
         state["head.bias"] = model.head.bias.detach().clone()
+    elif not isinstance(model.head, nn.Linear):  # a model without a classifier takes none
+        state.pop("head.weight", None), state.pop("head.bias", None)
     return state
+
+
+def _own_keys(state: dict, model: CCT) -> bool:
+    """Whether `state` is a plain state dict of a cct model like `model` (its keys, a DDP `module.` aside, are the
+    model's own; a head or positional embedding may be missing or extra)."""
+    keys = {k.removeprefix("module.") for k in state}
+    core = {k for k in model.state_dict() if not k.startswith(("head.", "pos_embed"))}
+    return bool(core) and core <= keys and keys <= core | {"head.weight", "head.bias", "pos_embed"}
 
 
 def load_pretrained(model: CCT, path: str | Path) -> CCT:
@@ -250,14 +271,18 @@ def load_pretrained(model: CCT, path: str | Path) -> CCT:
             state = data["state_dict"]
             src = CCTConfig.from_dict(dict(data["config"]))
             model._source_grid = type(model.tokenizer)(src).grid(src.img_size)
+            model._source_prefix = 1 if src.pooling == "cls" else 0
             if model.cfg.positional_embedding != "learnable":
                 state.pop("pos_embed", None)
         else:
             state = data.get("state_dict") or data.get("model") or data
-            if not isinstance(state, dict) or not is_official(state):
-                raise CheckpointError(f"{path}: unrecognised weights (neither a cct checkpoint nor an official "
-                                      "Compact-Transformers state dict)")
-            state = official_state_dict(state, model)
+            if isinstance(state, dict) and _own_keys(state, model):  # `torch.save(model.state_dict())` of a cct model
+                state = {k.removeprefix("module."): v for k, v in state.items()}
+            elif isinstance(state, dict) and is_official(state):
+                state = official_state_dict(state, model)
+            else:
+                raise CheckpointError(f"{path}: unrecognised weights (neither a cct checkpoint or state dict nor an "
+                                      "official Compact-Transformers state dict)")
     _load_state(model, adapt_state_dict(model, state), path)
-    model.__dict__.pop("_source_grid", None)
+    model.__dict__.pop("_source_grid", None), model.__dict__.pop("_source_prefix", None)
     return model

@@ -28,11 +28,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, read_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint, require_classifier
 from .errors import CCTError
 from .model import CCT
 from .plots import save_figure
-from .predict import load_image
+from .predict import image_files, load_image
 from .preprocess import Preprocessing
 from .text_explain import explain_texts
 from .text_predict import is_text_checkpoint
@@ -124,6 +124,7 @@ def explain(checkpoint: str | Path, images: Sequence[str | Path], output: str | 
     if not images:
         raise CCTError("no images to explain")
     model = load_checkpoint(checkpoint).float().eval()
+    require_classifier(model.cfg.num_classes, checkpoint)
     prep = Preprocessing.from_checkpoint(read_checkpoint(checkpoint))
     pixels = torch.stack([load_image(f, prep.img_size, prep.in_chans) for f in images])  # (B, C, H, W) uint8
     relevance, logits, method = relevance_map(model, prep(pixels), method)
@@ -189,9 +190,14 @@ def _run(args: argparse.Namespace) -> int:
         raise CCTError("nothing to explain: give image files or --text")
     if not args.output:
         raise CCTError("--output FILE.png is needed to explain images")
+    if args.json:
+        raise CCTError("--json prints a text model's word weights; an image's explanation is the --output figure")
+    if Path(args.checkpoint).suffix.lower() == ".onnx":
+        raise CCTError(f"{args.checkpoint}: explain reads a checkpoint (.pt, .safetensors), whose attention and "
+                       "pooling an ONNX graph does not expose")
     if is_text_checkpoint(args.checkpoint):
         raise CCTError(f"{args.checkpoint} is a text model: give it --text, not image files")
-    path = explain(args.checkpoint, args.images, args.output, method=args.method)
+    path = explain(args.checkpoint, image_files(args.images), args.output, method=args.method)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -35,13 +35,13 @@ from .checkpoint import SAFETENSORS_EXTRAS, atomic_write, load_checkpoint, read_
 from .errors import CCTError
 from .kernels import use_kernels
 from .model import CCT
-from .onnxrt import onnx_session, quiet_export as _quiet, require_onnx  # noqa: F401  (require_onnx re-exported)
+from .onnxrt import (DEFAULT_OPSET, check_opset, onnx_session, quiet_export as _quiet,  # noqa: F401
+                     require_onnx, written_opset)  # (require_onnx re-exported)
 from .preprocess import Preprocessing
 from .text_export import export_text_onnx, export_text_torchscript
 from .text_predict import TOKENIZER_KEY, is_text_config, load_text_model
 
 FORMATS = ("onnx", "torchscript", "safetensors")
-DEFAULT_OPSET = 18  # the lowest opset the torch.export-based exporter writes natively
 TOLERANCE = 1e-4
 
 
@@ -101,11 +101,12 @@ def export_onnx(model: CCT, path: str | Path, *, opset: int = DEFAULT_OPSET, bat
     Args:
         model: a CCT; exported in eval mode and float32 at `model.cfg.img_size`.
         path: destination `.onnx` file.
-        opset: ONNX operator set (below 18 the exporter converts versions, which may fail).
+        opset: ONNX operator set, 17 to the installed onnx's newest (17 is converted from 18).
         batch_size: a fixed batch size; None leaves the batch axis dynamic.
         preprocessing: stored in the metadata; default x / 255 at the model's size.
     """
     onnx = require_onnx()
+    check_opset(opset)
     path = Path(path)
     model = _prepare(model)
     x = _example(model, batch_size or 2)
@@ -126,9 +127,9 @@ def export_onnx(model: CCT, path: str | Path, *, opset: int = DEFAULT_OPSET, bat
         return torch.from_numpy(session.run(None, {"images": t.numpy()})[0])
 
     diff = _compare(model, run, _check_sizes(batch_size), path, "ONNX")
+    written = written_opset(proto, opset)
     atomic_write(path, lambda f: f.write(payload))
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return ExportReport(path, "onnx", diff, _check_sizes(batch_size), opset)
+    return ExportReport(path, "onnx", diff, _check_sizes(batch_size), written)
 
 
 def export_torchscript(model: CCT, path: str | Path, *, batch_size: int | None = None,
@@ -231,8 +232,10 @@ def _batch_size(text: str) -> int | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.format == "safetensors" and (args.batch_size or args.opset != DEFAULT_OPSET):
-        raise CCTError("--batch-size and --opset apply to graphs (onnx, torchscript), not to safetensors weights")
+    if args.format == "safetensors" and args.batch_size:
+        raise CCTError("--batch-size applies to graphs (onnx, torchscript), not to safetensors weights")
+    if args.format != "onnx" and args.opset != DEFAULT_OPSET:
+        raise CCTError(f"--opset applies to ONNX graphs, not to --format {args.format}")
     report = export_checkpoint(args.checkpoint, args.output, args.format, opset=args.opset, batch_size=args.batch_size)
     print(report)
     return 0

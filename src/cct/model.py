@@ -62,10 +62,10 @@ class CCTConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
-        assert len(self.img_size) == 2 and min(self.img_size) > 0, f"img_size must be positive (h, w), got {self.img_size}"
+        size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        assert isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size), \
+            f"img_size must be a positive int or (h, w) of ints, got {self.img_size!r}"  # not "32", read as (3, 2)
+        self.img_size = tuple(size)
         assert self.positional_embedding in POSITIONAL_EMBEDDINGS, \
             f"positional_embedding must be one of {POSITIONAL_EMBEDDINGS}, got {self.positional_embedding!r}"
         assert self.block in BLOCKS, f"block must be one of {BLOCKS}, got {self.block!r}"
@@ -81,7 +81,11 @@ class CCTConfig:
             self.pool_layers = tuple(int(i) for i in self.pool_layers)
             assert all(0 <= i < self.conv_layers for i in self.pool_layers), \
                 f"pool_layers must be conv indices in [0, {self.conv_layers}), got {self.pool_layers}"
-        assert self.in_chans > 0 and self.num_classes >= 0 and self.depth > 0 and self.conv_layers > 0
+        for name in ("in_chans", "depth", "conv_layers"):
+            assert isinstance(getattr(self, name), int) and getattr(self, name) > 0, \
+                f"{name} must be a positive int, got {getattr(self, name)!r}"
+        assert isinstance(self.num_classes, int) and self.num_classes >= 0, \
+            f"num_classes must be a non-negative int (0: no classifier), got {self.num_classes!r}"
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             assert 0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}"
 

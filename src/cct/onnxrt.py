@@ -14,6 +14,29 @@ from pathlib import Path
 from .errors import CCTError
 
 
+DEFAULT_OPSET = 18  # the lowest opset the torch.export-based exporter writes natively
+
+
+def check_opset(opset: int) -> None:
+    """A one-line error for an opset the models cannot be written at: before 17, ONNX has no LayerNormalization,
+    which every cct model uses; after the installed onnx's newest, nothing is defined."""
+    onnx = require_onnx()
+    newest = onnx.defs.onnx_opset_version()
+    if not 17 <= opset <= newest:
+        raise CCTError(f"--opset must be between 17 (ONNX's first LayerNormalization) and {newest} (the installed "
+                       f"onnx's newest), got {opset}; {DEFAULT_OPSET} and later are written directly")
+
+
+def written_opset(proto, asked: int) -> int:
+    """The graph's opset; an error when it is not the one asked for (the exporter's down-conversion to an opset
+    below 18 failed for some operator, and it kept its own instead)."""
+    written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if written != asked:
+        raise CCTError(f"the exporter could not write this model at opset {asked} (it kept opset {written}, which "
+                       f"some of its operators need): use --opset {written} or later")
+    return written
+
+
 def require_onnxruntime():
     """The onnxruntime module, or a `CCTError` saying how to install the optional extra."""
     try:

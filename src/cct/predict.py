@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint
+from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint, require_classifier
 from .decode import UnreadableImageError, decode_image
 from .errors import CCTError
 from .kernels import fuse, use_kernels
@@ -99,11 +99,14 @@ def open_classifier(path: str | Path, precision: str | None = None, *, kernels: 
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
+        if precision not in (None, "fp32"):
+            raise CCTError(f"--precision {precision} is for checkpoints: an ONNX model computes in float32")
         return _open_onnx(path)
     if is_text_checkpoint(path):
         raise CCTError(f"{path} is a text model: classify texts with --text or --text-file, not image files")
     data = read_checkpoint(path)
     model = fuse(use_kernels(model_from_checkpoint(data, path).float().eval(), kernels))
+    require_classifier(model.cfg.num_classes, path)
     prep = Preprocessing.from_checkpoint(data)
     precision = resolve_precision(precision or recorded_precision(prep.precision, "cpu"), "cpu")
 
@@ -128,6 +131,7 @@ def _open_onnx(path: Path) -> Classifier:
     if "preprocessing" not in meta:
         raise CCTError(f"{path} has no 'preprocessing' metadata: export it with `cct export`")
     preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
+    require_classifier(json.loads(meta.get("config") or "{}").get("num_classes", -1), path)
     input_name = session.get_inputs()[0].name
     batch = session.get_inputs()[0].shape[0]
     num_classes = session.get_outputs()[0].shape[1]

@@ -27,7 +27,7 @@ from . import __version__
 from .checkpoint import atomic_write
 from .errors import CCTError
 from .kernels import use_kernels
-from .onnxrt import onnx_session, quiet_export, require_onnx
+from .onnxrt import check_opset, onnx_session, quiet_export, require_onnx, written_opset
 from .text_model import TextCCT, TextConvTokenizer
 from .text_predict import ONNX_TOKENIZER_KEY
 
@@ -113,6 +113,7 @@ def export_text_onnx(model: TextCCT, path: str | Path, *, opset: int, tolerance:
     """Write a text model as ONNX (dynamic batch and length) after checking it; returns (max |diff|, the
     serialised model, its opset)."""
     onnx = require_onnx()
+    check_opset(opset)
     path = Path(path)
     model = _prepare(model)
     meta = _metadata(model, eval_record)
@@ -137,8 +138,8 @@ def export_text_onnx(model: TextCCT, path: str | Path, *, opset: int, tolerance:
         return torch.from_numpy(session.run(None, {"token_ids": t.numpy(), "mask": m.numpy()})[0])
 
     diff, _ = check_parity(model, run, path, "ONNX", tolerance=tolerance)
+    opset = written_opset(proto, opset)
     atomic_write(path, lambda f: f.write(payload))
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return diff, payload, opset
 
 

@@ -120,6 +120,8 @@ def open_text_classifier(path: str | Path, precision: str | None = None, *, kern
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
+        if precision not in (None, "fp32"):
+            raise CCTError(f"--precision {precision} is for checkpoints: an ONNX model computes in float32")
         return text_onnx_classifier(onnx_session(path), path)
     model = load_text_model(path)
     record = read_checkpoint(path).get("eval") or {}
