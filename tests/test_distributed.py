@@ -166,6 +166,15 @@ def test_a_failing_worker_ends_the_job(tmp_path):
             import time
             time.sleep(1.5)
     assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
+    # a worker's death that breaks rank 0's own work first (a collective's socket reset): the worker is reported
+    with pytest.raises(CCTError, match="process 1 of 2 failed .exit status 2."):
+        with distributed.local_workers(2, ["no-such-command"], grace_seconds=60):
+            import time
+            time.sleep(1.5)
+            raise RuntimeError("[gloo] Connection reset by peer")
+    with pytest.raises(RuntimeError, match="rank 0's own"):  # workers alive: rank 0's error is the error
+        with distributed.local_workers(2, ["models", "--no-macs"], grace_seconds=60):
+            raise RuntimeError("rank 0's own")
 
 
 @pytest.mark.parametrize("extra, message", [

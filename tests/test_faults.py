@@ -417,6 +417,22 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_resumes(tree, referen
     resume_and_check(out, tree, reference, capsys)  # the cause gone, the run goes on from epoch 1
 
 
+def test_nan_loss_in_the_first_epoch_says_nothing_is_saved(tree, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    helpers.poison_loss(monkeypatch, at_call=2)  # epoch 1: no last.pt yet
+    code, _, err = run_cli(train_argv(tree, out, "--precision", "fp32"), capsys)
+    assert_one_line_error(code, err, "loss became nan", "no epoch had ended: nothing to resume")
+    assert "last good checkpoint" not in err and "--precision fp32" not in err  # already fp32
+    assert not (out / "last.pt").exists()
+
+
+def test_results_json_is_strict_json_even_with_a_nan_loss(tmp_path):
+    from cct.runfiles import write_json
+    write_json(tmp_path / "r.json", {"test_loss": float("nan"), "per": [float("inf"), 1.0], "top1": 0.5})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text) == {"test_loss": None, "per": [None, 1.0], "top1": 0.5} and "NaN" not in text
+
+
 def test_nan_loss_skipped_and_counted(tree, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     helpers.poison_loss(monkeypatch, at_call=6)
@@ -760,7 +776,8 @@ def test_checkpoint_of_another_class_count_or_classes(checkpoint, tmp_path, caps
     shutil.copytree(reference["out"], run_dir)
     (run_dir / "results.json").unlink()
     code, _, err = run_cli(["train", "--resume", run_dir, "--data", four, "--quiet"], capsys)
-    assert_one_line_error(code, err, "does not match this run")
+    assert_one_line_error(code, err, "the run trained on classes ant, bee, cat, and the data given holds ant, bee, "
+                                     "cat, dog")
 
 
 # ---------------------------------------------------------------------- Keras files and flags

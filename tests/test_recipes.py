@@ -76,6 +76,14 @@ def test_res_schedule_parses_and_is_for_images():
         validate(replace(make_config("text_cct_2", "d", "o"), res_schedule="0.5@0,1@0.5"))  # without make_config
 
 
+def test_rand_augment_none_turns_the_recipes_policy_off():
+    assert make_config("cct_7_3x1_32", "d", "o", "paper").rand_augment == "rand-m9-mstd0.5-inc1"
+    for off in ("none", "None", ""):
+        cfg = make_config("cct_7_3x1_32", "d", "o", "paper", rand_augment=off)
+        assert cfg.rand_augment is None and cfg.auto_augment is False
+        validate(cfg)
+
+
 def test_choices_come_from_runtime():
     fields = TrainConfig.__dataclass_fields__
     assert fields["precision"].metadata["choices"] is PRECISIONS and fields["device"].metadata["choices"] is DEVICES

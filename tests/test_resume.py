@@ -59,6 +59,16 @@ def test_a_resumed_run_with_options_matches_the_uninterrupted_one(tmp_path, opti
     assert (resumed["test_loss"], resumed["train_tflop"]) == (reference["test_loss"], reference["train_tflop"])
 
 
+def test_a_resume_on_data_of_other_classes_is_refused(tmp_path):
+    from dataclasses import replace
+    ds = memory_dataset()
+    with pytest.raises(TrainingInterrupted):
+        train(seeded_config(tmp_path / "run"), dataset=ds, quiet=True, stop_at_step=3)
+    other = replace(ds, classes=["ant", "bee", "gnu"])
+    with pytest.raises(CheckpointError, match="the run trained on classes .*, and the data given holds ant, bee, gnu"):
+        train(resume.resume_config(tmp_path / "run"), dataset=other, resume=True, quiet=True)
+
+
 def test_last_pt_keeps_its_keys(reference_run):
     """last.pt is a format: runs started by earlier versions resume, so its keys only ever grow."""
     checkpoint = torch.load(reference_run[0] / "last.pt", weights_only=True)

@@ -99,7 +99,7 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("
 
 
 def _add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model (recipes: keras, paper, fast, text)",
+    p = subparsers.add_parser("train", help="train a model (recipes: keras, paper, fast, finetune, text)",
                               description="Train a model; writes last.pt, best.pt, history.csv, curves.png, "
                                           "config.json and results.json to --out.")
     p.add_argument("--model", help="a name from `cct models` (default: the recipe's own: "
@@ -107,8 +107,9 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--data", help="data source (a directory of class folders, an archive, ...; for text models "
                                   "a TREC folder, CSV/TSV, JSON Lines or folders of .txt files)")
     p.add_argument("--out", metavar="DIR", help="output directory")
-    p.add_argument("--recipe", choices=tuple(RECIPES), help="keras (default for *_keras models), text (default "
-                                                            "for text_* models), paper (default otherwise) or fast")
+    p.add_argument("--recipe", choices=tuple(RECIPES), help="default: without --model, fast (text for text data); "
+                                                            "with --pretrained, finetune (image models); else keras "
+                                                            "for *_keras models, text for text_* models, paper")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_config_flags(p)

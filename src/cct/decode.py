@@ -146,7 +146,7 @@ def uniform_images(images: list[tuple[object, np.ndarray]], size: tuple[int, int
         shapes = Counter(a.shape[1:] for _, a in images)
         size = shapes.most_common(1)[0][0]
         if len(shapes) > 1:
-            log.warning("%s: images of %d sizes; resizing all to the most common, %dx%d (pass img_size to choose)",
+            log.warning("%s: images of %d sizes; resizing all to the most common, %dx%d (--img-size chooses)",
                         where, len(shapes), size[0], size[1])
             images = [(k, a if a.shape[1:] == size else resize_image(a, size, resize_mode=resize_mode))
                       for k, a in images]

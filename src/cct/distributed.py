@@ -182,6 +182,14 @@ def _failure(rank: int, procs: int, worker: subprocess.Popen, log) -> str:
             + (lines[-1].strip() if lines else "no message"))
 
 
+def _exit_status(worker: subprocess.Popen, *, within: float) -> int | None:
+    """The worker's exit status, waiting up to `within` seconds for it; None while it runs."""
+    try:
+        return worker.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 @contextlib.contextmanager
 def local_workers(procs: int, argv: list[str], *, grace_seconds: float = 5.0) -> Iterator[int]:
     """Make this process rank 0 of a `procs`-process job on this machine for the duration of the block.
@@ -222,7 +230,14 @@ def local_workers(procs: int, argv: list[str], *, grace_seconds: float = 5.0) ->
                                                    preexec_fn=_die_with_parent()), log))
         threading.Thread(target=watch, name="cct-local-workers", daemon=True).start()
         os.environ.update(job, RANK="0", LOCAL_RANK="0")
-        yield procs
+        try:
+            yield procs
+        except Exception:  # a worker's death breaks rank 0's collective first: report the worker, not the socket
+            failed = [(rank, w, log) for rank, w, log in workers if _exit_status(w, within=1.0) not in (None, 0, 130, 143)]
+            if failed:
+                rank, w, log = failed[0]
+                raise CCTError(_failure(rank, procs, w, log)) from None
+            raise
         done.set()
         for rank, w, log in workers:
             if w.wait() != 0:

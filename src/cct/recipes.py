@@ -93,9 +93,11 @@ class TrainConfig:
     loader_workers: int = _f(4, "DataLoader processes decoding a streamed dataset, per training process")
     normalize: str = _f("none", "input normalisation: none (x/255), cifar mean/std, the training set's, or "
                                 "the --pretrained weights' own", choices=NORMALIZATIONS)
-    pretrained: str | None = _f(None, "start from these weights: a cct checkpoint, an official SHI-Labs .pth or the "
-                                      "Keras example's .weights.h5 (a new head for another class count, the "
-                                      "positional embedding resized to the input size); implies --recipe finetune")
+    pretrained: str | None = _f(None, "start from these weights: a cct checkpoint or state dict, an official "
+                                      "SHI-Labs .pth or the Keras example's .weights.h5 (a new head for another class "
+                                      "count, the positional embedding resized to the input size); implies --recipe "
+                                      "finetune "
+                                      "for image models (text models: the official text .pth)")
     # augmentation (cct.augment)
     hflip: bool = _f(True, "random horizontal flips")
     alternate_flip: bool = _f(False, "with --hflip: airbench's derandomised flip instead of coin flips, a random half "
@@ -114,7 +116,7 @@ class TrainConfig:
                                                    "a --res-schedule given is kept unless this is given too")
     rrc_scale: tuple[float, float] | None = _f(None, "random-resized-crop area scale range, e.g. 0.8 1")
     rrc_interpolation: str = _f("random", "random-resized-crop interpolation", choices=("random", "bilinear", "bicubic"))
-    rand_augment: str | None = _f(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
+    rand_augment: str | None = _f(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (none: off)")
     auto_augment: bool = _f(False, "AutoAugment's CIFAR-10 policy")
     erasing: float = _f(0.0, "random-erasing probability")
     mixup_alpha: float = _f(0.0, "MixUp alpha (0: off); text models: word mixup, the word vectors of two texts mixed")
@@ -157,14 +159,14 @@ class TrainConfig:
     min_frequency: int = _f(1, "training-split words seen fewer times become [UNK]")
     lowercase: bool = _f(True, "lower-case texts before tokenizing")
     seq_len: int | None = _f(None, "tokens per text; longer texts are truncated (default: the model's, 64)")
-    kernel_size: int | None = _f(None, "text models: the conv tokenizer's kernel (default: the model's)")
+    kernel_size: int | None = _f(None, "text models: the conv tokenizer's kernel (default: the text recipe's, 2)")
     word_vectors: str | None = _f(None, "GloVe/word2vec text file initialising the embedding rows of known words")
     token_dropout: float = _f(0.0, "text augmentation: probability of replacing each token by [UNK]")
     fgm: float = _f(0.0, "text models: adversarial word vectors (FGM, Miyato et al. 2017): each step also trains on "
                          "the batch with its word vectors moved this far (L2 norm) along the loss's gradient; two "
                          "forward and backward passes a step (0: off)")
-    embedding_std: float | None = _f(None, "text models: word vectors start N(0, std²) (default: the model's, 1 as "
-                                           "the official)")
+    embedding_std: float | None = _f(None, "text models: word vectors start N(0, std²) (default: the text recipe's, "
+                                           "0.1; the official models' is 1)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -301,6 +303,8 @@ def make_config(model: str, data: str, out: str, recipe: str | None = None, **ov
         raise CCTError(f"--{wrong[0].replace('_', '-')} is for {'image' if text else 'text'} models, and {model} is "
                        f"{'a text' if text else 'an image'} model")
     values = {**RECIPES[recipe], **overrides}
+    if isinstance(values.get("rand_augment"), str) and values["rand_augment"].strip().lower() in ("none", ""):
+        values["rand_augment"] = None  # `--rand-augment none` turns a recipe's policy off
     if text:
         values.update(hflip=False, alternate_flip=False)  # the dataclass's image defaults, recorded as not applying
     if "res_schedule" in overrides and "res_schedule_max_cost" not in overrides:

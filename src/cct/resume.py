@@ -118,17 +118,25 @@ def last_state(step: TrainStep, *, data_epoch_state: torch.Tensor, data_gen: tor
 
 def restore(checkpoint: dict, path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, step: TrainStep,
             data_gen: torch.Generator, aug_gen: torch.Generator, seed: int, rank: int,
-            world_size: int) -> tuple[dict, list[dict], torch.Tensor]:
+            world_size: int, classes: list[str] | None = None) -> tuple[dict, list[dict], torch.Tensor]:
     """Put the run back where last.pt left it; returns (train_state, history, the epoch's data generator state).
 
-    History rows past the checkpoint's epoch (written after it by a run that then died) are dropped.
+    History rows past the checkpoint's epoch (written after it by a run that then died) are dropped. `classes`:
+    the data's, which must be the run's (a `--data` given to the resume must hold the same classes).
     """
+    saved = checkpoint.get("class_names")
+    if classes is not None and saved and list(saved) != list(classes):
+        raise CheckpointError(f"{path}: the run trained on classes {', '.join(saved[:5])}"
+                              f"{', ...' if len(saved) > 5 else ''}, and the data given holds "
+                              f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}")
     try:
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step.load_state_dict(checkpoint["step_state"])
     except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path} does not match this run: {str(e).strip().splitlines()[0][:200]}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} does not match this run: {detail[:200]}") from None
     state = dict(checkpoint["train_state"])
     history = [dict(r) for r in checkpoint["history"] if r["epoch"] <= state["epoch"]]
     rng = checkpoint["rng"]

@@ -84,8 +84,26 @@ def epoch_line(row: dict, total_epochs: int, skipped: int) -> str:
 
 # ---------------------------------------------------------------------- config.json, results.json
 def write_json(path: Path, obj: dict) -> None:
-    text = json.dumps(obj, indent=2) + "\n"
+    """`obj` as strict JSON (a non-finite number, a NaN loss say, is written as null), atomically."""
+    text = json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def nonfinite_advice(out: Path, precision: str) -> str:
+    """The end of the message of a run stopped by a non-finite loss: where it can resume from, what to try."""
+    saved = (out / "last.pt").is_file()
+    return (f" — the last good checkpoint is {out / 'last.pt'}" if saved else " (no epoch had ended: nothing to resume)") \
+        + "; try a lower --lr" + (", --precision fp32" if precision != "fp32" else "") + " or --skip-nonfinite"
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def resolved_config(cfg: TrainConfig, *, precision: str, device: str, world_size: int, total_steps: int,

@@ -182,7 +182,7 @@ def probe_tree(root: Path, names: list[str], *, size: tuple[int, int] | None,
         size = sizes.most_common(1)[0][0]
         if len(sizes) > 1:
             log.warning("%s: images of several sizes; resizing all to the most common of a sample, %dx%d "
-                        "(pass img_size to choose)", root, *size)
+                        "(--img-size chooses)", root, *size)
     channels = in_chans or (1 if modes and modes <= GRAY_MODES else 3)
     return size, channels
 

@@ -296,7 +296,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     if checkpoint is not None:
         restored, run.history, run.data_epoch_state = restore(
             checkpoint, out / "last.pt", model=model, optimizer=optimizer, step=step, data_gen=data_gen,
-            aug_gen=aug_gen, seed=cfg.seed, rank=rank, world_size=world_size)
+            aug_gen=aug_gen, seed=cfg.seed, rank=rank, world_size=world_size, classes=inputs.classes)
         state.update(restored)
         if rank == 0:  # rows past the checkpoint's epoch (written after it, by a run that then died) go
             runfiles.write_history(out / "history.csv", run.history)
@@ -396,10 +396,8 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
             try:  # the stop flags travel with the step's exchange: one decision for all ranks, or some would wait
                 step(batch, labels, lr, mix=mix, share=run.stop_flags)
             except NonFiniteLossError as e:
-                raise NonFiniteLossError(
-                    f"{e} at epoch {epoch + 1}, step {state['batch'] + 1}; stopped without saving — the last good "
-                    f"checkpoint is {run.out / 'last.pt'}; try a lower --lr, --precision fp32, or --skip-nonfinite"
-                ) from None
+                raise NonFiniteLossError(f"{e} at epoch {epoch + 1}, step {state['batch'] + 1}; stopped without "
+                                         f"saving{runfiles.nonfinite_advice(run.out, run.precision)}") from None
             state["batch"] += 1
             state["step"] += 1
             if step.lookahead is not None:  # by the planned length, which a budget's re-fit moves
