@@ -96,8 +96,7 @@ class TrainConfig:
     pretrained: str | None = _f(None, "start from these weights: a cct checkpoint or state dict, an official "
                                       "SHI-Labs .pth or the Keras example's .weights.h5 (a new head for another class "
                                       "count, the positional embedding resized to the input size); implies --recipe "
-                                      "finetune "
-                                      "for image models (text models: the official text .pth)")
+                                      "finetune for image models (text models: the official text .pth)")
     # augmentation (cct.augment)
     hflip: bool = _f(True, "random horizontal flips")
     alternate_flip: bool = _f(False, "with --hflip: airbench's derandomised flip instead of coin flips, a random half "
