@@ -232,6 +232,8 @@ def local_workers(procs: int, argv: list[str], *, grace_seconds: float = 5.0) ->
         os.environ.update(job, RANK="0", LOCAL_RANK="0")
         try:
             yield procs
+        except CCTError:  # rank 0's own one-line error (every rank usually meets the same one)
+            raise
         except Exception:  # a worker's death breaks rank 0's collective first: report the worker, not the socket
             failed = [(rank, w, log) for rank, w, log in workers if _exit_status(w, within=1.0) not in (None, 0, 130, 143)]
             if failed:
