@@ -56,8 +56,8 @@ def bench_load(source: Path) -> torch.Tensor | None:
 
 def bench_augment(images: torch.Tensor, batch: int, runs: int) -> float:
     g = torch.Generator().manual_seed(0)
-    x = images[:batch].contiguous()
-    y = torch.randint(0, 10, (batch,), generator=g)
+    x = images[:batch].contiguous()  # a source smaller than --batch gives a smaller batch
+    y = torch.randint(0, 10, (len(x),), generator=g)
     xf = A.normalize(x, CIFAR_MEAN, CIFAR_STD)
     official = P.AugmentConfig(rrc_scale=(0.8, 1.0), hflip=True, rand_augment="rand-m9-mstd0.5-inc1", erasing=0.25,
                                mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, mean=CIFAR_MEAN, std=CIFAR_STD)

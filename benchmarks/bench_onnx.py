@@ -1,8 +1,9 @@
 """Inference throughput: ONNX Runtime against PyTorch on the same cct model (default cct_2_3x2_32_keras).
 
 The model is exported with `cct.export.export_onnx` (dynamic batch, checked against PyTorch) and both
-backends run float32 on the CPU with the same number of threads: PyTorch in eval mode under
-`torch.inference_mode()`, ONNX Runtime's CPU execution provider with all graph optimisations. For each
+backends run float32 on the CPU with the same number of threads: PyTorch as `cct predict` and `cct eval`
+run it (the fast kernels, `cct.kernels.use_kernels`, fused for inference, `cct.kernels.fuse`) in eval mode
+under `torch.inference_mode()`, ONNX Runtime's CPU execution provider with all graph optimisations. For each
 batch size, after warm-up calls, `--repeats` windows of about `--window` seconds are timed per backend,
 the two backends taking turns so that both see the same load, and the median window rate (images/s) is
 reported with the spread.
@@ -28,6 +29,8 @@ import torch
 
 import cct
 from cct.export import export_onnx
+from cct.kernels import fuse, use_kernels
+from cct.registry import model_kind
 from cct.predict import onnx_session
 
 
@@ -67,10 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.repeats < 1 or args.window <= 0:
+        parser.error("--repeats must be at least 1 and --window positive")
+    if model_kind(args.model) != "image":
+        parser.error(f"{args.model} is a text model: this script times image models")
     model = cct.create_model(args.model).eval()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         report = export_onnx(model, Path(tmp) / "model.onnx")
+        model = fuse(use_kernels(model, "fast")).eval()  # the PyTorch path cct's own inference takes
         session = onnx_session(report.path, threads=args.threads)
         results = []
         for batch in args.batch_sizes:

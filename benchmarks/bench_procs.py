@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
         runs: dict[str, list[dict]] = {k: [] for k in sides}
         for i in range(args.rounds):
             for side in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
-                cmd = [sys.executable, "-m", "cct", "bench", "--json", "--no-peak", "--model", model,
+                threads = ["--threads", str(args.procs)] if side == "threads" else []  # not OMP_NUM_THREADS's
+                cmd = [sys.executable, "-m", "cct", "bench", "--json", "--no-peak", "--model", model, *threads,
                        "--precision", args.precision, "--procs", sides[side], "--steps", str(args.steps),
                        "--windows", str(args.windows), *(["--recipe", recipe] if recipe else [])]
                 r = run_json(cmd)

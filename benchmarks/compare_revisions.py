@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("cct_2_3x2_32_keras", "cct_2_3x2_32", "cct_7_3x1_32")
 # cct_7_3x1_32 trains at ~35 img/s on 2 cores: a smaller timed window keeps a round within minutes
 BENCH_ARGS = {"cct_7_3x1_32": ["--steps", "3", "--windows", "3", "--warmup", "1"]}
-FIELDS = ("train_images_per_second", "infer_images_per_second")
+FIELDS = ("train_images_per_second", "infer_images_per_second", "train_sequences_per_second",
+          "infer_sequences_per_second")  # those a run reports (--no-infer drops inference; text models count sequences)
 
 
 def bench(src: Path, model: str, extra: list[str]) -> dict:
@@ -44,8 +45,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     extra = args.bench_args.split()
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old, "src"], stdout=subprocess.PIPE,
-                                 check=True).stdout
+        archived = subprocess.run(["git", "-C", str(ROOT), "archive", args.old, "src"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        if archived.returncode:
+            parser.error(f"--old {args.old}: {archived.stderr.decode(errors='replace').strip().splitlines()[-1]}")
+        archive = archived.stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         sides = {"old": Path(tmp) / "src", "new": ROOT / "src"}
         runs: dict[str, dict[str, list[dict]]] = {m: {"old": [], "new": []} for m in args.models}
@@ -55,12 +59,12 @@ def main(argv=None) -> dict:
                 for side in order:
                     result = bench(sides[side], model, extra)
                     runs[model][side].append(result)
-                    print(f"round {r + 1} {model} {side}: " + ", ".join(f"{f} {result[f]:.1f}" for f in FIELDS),
-                          file=sys.stderr, flush=True)
+                    print(f"round {r + 1} {model} {side}: " + ", ".join(f"{f} {result[f]:.1f}" for f in FIELDS
+                                                                        if f in result), file=sys.stderr, flush=True)
     summary = {"old": args.old, "rounds": args.rounds, "bench_args": extra, "models": {}}
     for model, sides_runs in runs.items():
         row = {}
-        for f in FIELDS:
+        for f in (f for f in FIELDS if all(f in r for r in sides_runs["old"] + sides_runs["new"])):
             old = statistics.median(r[f] for r in sides_runs["old"])
             new = statistics.median(r[f] for r in sides_runs["new"])
             row[f] = {"old": round(old, 1), "new": round(new, 1), "ratio": round(new / old, 3),
@@ -73,7 +77,8 @@ def main(argv=None) -> dict:
         print(f"new / old ({args.old}), medians of {args.rounds} alternating rounds:")
         for model, row in summary["models"].items():
             print(f"  {model} ({row['precision']}): " + "; ".join(
-                f"{f.split('_')[0]} {row[f]['old']} → {row[f]['new']} img/s (×{row[f]['ratio']})" for f in FIELDS))
+                f"{f.split('_')[0]} {row[f]['old']} → {row[f]['new']} {'seq' if 'sequences' in f else 'img'}/s "
+                f"(×{row[f]['ratio']})" for f in FIELDS if f in row))
     return summary
 
 

@@ -23,7 +23,11 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
+try:
+    import keras  # noqa: E402
+except ImportError:  # this script runs in the Keras venv, not cct's
+    sys.exit("keras_reference.py needs Keras 3 and TensorFlow: build their venv with benchmarks/setup_keras_env.sh "
+             "and run this script with that venv's python")
 import numpy as np  # noqa: E402
 
 FIXTURE_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "make_keras_fixture.py"

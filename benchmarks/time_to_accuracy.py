@@ -73,6 +73,8 @@ def main(argv=None) -> list[dict]:
 
 def summarise(out: Path, *, budget: float | None, wall: float | None) -> dict:
     """One run's figures, from its results.json and history.csv."""
+    if not (out / "results.json").is_file():
+        sys.exit(f"time_to_accuracy: {out} has no results.json (not a finished `cct train` run)")
     results = json.loads((out / "results.json").read_text())
     config = out / "config.json"
     settings = json.loads(config.read_text()) if config.is_file() else {}

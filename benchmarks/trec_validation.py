@@ -283,4 +283,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    from cct.errors import CCTError
+    try:
+        main()
+    except CCTError as e:  # a missing or malformed --data: its one line, as `cct` says it
+        sys.exit(f"trec_validation: {e}")

@@ -237,6 +237,8 @@ def test_bench_text_model(capsys):
     assert r["seq_len"] == 12 and r["vocab_size"] == 50 and r["gflops_per_sequence_forward"] > 0
     assert main(["bench", "--model", "cct_2_3x2_32", "--seq-len", "12"]) == 2
     assert "for text models" in capsys.readouterr().err
+    assert main(["bench", "--model", "text_cct_2", "--seq-len", "0"]) == 2  # not the default length in disguise
+    assert "--seq-len must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_bench_text_recipe_times_the_training_step(capsys, monkeypatch):

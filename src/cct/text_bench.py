@@ -131,7 +131,7 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
     prec = resolve_precision(precision, dev)
     torch.manual_seed(seed)
     net = use_kernels(create_text_model(model, **overrides), kernels).to(dev)
-    length = length or net.cfg.seq_len
+    length = net.cfg.seq_len if length is None else length
     if length < 1:
         raise ValueError(f"--seq-len must be at least 1, got {length}")
     macs = count_text_macs(net, length)
