@@ -8,8 +8,9 @@ The ratios are of the medians over rounds. Keras trains in float32 (its default 
 each precision is timed with the recipe's own `--procs` (keras: one process per core) and with one
 process (`--procs 1`), so that the gain of each is visible.
 
-    .venv/bin/python benchmarks/compare_keras.py --rounds 3
-    .venv/bin/python benchmarks/compare_keras.py --setup --keras-venv /tmp/kerasenv --json
+    .venv/bin/python benchmarks/compare_keras.py --setup --rounds 3    # the first time: builds the Keras venv
+    .venv/bin/python benchmarks/compare_keras.py --rounds 3            # then: reuses it
+    .venv/bin/python benchmarks/compare_keras.py --keras-venv /tmp/kerasenv --json
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     keras_python = Path(args.keras_venv) / "bin" / "python"
-    if args.setup or not keras_python.exists():
+    if not args.setup and not keras_python.exists():  # a multi-GB install is asked for, never assumed
+        parser.error(f"no Keras venv at {args.keras_venv}: give --keras-venv DIR, or --setup to build it there")
+    if args.setup:
         subprocess.run(["bash", str(HERE / "setup_keras_env.sh"), args.keras_venv], check=True,
                        stdout=sys.stderr)
     keras_cmd = [str(keras_python), str(HERE / "keras_reference.py"), "--json", "--batch-size", str(args.batch_size),
