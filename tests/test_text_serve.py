@@ -107,6 +107,19 @@ def test_one_line_errors_for_the_wrong_kind_and_empty_input(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- export
+def test_onnx_export_of_a_one_token_model(tmp_path):
+    """--seq-len 1 trains; its graph has no length to vary (a Dim of min = max = 1 is refused by torch.export)."""
+    pytest.importorskip("onnxruntime")
+    from cct.text_export import export_text_onnx
+    torch.manual_seed(0)
+    tok = TextTokenizer.train(CORPUS, vocab_size=200)
+    model = create_text_model("text_cct_2", vocab_size=tok.vocab_size, num_classes=len(CLASSES), seq_len=1,
+                              word_embedding_dim=16, kernel_size=1).eval()
+    model.tokenizer, model.class_names = tok, list(CLASSES)
+    diff, _, opset = export_text_onnx(model, tmp_path / "one.onnx", opset=18, tolerance=1e-4)
+    assert diff <= 1e-4 and opset == 18 and (tmp_path / "one.onnx").is_file()
+
+
 def test_onnx_export_parity_dynamic_length_and_predict_without_a_torch_model(tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -102,6 +102,18 @@ def test_a_source_without_a_test_set_holds_one_out_for_train_and_eval(tmp_path, 
         f.write("HUM,who is there ?\n")
     code, _, err = run_cli(["eval", out / "best.pt", "--data", source], capsys)
     assert code == 2 and "is not the source the run held its 15 test texts out of" in err and err.count("\n") == 1
+    # a resume from the changed file is refused too: a new split would put trained-on texts in the test set
+    with pytest.raises(TrainingInterrupted):
+        train(make_config("text_cct_2", str(data / "train_5500.label"), str(tmp_path / "stop"), seq_len=8,
+                          precision="fp32", epochs=2, batch_size=16), quiet=True, stop_at_step=3)
+    with open(data / "train_5500.label", "a") as f:
+        f.write("HUM:ind who is there ?\n")
+    with pytest.raises(cct.CCTError, match="is not the source the run held its 12 test texts out of"):
+        train(resume_config(tmp_path / "stop"), quiet=True, resume=True)
+    (data / "TREC_10.label").rename(tmp_path / "moved.label")  # a TREC folder without its test file: one held out
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", data, "--out", tmp_path / "folder",
+                            *FAST[:-1]], capsys)
+    assert code == 0 and "(held out: --test-split 0.2, seed 0)" in err, err
 
 
 def test_default_recipe_and_config_for_text_models():
@@ -256,6 +268,7 @@ def test_word_vectors_initialise_known_words(trec_dir, tmp_path, capsys):
     known = {"who": [0.5] * 300, "river": [-0.25] * 300, "zebra": [1.0] * 300}  # zebra: not in the corpus
     vectors.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in known.items()))
     cfg = make_config("text_cct_2", str(trec_dir), "unused", seq_len=8, word_vectors=str(vectors), min_frequency=1)
+    vectors.write_bytes(b"\xef\xbb\xbf" + vectors.read_bytes())  # a BOM (Windows editors): "who" is still "who"
     inputs = text_inputs(cfg, checkpoint=None, precision="fp32", quiet=False)
     model = cct.create_model("text_cct_2", num_classes=3, **inputs.model_overrides)
     inputs.setup_model(model)

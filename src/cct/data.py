@@ -407,8 +407,8 @@ def split_set(train, *, num_classes: int, val=None, train_limit: int | None, val
     counts = torch.bincount(train.labels, minlength=num_classes).tolist()
     quota = [min(max(1, round(n * val_split)), n - 1) if n > 1 else 0 for n in counts]
     if not sum(quota):  # else the run would train an epoch, then fail on an empty validation set
-        raise DataError(f"--val-split {val_split} leaves no validation image: every class has a single training "
-                        "image (use --val-split 0, or more images)")
+        raise DataError(f"--val-split {val_split} leaves no validation example: every class has a single training "
+                        "example (use --val-split 0, or more data)")
     val_idx = _stratified_pick(train.labels, quota, g)
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_idx] = False

@@ -210,7 +210,7 @@ def _text_parts(recorded: dict, source: str, model: TextCCT, prep: TextPreproces
         label_level = (recorded.get("train_config") or {}).get("label_level", "coarse")
     dataset = load_text(source, label_level=label_level)
     if recorded.get("split"):  # the test texts the run held out of a source without a test set
-        dataset = recorded_test(dataset, recorded["split"], source)
+        dataset = recorded_test(dataset, recorded["split"], source, hint="; --split train evaluates on all its texts")
     parts, truncated = {"test": None, "val": None, "train": None}, {}
     for name, texts, labels in (("test", dataset.test_texts, dataset.test_labels),
                                 ("train", dataset.train_texts, dataset.train_labels)):

@@ -154,7 +154,8 @@ class TrainConfig:
     data_kind: str = _f("auto", "what --data holds (auto: judged by its files)", choices=DATA_KINDS)
     label_level: str = _f("coarse", "TREC labels: coarse (6 classes) or fine (50)", choices=LABEL_LEVELS)
     tokenizer: str = _f("word", "text tokenizer, trained on the training split", choices=TOKENIZERS)
-    vocab_size: int = _f(30_000, "most token ids of the tokenizer ([UNK] and [PAD] included)")
+    vocab_size: int = _f(30_000, "most token ids of the tokenizer ([UNK] and [PAD] included); wordpiece and bpe "
+                                 "keep every character of the training texts on top of it")
     min_frequency: int = _f(1, "training-split words seen fewer times become [UNK]")
     lowercase: bool = _f(True, "lower-case texts before tokenizing")
     seq_len: int | None = _f(None, "tokens per text; longer texts are truncated (default: the model's, 64)")

@@ -121,7 +121,8 @@ def read_trec(folder: str | Path, *, label_level: str = "coarse") -> TextDataset
     """
     assert label_level in LABEL_LEVELS, f"label_level must be one of {LABEL_LEVELS}, got {label_level!r}"
     folder = Path(folder)
-    files = [folder] if folder.is_file() else [folder / name for name in TREC_FILES]
+    files = [folder] if folder.is_file() else [folder / TREC_FILES[0]] + \
+        [folder / name for name in TREC_FILES[1:] if (folder / name).is_file()]  # no test file: one is held out
     skipped: list[str] = []
     reported: list[str] = []
     splits = []
@@ -324,18 +325,18 @@ def hold_out_test(ds: TextDataset, *, fraction: float, seed: int) -> tuple[TextD
     return _with_test(ds, rows), record
 
 
-def recorded_test(ds: TextDataset, record: dict, where: str) -> TextDataset:
+def recorded_test(ds: TextDataset, record: dict, where: str, *, hint: str = "") -> TextDataset:
     """`ds` split again as `hold_out_test` recorded it, when `ds` has no test set of its own (one that has
     is another source, evaluated on its own test set). A source that differs from the recorded one is a
-    one-line error: its held-out rows would be other texts."""
+    one-line error (`hint` ends it): its held-out rows would be other texts."""
     if ds.test_texts is not None:
         return ds
     if record.get("kind") != "text" or "test_rows" not in record or "fingerprint" not in record:
         raise CCTError(f"{where}: the checkpoint's recorded test split is not one of text rows")
     if _fingerprint(ds) != record["fingerprint"] or list(ds.classes) != record.get("classes", ds.classes):
         raise CCTError(f"{where} is not the source the run held its {len(record['test_rows'])} test texts out of, "
-                       f"or it changed since ({record.get('num_texts', '?')} texts then, {len(ds.train_texts)} now); "
-                       "--split train evaluates on all its texts")
+                       f"or it changed since ({record.get('num_texts', '?')} texts then, {len(ds.train_texts)} now)"
+                       + hint)
     return _with_test(ds, [int(i) for i in record["test_rows"]])
 
 

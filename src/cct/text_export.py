@@ -119,8 +119,10 @@ def export_text_onnx(model: TextCCT, path: str | Path, *, opset: int, tolerance:
     meta = _metadata(model, eval_record)
     ids, mask = example_batch(model, 2, model.cfg.seq_len)
     batch = torch.export.Dim("batch", min=1)
-    length = torch.export.Dim("length", min=1, max=model.cfg.seq_len)
-    dynamic = {"token_ids": {0: batch, 1: length}, "mask": {0: batch, 1: length}}
+    axes = {0: batch}
+    if model.cfg.seq_len > 1:  # a model of one token has no length to vary
+        axes[1] = torch.export.Dim("length", min=1, max=model.cfg.seq_len)
+    dynamic = {"token_ids": axes, "mask": axes}
     try:
         with quiet_export():
             program = torch.onnx.export(model, (ids, mask), dynamo=True, opset_version=opset,

@@ -29,7 +29,7 @@ from .registry import create_model, get_config
 from .runfiles import log
 from .runtime import autocast, faster_precision
 from .step import text_augment_config
-from .text_data import TextDataset, hold_out_test, load_text
+from .text_data import TextDataset, hold_out_test, load_text, recorded_test
 from .tokenizer import TextTokenizer, load_word_vectors
 
 SHOWN_LINES = 5  # odd input lines listed one by one; the rest are counted
@@ -107,7 +107,10 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     """Everything the run needs from a text source (see the module docstring)."""
     if dataset is None:
         dataset = load_text(cfg.data, label_level=cfg.label_level)
-    dataset, split_record = hold_out_test(dataset, fraction=cfg.test_split, seed=cfg.seed)  # a source without one
+    if checkpoint is not None and checkpoint.get("split"):  # resumed: the texts the run held out, or an error
+        dataset, split_record = recorded_test(dataset, checkpoint["split"], cfg.data), checkpoint["split"]
+    else:  # a source without a test set: one held out
+        dataset, split_record = hold_out_test(dataset, fraction=cfg.test_split, seed=cfg.seed)
     log(quiet, f"data: {dataset.source}: {len(dataset.train_texts)} training texts, "
                f"{len(dataset.test_texts or [])} test texts" + (
                    f" (held out: --test-split {cfg.test_split:g}, seed {cfg.seed})" if split_record else "") +

@@ -156,7 +156,7 @@ def load_word_vectors(path: str | Path, tokenizer: TextTokenizer, embedding: nn.
     with f, torch.no_grad():
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n").rstrip(" ")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n").rstrip(" ")  # a BOM
             except UnicodeDecodeError:
                 raise CCTError(f"{path}:{number}: not UTF-8 text") from None
             fields = line.split(" ")
