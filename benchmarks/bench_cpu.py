@@ -151,8 +151,9 @@ def group_attention_inference(precision: str, batch: int):
 
 
 def _attention_inputs(model: str, batch: int, precision: str):
-    blk = cct.create_model(model).blocks[0].attn
-    tokens = 64 if model.endswith("_keras") or "x2" in model else 256
+    net = cct.create_model(model)
+    blk = net.blocks[0].attn
+    tokens = net.grid[0] * net.grid[1] + net.num_prefix_tokens  # the model's own sequence, not a guess by name
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     qkv = torch.randn(batch, tokens, 3 * blk.num_heads * blk.head_dim, dtype=dtype, requires_grad=True)
     grad = torch.randn(batch, blk.num_heads, tokens, blk.head_dim, dtype=dtype)
