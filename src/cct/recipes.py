@@ -58,8 +58,10 @@ class TrainConfig:
     lr: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
     warmup_lr: float = _f(0.0, "learning rate at the first warm-up step")
-    warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
-    cooldown_epochs: float = _f(0.0, "epochs at min_lr after the cosine (included in --epochs)")
+    warmup_epochs: float = _f(0.0, "linear warm-up length in epochs (at most half the run's steps; config.json's "
+                                   "warmup_steps is what ran)")
+    cooldown_epochs: float = _f(0.0, "epochs at min_lr after the cosine (included in --epochs; at most a quarter of "
+                                     "the run's steps, config.json's cooldown_steps)")
     schedule: str = _f("constant", "learning-rate schedule after the warm-up", choices=("constant", "cosine"))
     optimizer: str = _f("adamw", "adamw; or muon: Muon for the transformer's and the tokenizer's hidden matrices, "
                                  "AdamW for the rest, one learning rate (cct.optim)", choices=("adamw", "muon"))
