@@ -112,6 +112,24 @@ def test_refits_on_a_virtual_clock_price_cheap_low_resolution_epochs():
 
 
 # ---------------------------------------------------------------------- inside the loop
+def _virtual_clock(monkeypatch, seconds) -> dict:
+    """The loop and the budget's trial on a virtual clock: every training step, the trial's included, runs as it
+    would and then advances the clock by `seconds(step, args, kwargs)` (which may also record the call). The
+    test then checks the decisions, not the speed of the machine it runs on (real timings were flaky on CI)."""
+    clock = {"now": 0.0}
+    real_call = TrainStep.__call__
+
+    def timed_step(self, *args, **kwargs):
+        clock["now"] += seconds(self, args, kwargs)
+        return real_call(self, *args, **kwargs)
+
+    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
+    monkeypatch.setattr(train_mod, "time", virtual)
+    monkeypatch.setattr(budget, "time", virtual)
+    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    return clock
+
+
 def _record(plans: list, fit: tuple[int, dict | None]) -> tuple[int, dict | None]:
     plans.append(fit[0])
     return fit
@@ -132,23 +150,17 @@ def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch, lookahead
     """A slow first epoch (a busy machine) shortens the plan; faster epochs after it lengthen it again; with
     --lookahead its schedule follows each plan, and the run's last step ends on its slow weights.
 
-    The loop's clock is virtual, advanced by each step, so the test checks the decisions and not
-    the speed of the machine it runs on (real timings made it flaky on a loaded CI runner)."""
-    clock = {"now": 0.0, "calls": 0}
-    real_call = TrainStep.__call__
+    The loop's clock is virtual (`_virtual_clock`)."""
+    calls = []
 
-    def timed_step(self, *args, **kwargs):
-        clock["calls"] += 1
+    def seconds(step, args, kwargs) -> float:
+        calls.append(1)
         # the 8 trial steps of the fit take 20 ms; the first epoch's 8 take 200 ms; later ones 20 ms
-        clock["now"] += 0.2 if 8 < clock["calls"] <= 16 else 0.02
-        return real_call(self, *args, **kwargs)
+        return 0.2 if 8 < len(calls) <= 16 else 0.02
 
+    _virtual_clock(monkeypatch, seconds)
     plans, fits = [], []  # the initial plan and every agreed re-fit
     real_fit, real_min_int = budget.fit_to_budget, distributed.min_int
-    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
-    monkeypatch.setattr(train_mod, "time", virtual)
-    monkeypatch.setattr(budget, "time", virtual)
-    monkeypatch.setattr(TrainStep, "__call__", timed_step)
     monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: _record(plans, real_fit(*a, **k)))
     monkeypatch.setattr(distributed, "min_int", lambda v: fits.append(real_min_int(v)) or fits[-1])
     updates, finished = [], []  # --lookahead: (step, planned steps) of each update; the lookahead at each finish
@@ -181,23 +193,15 @@ def test_time_budget_recovers_from_a_slow_epoch(tmp_path, monkeypatch, lookahead
 def test_a_resumed_budgeted_run_keeps_to_what_is_left_of_its_budget(tmp_path, monkeypatch, res_schedule):
     """Interrupted after 12 steps, resumed on a host twice as slow: the resumed run re-fits to the budget's
     remaining seconds (at the trial's prices of each size, saved for it), so training stays within the budget."""
-    clock = {"now": 0.0, "slow": False}
-
-    def timed_step(self, *args, **kwargs):
-        clock["now"] += (0.04 if clock["slow"] else 0.02) * (0.5 if self.resolution == 8 else 1.0)
-        return real_call(self, *args, **kwargs)
-
-    real_call = TrainStep.__call__
-    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
-    monkeypatch.setattr(train_mod, "time", virtual)
-    monkeypatch.setattr(budget, "time", virtual)
-    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    host = {"slow": False}
+    _virtual_clock(monkeypatch, lambda step, args, kwargs: (0.04 if host["slow"] else 0.02)
+                   * (0.5 if step.resolution == 8 else 1.0))
     cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
                       precision="fp32", res_schedule=res_schedule, res_schedule_max_cost=None)
     with pytest.raises(TrainingInterrupted):
         train(cfg, dataset=memory_dataset(n_train=256), quiet=True, stop_at_step=12)
     planned = read_checkpoint(tmp_path / "out" / "last.pt")["train_state"]["total_steps"]
-    clock["slow"] = True
+    host["slow"] = True
     results = train(resume_config(tmp_path / "out"), dataset=memory_dataset(n_train=256), quiet=True, resume=True)
     assert 0.05 * 60 * 0.85 < results["train_seconds"] <= 0.05 * 60
     assert 12 < results["steps"] < planned  # shortened to what the slower host fits
@@ -225,22 +229,11 @@ def test_lookahead_ends_on_its_slow_weights_when_a_refit_ends_the_run(tmp_path, 
 def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch):
     """Under --time-budget, warm-up and the MixUp/CutMix stop keep their share of the recipe's --epochs at the
     planned length, whatever that length is (a fast machine's or a slow one's); --epochs alone keeps them in epochs."""
-    clock = {"now": 0.0}
     calls = []  # (lr, mix) of every step of the real run
-    real_call = TrainStep.__call__
-
-    def timed_step(self, batch, labels, lr, **kwargs):
-        clock["now"] += 0.02
-        calls.append((lr, kwargs.get("mix", True)))
-        return real_call(self, batch, labels, lr, **kwargs)
-
+    _virtual_clock(monkeypatch, lambda step, args, kwargs: calls.append((args[2], kwargs.get("mix", True))) or 0.02)
     plans = []
     real_fit = budget.fit_to_budget
-    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
-    monkeypatch.setattr(train_mod, "time", virtual)
-    monkeypatch.setattr(budget, "time", virtual)
     monkeypatch.setattr(budget, "time_trial_steps", lambda *a, **k: {side: 0.02 for side in k["resolutions"]})
-    monkeypatch.setattr(TrainStep, "__call__", timed_step)
     monkeypatch.setattr(budget, "fit_to_budget", lambda *a, **k: _record(plans, real_fit(*a, **k)))
     # 256 images at batch 32: 8 steps an epoch; the recipe: 10 epochs, 1 of warm-up, MixUp until epoch 4
     options = dict(batch_size=32, precision="fp32", epochs=10, warmup_epochs=1, mixup_alpha=0.2, mix_off_epoch=4,
@@ -283,20 +276,14 @@ def test_time_budget_with_progressive_resizing(tmp_path, monkeypatch, capsys, sm
     native 16: the trial prices both sides, the run fills the budget without overrunning it, and the native phase
     keeps its share of the steps; where the schedule's mean step costs more than --res-schedule-max-cost, the run
     trains at full size throughout, and says so."""
-    clock = {"now": 0.0}
     sides = []  # the side of every step of the real run (the trials' steps excluded)
-    real_call = TrainStep.__call__
 
-    def timed_step(self, *args, **kwargs):
-        clock["now"] += 0.02 * small_cost if self.resolution == 8 else 0.02
+    def seconds(step, args, kwargs) -> float:
         if kwargs.get("share") is not None:  # the loop's steps pass their stop flags; the trials' do not
-            sides.append(self.resolution or 16)
-        return real_call(self, *args, **kwargs)
+            sides.append(step.resolution or 16)
+        return 0.02 * small_cost if step.resolution == 8 else 0.02
 
-    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
-    monkeypatch.setattr(train_mod, "time", virtual)
-    monkeypatch.setattr(budget, "time", virtual)
-    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    _virtual_clock(monkeypatch, seconds)
     out = tmp_path / "out"
     cfg = make_config(MODEL, "memory", str(out), "fast", batch_size=32, time_budget=0.05, precision="fp32",
                       res_schedule="0.5@0,1@0.5", res_schedule_max_cost=max_cost)
@@ -322,21 +309,15 @@ def test_a_longer_refit_never_goes_back_to_smaller_images(tmp_path, monkeypatch)
     """The trial prices a full-size step at twice what the run's take: the re-fits after the first full-size epoch
     lengthen the run, which moves the full-size phase's start past the steps already trained at full size. The
     images stay at full size from the first full-size step on."""
-    clock = {"now": 0.0}
     sides = []
 
-    def timed_step(self, *args, **kwargs):
+    def seconds(step, args, kwargs) -> float:
         in_loop = kwargs.get("share") is not None  # the loop's steps pass their stop flags; the trial's do not
         if in_loop:
-            sides.append(self.resolution)
-        clock["now"] += 0.005 if self.resolution == 8 else 0.02 if in_loop else 0.04
-        return real_call(self, *args, **kwargs)
+            sides.append(step.resolution)
+        return 0.005 if step.resolution == 8 else 0.02 if in_loop else 0.04
 
-    real_call = TrainStep.__call__
-    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
-    monkeypatch.setattr(train_mod, "time", virtual)
-    monkeypatch.setattr(budget, "time", virtual)
-    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    _virtual_clock(monkeypatch, seconds)
     plans = []
     real_refit = budget.refit
     monkeypatch.setattr(budget, "refit", lambda **k: plans.append(real_refit(**k)) or plans[-1])
@@ -378,21 +359,15 @@ def test_mixing_only_in_runs_planned_long_enough(tmp_path, monkeypatch, capsys, 
     """--mix-min-epochs reads the planned length: a budget that plans about 7 epochs mixes under a threshold of 2
     and trains unmixed throughout under one of 20 (and says so); a resume keeps the decision, not re-deciding it
     from the shorter run left; --epochs alone is the planned length without a budget."""
-    clock = {"now": 0.0}
     mixed = []  # whether each step of the real run was asked to mix (the trials' steps excluded)
-    real_call = TrainStep.__call__
 
-    def timed_step(self, *args, **kwargs):
-        clock["now"] += 0.02
+    def seconds(step, args, kwargs) -> float:
         if kwargs.get("share") is not None:
             mixed.append(kwargs.get("mix", True))
-        return real_call(self, *args, **kwargs)
+        return 0.02
 
-    virtual = types.SimpleNamespace(perf_counter=lambda: clock["now"])
-    monkeypatch.setattr(train_mod, "time", virtual)
-    monkeypatch.setattr(budget, "time", virtual)
+    _virtual_clock(monkeypatch, seconds)
     monkeypatch.setattr(budget, "time_trial_steps", lambda *a, **k: {side: 0.02 for side in k["resolutions"]})
-    monkeypatch.setattr(TrainStep, "__call__", timed_step)
     # 256 images at batch 32: 8 steps an epoch; 0.04 min at 0.02 s a step: about 7 epochs planned of --epochs 10
     options = dict(batch_size=32, precision="fp32", epochs=10, cutmix_alpha=1.0, mix_prob=0.5, res_schedule=None,
                    mix_min_epochs=min_epochs)
