@@ -1,6 +1,7 @@
 """cct.budget: sizing a run to --time-budget, as arithmetic on a virtual clock and inside `train()` (CPU)."""
 import json
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -226,7 +227,7 @@ def test_lookahead_ends_on_its_slow_weights_when_a_refit_ends_the_run(tmp_path, 
         assert all(any(v.shape == s.shape and torch.equal(v, s) for v in saved) for s in slow), name
 
 
-def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch):
+def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch, capsys):
     """Under --time-budget, warm-up and the MixUp/CutMix stop keep their share of the recipe's --epochs at the
     planned length, whatever that length is (a fast machine's or a slow one's); --epochs alone keeps them in epochs."""
     calls = []  # (lr, mix) of every step of the real run
@@ -264,6 +265,11 @@ def test_time_budget_scales_the_recipes_schedule(tmp_path, monkeypatch):
     train(unbudgeted, dataset=memory_dataset(n_train=256), quiet=True)
     assert json.loads((tmp_path / "fixed" / "config.json").read_text())["warmup_steps"] == 8
     assert [mix for _, mix in calls] == [i < 4 * 8 for i in range(6 * 8)]
+    # a run too short for its warm-up keeps half of it, and says so
+    capsys.readouterr()
+    train(replace(unbudgeted, out=str(tmp_path / "short"), epochs=1), dataset=memory_dataset(n_train=256), quiet=False)
+    assert "schedule: warm-up 8 → 4 steps (at most half of the run's 8)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["warmup_steps"] == 4
 
 
 @pytest.mark.parametrize("small_cost, max_cost, kept", [

@@ -14,7 +14,7 @@ from cct.kernels import use_kernels
 from cct.preprocess import Preprocessing
 from cct.recipes import make_config, validate
 from cct.step import (NonFiniteLossError, augment_config, lr_at, make_optimizer, make_train_step, param_groups,
-                      resize_batch, resolution_at)
+                      resize_batch, resolution_at, schedule_steps)
 from cct.tokenizer import PAD_ID
 from helpers import MODEL
 
@@ -28,6 +28,17 @@ def test_lr_schedule():
     assert lr_at(80, **kw) == lr_at(99, **kw) == pytest.approx(0.01)
     assert lr_at(50, **{**kw, "schedule": "constant"}) == 1.0
     assert lr_at(3, lr=1e-3, total_steps=10, schedule="constant") == 1e-3
+
+
+def test_schedule_steps_caps_a_short_runs_warmup_and_cooldown_and_says_so():
+    cfg = make_config(MODEL, "d", "o", warmup_epochs=5, cooldown_epochs=2)
+    assert schedule_steps(cfg, steps_per_epoch=10, total_steps=200) == (50, 20, None)  # room for both
+    warmup, cooldown, note = schedule_steps(cfg, steps_per_epoch=10, total_steps=40)
+    assert (warmup, cooldown) == (20, 10)
+    assert note == "schedule: warm-up 50 → 20 steps (at most half of the run's 40); cooldown 20 → 10 steps (at most " \
+                   "a quarter of the run's 40)"
+    assert schedule_steps(cfg, steps_per_epoch=10, total_steps=80) == \
+        (40, 20, "schedule: warm-up 50 → 40 steps (at most half of the run's 80)")  # only what was cut is named
 
 
 def test_weight_decay_groups():

@@ -3,6 +3,7 @@ the tokenizer inside checkpoints, data-kind errors, truncation counts, word vect
 import csv
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,12 @@ def test_a_source_without_a_test_set_holds_one_out_for_train_and_eval(tmp_path, 
     with pytest.raises(TrainingInterrupted):
         train(make_config("text_cct_2", str(data / "train_5500.label"), str(tmp_path / "stop"), seq_len=8,
                           precision="fp32", epochs=2, batch_size=16), quiet=True, stop_at_step=3)
+    # resumed on a source with a test set of its own (the folder): scored on that, so no held-out record remains
+    shutil.copytree(tmp_path / "stop", tmp_path / "own-test")
+    train(resume_config(tmp_path / "own-test", data=str(data)), quiet=True, resume=True)
+    results = json.loads((tmp_path / "own-test" / "results.json").read_text())
+    assert results["test_split"] is None and results["test_images"] == 15 and not (tmp_path / "own-test" / "split.json").exists()
+    assert "split" not in read_checkpoint(tmp_path / "own-test" / "last.pt")
     with open(data / "train_5500.label", "a") as f:
         f.write("HUM:ind who is there ?\n")
     with pytest.raises(cct.CCTError, match="is not the source the run held its 12 test texts out of"):

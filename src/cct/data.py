@@ -37,7 +37,8 @@ from . import stream as stream_mod
 from .cifar import CIFAR_MEAN, CIFAR_STD, RELEASES, cifar_kind, find_or_download, read_cifar
 from . import cache, holdout
 from .decode import RESIZE_MODES, decode_images, uniform_images
-from .sources import SPLITS, DataError, Files, content_key, default_cache_dir, is_csv, layout
+from .sources import (SPLITS, DataError, Files, content_key, default_cache_dir, is_csv, layout,
+                      warn_empty_classes)
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "DEFAULT_THRESHOLD", "DataError", "Dataset", "ImageSet", "available_memory",
            "batch_indices", "default_cache_dir", "load", "split"]
@@ -281,6 +282,7 @@ def load(source: str | Path, *, img_size: int | tuple[int, int] | None = None, i
                     need / 1e9, processes_per_machine, threshold, have / 1e9)
     record = None
     if flat:  # streaming finds unreadable images only while reading them: none is left out of the record
+        warn_empty_classes(files.path, classes)
         every = items["train"]
         train, test = holdout.choose_test(every, len(classes), fraction=test_split, seed=seed)
         record = holdout.make_record(seed=seed, fraction=test_split, classes=classes, items=every, test=test,
@@ -322,6 +324,7 @@ def _load_in_memory(source: str | Path, *, size: tuple[int, int] | None, in_chan
                                   progress=progress, resize_mode=resize_mode)
         _write_cache(cache_file, ds, meta)
     if meta.get("layout") == "flat":
+        warn_empty_classes(path, meta["classes"])
         ds = _hold_out(ds, meta, test_split=test_split, seed=seed)
     return ds
 

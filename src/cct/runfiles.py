@@ -89,6 +89,15 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def write_record(path: Path, record: dict | None) -> None:
+    """`record` as `write_json`, or, for a run without one, no file: an older run's left in --out would name
+    a split this run did not use."""
+    if record:
+        write_json(path, record)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def nonfinite_advice(out: Path, precision: str) -> str:
     """The end of the message of a run stopped by a non-finite loss: where it can resume from, what to try."""
     saved = (out / "last.pt").is_file()

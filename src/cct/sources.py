@@ -31,7 +31,6 @@ from pathlib import Path
 from .errors import CCTError
 
 log = logging.getLogger(__name__)
-_WARNED: set[tuple[str, ...]] = set()  # flat folders whose empty class folders were reported
 
 SPLITS = ("train", "test", "val")
 # what Pillow reads and people store photos as (torchvision's IMG_EXTENSIONS, plus a few)
@@ -247,15 +246,19 @@ def flat_items(files: Files, *, min_per_class: int = 2) -> tuple[list[str], list
     if not pairs:
         raise DataError(f"{files.path}: no image files in class folders (expected root/<class>/<image>, or "
                         f"root/train/<class>/* and root/test/<class>/*)")
-    if files.kind == "folder":  # a class folder without images is no class: say so rather than drop it unseen
-        found = {c for c, _ in pairs}
-        empty = sorted(d.name for d in files.path.iterdir() if d.is_dir() and d.name not in found
-                       and not d.name.startswith((".", "__")))
-        if empty and (str(files.path), *empty) not in _WARNED:  # a load lists the files more than once
-            _WARNED.add((str(files.path), *empty))
-            log.warning("%s: %d folder(s) without images left out, so not classes: %s", files.path, len(empty),
-                        ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
     return _labelled(pairs, str(files.path), min_per_class)
+
+
+def warn_empty_classes(path: Path, classes: list[str]) -> None:
+    """Say which folders of a flat class-folder source hold no image, so are no class (rather than drop them
+    unseen); a load calls it once, whether it decoded the folder or read it from the cache."""
+    if not path.is_dir():
+        return
+    empty = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name not in classes
+                   and not d.name.startswith((".", "__")))
+    if empty:
+        log.warning("%s: %d folder(s) without images left out, so not classes: %s", path, len(empty),
+                    ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
 
 
 def is_csv(path: Path) -> bool:

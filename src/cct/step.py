@@ -50,6 +50,16 @@ def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, warm
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * step / decay_steps))
 
 
+def schedule_steps(cfg: TrainConfig, *, steps_per_epoch: float, total_steps: int) -> tuple[int, int, str | None]:
+    """(warm-up steps, cooldown steps, a line for the log when a cap shortened them): a run shortened by --epochs
+    or --time-budget keeps a schedule, warm-up at most half its steps and cooldown a quarter."""
+    asked = round(cfg.warmup_epochs * steps_per_epoch), round(cfg.cooldown_epochs * steps_per_epoch)
+    warmup, cooldown = min(asked[0], total_steps // 2), min(asked[1], total_steps // 4)
+    capped = [f"{what} {a} → {b} steps (at most {share} of the run's {total_steps})" for what, a, b, share in
+              (("warm-up", asked[0], warmup, "half"), ("cooldown", asked[1], cooldown, "a quarter")) if b < a]
+    return warmup, cooldown, ("schedule: " + "; ".join(capped)) if capped else None
+
+
 def resolution_at(step: int, *, total_steps: int, phases: list[tuple[float, int]], floor: int | None = None) -> int:
     """The input side of optimisation step `step` under progressive resizing (`cct.recipes.parse_res_schedule`):
     the last phase whose start (a fraction of `total_steps`) the step has reached, and at least `floor` (the

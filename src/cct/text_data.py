@@ -35,11 +35,11 @@ import torch
 
 from .errors import CCTError
 from .holdout import choose_test
+from .sources import is_image_name
 
 TREC_FILES = ("train_5500.label", "TREC_10.label")
 LABEL_LEVELS = ("coarse", "fine")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_FIELD_CHARS = 131_072  # Python's csv default; a longer field is more likely a broken quote than a text
 
 
@@ -351,17 +351,16 @@ def _table_names_images(path: Path) -> bool:
             head = [row[0].strip().lower() for _, row in zip(range(6), reader) if row and row[0].strip()]
     except (OSError, csv.Error):
         return False
-    paths = head[1:] if head and Path(head[0]).suffix not in IMAGE_SUFFIXES else head  # past a header
-    return bool(paths) and 2 * sum(Path(cell).suffix in IMAGE_SUFFIXES for cell in paths) >= len(paths)
+    paths = head[1:] if head and not is_image_name(head[0]) else head  # past a header
+    return bool(paths) and 2 * sum(map(is_image_name, paths)) >= len(paths)
 
 
 def _split_kind(split: Path) -> str | None:
     for class_dir in sorted(p for p in split.iterdir() if p.is_dir()):
         for file in sorted(class_dir.iterdir()):
-            suffix = file.suffix.lower()
-            if suffix == ".txt":
+            if file.suffix.lower() == ".txt":
                 return "text"
-            if suffix in IMAGE_SUFFIXES:
+            if is_image_name(file.name):
                 return "image"
     return None
 

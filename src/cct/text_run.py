@@ -108,7 +108,9 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     if dataset is None:
         dataset = load_text(cfg.data, label_level=cfg.label_level)
     if checkpoint is not None and checkpoint.get("split"):  # resumed: the texts the run held out, or an error
-        dataset, split_record = recorded_test(dataset, checkpoint["split"], cfg.data), checkpoint["split"]
+        # (a source with a test set of its own is scored on it, and then the record does not apply)
+        split_record = checkpoint["split"] if dataset.test_texts is None else None
+        dataset = recorded_test(dataset, checkpoint["split"], cfg.data)
     else:  # a source without a test set: one held out
         dataset, split_record = hold_out_test(dataset, fraction=cfg.test_split, seed=cfg.seed)
     log(quiet, f"data: {dataset.source}: {len(dataset.train_texts)} training texts, "

@@ -52,7 +52,7 @@ from .resume import is_finished, last_state, read_last, restore, resume_config
 from .runfiles import log
 from .runtime import configure_threads, resolve_device, resolve_precision
 from .step import (NonFiniteLossError, TrainStep, lr_at, make_optimizer, make_train_step, res_phases,
-                   resolution_at, trained_macs, wrap_model)
+                   resolution_at, schedule_steps, trained_macs, wrap_model)
 from .text_data import TextDataset
 from .text_run import text_inputs
 
@@ -324,9 +324,10 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     if "schedule_scale" not in state:  # a fresh run, or one saved before the scale was recorded
         state["schedule_scale"] = state["total_steps"] / (cfg.epochs * steps_per_epoch) if budgeted else 1.0
     scaled = state["schedule_scale"] * steps_per_epoch
-    # a run shortened by --epochs or --time-budget keeps a schedule: warm-up at most half, cooldown a quarter
-    run.warmup_steps = min(round(cfg.warmup_epochs * scaled), state["total_steps"] // 2)
-    run.cooldown_steps = min(round(cfg.cooldown_epochs * scaled), state["total_steps"] // 4)
+    run.warmup_steps, run.cooldown_steps, capped = schedule_steps(cfg, steps_per_epoch=scaled,
+                                                                  total_steps=state["total_steps"])
+    if capped:
+        log(quiet, capped)
     run.mix_off_step = None if cfg.mix_off_epoch is None else round(cfg.mix_off_epoch * scaled)
     if reason := mixing_off(cfg, planned_epochs=state["schedule_scale"] * cfg.epochs):  # as planned, not re-fitted
         run.mix_off_step = 0
@@ -338,8 +339,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
                         cooldown_steps=run.cooldown_steps, mix_off_step=run.mix_off_step)
     if rank == 0:
         runfiles.write_json(out / "config.json", run.resolved)
-        if inputs.split_record:
-            runfiles.write_json(out / "split.json", inputs.split_record)
+        runfiles.write_record(out / "split.json", inputs.split_record)
 
     # the epochs; a budget counts from the first training step, as the time to accuracy is measured (a resumed run
     # has what its training so far left of it, and re-fits to that)
