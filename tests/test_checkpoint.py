@@ -6,6 +6,7 @@ import torch
 
 import cct
 from cct.checkpoint import official_state_dict, read_checkpoint
+from cct.layers import sinusoidal_embedding
 
 
 def _same_outputs(a, b, size=(32, 32), chans=3):
@@ -114,14 +115,24 @@ def test_official_state_dict_loads(tmp_path, name):
     _same_outputs(src, dst)
 
 
-def test_official_sine_checkpoint_ignores_stored_embedding(tmp_path):
+def test_official_sine_checkpoint_ignores_stored_embedding_and_says_so_when_learned(tmp_path, caplog):
+    """A sine or no-embedding model has nothing to load a `positional_emb` into: a sine table goes quietly; a
+    learned one (what the official `_sine` factories really train) goes with a warning, not silently."""
     src = cct.create_model("cct_2_3x2_32_sine")
     state = official_keys(src)
-    state["classifier.positional_emb"] = torch.randn(1, 64, 128)  # what the official sine factories really train
-    torch.save(state, tmp_path / "sine.pth")
-    dst = cct.create_model("cct_2_3x2_32_sine", pretrained=tmp_path / "sine.pth")
-    _same_outputs(src, dst)
-    assert official_state_dict(state, dst).keys() == dst.state_dict().keys()
+    assert official_state_dict(state).keys() == src.state_dict().keys()
+    for table, warned in ((sinusoidal_embedding(64, 128), False), (torch.randn(1, 64, 128), True)):
+        state["classifier.positional_emb"] = table
+        torch.save(state, tmp_path / "sine.pth")
+        caplog.clear()
+        _same_outputs(src, cct.create_model("cct_2_3x2_32_sine", pretrained=tmp_path / "sine.pth"))
+        cct.create_model("cct_2_3x2_32", positional_embedding="none", pretrained=tmp_path / "sine.pth")
+        assert caplog.text.count("sine.pth: its positional embedding is learned") == 2 * warned, caplog.text
+    learned = cct.create_model("cct_2_3x2_32")
+    cct.save_checkpoint(learned, tmp_path / "learned.pt")
+    caplog.clear()
+    cct.create_model("cct_2_3x2_32_sine", pretrained=tmp_path / "learned.pt")  # a cct checkpoint: the same rule
+    assert "learned.pt: its positional embedding is learned" in caplog.text
 
 
 def test_fine_tuning_resizes_embedding_and_resets_head(tmp_path):
@@ -153,6 +164,14 @@ def test_pretrained_from_a_plain_state_dict_a_headless_model_and_a_sine_one(tmp_
     torch.save({"tokenizer.nothing": torch.zeros(1)}, tmp_path / "alien.pt")
     with pytest.raises(cct.CheckpointError, match="unrecognised weights"):
         cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "alien.pt"))
+
+
+def test_a_text_checkpoint_as_an_image_models_pretrained_weights_is_named(tmp_path):
+    text = cct.create_model("text_cct_2", vocab_size=30)
+    cct.save_checkpoint(text, tmp_path / "text.pt")
+    with pytest.raises(cct.CheckpointError, match=r"text.pt is a text model's checkpoint \(text_cct_2\): its weights "
+                                                  "do not fit the image model cct_2_3x2_32$"):
+        cct.create_model("cct_2_3x2_32", pretrained=tmp_path / "text.pt")
 
 
 def test_cct_checkpoint_as_pretrained_other_size(tmp_path):

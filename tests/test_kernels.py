@@ -261,6 +261,17 @@ def test_fused_inference_is_the_reference_function(route, monkeypatch):
     fuse(attn)
     with torch.inference_mode():
         torch.testing.assert_close(attn(x), reference(x), atol=2e-5, rtol=1e-5)
+    # weights loaded, edited in place or cast after `fuse`: the fold follows them (it stayed stale before)
+    other = _keras_attention()[0].state_dict()
+    attn.load_state_dict(other), reference.load_state_dict(other)
+    with torch.inference_mode():
+        torch.testing.assert_close(attn(x), reference(x), atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        attn.proj.weight.mul_(2), reference.proj.weight.mul_(2)
+    with torch.inference_mode():
+        torch.testing.assert_close(attn(x), reference(x), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(attn.to(torch.bfloat16)(x.bfloat16()).float(), reference(x), atol=0.1, rtol=0.05)
+    attn.float()
     use_kernels(attn, "reference")
     assert "_fused" not in attn.__dict__ and type(attn) is Attention
 

@@ -82,7 +82,7 @@ def test_rectangular_and_single_channel(size, pe):
 def test_sine_and_none_accept_other_sizes_but_learnable_says_how_to_resize():
     for pe in ("sine", "none"):
         assert cct.create_model("cct_2_3x2_32", positional_embedding=pe)(torch.randn(1, 3, 48, 40)).shape == (1, 10)
-    with pytest.raises(ValueError, match="set_img_size"):
+    with pytest.raises(ValueError, match=r"resize the embedding with model.set_img_size\(size\)"):
         cct.create_model("cct_2_3x2_32")(torch.randn(1, 3, 48, 48))
 
 
@@ -149,14 +149,34 @@ def test_forward_computes_in_parameter_dtype():
     assert model(torch.randn(2, 3, 32, 32)).dtype == torch.float64
 
 
-def test_timm_interface():
-    model = cct.create_model("cct_7_3x1_32")
+@pytest.mark.parametrize("name", ["cct_7_3x1_32", "vit_2_4_32", "text_cct_2"])
+def test_timm_interface(name):
+    model = cct.create_model(name)
+    x = torch.randint(2, 50, (1, 12)) if name.startswith("text") else torch.randn(1, 3, 32, 32)
+    width = model.cfg.embed_dim
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}
-    model.class_names = ["a"] * 10
+    assert model.num_features == width and model.num_classes == model.cfg.num_classes
+    assert model.get_classifier() is model.head
+    model.class_names = ["a"] * model.num_classes
     model.reset_classifier(5)
-    assert model.head.out_features == 5 and model.cfg.num_classes == 5 and model.class_names is None
+    assert model.head.out_features == 5 and model.num_classes == model.cfg.num_classes == 5 and model.class_names is None
+    pooling = "cls" if name.startswith("vit") else "seq"
+    model.reset_classifier(3, pooling)  # timm's global_pool: the model's own pooling only
+    assert model.get_classifier().out_features == 3
     model.reset_classifier(0)
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 256)
+    assert model(x).shape == (1, width) and model.num_classes == 0
+    for bad, message in ((-1, "num_classes must be a non-negative int"), ("3", "num_classes must be a non-negative"),
+                         ((5, "avg"), "not global_pool='avg'")):
+        with pytest.raises(AssertionError, match=message):  # refused before a checkpoint could hold it
+            model.reset_classifier(*(bad if isinstance(bad, tuple) else (bad,)))
+
+
+def test_keras_model_drops_out_where_the_example_does():
+    """The Keras example goes from the positional embedding straight into its blocks; the official code has a
+    dropout there (drop_rate)."""
+    assert isinstance(cct.create_model("cct_2_3x2_32_keras").pos_drop, torch.nn.Identity)
+    assert cct.get_config("cct_2_3x2_32_keras").drop_rate == 0.1  # the MLP's dropouts still
+    assert isinstance(cct.create_model("cct_7_3x1_32", drop_rate=0.1).pos_drop, torch.nn.Dropout)
 
 
 def test_deeper_tokenizer_widths_and_pools():
@@ -197,8 +217,15 @@ def test_deeper_tokenizer_rejects_inconsistent_settings(overrides, message):
     (dict(img_size="32"), "img_size must be a positive int or .h, w. of ints, got '32'"),  # not (3, 2)
     (dict(img_size=(32, 0)), "img_size must be a positive int"),
     (dict(num_classes=-1), "num_classes must be a non-negative int .0: no classifier., got -1"),
-    (dict(in_chans=0), "in_chans must be a positive int, got 0"),
-    (dict(depth=2.5), "depth must be a positive int, got 2.5"),
+    (dict(in_chans=0), "in_chans must be an int >= 1, got 0"),
+    (dict(depth=2.5), "depth must be an int >= 1, got 2.5"),
+    (dict(num_heads=3), "embed_dim 128 is not divisible by num_heads 3"),  # was a 126-wide attention
+    (dict(embed_dim=127), "embed_dim 127 is not divisible by num_heads 2"),
+    (dict(num_heads=0), "num_heads must be an int >= 1, got 0"),  # was a ZeroDivisionError
+    (dict(stride=0), "stride must be an int >= 1, got 0"),
+    (dict(kernel_size=0), "kernel_size must be an int >= 1, got 0"),  # built, then failed in forward
+    (dict(in_chans=True), "in_chans must be an int >= 1, got True"),  # a bool is no channel count
+    (dict(num_classes=True), "num_classes must be a non-negative int .0: no classifier., got True"),
 ])
 def test_config_overrides_are_checked(overrides, message):
     with pytest.raises(AssertionError, match=message):

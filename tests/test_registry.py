@@ -29,6 +29,28 @@ def test_unknown_model_and_override_are_errors():
         cct.create_model("cct_2_3x2_32", positional_embedding="rotary")
 
 
+def test_pretrained_false_is_none_and_true_says_there_are_no_hosted_weights():
+    for name in ("cct_2_3x2_32", "text_cct_2"):
+        assert type(cct.create_model(name, pretrained=False)) is type(cct.create_model(name))
+        with pytest.raises(cct.CheckpointError, match="cct hosts no weights to download for " + name):
+            cct.create_model(name, pretrained=True)
+
+
+@pytest.mark.parametrize("name, kernel, stride, padding, tokens", [
+    ("cct_2_3x2_32", 5, 1, 2, 64),  # the official cct_2(kernel_size=5): 417,867 parameters
+    ("cct_7_7x2_224", 3, 1, 1, 3136),
+    ("cvt_2_4_32", 8, 8, 0, 16),  # patches: the stride is the patch size
+    ("cct_2_3x2_32_keras", 5, 1, 0, 49),  # the Keras example's valid convs stay valid
+])
+def test_kernel_size_override_brings_the_official_stride_and_padding(name, kernel, stride, padding, tokens):
+    model = cct.create_model(name, kernel_size=kernel)
+    assert (model.cfg.stride, model.cfg.padding, model.grid[0] * model.grid[1]) == (stride, padding, tokens)
+    if name == "cct_2_3x2_32":
+        assert sum(p.numel() for p in model.parameters()) == 417_867
+    given = cct.create_model(name, kernel_size=kernel, padding=padding + 1, stride=2)  # what is given wins
+    assert (given.cfg.stride, given.cfg.padding) == (2, padding + 1)
+
+
 def test_overrides():
     model = cct.create_model("cct_7_3x1_32", num_classes=3, img_size=(24, 40), in_chans=1, drop_rate=0.2,
                              attn_drop_rate=0.0, drop_path_rate=0.3)

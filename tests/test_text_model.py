@@ -66,6 +66,13 @@ def test_invalid_choices_rejected():
         create_text_model("text_cct_2", kernal_size=2)
     with pytest.raises(ValueError, match="unknown text model"):
         create_text_model("text_cct_3")
+    for overrides, message in ((dict(num_classes=-1), "num_classes must be an int >= 0, got -1"),  # was a bare assert
+                               (dict(seq_len=0), "seq_len must be an int >= 1, got 0"),
+                               (dict(kernel_size=True), "kernel_size must be an int >= 1, got True"),
+                               (dict(stride=0), "stride must be an int >= 1, got 0"),
+                               (dict(num_heads=3), "embed_dim 128 is not divisible by 3 heads")):
+        with pytest.raises(AssertionError, match=message):
+            create_text_model("text_cct_2", **overrides)
 
 
 def _sentence_logits(model: TextCCT, ids: torch.Tensor, pad_to: int | None) -> torch.Tensor:
@@ -221,15 +228,20 @@ def test_official_layout_loads_for_every_kernel(tmp_path, kernel):
         create_text_model("text_cct_2", pretrained=path, kernel_size=3 if kernel != 3 else 2)
 
 
-def test_official_learnable_embedding_loses_its_padding_row(tmp_path):
-    state = _official_like_state(vocab=20, kernel=2)
-    tokens = create_text_model("text_cct_2", vocab_size=20, kernel_size=2).num_tokens
-    state["classifier.positional_emb"] = torch.randn(1, tokens + 1, 128)
+@pytest.mark.parametrize("kernel", [2, 4])
+def test_official_learnable_embedding_loses_its_padding_row(tmp_path, kernel):
+    """The official table: a padding row, then one row per official token (33 at seq_len 64 for k = 2 and k = 4:
+    conv (64 + 2·(k//2) − k) + 1 windows, max-pooled 2/2/1). cct's k = 4 model has a 34th token, the window the
+    official conv drops at the end: it gets a copy of the last trained row."""
+    state = _official_like_state(vocab=20, kernel=kernel)
+    state["classifier.positional_emb"] = torch.randn(1, 1 + 33, 128)
     path = tmp_path / "official.pth"
     torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)
-    model = create_text_model("text_cct_2", pretrained=path, kernel_size=2)
-    assert model.cfg.positional_embedding == "learnable"
-    assert torch.equal(model.pos_embed.data, state["classifier.positional_emb"][:, 1:])
+    model = create_text_model("text_cct_2", pretrained=path, kernel_size=kernel)
+    assert model.cfg.positional_embedding == "learnable" and model.num_tokens == {2: 33, 4: 34}[kernel]
+    assert torch.equal(model.pos_embed.data[:, :33], state["classifier.positional_emb"][:, 1:])
+    last = state["classifier.positional_emb"][:, -1:]
+    assert torch.equal(model.pos_embed.data[:, 33:], last.expand(-1, model.num_tokens - 33, -1))
 
 
 def test_not_official_text_weights(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 import tempfile
@@ -23,15 +24,16 @@ from torch import nn
 from .errors import CheckpointError
 from .interop.keras import keras_state_dict
 from .interop.official import is_official, official_state_dict
-from .layers import resize_pos_embed
+from .layers import resize_pos_embed, sinusoidal_embedding
 from .model import CCT, CCTConfig
 from .safeload import FORMAT, SAFETENSORS_EXTRAS, VERSION, read_checkpoint
 from .text_model import TextCCT, TextConfig
 from .tokenizer import TextTokenizer
 
+log = logging.getLogger(__name__)
+
 __all__ = ["adapt_state_dict", "atomic_write", "load_checkpoint", "load_pretrained", "official_state_dict",
            "read_checkpoint", "remove_stale_temporaries", "save_checkpoint"]
-
 
 
 def _umask() -> int:
@@ -268,21 +270,29 @@ def load_pretrained(model: CCT, path: str | Path) -> CCT:
     else:
         data = read_checkpoint(path)
         if data.get("format") == FORMAT:
+            if data.get("config_class", "CCTConfig") != "CCTConfig":
+                raise CheckpointError(f"{path} is a text model's checkpoint ({data.get('model_name') or 'text'}): "
+                                      f"its weights do not fit the image model {getattr(model, 'name', '')}".rstrip())
             state = data["state_dict"]
             src = CCTConfig.from_dict(dict(data["config"]))
             model._source_grid = type(model.tokenizer)(src).grid(src.img_size)
             model._source_prefix = 1 if src.pooling == "cls" else 0
-            if model.cfg.positional_embedding != "learnable":
-                state.pop("pos_embed", None)
         else:
             state = data.get("state_dict") or data.get("model") or data
             if isinstance(state, dict) and _own_keys(state, model):  # `torch.save(model.state_dict())` of a cct model
                 state = {k.removeprefix("module."): v for k, v in state.items()}
             elif isinstance(state, dict) and is_official(state):
-                state = official_state_dict(state, model)
+                state = official_state_dict(state)
             else:
                 raise CheckpointError(f"{path}: unrecognised weights (neither a cct checkpoint or state dict nor an "
                                       "official Compact-Transformers state dict)")
+    if model.pos_embed is None and "pos_embed" in state:  # a sine or no embedding: nothing to load into
+        state = dict(state)
+        pe = state.pop("pos_embed")
+        if not torch.allclose(pe[:1].float(), sinusoidal_embedding(pe.shape[1], pe.shape[2]), atol=1e-4):
+            log.warning("%s: its positional embedding is learned (as the official `_sine` factories build theirs); "
+                        "%s has %s, so it is left out", path, getattr(model, "name", "this model"),
+                        "a fixed sine one" if model.cfg.positional_embedding == "sine" else "none")
     _load_state(model, adapt_state_dict(model, state), path)
     model.__dict__.pop("_source_grid", None), model.__dict__.pop("_source_prefix", None)
     return model

@@ -152,6 +152,7 @@ class FastAttention(Attention):
     """`Attention` through the fastest of three equivalent computations (see the module docstring)."""
 
     _fused: tuple | None = None  # set by `fuse`, dropped by `train()`
+    _fused_from: tuple | None = None  # which weights `_fused` was computed from (`_weights_key`)
 
     def _matmul_path(self, q: torch.Tensor) -> bool:
         """matmul → softmax → matmul rather than `F.scaled_dot_product_attention`, where that is faster.
@@ -210,6 +211,13 @@ class FastAttention(Attention):
                 b_vo = b_vo.view(self.num_heads, -1).sum(0)
                 b_o = b_vo if b_o is None else b_o + b_vo
             self._fused = tuple(None if t is None else t.to(dtype) for t in (w_qk, b_qk, w_vo, b_o))
+        self._fused_from = self._weights_key()
+
+    def _weights_key(self) -> tuple:
+        """What tells the weights the fold was computed from apart from others: each one's storage, dtype and
+        version (which an in-place change, `load_state_dict` included, moves on; `.to()` makes new tensors)."""
+        return tuple((p.data_ptr(), p.dtype, p._version) for p in (self.qkv.weight, self.qkv.bias, self.proj.weight,
+                                                                  self.proj.bias) if p is not None)
 
     def train(self, mode: bool = True) -> "FastAttention":
         if mode:
@@ -230,6 +238,8 @@ class FastAttention(Attention):
         B, N, D = x.shape
         H = self.num_heads
         fused = self._fused is not None and not (self.training or torch.is_grad_enabled())
+        if fused and self._fused_from != self._weights_key():  # weights loaded, edited or cast since `fuse`
+            self.fuse()
         if fused:
             w_qk, b_qk, w_vo, b_o = self._fused
             b_vo = None
@@ -379,6 +389,7 @@ def use_kernels(model: nn.Module, kernels: str) -> nn.Module:
             module.__class__ = swap
             if kernels == "reference":
                 module.__dict__.pop("_fused", None)
+                module.__dict__.pop("_fused_from", None)
     return model
 
 

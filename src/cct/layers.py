@@ -176,3 +176,12 @@ def he_normal_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
     """Keras's he_normal: a normal truncated at 2 std, rescaled so its std is sqrt(2 / fan_in)."""
     std = math.sqrt(2.0 / fan_in) / 0.87962566103423978
     return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+def check_reset(num_classes: int, global_pool: str | None, pooling: str) -> None:
+    """`reset_classifier`'s arguments: a class count the checkpoint can hold, and no other pooling than the
+    model's (sequence pooling, or its class token, is part of the trained model, not a choice of head)."""
+    assert type(num_classes) is int and num_classes >= 0, \
+        f"num_classes must be a non-negative int (0: no classifier), got {num_classes!r}"
+    assert global_pool in (None, pooling), f"this model pools with {pooling!r} (sequence pooling or a class token), " \
+                                           f"not global_pool={global_pool!r}"

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (KerasBlock, OfficialBlock, glorot_uniform_, he_normal_, official_init_, resize_pos_embed,
-                     sinusoidal_embedding)
+from .layers import (KerasBlock, OfficialBlock, check_reset, glorot_uniform_, he_normal_, official_init_,
+                     resize_pos_embed, sinusoidal_embedding)
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 BLOCKS = ("official", "keras")
@@ -81,10 +81,15 @@ class CCTConfig:
             self.pool_layers = tuple(int(i) for i in self.pool_layers)
             assert all(0 <= i < self.conv_layers for i in self.pool_layers), \
                 f"pool_layers must be conv indices in [0, {self.conv_layers}), got {self.pool_layers}"
-        for name in ("in_chans", "depth", "conv_layers"):
-            assert isinstance(getattr(self, name), int) and getattr(self, name) > 0, \
-                f"{name} must be a positive int, got {getattr(self, name)!r}"
-        assert isinstance(self.num_classes, int) and self.num_classes >= 0, \
+        for name, least in (("in_chans", 1), ("depth", 1), ("conv_layers", 1), ("embed_dim", 1), ("num_heads", 1),
+                            ("conv_channels", 1), ("kernel_size", 1), ("stride", 1), ("padding", 0), ("post_pad", 0),
+                            ("pool_kernel", 1), ("pool_stride", 1), ("head_dim", 1)):
+            value = getattr(self, name)  # a bool is an int to Python, never a width or a count here
+            assert (value is None and name == "head_dim") or (type(value) is int and value >= least), \
+                f"{name} must be an int >= {least}, got {value!r}"
+        assert self.head_dim is not None or self.embed_dim % self.num_heads == 0, \
+            f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads} (or give head_dim)"
+        assert type(self.num_classes) is int and self.num_classes >= 0, \
             f"num_classes must be a non-negative int (0: no classifier), got {self.num_classes!r}"
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             assert 0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}"
@@ -189,7 +194,8 @@ class CCT(nn.Module):
         elif cfg.positional_embedding == "sine":
             # a buffer, not a weight: deterministic, recomputed for the input size, never saved
             self.register_buffer("sine_embed", sinusoidal_embedding(num_tokens, D), persistent=False)
-        self.pos_drop = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else nn.Identity()
+        # the official code drops out after the embedding; the Keras example goes straight into its blocks
+        self.pos_drop = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 and cfg.block != "keras" else nn.Identity()
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         if cfg.block == "keras":
             self.blocks = nn.ModuleList(
@@ -245,7 +251,22 @@ class CCT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
-    def reset_classifier(self, num_classes: int) -> None:
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features `forward_head(..., pre_logits=True)` returns."""
+        return self.cfg.embed_dim
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for `num_classes` (0: none, `forward` returns the pooled features); `global_pool` is
+        timm's argument, and only None or the model's own pooling ("seq" or "cls") is accepted."""
+        check_reset(num_classes, global_pool, self.cfg.pooling)
         self.cfg.num_classes = num_classes
         self.head = nn.Linear(self.cfg.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
@@ -263,7 +284,7 @@ class CCT(nn.Module):
             if not self.any_grid:
                 raise ValueError(f"this model's learnable positional embedding is for a {self.cfg.img_size} input "
                                  f"(token grid {self.grid}); got a token grid {grid}: resize the embedding with "
-                                 "cct.checkpoint.set_img_size(model, size)")
+                                 "model.set_img_size(size)")
             # training at a reduced resolution: the gradient reaches the native-size embedding through the resize
             return x + resize_pos_embed(self.pos_embed, self.grid, grid, self.num_prefix_tokens)
         if self.cfg.positional_embedding == "sine":

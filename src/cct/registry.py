@@ -15,7 +15,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .checkpoint import load_pretrained, read_checkpoint
-from .errors import CCTError
+from .errors import CCTError, CheckpointError
 from .interop.keras import MODEL_NAME as KERAS_MODEL_NAME, KerasWeightsError, read_keras
 from .model import CCT, CCTConfig
 from .text_model import TEXT_VARIANTS, TextCCT, TextConfig, create_text_model, get_text_config
@@ -109,21 +109,41 @@ def get_config(name: str, **overrides) -> CCTConfig | TextConfig:
     if unknown:
         raise TypeError(f"unknown override(s) for {name}: {', '.join(unknown)}")
     base = CCTConfig(**_VARIANTS[key])
-    return replace(base, **overrides)
+    return replace(base, **_follow_kernel(base, overrides), **overrides)
 
 
-def create_model(name: str, *, pretrained: str | None = None, **overrides) -> CCT | TextCCT:
+def _follow_kernel(base: CCTConfig, overrides: dict) -> dict:
+    """What a `kernel_size` override changes with it, as the official factories derive it (unless given too):
+    a CCT's stride max(1, k//2 - 1) and padding max(1, k//2), a CVT's / ViT-Lite's patch stride k. The Keras
+    example's valid convs keep stride 1 and no padding."""
+    k = overrides.get("kernel_size")
+    if type(k) is not int or k < 1:
+        return {}  # CCTConfig names the bad value
+    if not base.max_pool and base.stride == base.kernel_size and base.padding == 0:  # patches
+        derived = dict(stride=k)
+    elif base.stride == max(1, base.kernel_size // 2 - 1) and base.padding == max(1, base.kernel_size // 2):
+        derived = dict(stride=max(1, k // 2 - 1), padding=max(1, k // 2))
+    else:
+        derived = {}
+    return {name: v for name, v in derived.items() if name not in overrides}
+
+
+def create_model(name: str, *, pretrained: str | Path | bool | None = None, **overrides) -> CCT | TextCCT:
     """Build a registered model.
 
     Args:
         name: a name from `list_models()`.
-        pretrained: optional path to weights to load: a cct checkpoint, an official SHI-Labs `.pth`
-            state dict, or a Keras `.weights.h5` (for `cct_2_3x2_32_keras`); for a text model, a state
+        pretrained: optional path to weights to load (None or False: none): a cct checkpoint, an official
+            SHI-Labs `.pth` state dict, or a Keras `.weights.h5` (for `cct_2_3x2_32_keras`); for a text model, a state
             dict of the official text models (`cct.text_model.create_text_model`).
         **overrides: `CCTConfig` fields, e.g. `num_classes`, `img_size` (int or (h, w)), `in_chans`,
             `positional_embedding`, `drop_rate`, `attn_drop_rate`, `drop_path_rate`; for a text model,
             `TextConfig` fields, e.g. `kernel_size`, `vocab_size`, `seq_len`, `num_classes`.
     """
+    if pretrained is True:  # timm's flag for hosted weights
+        raise CheckpointError(f"cct hosts no weights to download for {name}: give pretrained= a path (a cct checkpoint, "
+                              "an official .pth, a Keras .weights.h5)")
+    pretrained = pretrained or None  # False, as timm's
     if name in TEXT_VARIANTS:
         return create_text_model(name, pretrained=pretrained, **overrides)
     model = CCT(get_config(name, **overrides))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
-from .layers import drop_path, official_init_, sinusoidal_embedding
+from .layers import check_reset, drop_path, official_init_, sinusoidal_embedding
 from .safeload import read_checkpoint
 
 FAMILIES = ("cct", "cvt", "vit", "transformer")
@@ -67,8 +67,13 @@ class TextConfig:
         assert self.family in FAMILIES, f"family must be one of {FAMILIES}, got {self.family!r}"
         assert self.positional_embedding in POSITIONAL_EMBEDDINGS, \
             f"positional_embedding must be one of {POSITIONAL_EMBEDDINGS}, got {self.positional_embedding!r}"
+        for name, least in (("vocab_size", 2), ("word_embedding_dim", 1), ("seq_len", 1), ("num_classes", 0),
+                            ("padding_idx", 0), ("kernel_size", 1), ("stride", 1), ("padding", 0), ("pool_kernel", 1),
+                            ("pool_stride", 1), ("pool_padding", 0), ("embed_dim", 1), ("depth", 1), ("num_heads", 1)):
+            value = getattr(self, name)  # a bool is an int to Python, never a width or a count here
+            derived = value is None and name in ("stride", "padding", "embed_dim")
+            assert derived or (type(value) is int and value >= least), f"{name} must be an int >= {least}, got {value!r}"
         k = self.kernel_size
-        assert k >= 1, f"kernel_size must be >= 1, got {k}"
         if self.stride is None:
             self.stride = max(1, k // 2 - 1) if self.family == "cct" else k
         if self.padding is None:
@@ -82,7 +87,6 @@ class TextConfig:
             f"embed_dim {self.embed_dim} is not divisible by {self.num_heads} heads"
         assert self.vocab_size > self.padding_idx >= 0, f"vocab_size {self.vocab_size} must exceed padding_idx"
         assert self.embedding_std > 0, f"embedding_std must be positive, got {self.embedding_std}"
-        assert self.seq_len > 0 and self.num_classes >= 0 and self.depth > 0 and self.stride > 0 and self.padding >= 0
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             assert 0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}"
 
@@ -237,7 +241,21 @@ class TextCCT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
-    def reset_classifier(self, num_classes: int) -> None:
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features `forward_head(..., pre_logits=True)` returns."""
+        return self.cfg.embed_dim
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """As `cct.model.CCT.reset_classifier`."""
+        check_reset(num_classes, global_pool, self.cfg.pooling)
         self.cfg.num_classes = num_classes
         self.head = nn.Linear(self.cfg.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
@@ -363,6 +381,7 @@ def create_text_model(name: str, *, pretrained: str | Path | None = None, **over
         if conv is not None and model.conv_tokenizer is not None and conv.shape[2] != model.cfg.kernel_size:
             raise CheckpointError(f"{pretrained}: its conv has kernel size {conv.shape[2]}; "
                                   f"pass kernel_size={conv.shape[2]}")
+        state = _with_tail_positions(state, model)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
@@ -382,6 +401,19 @@ def _is_official_sine(pe: torch.Tensor) -> bool:
     """Whether an official `positional_emb` is its fixed sine table: a zero row, then the sines."""
     table = sinusoidal_embedding(pe.shape[1] - 1, pe.shape[2])
     return bool((pe[0, 0] == 0).all()) and torch.allclose(pe[:, 1:].float(), table, atol=1e-4)
+
+
+def _with_tail_positions(state: dict[str, torch.Tensor], model: TextCCT) -> dict[str, torch.Tensor]:
+    """An official learnable table has no rows for the tokens of the windows the official conv drops at the end
+    (k = 4: 33 rows for cct's 34 tokens at seq_len 64): they get copies of its last row, the nearest position
+    it trained; the rows it has land unchanged."""
+    pe, tok = state.get("pos_embed"), model.conv_tokenizer
+    if pe is None or model.pos_embed is None or tok is None or not tok.tail:
+        return state
+    extra = tok.num_tokens(model.cfg.seq_len) - tok.num_tokens(model.cfg.seq_len - tok.tail)
+    if extra <= 0 or pe.shape[1] + extra != model.pos_embed.shape[1]:
+        return state  # not the official length: load_state_dict names the mismatch
+    return {**state, "pos_embed": torch.cat([pe, pe[:, -1:].expand(-1, extra, -1)], dim=1)}
 
 
 def official_text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

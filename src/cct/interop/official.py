@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from ..model import CCT
 
-
-def official_state_dict(state: dict[str, torch.Tensor], model: CCT | None = None) -> dict[str, torch.Tensor]:
+def official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map a SHI-Labs/Compact-Transformers state dict (`src/cct.py`, `cvt.py`, `vit.py`) onto cct's names.
 
     The official modules: `tokenizer.conv_layers.{i}.0` (conv), `classifier.positional_emb`,
     `classifier.class_emb`, `classifier.attention_pool`, `classifier.blocks.{i}.{pre_norm, self_attn.qkv,
-    self_attn.proj, linear1, norm1, linear2}`, `classifier.norm`, `classifier.fc`. A sinusoidal
-    `positional_emb` is dropped when `model` uses sine embeddings (it is recomputed, not trained).
+    self_attn.proj, linear1, norm1, linear2}`, `classifier.norm`, `classifier.fc`. Keys only: what a
+    model without a learnable embedding does with `positional_emb` is `cct.checkpoint.load_pretrained`'s.
     """
     renames = [("module.", ""), ("tokenizer.conv_layers.", "tokenizer.convs."), ("classifier.positional_emb", "pos_embed"),
                ("classifier.class_emb", "cls_token"), ("classifier.fc.", "head."), ("classifier.", ""),
@@ -31,8 +29,6 @@ def official_state_dict(state: dict[str, torch.Tensor], model: CCT | None = None
             parts = key.split(".")
             key = ".".join(parts[:3] + parts[4:])
         out[key] = value
-    if model is not None and model.cfg.positional_embedding != "learnable":
-        out.pop("pos_embed", None)
     return out
 
 
