@@ -52,6 +52,9 @@ def test_clear_older_than_and_all(two_entries, capsys):
     first, second = two_entries
     old = next(e for e in cache.entries() if e.source == str(first))
     os.utime(old.path, (time.time() - 3 * 86400,) * 2)
+    assert _cli(["cache", "list", "--older-than", "2"]) == 0  # what the clear below removes (it listed all)
+    out = capsys.readouterr().out
+    assert "1 entries last used more than 2 days ago" in out and str(first) in out and str(second) not in out
     assert _cli(["cache", "clear", "--older-than", "2"]) == 0
     assert [e.source for e in cache.entries()] == [str(second)] and not old.path.exists()
     assert "removed 1 entry" in capsys.readouterr().err

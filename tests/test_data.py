@@ -1,5 +1,6 @@
 """cct.data: trees in memory (sizes, channels, bad images), the cache, splits, batching, the one `load`."""
 import logging
+import os
 import tarfile
 from pathlib import Path
 
@@ -56,8 +57,12 @@ def test_val_folder_and_no_test(tmp_path, cache):
         (tmp_path / "w" / "notes" / "readme.txt").write_text("no image")
         load(tmp_path / "w", cache_dir=cache, progress=False)
     # without train/, the folders are classes (flat class folders): one of a single image is an error
-    with pytest.raises(DataError, match="class 'a' has 1 image"):
-        load(make_tree(tmp_path / "v", {"a": {"b": 1}}), cache_dir=cache, progress=False)
+    with pytest.raises(DataError, match="class 'b' has 1 image"):
+        load(make_tree(tmp_path / "v", {"a": {"b": 1, "c": 3}}), cache_dir=cache, progress=False)
+    ds = load(tmp_path / "v", cache_dir=cache, progress=False, test_split=0)  # ... unless no test image is drawn
+    assert ds.classes == ["b", "c"] and len(ds.train) == 4  # a/ only wraps the class folders: looked into
+    with pytest.raises(DataError, match="one class only .'x'.; a classifier needs two or more"):
+        load(make_tree(tmp_path / "one", {"b": {"x": 2}}), cache_dir=cache, progress=False)
 
 
 def test_sizes_and_channels(tmp_path, cache):
@@ -69,11 +74,11 @@ def test_sizes_and_channels(tmp_path, cache):
     mixed = make_tree(tmp_path / "mixed", {"train": {"a": 2}}, mode="L")
     make_tree(mixed, {"train": {"b": 1}}, mode="RGBA", ext="png", seed=1)
     make_tree(mixed, {"train": {"c": 1}}, size=(12, 10), mode="RGB", ext="jpg", seed=2)
-    ds = load(mixed, cache_dir=cache, progress=False)
+    ds = load(mixed, cache_dir=cache, progress=False, test_split=0)  # train/ alone, and classes of one image
     assert ds.train.images.shape == (4, 3, 8, 8)  # RGB wins; the odd 12x10 image resized to the common 8x8
     gray_rgb = ds.train.images[0]
     assert torch.equal(gray_rgb[0], gray_rgb[1]) and torch.equal(gray_rgb[1], gray_rgb[2])
-    ds = load(mixed, cache_dir=cache, img_size=(6, 5), in_chans=1, progress=False)
+    ds = load(mixed, cache_dir=cache, img_size=(6, 5), in_chans=1, progress=False, test_split=0)
     assert ds.train.images.shape == (4, 1, 6, 5)
 
 
@@ -108,6 +113,17 @@ def test_cache_roundtrip_and_keys(tree, cache, monkeypatch):
     with pytest.raises(AssertionError, match="decoded again"):  # other size → other key
         load(tree, cache_dir=cache, img_size=4, progress=False)
     (tree / "train" / "cat" / "000.png").unlink()  # content change → other key
+    with pytest.raises(AssertionError, match="decoded again"):
+        load(tree, cache_dir=cache, progress=False)
+    # two files swapped (a label fixed by hand): the same names, sizes and mtimes, other content
+    monkeypatch.undo()
+    a, b = tree / "train" / "cat" / "x.bmp", tree / "train" / "dog" / "x.bmp"
+    for p, value in ((a, 0), (b, 255)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(p)
+        os.utime(p, ns=(10**18, 10**18))
+    load(tree, cache_dir=cache, progress=False)
+    monkeypatch.setattr(data, "_decode_tree", no_decoding)
+    a.rename(tree / "swap.bmp"), b.rename(a), (tree / "swap.bmp").rename(b)
     with pytest.raises(AssertionError, match="decoded again"):
         load(tree, cache_dir=cache, progress=False)
 
@@ -173,6 +189,18 @@ def test_split_stratified_and_seeded():
     again = split(ds, train_limit=50, val_split=0.2, seed=0)
     assert torch.equal(again[0].images, train.images) and torch.equal(again[1].images, val.images)
     assert not torch.equal(split(ds, train_limit=50, val_split=0.2, seed=1)[1].images, val.images)
+
+
+def test_train_limit_keeps_every_class(caplog):
+    """A stratified --train-limit rounds a rare class down to nothing: it keeps one example while there are enough
+    to go round (the rare class was tested but never trained on), and a limit below the class count warns."""
+    ds = _synthetic((60, 30, 3))
+    assert torch.bincount(split(ds, train_limit=10, val_split=0.0, seed=0)[0].labels).tolist() == [6, 3, 1]
+    ds = _synthetic((100, 40, 2))
+    assert torch.bincount(split(ds, train_limit=20, val_split=0.0, seed=0)[0].labels, minlength=3).tolist() == [13, 6, 1]
+    with caplog.at_level(logging.WARNING, logger="cct.data"):
+        train, _ = split(ds, train_limit=2, val_split=0.0, seed=0)
+    assert len(train) == 2 and "--train-limit 2 is below the 3 classes" in caplog.text
 
 
 def test_split_edges(caplog):

@@ -45,6 +45,22 @@ def test_modes_sizes_and_channels(tmp_path):
     assert np.array_equal(luma[0], np.asarray(Image.open(tmp_path / "rgba.png").convert("RGB").convert("L")))
 
 
+def test_wide_grayscale_is_scaled_not_clamped(tmp_path):
+    """16-bit, 32-bit and float grayscale: Pillow's convert clamps at 255, which turned two 16-bit classes into the
+    same white image."""
+    ramp = np.linspace(0, 65535, 16).reshape(4, 4).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")  # mode I;16
+    Image.fromarray(np.full((4, 4), 8000, np.uint16)).save(tmp_path / "dark.png")
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "half.tif")  # mode F, in [0, 1]
+    Image.fromarray(np.full((4, 4), 100, np.int32)).save(tmp_path / "small.tif")  # mode I, already 8-bit values
+    got = {f: decode_image(tmp_path / f, size=None, channels=None) for f in ("ramp.png", "dark.png", "half.tif",
+                                                                              "small.tif")}
+    np.testing.assert_array_equal(got["ramp.png"][0], np.rint(ramp / 257).astype(np.uint8))
+    assert got["dark.png"].max() == 31 and got["half.tif"].max() == 128 and got["small.tif"].max() == 100
+    rgb = decode_image(tmp_path / "ramp.png", size=None, channels=3)
+    assert rgb.shape == (3, 4, 4) and (rgb[0] == got["ramp.png"][0]).all()
+
+
 def test_resize_is_pillow_bicubic(tmp_path):
     (path,) = [p for p in _files(tmp_path) if p.name == "rgba.png"]
     a = decode_image(path, size=None, channels=3)

@@ -84,8 +84,20 @@ def test_a_csv_of_paths_and_labels(tmp_path, cache):
     again = load(tmp_path / "labels.csv", img_size=8, cache_dir=cache, progress=False)
     assert again.split_record == ds.split_record and torch.equal(again.test.images, ds.test.images)
     (tmp_path / "text.csv").write_text("text,label\nhello world,greeting\nbye,farewell\n")
-    with pytest.raises(DataError, match="not an image file"):
+    with pytest.raises(DataError, match="text.csv:2: 'hello world' is not an image file"):
         load(tmp_path / "text.csv", cache_dir=cache, progress=False)
+    # label,path columns: the same images and labels
+    swapped = [",".join(reversed(r.split(","))) for r in rows]
+    (tmp_path / "swapped.csv").write_text("label,path\n" + "\n".join(swapped) + "\n")
+    other = load(tmp_path / "swapped.csv", img_size=8, cache_dir=cache, progress=False)
+    assert other.classes == ds.classes and sorted(_files(other)) == sorted(_files(ds))
+    # errors name the file's line (blank lines counted); a path listed twice is refused, whatever its labels
+    (tmp_path / "short.csv").write_text("path,label\n\n" + rows[0] + "\nimgs/cat/01.png\n")
+    with pytest.raises(DataError, match=r"short.csv:4: \['imgs/cat/01.png'\] is not path,label"):
+        load(tmp_path / "short.csv", cache_dir=cache, progress=False)
+    (tmp_path / "twice.csv").write_text("path,label\n" + "\n".join(rows) + "\n" + rows[0].replace("CAT", "DOG") + "\n")
+    with pytest.raises(DataError, match=rf"twice.csv:{len(rows) + 2}: 'imgs/cat/00.png' is listed again .first on line 2."):
+        load(tmp_path / "twice.csv", cache_dir=cache, progress=False)
 
 
 def test_a_class_folder_without_images_is_reported_not_dropped_unseen(flat, cache, caplog):
@@ -101,6 +113,21 @@ def test_a_class_folder_without_images_is_reported_not_dropped_unseen(flat, cach
             ds = load(flat, img_size=8, cache_dir=cache, progress=False, stream=stream)
         assert ds.classes == ["cat", "dog", "emu"]
         assert caplog.text.count(warning) == 1, (stream, caplog.text)
+
+
+def test_a_class_whose_drawn_test_image_is_unreadable_is_named(flat, cache, caplog):
+    """The test split is drawn from the file list; with --skip-bad-images the one image drawn for a small class
+    may be unreadable, and the class then has none in the test set: a warning names it (it was silent)."""
+    (flat / "emu" / "01.png").write_bytes(b"not a png")
+    seen = set()
+    for seed in range(10):  # seeds 0-7 draw 01.png for emu, 8 and 9 draw 00.png
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ds = load(flat, img_size=8, cache_dir=cache, progress=False, skip_bad_images=True, seed=seed)
+        none = 2 not in ds.test.labels.tolist()  # emu's label
+        assert ("so they have none in the test set: emu" in caplog.text) is none, (seed, caplog.text)
+        seen.add(none)
+    assert seen == {True, False}  # both draws happened
 
 
 def test_recorded_test_files_alone_and_a_changed_folder(flat, cache, caplog):

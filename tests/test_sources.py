@@ -63,6 +63,30 @@ def test_tree_items_order_and_wrapping_folder(tree, tmp_path):
         tree_items(Files(make_tree(tmp_path / "u", {"train": {"a": 1}, "test": {"zebra": 1}})))
 
 
+def test_tree_spellings_and_class_folders_named_like_splits(tmp_path, cache, caplog):
+    # split folders in any case, valid/ for val (Kaggle's Train/Test, Roboflow's valid/)
+    spelled = make_tree(tmp_path / "kaggle", {"Train": {"a": 3, "b": 3}, "Test": {"a": 1, "b": 1},
+                                              "valid": {"a": 1, "b": 1}})
+    ds = load(spelled, cache_dir=cache, progress=False)
+    assert ds.classes == ["a", "b"] and (len(ds.train), len(ds.test), len(ds.val)) == (6, 2, 2)
+    # flat class folders, one of them named train (with subfolders): three classes, not a tree of day/night
+    flat = make_tree(tmp_path / "vehicles", {c: {"day": 2, "night": 2} for c in ("bus", "car", "train")})
+    assert load(flat, cache_dir=cache, progress=False, test_split=0.25).classes == ["bus", "car", "train"]
+    # a tree with an extra folder of images beside train/ and test/ is still a tree
+    make_tree(spelled, {"docs": {"figures": 1}})
+    assert load(spelled, cache_dir=cache, progress=False).classes == ["a", "b"]
+    # train/ alone: a test split is held out of it, as from class folders (it was a run with no test set)
+    alone = make_tree(tmp_path / "alone", {"train": {"a": 5, "b": 5}})
+    with caplog.at_level("WARNING"):
+        ds = load(alone, cache_dir=cache, progress=False, test_split=0.2, seed=3)
+    assert (len(ds.train), len(ds.test)) == (8, 2) and ds.split_record["test_files"][0].startswith("train/")
+    assert "without images" not in caplog.text  # train/ is no empty class folder
+    # files without an image extension in a tree are not images (Thumbs.db, desktop.ini, notes)
+    (alone / "train" / "a" / "Thumbs.db").write_bytes(b"\0" * 10)
+    (alone / "train" / "b" / "notes.txt").write_text("shot in 2019")
+    assert len(load(alone, cache_dir=cache, progress=False, test_split=0).train) == 10
+
+
 def test_truncated_tar_refused(tree, tmp_path):
     archive = pack(tree, tmp_path / "t.tar", None)
     cut = tmp_path / "cut.tar"

@@ -62,6 +62,18 @@ def test_streamed_images_equal_in_memory_images(tree, img_size):
         assert torch.equal(i1, i2) and torch.equal(x1, x2) and torch.equal(y1, y2) and x1.dtype == torch.uint8
 
 
+def test_mixed_sizes_are_reported_once_by_the_path_taken(tree, caplog):
+    """The memory estimate samples image sizes on the way to an in-memory load too: only the path that resizes
+    says so (a first in-memory load printed both warnings)."""
+    with caplog.at_level("WARNING"):
+        data.load(tree, progress=False)
+    assert caplog.text.count("sizes; resizing all to the most common") == 1 and "of a sample" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data.load(tree, stream=True, workers=0)
+    assert caplog.text.count("images of several sizes; resizing all to the most common of a sample, 16x16") == 1
+
+
 def test_grayscale_tree_streams_one_channel(tmp_path):
     for split in ("train", "test"):
         for name in CLASSES:

@@ -199,11 +199,18 @@ def test_detect_kind(tmp_path):
     # a text naming a file is text: only the path column (the first) of every row decides
     assert detect_kind(write(tmp_path / "mentions.csv", "label,text\ncat,what is shown in cat.jpg\n")) == "text"
     assert detect_kind(write(tmp_path / "headless.csv", "imgs/a.png,cat\nimgs/b.jpg,dog\n")) == "image"
+    assert detect_kind(write(tmp_path / "label-first.csv", "label,path\ncat,imgs/a.png\ndog,b.jpg\n")) == "image"
+    assert detect_kind(write(tmp_path / "asks.csv", "label,text\ncat,what is in a.png\ndog,what is in b.jpg\n")) == "text"
     # every extension the image loader reads counts, in any case (.jfif, .jpe, .pnm were missed)
     assert detect_kind(write(tmp_path / "rare.csv", "path,label\nimgs/a.JFIF,cat\nimgs/b.jpe,dog\n")) == "image"
     (tmp_path / "pnm" / "cat").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(tmp_path / "pnm" / "cat" / "a.pnm", format="PPM")
     assert detect_kind(tmp_path / "pnm") == "image"
+    # a photo tree whose class folder holds a credits file is still images (the first file sorted decided before)
+    for k in range(3):
+        Image.new("RGB", (4, 4)).save(write(tmp_path / "credited" / "Train" / "cat" / f"IMG_{k}.png", b""))
+    write(tmp_path / "credited" / "Train" / "cat" / "ATTRIBUTION.txt", "photos: CC-BY")
+    assert detect_kind(tmp_path / "credited") == "image"
     assert detect_kind(write(tmp_path / "stray.csv", "path,label\nimgs/a.png,cat\nnotes.txt,dog\n")) == "image"
     assert detect_kind(write(tmp_path / "few.csv", "label,text\ncat,a.png\ndog,a dog\ncow,a cow\n")) == "text"
     assert detect_kind(write(tmp_path / "x.jsonl", "{}\n")) == "text"

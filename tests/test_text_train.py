@@ -123,6 +123,16 @@ def test_a_source_without_a_test_set_holds_one_out_for_train_and_eval(tmp_path, 
     assert code == 0 and "(held out: --test-split 0.2, seed 0)" in err, err
 
 
+def test_a_held_out_test_split_with_nothing_in_it_ends_the_run_without_a_test(tmp_path, capsys):
+    """One text a class: the held-out split is empty, and the run ends with no test figures (it raised a reshape
+    error from the conv, after writing the checkpoints)."""
+    (tmp_path / "two.csv").write_text("label,text\npos,good movie\nneg,bad movie\n")
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", tmp_path / "two.csv", "--out", tmp_path / "o",
+                            *FAST], capsys)
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert code == 0 and results["test_images"] == 0 and results["test_top1"] is None, err
+
+
 def test_default_recipe_and_config_for_text_models():
     cfg = make_config("text_cct_2", "d", "o")
     assert cfg.recipe == "text" and cfg.token_dropout == 0.0 and cfg.schedule == "cosine" and cfg.fgm == 2.0

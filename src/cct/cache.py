@@ -106,12 +106,17 @@ def entries(cache_dir: Path | None = None) -> list[CacheEntry]:
     return sorted(found, key=lambda e: e.last_used)
 
 
+def _cutoff(older_than_days: float) -> float:
+    """The last-use time before which an entry is older than `older_than_days`."""
+    if not 0 <= older_than_days < math.inf:
+        raise CCTError(f"--older-than must be a number of days, at least 0, got {older_than_days}")
+    return time.time() - older_than_days * 86400
+
+
 def clear(cache_dir: Path | None = None, *, older_than_days: float | None = None) -> list[CacheEntry]:
     """Remove every entry, or those last used more than `older_than_days` ago; returns the removed ones.
     Downloaded CIFAR archives are kept."""
-    if older_than_days is not None and not 0 <= older_than_days < math.inf:
-        raise CCTError(f"--older-than must be a number of days, at least 0, got {older_than_days}")
-    cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
+    cutoff = _cutoff(older_than_days) if older_than_days is not None else None
     removed = []
     for entry in entries(cache_dir):
         if cutoff is None or entry.last_used < cutoff:
@@ -139,8 +144,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} "
               f"({_size(sum(e.size for e in removed))}) from {cache_dir / SUBDIR}", file=sys.stderr)
         return 0
-    found = entries(cache_dir)
-    print(f"cache: {cache_dir / SUBDIR} ({len(found)} entries, {_size(sum(e.size for e in found))}; "
+    found, which = entries(cache_dir), ""
+    if args.older_than is not None:  # what `clear --older-than` would remove
+        cutoff = _cutoff(args.older_than)
+        found, which = [e for e in found if e.last_used < cutoff], f" last used more than {args.older_than:g} days ago"
+    print(f"cache: {cache_dir / SUBDIR} ({len(found)} entries{which}, {_size(sum(e.size for e in found))}; "
           f"set CCT_DATA to move it)")
     for e in found:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
@@ -154,6 +162,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("action", choices=("list", "clear"), help="list: entries with source, size and last use; "
                    "clear: remove entries (downloaded CIFAR archives are kept)")
     p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
-                   help="clear only entries last used more than DAYS days ago")
+                   help="only entries last used more than DAYS days ago (list: what clear would remove)")
     p.add_argument("--cache-dir", default=None, help="the cache directory (default: $CCT_DATA, else ~/.cache/cct)")
     p.set_defaults(func=_run)

@@ -45,7 +45,7 @@ __all__ = ["CIFAR_MEAN", "CIFAR_STD", "DEFAULT_THRESHOLD", "DataError", "Dataset
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 3  # bump whenever decoding changes, so stale caches are never read
+_CACHE_VERSION = 4  # bump whenever decoding changes (4: wide grayscale scaled), so stale caches are never read
 DEFAULT_THRESHOLD = 0.25  # fraction of the available memory the in-memory tensors may take
 
 
@@ -136,6 +136,11 @@ def _hold_out(ds: Dataset, meta: dict, *, test_split: float, seed: int) -> Datas
     record = holdout.make_record(seed=seed, fraction=test_split, classes=ds.classes, items=items, test=test,
                                  skipped=skipped)
     test_set = ds.train.subset(is_test.nonzero().squeeze(1)) if bool(is_test.any()) else None
+    drawn = {ds.classes[label] for label, _ in test}
+    lost = sorted(drawn - {ds.classes[label] for label in (test_set.labels.tolist() if test_set else [])})
+    if lost:  # the draw is from the file list, so that it is the same for every load; these files did not decode
+        log.warning("%s: the test images drawn for %d class(es) were unreadable and skipped, so they have none in "
+                    "the test set: %s", meta.get("path", "the source"), len(lost), ", ".join(lost[:5]))
     return replace(ds, train=ds.train.subset((~is_test).nonzero().squeeze(1)), test=test_set, split_record=record)
 
 
@@ -270,8 +275,9 @@ def load(source: str | Path, *, img_size: int | tuple[int, int] | None = None, i
         if stream:
             raise DataError(f"{source} is a CIFAR release, which fits in memory: drop --stream")
         return _load_in_memory(source, **in_memory)
-    files, classes, items, flat = layout(files.path, files)
-    size, channels = stream_mod.probe_tree(files.path, [n for _, n in items["train"]], size=size, in_chans=in_chans)
+    files, classes, items, flat = layout(files.path, files, min_per_class=2 if test_split > 0 else 1)
+    size, channels, mixed = stream_mod.probe_tree(files.path, [n for _, n in items["train"]], size=size,
+                                                  in_chans=in_chans)
     if stream is None:
         n_images = sum(len(v) for v in items.values())
         need, have = n_images * channels * size[0] * size[1] * processes_per_machine, available_memory()
@@ -280,6 +286,9 @@ def load(source: str | Path, *, img_size: int | tuple[int, int] | None = None, i
         log.warning("%s: %d images would take %.1f GB in memory (%d process(es)), more than %g of the %.1f GB "
                     "available: streaming them from disk (--no-stream to load anyway)", source, n_images,
                     need / 1e9, processes_per_machine, threshold, have / 1e9)
+    if mixed:
+        log.warning("%s: images of several sizes; resizing all to the most common of a sample, %dx%d (--img-size "
+                    "chooses)", files.path, *size)
     record = None
     if flat:  # streaming finds unreadable images only while reading them: none is left out of the record
         warn_empty_classes(files.path, classes)
@@ -321,7 +330,8 @@ def _load_in_memory(source: str | Path, *, size: tuple[int, int] | None, in_chan
         log.info("loaded %s from cache %s", ds.source, cache_file)
     else:
         ds, meta = _decode_source(path, size=size, in_chans=in_chans, skip_bad_images=skip_bad_images,
-                                  progress=progress, resize_mode=resize_mode)
+                                  progress=progress, resize_mode=resize_mode,
+                                  min_per_class=2 if test_split > 0 else 1)
         _write_cache(cache_file, ds, meta)
     if meta.get("layout") == "flat":
         warn_empty_classes(path, meta["classes"])
@@ -330,7 +340,7 @@ def _load_in_memory(source: str | Path, *, size: tuple[int, int] | None, in_chan
 
 
 def _decode_source(path: Path, *, size, in_chans, skip_bad_images: bool, progress: bool,
-                   resize_mode: str) -> tuple[Dataset, dict]:
+                   resize_mode: str, min_per_class: int = 2) -> tuple[Dataset, dict]:
     """The Dataset of a CIFAR release, tree, flat folder or CSV, all decoded, and its cache metadata."""
     files = None if is_csv(path) else Files(path)
     kind = cifar_kind(files.names) if files is not None else None
@@ -341,7 +351,7 @@ def _decode_source(path: Path, *, size, in_chans, skip_bad_images: bool, progres
         splits, classes = read_cifar(files, kind, size=size, in_chans=in_chans)
         skipped, what, arrangement = 0, f"{RELEASES[kind].title} ({path})", "cifar"
     else:
-        files, classes, items, flat = layout(path, files)
+        files, classes, items, flat = layout(path, files, min_per_class=min_per_class)
         splits, names, bad = _decode_tree(files, items, size, in_chans, skip_bad_images, progress, resize_mode)
         skipped, arrangement = len(bad), "flat" if flat else "tree"
         what = f"{'images listed in' if is_csv(path) else 'image folders in'} {path}"
@@ -375,6 +385,11 @@ def _proportional_quota(counts: list[int], total: int) -> list[int]:
     quota = [int(e) for e in exact]
     for c in sorted(range(len(counts)), key=lambda c: quota[c] - exact[c])[:total - sum(quota)]:
         quota[c] += 1
+    # every class keeps an example while there are enough to go round (a rare class got none: never trained on,
+    # still tested); each comes from the class with the most
+    for c in [c for c in range(len(counts)) if counts[c] and not quota[c]][:max(0, total - sum(map(bool, quota)))]:
+        quota[max(range(len(counts)), key=lambda k: quota[k])] -= 1
+        quota[c] = 1
     return quota
 
 
@@ -400,6 +415,9 @@ def split_set(train, *, num_classes: int, val=None, train_limit: int | None, val
     num_classes = max(num_classes, int(train.labels.max()) + 1)
     if train_limit is not None and train_limit < len(train):
         counts = torch.bincount(train.labels, minlength=num_classes).tolist()
+        if train_limit < sum(map(bool, counts)):
+            log.warning("--train-limit %d is below the %d classes: some classes get no training example",
+                        train_limit, sum(map(bool, counts)))
         train = train.subset(_stratified_pick(train.labels, _proportional_quota(counts, train_limit), g))
     if val is not None:
         if val_split > 0:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # Pillow modes that hold no colour: with channels=None these decode as 1 channel
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}  # more than 8 bits a pixel: scaled, not clamped
 RESIZE_MODES = ("resize", "crop")
 _ORIENTATION = 0x0112  # the EXIF tag; values 5 to 8 turn the image by 90 degrees
 _POOL_MIN_IMAGES = 4000  # below this, starting worker processes costs more than it saves
@@ -84,6 +85,18 @@ def _resized(im: Image.Image, size: tuple[int, int], resize_mode: str) -> Image.
     return im.resize((size[1], size[0]), Image.BICUBIC)
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grayscale image as 8-bit "L", scaled: Pillow's own conversion clamps at 255, so a
+    16-bit photo would turn white. 16-bit ranges (and 32-bit ints within them) divide by 257; floats in [0, 1]
+    are scaled by 255, other floats and ints already in 0-255 are kept (clipped)."""
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
+        a = a / 257.0
+    elif im.mode == "F" and a.size and a.min() >= 0.0 and a.max() <= 1.0:
+        a = a * 255.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def decode_image(source: bytes | str | Path, *, size: tuple[int, int] | None, channels: int | None,
                  resize_mode: str = "resize") -> np.ndarray:
     """One image as a uint8 (C, H, W) array, turned upright by its EXIF orientation.
@@ -110,6 +123,8 @@ def decode_image(source: bytes | str | Path, *, size: tuple[int, int] | None, ch
                 im = ImageOps.exif_transpose(im)
             if im.mode == "P" or im.mode == "PA":
                 im = im.convert("RGBA")
+            if im.mode in WIDE_GRAY_MODES:
+                im = _to_8bit(im)
             target = mode or ("L" if im.mode in GRAY_MODES else "RGB")
             im = im.convert(target)  # RGBA → RGB drops alpha, CMYK/YCbCr convert, RGB → L is ITU-R 601-2
             if size is not None:

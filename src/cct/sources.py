@@ -7,8 +7,9 @@ refuses the whole archive, so a hostile download cannot write outside a folder o
 
 Three layouts name the images and their classes, each with the sorted class names as class order:
 - a tree, torchvision's ImageFolder layout once per split: ``root/train/<class>/*``,
-  ``root/test/<class>/*``, optionally ``root/val/<class>/*``, with or without one top-level folder
-  around it in an archive (`tree_items`);
+  ``root/test/<class>/*``, optionally ``root/val/<class>/*`` (split names in any case, ``valid`` for
+  val), with or without a top-level folder around it (`tree_items`); only split folders hold images
+  there, so class folders one of which is named train are flat classes;
 - flat class folders, ``root/<class>/*`` (ImageFolder, Keras' ``image_dataset_from_directory``),
   taken when there is no train/ folder (`flat_items`); files are images by their extension;
 - a CSV of ``path,label`` rows, paths relative to the CSV (Kaggle's usual layout), optionally with a
@@ -142,12 +143,14 @@ def _read_zip(path: Path) -> dict[str, bytes]:
 
 
 def fingerprint(path: Path) -> str:
-    """The content key of a source: the bytes of a file, or names, sizes and mtimes of a folder's files."""
+    """The content key of a source: the bytes of a file, or the names, sizes, times and inodes of a folder's files
+    (the change time and inode too: `mv` and `cp -p` keep a file's mtime, so swapping two files would keep it)."""
     h = hashlib.sha256()
     if path.is_dir():
         for p in sorted(folder_files(path)):
             st = p.stat()
-            h.update(f"{p.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            h.update(f"{p.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\t"
+                     f"{st.st_ino}\n".encode())
     else:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
@@ -163,9 +166,26 @@ def _visible(names: list[str]) -> list[str]:
     return [n for n in names if not any(p.startswith(".") or p == "__MACOSX" for p in n.split("/"))]
 
 
+def split_name(folder: str) -> str | None:
+    """The split a tree's folder name means, in any case: train, test, or val (also "valid", Roboflow's)."""
+    name = folder.lower()
+    return "val" if name == "valid" else name if name in SPLITS else None
+
+
 def _tree_prefixes(names: list[str]) -> set[str]:
-    return {"/".join(parts[:i]) for parts in (n.split("/") for n in names)
-            for i in range(len(parts) - 2) if parts[i] == "train"}
+    """The folders (relative, "" for the root) that hold a train/ folder of class folders of images, beside another
+    split folder or only split folders: `root/train/<class>/*` is a tree, and so is `root/{train,test,docs}/...`,
+    but `root/{bus,car,train}/*` are three flat classes, one of them named train."""
+    children: dict[str, set[str]] = {}
+    for parts in (n.split("/") for n in names if is_image_name(n)):
+        for i in range(len(parts) - 2):
+            children.setdefault("/".join(parts[:i]), set()).add(parts[i])
+    trees = set()
+    for prefix, folders in children.items():
+        splits = [split_name(f) for f in folders]
+        if "train" in splits and (all(splits) or len(set(splits) - {None}) >= 2):
+            trees.add(prefix)
+    return trees
 
 
 def is_tree(files: Files) -> bool:
@@ -188,8 +208,8 @@ def _tree_entries(files: Files) -> dict[str, list[tuple[str, str]]]:
         if prefix and not n.startswith(prefix + "/"):
             continue
         parts = rel.split("/")
-        if len(parts) >= 3 and parts[0] in SPLITS:
-            entries.setdefault(parts[0], []).append((parts[1], n))
+        if len(parts) >= 3 and split_name(parts[0]) and is_image_name(n):
+            entries.setdefault(split_name(parts[0]), []).append((parts[1], n))
     return entries
 
 
@@ -225,7 +245,11 @@ def _labelled(pairs: list[tuple[str, str]], where: str, min_per_class: int) -> t
     small = sorted(c for c, n in counts.items() if n < min_per_class)
     if small:
         raise DataError(f"{where}: class {small[0]!r} has {counts[small[0]]} image(s), at least {min_per_class} are "
-                        f"needed (one to train, one to test){f'; {len(small) - 1} more such classes' if len(small) > 1 else ''}")
+                        f"needed (one to train, one to test; --test-split 0 needs one)"
+                        f"{f'; {len(small) - 1} more such classes' if len(small) > 1 else ''}")
+    if len(counts) < 2 and min_per_class > 0:  # to train on: a wrapping folder or a folder of images, not classes
+        raise DataError(f"{where}: one class only ({next(iter(counts))!r}); a classifier needs two or more: class "
+                        "folders root/<class>/*, or a CSV of path,label rows as --data")
     classes = sorted(counts)
     index = {c: i for i, c in enumerate(classes)}
     return classes, [(index[c], n) for c, n in sorted(pairs)]
@@ -234,10 +258,10 @@ def _labelled(pairs: list[tuple[str, str]], where: str, min_per_class: int) -> t
 def flat_items(files: Files, *, min_per_class: int = 2) -> tuple[list[str], list[tuple[int, str]]]:
     """Class names and [(label, name)] of flat class folders, ``root/<class>/**/<image>``: the class
     is the first folder below the root; files outside a class folder or without an image extension
-    are ignored. An archive holding one top-level folder around the class folders is looked into."""
+    are ignored. A folder or archive holding one folder around the class folders is looked into."""
     names = [n for n in _visible(files.names) if is_image_name(n)]
     prefix = ""
-    while files.kind != "folder" and names and all(n.startswith(prefix) for n in names):
+    while names and all(n.startswith(prefix) for n in names):
         tops = {n[len(prefix):].split("/")[0] for n in names}
         if len(tops) != 1 or not all(n[len(prefix):].count("/") >= 2 for n in names):
             break
@@ -255,7 +279,7 @@ def warn_empty_classes(path: Path, classes: list[str]) -> None:
     if not path.is_dir():
         return
     empty = sorted(d.name for d in path.iterdir() if d.is_dir() and d.name not in classes
-                   and not d.name.startswith((".", "__")))
+                   and not d.name.startswith((".", "__")) and not split_name(d.name))  # train/ of a tree
     if empty:
         log.warning("%s: %d folder(s) without images left out, so not classes: %s", path, len(empty),
                     ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
@@ -267,22 +291,30 @@ def is_csv(path: Path) -> bool:
 
 def csv_items(path: Path, *, min_per_class: int = 2) -> tuple[Files, list[str], list[tuple[int, str]]]:
     """The files (relative to the CSV's folder), class names and [(label, name)] of a CSV of
-    ``path,label`` rows naming image files; a first row whose path is not an image name is a header."""
+    ``path,label`` (or ``label,path``) rows naming image files; a first row whose path is not an image name is a
+    header. Errors name the file's line."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read CSV ({getattr(e, 'strerror', None) or e})") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
-    if rows and not is_image_name(rows[0][0].strip()):
+    reader = csv.reader(io.StringIO(text))
+    rows = [(reader.line_num, r) for r in reader if any(cell.strip() for cell in r)]
+    # the path column: the one naming image files in more of the first rows (header or not)
+    votes = [sum(len(r) > col and is_image_name(r[col].strip()) for _, r in rows[:6]) for col in (0, 1)]
+    path_col = 1 if votes[1] > votes[0] else 0
+    if rows and not (len(rows[0][1]) > path_col and is_image_name(rows[0][1][path_col].strip())):
         rows = rows[1:]  # a header, e.g. path,label
-    pairs = []
-    for i, row in enumerate(rows):
-        if len(row) < 2 or not row[1].strip():
-            raise DataError(f"{path}: row {i + 1} {row!r} is not path,label")
-        name = row[0].strip().replace("\\", "/")
+    pairs, seen = [], {}
+    for line, row in rows:
+        if len(row) < 2 or not row[1 - path_col].strip():
+            raise DataError(f"{path}:{line}: {row!r} is not {'label,path' if path_col else 'path,label'}")
+        name = posixpath.normpath(row[path_col].strip().replace("\\", "/"))
         if not is_image_name(name):
-            raise DataError(f"{path}: {name!r} is not an image file (expected rows of image path,label)")
-        pairs.append((row[1].strip(), posixpath.normpath(name)))
+            raise DataError(f"{path}:{line}: {name!r} is not an image file (expected rows of image path,label)")
+        if name in seen:  # twice in one split, or in two classes: which label, and which split, is a guess
+            raise DataError(f"{path}:{line}: {name!r} is listed again (first on line {seen[name]})")
+        seen[name] = line
+        pairs.append((row[1 - path_col].strip(), name))
     classes, items = _labelled(pairs, str(path), min_per_class)
     return Files(path.parent, [n for _, n in items]), classes, items
 
@@ -298,13 +330,17 @@ def list_fingerprint(classes: list[str], items: list[tuple[int, str]]) -> str:
 
 def layout(path: Path, files: Files | None = None, *, min_per_class: int = 2):
     """(files, classes, items, flat) of a source: {split: [(label, name)]} of a tree (flat False), or
-    {"train": every image} of flat class folders or a CSV (flat True: the test split is still to draw)."""
+    {"train": every image} of flat class folders, a CSV or a tree of train/ alone (flat True: the test split is
+    still to draw)."""
     if is_csv(path):
         files, classes, items = csv_items(path, min_per_class=min_per_class)
         return files, classes, {"train": items}, True
     files = files or Files(path)
     if is_tree(files):
         classes, split_items = tree_items(files)
+        if set(split_items) == {"train"}:  # train/ alone: a test split is drawn from it, as from class folders
+            _labelled([(classes[label], n) for label, n in split_items["train"]], str(files.path), min_per_class)
+            return files, classes, split_items, True
         return files, classes, split_items, False
     classes, items = flat_items(files, min_per_class=min_per_class)
     return files, classes, {"train": items}, True

@@ -163,9 +163,10 @@ class StreamImageSet:
 
 # ---------------------------------------------------------------------- a tree as streamed splits
 def probe_tree(root: Path, names: list[str], *, size: tuple[int, int] | None,
-               in_chans: int | None) -> tuple[tuple[int, int], int]:
-    """(size, channels) of a tree: the given ones, else the most common size and the colour of a sample
-    of the training images `names` (paths relative to `root`)."""
+               in_chans: int | None) -> tuple[tuple[int, int], int, bool]:
+    """(size, channels, mixed) of a tree: the given ones, else the most common size and the colour of a sample
+    of the training images `names` (paths relative to `root`); `mixed`: the sample had several sizes (for the
+    caller to say, once it streams: the in-memory path says so itself)."""
     step = max(1, len(names) // _PROBE_IMAGES)
     sizes, modes = Counter(), set()
     if size is None or in_chans is None:
@@ -180,11 +181,8 @@ def probe_tree(root: Path, names: list[str], *, size: tuple[int, int] | None,
         if not sizes:
             raise DataError(f"{root}: none of {_PROBE_IMAGES} sampled training images is readable")
         size = sizes.most_common(1)[0][0]
-        if len(sizes) > 1:
-            log.warning("%s: images of several sizes; resizing all to the most common of a sample, %dx%d "
-                        "(--img-size chooses)", root, *size)
     channels = in_chans or (1 if modes and modes <= GRAY_MODES else 3)
-    return size, channels
+    return size, channels, len(sizes) > 1
 
 
 def stream_tree(files: Files, items: dict[str, list[tuple[int, str]]], size: tuple[int, int], channels: int, *,

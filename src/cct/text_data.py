@@ -35,7 +35,7 @@ import torch
 
 from .errors import CCTError
 from .holdout import choose_test
-from .sources import is_image_name
+from .sources import is_image_name, split_name
 
 TREC_FILES = ("train_5500.label", "TREC_10.label")
 LABEL_LEVELS = ("coarse", "fine")
@@ -342,27 +342,38 @@ def recorded_test(ds: TextDataset, record: dict, where: str, *, hint: str = "") 
 
 # ---------------------------------------------------------------------- detection
 def _table_names_images(path: Path) -> bool:
-    """Whether a CSV is the own-data `path,label` layout: the first column of its first rows (after a header,
-    if any) names image files, at least half of them (a text that mentions a file name is still text; an image
-    CSV with a stray row is still an image CSV, and its loader names the row)."""
+    """Whether a CSV is the own-data `path,label` (or `label,path`) layout: one of its first two columns names image
+    files in at least half of its first rows, past a header if any (a text that mentions a file name is still
+    text; an image CSV with a stray row is still an image CSV, and its loader names the row)."""
     try:
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
             reader = csv.reader(f, delimiter=TABLE_SUFFIXES.get(path.suffix.lower(), ","))
-            head = [row[0].strip().lower() for _, row in zip(range(6), reader) if row and row[0].strip()]
+            head = [[cell.strip() for cell in row[:2]] for _, row in zip(range(6), reader) if any(map(str.strip, row))]
     except (OSError, csv.Error):
         return False
-    paths = head[1:] if head and not is_image_name(head[0]) else head  # past a header
-    return bool(paths) and 2 * sum(map(is_image_name, paths)) >= len(paths)
+    for col, names in ((0, is_image_name), (1, _path_like)):  # a label first: its path must look like one
+        cells = [row[col] if len(row) > col else "" for row in head]
+        cells = cells[1:] if cells and not names(cells[0]) else cells  # past a header
+        if cells and 2 * sum(map(names, cells)) >= len(cells):
+            return True
+    return False
+
+
+def _path_like(cell: str) -> bool:
+    """An image file's name as a second column holds one: no spaces, or a folder in it ("what is in cat.jpg" is a
+    question)."""
+    return is_image_name(cell) and (" " not in cell or "/" in cell)
 
 
 def _split_kind(split: Path) -> str | None:
-    for class_dir in sorted(p for p in split.iterdir() if p.is_dir()):
-        for file in sorted(class_dir.iterdir()):
-            if file.suffix.lower() == ".txt":
-                return "text"
-            if is_image_name(file.name):
-                return "image"
-    return None
+    """"text" or "image" by which files the class folders hold more of (a photo folder may carry a credits.txt,
+    and a text folder a picture), None when neither."""
+    texts = images = 0
+    for class_dir in (p for p in split.iterdir() if p.is_dir()):
+        for file in class_dir.iterdir():
+            texts += file.suffix.lower() == ".txt"
+            images += is_image_name(file.name)
+    return None if texts == images == 0 else "text" if texts > images else "image"
 
 
 def detect_kind(source: str | Path) -> str | None:
@@ -390,8 +401,9 @@ def detect_kind(source: str | Path) -> str | None:
     for suffix in TABLE_SUFFIXES:
         if (path / f"train{suffix}").is_file():
             return "image" if _table_names_images(path / f"train{suffix}") else "text"
-    if (path / "train").is_dir():
-        return _split_kind(path / "train")
+    train = [p for p in path.iterdir() if p.is_dir() and split_name(p.name) == "train"]  # train/, Train/, ...
+    if train:
+        return _split_kind(train[0])
     if _split_kind(path) == "image":  # flat class folders of images (text ones need train/ and test/)
         return "image"
     if (path / "data_batch_1").is_file() or (path / "train").is_file():  # CIFAR's python folders

@@ -494,5 +494,5 @@ def _test(run: _Run) -> dict | None:
         if run.is_main:  # other machines may not see rank 0's files: rank 0 reads, then sends the weights
             run.model.load_state_dict(read_checkpoint(best_path)["state_dict"])
         distributed.broadcast_module(run.model)
-    return run.eval_metrics(test_set.inputs, test_set.labels) if test_set is not None else None
+    return run.eval_metrics(test_set.inputs, test_set.labels) if test_set is not None and len(test_set.labels) else None
 
