@@ -113,6 +113,13 @@ def test_a_class_folder_without_images_is_reported_not_dropped_unseen(flat, cach
             ds = load(flat, img_size=8, cache_dir=cache, progress=False, stream=stream)
         assert ds.classes == ["cat", "dog", "emu"]
         assert caplog.text.count(warning) == 1, (stream, caplog.text)
+    # class folders inside a wrapping folder: the empty one beside them is named, the wrapper is not
+    wrapped = make_flat(flat.parent / "outer" / "cat")  # the wrapper named like a class, to be awkward
+    (wrapped / "gnu").mkdir()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert load(flat.parent / "outer", img_size=8, cache_dir=cache, progress=False).classes == ["cat", "dog", "emu"]
+    assert "1 folder(s) without images left out, so not classes: gnu" in caplog.text, caplog.text
 
 
 def test_a_class_whose_drawn_test_image_is_unreadable_is_named(flat, cache, caplog):

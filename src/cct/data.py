@@ -291,7 +291,7 @@ def load(source: str | Path, *, img_size: int | tuple[int, int] | None = None, i
                     "chooses)", files.path, *size)
     record = None
     if flat:  # streaming finds unreadable images only while reading them: none is left out of the record
-        warn_empty_classes(files.path, classes)
+        warn_empty_classes(files.path, classes, items["train"])
         every = items["train"]
         train, test = holdout.choose_test(every, len(classes), fraction=test_split, seed=seed)
         record = holdout.make_record(seed=seed, fraction=test_split, classes=classes, items=every, test=test,
@@ -334,7 +334,7 @@ def _load_in_memory(source: str | Path, *, size: tuple[int, int] | None, in_chan
                                   min_per_class=2 if test_split > 0 else 1)
         _write_cache(cache_file, ds, meta)
     if meta.get("layout") == "flat":
-        warn_empty_classes(path, meta["classes"])
+        warn_empty_classes(path, meta["classes"], meta["items"])
         ds = _hold_out(ds, meta, test_split=test_split, seed=seed)
     return ds
 
