@@ -703,6 +703,13 @@ def broken_checkpoints(root: Path, good: Path, marker: Path) -> dict[str, tuple[
         "random.safetensors": (np.random.default_rng(5).bytes(5000), "not a readable safetensors file"),
         "python-pickle.pt": (pickle.dumps({"state_dict": {"w": [1.0]}}, protocol=5), "not a"),
     }
+    # bytes damaged inside the largest tensor (what a bad copy or disk does): torch.load read them as weights
+    with zipfile.ZipFile(good) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)
+    damaged = bytearray(good.read_bytes())
+    start = member.header_offset + 30 + len(member.filename.encode()) + 64  # past the local header (and its extra)
+    damaged[start:start + 256] = bytes(256)
+    files["damaged.pt"] = (bytes(damaged), f"is corrupted: its member {member.filename} fails its checksum")
     out = {}
     for name, (content, message) in files.items():
         (root / name).write_bytes(content)

@@ -137,6 +137,19 @@ def test_a_class_whose_drawn_test_image_is_unreadable_is_named(flat, cache, capl
     assert seen == {True, False}  # both draws happened
 
 
+def test_a_zip_of_the_folder_and_the_folder_are_the_same_source(flat, tmp_path, cache, caplog):
+    """Trained on a zip of photos/ (names photos/cat/...), evaluated on the extracted folder (cat/...), or the
+    reverse: the same recorded test files, not "none of them" and every image (training ones included) scored."""
+    zipped = pack(flat, tmp_path / "photos.zip", "photos")
+    for trained, evaluated in ((zipped, flat), (flat, zipped)):
+        record = load(trained, img_size=8, cache_dir=cache, progress=False).split_record
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            again = load(evaluated, img_size=8, progress=False, test_files=record)
+        assert len(again.test) == len(record["test_files"]) == 4 and not again.source_changed, caplog.text
+        assert holdout.same_split(record, load(evaluated, img_size=8, cache_dir=cache, progress=False).split_record)
+
+
 def test_recorded_test_files_alone_and_a_changed_folder(flat, cache, caplog):
     (flat / "dog" / "99.png").write_bytes(b"not a png")  # skipped as bad: never in the record
     ds = load(flat, img_size=8, cache_dir=cache, progress=False, skip_bad_images=True)

@@ -8,7 +8,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cct"
 MODULES = sorted(p for p in SRC.rglob("*.py"))
-LAZY_ALLOWED = {"cli.py", "__main__.py"}  # may import subcommands lazily to keep `cct --help` fast
+LAZY_ALLOWED = {"cli.py", "__main__.py", "console.py"}  # may import subcommands lazily: `cct --help` fast, Ctrl-C clean
 
 
 def _name(path: Path) -> str:
@@ -85,3 +85,24 @@ def test_import_and_help_without_the_resource_module():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "train" in result.stdout and "eval" in result.stdout
+
+
+def test_a_ctrl_c_while_the_command_loads_is_an_interruption_not_a_traceback():
+    """`import cct` is light (its names load on first use), and the `cct` entry point (`cct.console`) catches a
+    Ctrl-C during the second it takes torch and the package to load: here raised by that import itself."""
+    code = ("import builtins, sys\n"
+            "real = builtins.__import__\n"
+            "def fake(name, *args, **kwargs):\n"
+            "    if name == 'cli':\n        raise KeyboardInterrupt\n"
+            "    return real(name, *args, **kwargs)\n"
+            "import cct\nassert 'torch' not in sys.modules, 'import cct loaded torch'\n"
+            "builtins.__import__ = fake\n"
+            "from cct.console import main\nsys.exit(main())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and result.stderr == "cct: interrupted\n", result.stderr[-2000:]
+    code = ("import cct\nassert cct.create_model('cct_2_3x2_32').cfg.embed_dim == 128 and 'create_model' in dir(cct)\n"
+            "assert callable(cct.checkpoint.read_checkpoint) and callable(cct.kernels.fuse)  # submodules too\n"
+            "try:\n    cct.nothing\nexcept AttributeError as e:\n    assert 'nothing' in str(e)\n"
+            "else:\n    raise AssertionError('cct.nothing')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -99,6 +99,26 @@ def _finetune(tmp_path, capsys, pretrained: Path, *extra: str) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def test_a_resume_keeps_the_held_out_test_split_or_refuses(tmp_path, capsys):
+    """A resumed run draws the test split of class folders again: on the same files it is the recorded one; on a
+    folder with files added since, it would move images the run trained on into the test set, so it is refused."""
+    from cct.recipes import make_config
+    from cct.train import TrainingInterrupted, resume_config, train
+    data = flat_folder(tmp_path / "photos")
+    cfg = make_config("cct_2_3x2_32", str(data), str(tmp_path / "run"), epochs=2, batch_size=8, procs=1,
+                      precision="fp32")
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, quiet=True, stop_at_step=3)
+    recorded = json.loads((tmp_path / "run" / "split.json").read_text())
+    Image.new("RGB", (16, 16)).save(data / "ant" / "new.png")
+    with pytest.raises(cct.CCTError, match=r"photos changed since the run held its 6 test images out of it \(30 files "
+                                           r"then, 31 now\)"):
+        train(resume_config(tmp_path / "run"), quiet=True, resume=True)
+    (data / "ant" / "new.png").unlink()
+    train(resume_config(tmp_path / "run"), quiet=True, resume=True)
+    assert json.loads((tmp_path / "run" / "split.json").read_text()) == recorded
+
+
 def test_finetune_from_a_cct_checkpoint_new_classes_and_size(tmp_path, capsys):
     torch.manual_seed(0)
     source = cct.create_model("cct_2_3x2_32", num_classes=10)  # 32 px, 10 classes → 16 px, 3 classes

@@ -59,6 +59,35 @@ def test_a_resumed_run_with_options_matches_the_uninterrupted_one(tmp_path, opti
     assert (resumed["test_loss"], resumed["train_tflop"]) == (reference["test_loss"], reference["train_tflop"])
 
 
+def test_a_fresh_run_removes_an_older_runs_results(tmp_path):
+    """An --out without last.pt but with an older run's results.json: a fresh run there that is stopped in its last
+    epoch's test, then resumed, reported those results as its own ("already finished")."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text('{"model": "another run"}')
+    with pytest.raises(TrainingInterrupted):
+        train(seeded_config(tmp_path / "run"), dataset=memory_dataset(), quiet=True, stop_at_step=3)
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert train(resume.resume_config(tmp_path / "run"), dataset=memory_dataset(), resume=True, quiet=True)["model"] == MODEL
+
+
+def test_a_resume_after_the_last_step_says_it_tests(tmp_path, capsys):
+    """Stopped in the final test (results.json not written): the resume has no epoch left to train, and said
+    "resuming at epoch 3" of a 2-epoch run."""
+    train(seeded_config(tmp_path / "run"), dataset=memory_dataset(), quiet=True)
+    (tmp_path / "run" / "results.json").unlink()  # as a Ctrl-C in the test leaves it
+    capsys.readouterr()
+    train(resume.resume_config(tmp_path / "run"), dataset=memory_dataset(), resume=True, quiet=False)
+    err = capsys.readouterr().err
+    assert "after its last step: testing" in err and "at epoch 3" not in err, err
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["weights"] == "best"  # the keras recipe's
+    # best.pt deleted as well: the last weights are tested, and said so (results.json claimed "best")
+    (tmp_path / "run" / "results.json").unlink()
+    (tmp_path / "run" / "best.pt").unlink()
+    train(resume.resume_config(tmp_path / "run"), dataset=memory_dataset(), resume=True, quiet=False)
+    assert "best.pt is missing: testing the last weights" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["weights"] == "last"
+
+
 def test_a_resume_on_data_of_other_classes_is_refused(tmp_path):
     from dataclasses import replace
     ds = memory_dataset()

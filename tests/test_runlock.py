@@ -88,3 +88,7 @@ def test_a_folder_that_cannot_be_made_is_one_line(tmp_path):
     with pytest.raises(CCTError, match="cannot lock .*file"):
         with hold_run_lock(tmp_path / "file" / "run"):
             pass
+    with pytest.raises(CCTError, match=r"--out .*file is a file, not a folder$"):  # was "cannot lock ...: File exists"
+        with hold_run_lock(tmp_path / "file"):
+            pass
+    assert (tmp_path / "file").read_text() == "not a folder"

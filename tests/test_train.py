@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +193,13 @@ def test_resume_errors(tmp_path, finished_run, capsys):
     (tmp_path / "bad" / "last.pt").write_bytes(b"not a checkpoint")
     code, _, err = run_cli(["train", "--resume", str(tmp_path / "bad")], capsys)
     assert code == 2 and "last.pt" in err and len(err.strip().splitlines()) == 1
+    # --data recorded as a relative path, resumed from another folder: say to give it (it was "data ... not found")
+    shutil.copytree(finished_run, tmp_path / "moved")
+    last = torch.load(tmp_path / "moved" / "last.pt", weights_only=True)
+    last["train_config"]["data"] = "photos-relative"
+    torch.save(last, tmp_path / "moved" / "last.pt")
+    code, _, err = run_cli(["train", "--resume", str(tmp_path / "moved")], capsys)
+    assert code == 2 and "the run's data photos-relative is not found from here" in err and "--data" in err
 
 
 def test_subprocess_error_exit_code(tmp_path):

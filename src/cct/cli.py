@@ -17,6 +17,7 @@ import sys
 import types
 import typing
 from dataclasses import fields
+from pathlib import Path
 
 from . import __version__, distributed
 from .checkpoint import save_checkpoint
@@ -129,6 +130,10 @@ def _run_train(args: argparse.Namespace) -> int:
             raise CCTError("--resume takes the run's configuration from its last.pt; drop "
                            + ", ".join("--" + k.replace("_", "-") for k in extra))
         cfg = train_mod.resume_config(args.resume, **overrides, **({"data": args.data} if args.data else {}))
+        if not args.data and cfg.data.lower() not in ("cifar10", "cifar100") and not Path(cfg.data).exists() \
+                and not Path(cfg.data).is_absolute():  # recorded as given: relative to where the run started
+            raise CCTError(f"the run's data {cfg.data} is not found from here (a path relative to where the run "
+                           "started): give it with --data")
     else:
         missing = [k for k in ("data", "out") if not getattr(args, k)]
         if missing:

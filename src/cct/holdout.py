@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .decode import decode_images, uniform_images
-from .sources import DataError, layout, list_fingerprint
+from .sources import DataError, class_root, from_root, layout, list_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,20 @@ def make_record(*, seed: int, fraction: float, classes: list[str], items: list[t
             "num_files": len(items), "fingerprint": list_fingerprint(classes, items)}
 
 
+def same_split(a: dict, b: dict) -> bool:
+    """Whether two records drew the same test split from the same files, be the source a folder or an archive of
+    it: the fingerprint, else the file count and the test files below their class root."""
+    if a.get("fingerprint") == b.get("fingerprint"):
+        return True
+
+    def tests(r: dict) -> list[str]:
+        index = {c: i for i, c in enumerate(r["classes"])}
+        items = [(index[c], n) for n, c in zip(r["test_files"], r["test_labels"])]
+        root = class_root(r["classes"], items)
+        return sorted(from_root(n, root) for _, n in items)
+    return a.get("num_files") == b.get("num_files") and a.get("classes") == b.get("classes") and tests(a) == tests(b)
+
+
 def check(record: dict, classes: list[str], items: list[tuple[int, str]], where: str) -> tuple[bool, str | None]:
     """(changed, message): whether the source's file list differs from the one the record was drawn from."""
     for key in ("test_files", "test_labels", "classes", "fingerprint"):
@@ -84,13 +98,18 @@ def decode_recorded(path: Path, record: dict, *, size: tuple[int, int] | None, i
     if not flat:
         raise OtherSource(f"{path} has test images of its own (train/ and test/ folders), so it is not the flat "
                           "source the run held its test split out of")
-    present = {n for _, n in items["train"]}
+    # names below the class folders' root, so that a folder and a zip of it (photos/cat/1.png) match
     index = {c: i for i, c in enumerate(record["classes"])}
-    pairs = [(n, index[c]) for n, c in zip(record["test_files"], record["test_labels"]) if n in present]
+    then = class_root(record["classes"], [(index[c], n) for n, c in zip(record["test_files"], record["test_labels"])])
+    now = class_root(classes, items["train"])
+    present = {from_root(n, now): n for _, n in items["train"]}
+    pairs = [(present[from_root(n, then)], index[c]) for n, c in zip(record["test_files"], record["test_labels"])
+             if from_root(n, then) in present]
     if not pairs:
         raise OtherSource(f"{path} holds none of the {len(record['test_files'])} test files the run held out, so it "
                           "is another source than the one it trained on")
-    changed, message = check(record, classes, items["train"], str(path))
+    as_then = [(label, "/".join(filter(None, (then, from_root(n, now))))) for label, n in items["train"]]
+    changed, message = check(record, classes, as_then, str(path))
     if changed:
         log.warning("%s", message)
     arrays = decode_images([files.handle(n) for n, _ in pairs], size=size, channels=in_chans, progress=progress,

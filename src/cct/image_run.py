@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
+from . import distributed, holdout
 from . import data as data_mod
 from .cifar import CIFAR_MEAN, CIFAR_STD
 from .data import Dataset, ImageSet
@@ -64,6 +64,12 @@ def image_inputs(cfg: TrainConfig, dataset: Dataset | None, *, checkpoint: dict 
     """The data phase for images: load and split, the normalisation (the recorded one when resuming, even if
     "dataset" statistics would now differ), the input record and the augmentation."""
     dataset, train_set, val_set = _load_data(cfg, dataset, quiet)
+    recorded, now = (checkpoint or {}).get("split"), dataset.split_record
+    if recorded and now and not holdout.same_split(recorded, now):  # resumed on a changed source
+        raise CCTError(f"{cfg.data} changed since the run held its {len(recorded.get('test_files', []))} test images "
+                       f"out of it ({recorded.get('num_files', '?')} files then, {now['num_files']} now): a new split "
+                       "would put images the run trained on in its test set; resume on the files as they were, or "
+                       "start a new run")
     in_chans, height, width = tuple(train_set.images.shape[1:])
     if checkpoint is None:
         mean, std = _mean_std(cfg, train_set.images)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, remove_stale_temporaries
 from .plots import plot_curves
 from .kinds import RunInputs, TextPreprocessing
 from .preprocess import Preprocessing
@@ -89,6 +89,14 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def clear_leftovers(out: Path, *, fresh: bool) -> None:
+    """What writes cut short by a kill left in `out` (never read, but they take space); for a fresh run, an older
+    run's results.json too, which a later `--resume` would take for this run's ("already finished")."""
+    remove_stale_temporaries(out, OUTPUT_FILES)
+    if fresh:
+        (out / "results.json").unlink(missing_ok=True)
+
+
 def write_record(path: Path, record: dict | None) -> None:
     """`record` as `write_json`, or, for a run without one, no file: an older run's left in --out would name
     a split this run did not use."""
@@ -150,7 +158,7 @@ def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, in
         "steps": state["step"], "test_top1": test["top1"] if test else None, "test_top5": test["top5"] if test else None,
         "test_loss": test["loss"] if test else None, "test_images": len(inputs.test_set) if test else 0,
         "best_epoch": state["best_epoch"], "best_val_top1": state["best_top1"] if validated else None,
-        "weights": "best" if cfg.restore_best and validated else "last",
+        "weights": "best" if cfg.restore_best and validated and (Path(cfg.out) / "best.pt").is_file() else "last",
         "train_seconds": round(state["train_seconds"], 2),
         "images_per_second": round(state["images"] / max(state["train_seconds"], 1e-9), 1),
         "train_images": train_images, "val_images": val_images or 0,

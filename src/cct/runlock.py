@@ -89,6 +89,8 @@ def hold_run_lock(out: str | Path, *, rank: int = 0) -> Iterator[None]:
         yield
         return
     created = not out.exists()  # a run that fails before writing anything leaves no folder behind
+    if out.exists() and not out.is_dir():
+        raise CCTError(f"--out {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)

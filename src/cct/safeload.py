@@ -10,6 +10,7 @@ import json
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +24,20 @@ VERSION = 1
 SAFETENSORS_EXTRAS = ("eval", "tokenizer", "split")
 
 
+def _check_crcs(path: Path, head: bytes) -> None:
+    """A zip-format checkpoint's members against their CRCs: torch.load does not check them, so damaged tensor bytes
+    loaded as weights (NaN losses, wrong answers, no error)."""
+    if not head.startswith(b"PK"):
+        return  # not a zip: torch.load names what it is
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # truncated or unreadable: torch.load's own error says so
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupted: its member {bad} fails its checksum (a damaged copy or disk)")
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint file into a plain dict, refusing anything that would need unpickling code."""
     path = Path(path)
@@ -32,6 +47,7 @@ def read_checkpoint(path: str | Path) -> dict:
         head = f.read(16)
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         return _read_safetensors(path)
+    _check_crcs(path, head)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the outcome is what we report
             warnings.simplefilter("ignore")

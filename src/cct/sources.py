@@ -273,19 +273,29 @@ def flat_items(files: Files, *, min_per_class: int = 2) -> tuple[list[str], list
     return _labelled(pairs, str(files.path), min_per_class)
 
 
-def warn_empty_classes(path: Path, classes: list[str], items: list[tuple[int, str]]) -> None:
-    """Say which folders beside a flat source's class folders hold no image, so are no class (rather than drop them
-    unseen); a load calls it once, whether it decoded the folder or read it from the cache."""
-    if not path.is_dir():
-        return
-    # where the class folders are: the root, or inside the folder wrapping them (the one prefix every class's
-    # files agree on, should the wrapper be named like a class)
+def class_root(classes: list[str], items: list[tuple[int, str]]) -> str:
+    """Where a flat source's class folders are, relative to it: "" for the source itself, or the folder wrapping
+    them, e.g. "photos" in a zip of a photos/ folder (the one prefix every class's files agree on, should the
+    wrapper be named like a class)."""
     roots = None
     for label, name in {int(label): name for label, name in items}.items():  # one file a class
         parts = name.split("/")
         found = {"/".join(parts[:i]) for i, part in enumerate(parts[:-1]) if part == classes[label]}
         roots = found if roots is None else roots & found
-    root = path / min(roots or {""}, key=len)
+    return min(roots or {""}, key=len)
+
+
+def from_root(name: str, root: str) -> str:
+    """A file's name below the class root (`class_root`): the same for a folder and for an archive of it."""
+    return name[len(root) + 1:] if root and name.startswith(root + "/") else name
+
+
+def warn_empty_classes(path: Path, classes: list[str], items: list[tuple[int, str]]) -> None:
+    """Say which folders beside a flat source's class folders hold no image, so are no class (rather than drop them
+    unseen); a load calls it once, whether it decoded the folder or read it from the cache."""
+    if not path.is_dir():
+        return
+    root = path / class_root(classes, items)
     empty = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in classes
                    and not d.name.startswith((".", "__")) and not split_name(d.name))  # train/ of a tree
     if empty:

@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import budget, distributed, kinds, runfiles
-from . import data as data_mod
+from . import budget, data as data_mod, distributed, kinds, runfiles
 from .augment import alternating_flips, flip_where
-from .checkpoint import read_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .data import Dataset
 from .errors import CCTError
 from .evaluate import evaluate, metrics, predict_logits
@@ -131,10 +130,9 @@ class _Run:
         return s["epoch"] + math.ceil((s["total_steps"] - s["step"] + s["batch"]) / self.steps_per_epoch)
 
     def lr(self, step: int) -> float:
-        cfg = self.cfg
-        return lr_at(step, lr=cfg.lr, total_steps=self.state["total_steps"], warmup_steps=self.warmup_steps,
-                     warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_steps=self.cooldown_steps,
-                     schedule=cfg.schedule)
+        return lr_at(step, lr=self.cfg.lr, total_steps=self.state["total_steps"], warmup_steps=self.warmup_steps,
+                     warmup_lr=self.cfg.warmup_lr, min_lr=self.cfg.min_lr, cooldown_steps=self.cooldown_steps,
+                     schedule=self.cfg.schedule)
 
     def resolution(self, step: int) -> int | None:
         """The input side of optimisation step `step` (None: no progressive resizing, the native size)."""
@@ -249,8 +247,8 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
         log(quiet, f"{out}: this run is already finished ({checkpoint['train_state']['epoch']} epochs); "
                    f"results in {out / 'results.json'}")
         return json.loads((out / "results.json").read_text())
-    if rank == 0:  # what writes cut short by a kill left behind (never read, but they take space)
-        remove_stale_temporaries(out, runfiles.OUTPUT_FILES)
+    if rank == 0:  # partial writes of a killed run; a fresh run's older results.json
+        runfiles.clear_leftovers(out, fresh=checkpoint is None)
 
     # where and how it computes
     configure_threads(cfg.workers or None)
@@ -300,7 +298,8 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
         state.update(restored)
         if rank == 0:  # rows past the checkpoint's epoch (written after it, by a run that then died) go
             runfiles.write_history(out / "history.csv", run.history)
-        log(quiet, f"resuming {out} at epoch {state['epoch'] + 1}" + (f", batch {state['batch']}" if state["batch"] else ""))
+        where = f"at epoch {state['epoch'] + 1}" + (f", batch {state['batch']}" if state["batch"] else "")
+        log(quiet, f"resuming {out} " + ("after its last step: testing" if state["step"] >= state["total_steps"] else where))
 
     # length: --epochs, or what fits --time-budget (fitted before the run, re-fitted at each epoch's end)
     budgeted = checkpoint is None and cfg.time_budget is not None
@@ -490,9 +489,12 @@ def _refit_to_budget(run: _Run, *, t_epoch: float, first_step: int) -> None:
 
 def _test(run: _Run) -> dict | None:
     best_path, test_set = run.out / "best.pt", run.inputs.test_set
-    if run.cfg.restore_best and run.inputs.val_set is not None and distributed.from_main(run.is_main and best_path.is_file()):
-        if run.is_main:  # other machines may not see rank 0's files: rank 0 reads, then sends the weights
-            run.model.load_state_dict(read_checkpoint(best_path)["state_dict"])
-        distributed.broadcast_module(run.model)
+    if run.cfg.restore_best and run.inputs.val_set is not None:
+        if distributed.from_main(run.is_main and best_path.is_file()):  # rank 0 reads, then sends the weights
+            if run.is_main:  # (other machines may not see rank 0's files)
+                run.model.load_state_dict(read_checkpoint(best_path)["state_dict"])
+            distributed.broadcast_module(run.model)
+        else:  # deleted since the epoch that wrote it (results.json then says "last")
+            log(run.quiet, f"{best_path} is missing: testing the last weights")
     return run.eval_metrics(test_set.inputs, test_set.labels) if test_set is not None and len(test_set.labels) else None
 
