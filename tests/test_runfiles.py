@@ -35,8 +35,11 @@ def test_results_keys_and_json(tmp_path):
                                    split_record=None)
     state = {"epoch": 2, "step": 6, "best_epoch": 1, "best_top1": 0.5, "train_seconds": 3.14159, "images": 300}
     test = {"top1": 0.75, "top5": 1.0, "loss": 0.6}
-    r = runfiles.results(cfg, state=state, test=test, params=1000, inputs=inputs, train_images=150, val_images=12,
-                         skipped_steps=0, precision="fp32", world_size=1, device="cpu")
+    kwargs = dict(state=state, test=test, params=1000, inputs=inputs, train_images=150, val_images=12,
+                  skipped_steps=0, precision="fp32", world_size=1, device="cpu")
+    assert runfiles.results(cfg, **kwargs)["weights"] == "last"  # no best.pt in --out: the last weights were tested
+    (tmp_path / "best.pt").write_bytes(b"")
+    r = runfiles.results(cfg, **kwargs)
     assert list(r) == ["model", "recipe", "params", "epochs", "steps", "test_top1", "test_top5", "test_loss",
                        "test_images", "best_epoch", "best_val_top1", "weights", "train_seconds", "images_per_second",
                        "train_images", "val_images", "data", "classes", "skipped_images", "skipped_steps", "precision",
