@@ -365,7 +365,7 @@ def layout(path: Path, files: Files | None = None, *, min_per_class: int = 2):
 
 
 def content_key(path: Path) -> str:
-    """`fingerprint` of a source; for a CSV, of its bytes and the names, sizes and mtimes of its images."""
+    """`fingerprint` of a source; for a CSV, of its bytes and the names, sizes, times and inodes of its images."""
     if not is_csv(path):
         return fingerprint(path)
     files, _, _ = csv_items(path, min_per_class=0)
@@ -373,7 +373,7 @@ def content_key(path: Path) -> str:
     for name in files.names:
         try:
             st = (files.path / name).stat()
-            h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\t{st.st_ino}\n".encode())
         except OSError:
             h.update(f"{name}\tmissing\n".encode())
     return h.hexdigest()
