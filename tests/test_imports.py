@@ -76,13 +76,18 @@ def test_modules_and_functions_stay_short(path):
             assert node.end_lineno - node.lineno + 1 <= 150, f"{node.name} is {node.end_lineno - node.lineno + 1} lines"
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a fresh interpreter (what `import cct` loads depends on nothing imported before)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
 def test_import_and_help_without_the_resource_module():
     """`resource` is Unix-only: `import cct` and `cct --help` must not need it."""
     code = ("import sys; sys.modules['resource'] = None\n"
             "import cct, cct.bench, cct.cli\n"
             "try:\n    cct.cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "assert 'matplotlib' not in sys.modules and 'onnx' not in sys.modules and 'h5py' not in sys.modules")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = _python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "train" in result.stdout and "eval" in result.stdout
 
@@ -98,11 +103,11 @@ def test_a_ctrl_c_while_the_command_loads_is_an_interruption_not_a_traceback():
             "import cct\nassert 'torch' not in sys.modules, 'import cct loaded torch'\n"
             "builtins.__import__ = fake\n"
             "from cct.console import main\nsys.exit(main())")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = _python(code)
     assert result.returncode == 130 and result.stderr == "cct: interrupted\n", result.stderr[-2000:]
     code = ("import cct\nassert cct.create_model('cct_2_3x2_32').cfg.embed_dim == 128 and 'create_model' in dir(cct)\n"
             "assert callable(cct.checkpoint.read_checkpoint) and callable(cct.kernels.fuse)  # submodules too\n"
             "try:\n    cct.nothing\nexcept AttributeError as e:\n    assert 'nothing' in str(e)\n"
             "else:\n    raise AssertionError('cct.nothing')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = _python(code)
     assert result.returncode == 0, result.stderr[-2000:]

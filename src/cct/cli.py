@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import __version__, distributed
 from .checkpoint import save_checkpoint
+from .cifar import RELEASES
 from .errors import CCTError
 from .kernels import KERNELS
 from .model import count_macs, num_params
@@ -130,7 +131,7 @@ def _run_train(args: argparse.Namespace) -> int:
             raise CCTError("--resume takes the run's configuration from its last.pt; drop "
                            + ", ".join("--" + k.replace("_", "-") for k in extra))
         cfg = train_mod.resume_config(args.resume, **overrides, **({"data": args.data} if args.data else {}))
-        if not args.data and cfg.data.lower() not in ("cifar10", "cifar100") and not Path(cfg.data).exists() \
+        if not args.data and cfg.data.lower() not in RELEASES and not Path(cfg.data).exists() \
                 and not Path(cfg.data).is_absolute():  # recorded as given: relative to where the run started
             raise CCTError(f"the run's data {cfg.data} is not found from here (a path relative to where the run "
                            "started): give it with --data")

@@ -65,11 +65,15 @@ def same_split(a: dict, b: dict) -> bool:
         return True
 
     def tests(r: dict) -> list[str]:
-        index = {c: i for i, c in enumerate(r["classes"])}
-        items = [(index[c], n) for n, c in zip(r["test_files"], r["test_labels"])]
-        root = class_root(r["classes"], items)
-        return sorted(from_root(n, root) for _, n in items)
+        root = _record_root(r)
+        return sorted(from_root(n, root) for n in r["test_files"])
     return a.get("num_files") == b.get("num_files") and a.get("classes") == b.get("classes") and tests(a) == tests(b)
+
+
+def _record_root(record: dict) -> str:
+    """`cct.sources.class_root` of the files a record names: "photos" for a split drawn from a zip of photos/."""
+    index = {c: i for i, c in enumerate(record["classes"])}
+    return class_root(record["classes"], [(index[c], n) for n, c in zip(record["test_files"], record["test_labels"])])
 
 
 def check(record: dict, classes: list[str], items: list[tuple[int, str]], where: str) -> tuple[bool, str | None]:
@@ -100,8 +104,7 @@ def decode_recorded(path: Path, record: dict, *, size: tuple[int, int] | None, i
                           "source the run held its test split out of")
     # names below the class folders' root, so that a folder and a zip of it (photos/cat/1.png) match
     index = {c: i for i, c in enumerate(record["classes"])}
-    then = class_root(record["classes"], [(index[c], n) for n, c in zip(record["test_files"], record["test_labels"])])
-    now = class_root(classes, items["train"])
+    then, now = _record_root(record), class_root(classes, items["train"])
     present = {from_root(n, now): n for _, n in items["train"]}
     pairs = [(present[from_root(n, then)], index[c]) for n, c in zip(record["test_files"], record["test_labels"])
              if from_root(n, then) in present]

@@ -178,10 +178,41 @@ def he_normal_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
     return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
 
 
-def check_reset(num_classes: int, global_pool: str | None, pooling: str) -> None:
-    """`reset_classifier`'s arguments: a class count the checkpoint can hold, and no other pooling than the
-    model's (sequence pooling, or its class token, is part of the trained model, not a choice of head)."""
-    assert type(num_classes) is int and num_classes >= 0, \
-        f"num_classes must be a non-negative int (0: no classifier), got {num_classes!r}"
-    assert global_pool in (None, pooling), f"this model pools with {pooling!r} (sequence pooling or a class token), " \
-                                           f"not global_pool={global_pool!r}"
+class ClassifierHead:
+    """timm's classifier interface over a model's `head` (an nn.Linear, or nn.Identity for none) and its `cfg`
+    (`num_classes`, `embed_dim`, `pooling`); a model starts new head weights as it initialises them
+    (`_init_head_weight`)."""
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features `forward_head(..., pre_logits=True)` returns."""
+        return self.cfg.embed_dim
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for `num_classes` (0: none, `forward` returns the pooled features); `global_pool` is
+        timm's argument, and only None or the model's own pooling ("seq" or "cls") is accepted: sequence pooling,
+        or a class token, is part of the trained model, not a choice of head."""
+        assert type(num_classes) is int and num_classes >= 0, \
+            f"num_classes must be a non-negative int (0: no classifier), got {num_classes!r}"
+        pooling = self.cfg.pooling
+        assert global_pool in (None, pooling), f"this model pools with {pooling!r} (sequence pooling or a class " \
+                                               f"token), not global_pool={global_pool!r}"
+        self.cfg.num_classes = num_classes
+        self.head = nn.Linear(self.cfg.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            self._init_head_weight(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.class_names = None
+
+    def _init_head_weight(self, weight: torch.Tensor) -> None:
+        nn.init.trunc_normal_(weight, std=0.02)

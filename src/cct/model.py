@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (KerasBlock, OfficialBlock, check_reset, glorot_uniform_, he_normal_, official_init_,
+from .layers import (ClassifierHead, KerasBlock, OfficialBlock, glorot_uniform_, he_normal_, official_init_,
                      resize_pos_embed, sinusoidal_embedding)
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
@@ -174,7 +174,7 @@ class ConvTokenizer(nn.Module):
         return dims[0], dims[1]
 
 
-class CCT(nn.Module):
+class CCT(ClassifierHead, nn.Module):
     """Compact Convolutional Transformer (and CVT / ViT-Lite), with timm's model interface."""
 
     def __init__(self, cfg: CCTConfig):
@@ -247,35 +247,12 @@ class CCT(nn.Module):
         if self.pos_embed is not None:
             glorot_uniform_(self.pos_embed[0], keras_shape=tuple(self.pos_embed.shape[1:]))
 
-    # ------------------------------------------------------------------ timm interface
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
-
-    @property
-    def num_features(self) -> int:
-        """Width of the pooled features `forward_head(..., pre_logits=True)` returns."""
-        return self.cfg.embed_dim
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new head for `num_classes` (0: none, `forward` returns the pooled features); `global_pool` is
-        timm's argument, and only None or the model's own pooling ("seq" or "cls") is accepted."""
-        check_reset(num_classes, global_pool, self.cfg.pooling)
-        self.cfg.num_classes = num_classes
-        self.head = nn.Linear(self.cfg.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            if self.cfg.block == "keras":
-                glorot_uniform_(self.head.weight)
-            else:
-                nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        self.class_names = None
+    # ------------------------------------------------------------------ timm interface (`ClassifierHead`)
+    def _init_head_weight(self, weight: torch.Tensor) -> None:
+        if self.cfg.block == "keras":  # the Keras example's Dense
+            glorot_uniform_(weight)
+        else:
+            super()._init_head_weight(weight)
 
     def _position(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.pos_embed is not None:

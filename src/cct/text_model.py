@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
-from .layers import check_reset, drop_path, official_init_, sinusoidal_embedding
+from .layers import ClassifierHead, drop_path, official_init_, sinusoidal_embedding
 from .safeload import read_checkpoint
 
 FAMILIES = ("cct", "cvt", "vit", "transformer")
@@ -192,7 +192,7 @@ class TextBlock(nn.Module):
         return x + drop_path(y, self.drop_path, self.training)
 
 
-class TextCCT(nn.Module):
+class TextCCT(ClassifierHead, nn.Module):
     """A text classifier of the CCT family, with timm's model interface.
 
     `model(token_ids, mask=None)`: token_ids a LongTensor (B, L), mask a bool (B, L), True for real
@@ -237,31 +237,7 @@ class TextCCT(nn.Module):
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.2)
 
-    # ------------------------------------------------------------------ timm interface
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
-
-    @property
-    def num_features(self) -> int:
-        """Width of the pooled features `forward_head(..., pre_logits=True)` returns."""
-        return self.cfg.embed_dim
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """As `cct.model.CCT.reset_classifier`."""
-        check_reset(num_classes, global_pool, self.cfg.pooling)
-        self.cfg.num_classes = num_classes
-        self.head = nn.Linear(self.cfg.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        self.class_names = None
+    # timm's interface: `ClassifierHead` (new heads as `init_weights` draws them, trunc-normal 0.02)
 
     def _position(self, x: torch.Tensor) -> torch.Tensor:
         N, D = x.shape[1], x.shape[2]
