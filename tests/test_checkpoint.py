@@ -189,3 +189,38 @@ def test_safetensors_keeps_eval_settings(tmp_path):
     path = cct.save_checkpoint(model, tmp_path / "m.safetensors", eval=settings, optimizer={"ignored": 1})
     data = read_checkpoint(path)
     assert data["eval"] == settings and "optimizer" not in data
+
+
+def test_pretrained_cct_checkpoint_comes_back_as_trained(tmp_path):
+    """create_model(name, pretrained=checkpoint) keeps the checkpoint's head, class names and settings unless
+    overridden; a head of the same classes in another order is reordered; a non-square grid is resized by its
+    shape; torch.compile's key prefix is stripped; another cct model's state dict is named as such."""
+    torch.manual_seed(0)
+    src = cct.create_model("cct_2_3x2_32", num_classes=3, img_size=(16, 24), positional_embedding="learnable")
+    src.class_names = ["ant", "bee", "cat"]
+    cct.save_checkpoint(src, tmp_path / "src.pt")
+    same = cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "src.pt"))
+    assert same.class_names == ["ant", "bee", "cat"] and same.cfg.img_size == (16, 24)
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), src.state_dict().values()))
+    assert cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "src.pt"), num_classes=5).class_names is None
+
+    notes = []
+    model = cct.create_model("cct_2_3x2_32", num_classes=3, img_size=(24, 16))  # the grid turned: 6x4 → 4x6
+    cct.checkpoint.load_pretrained(model, tmp_path / "src.pt", class_names=["cat", "ant", "bee"], notes=notes)
+    assert torch.equal(model.head.weight, src.head.weight[[2, 0, 1]])
+    assert notes == ["positional embedding: interpolated from a 4x6 token grid to 6x4",
+                     "head: kept, its rows put in the data's class order"]
+    expected = cct.layers.resize_pos_embed(src.pos_embed.detach(), (4, 6), (6, 4))
+    assert torch.allclose(model.pos_embed, expected)
+
+    torch.save({"_orig_mod." + k: v for k, v in src.state_dict().items()}, tmp_path / "compiled.pt")
+    compiled = cct.create_model("cct_2_3x2_32", num_classes=3, img_size=(16, 24), pretrained=str(tmp_path / "compiled.pt"))
+    assert torch.equal(compiled.pos_embed, src.pos_embed)
+    torch.save(cct.create_model("cct_4_3x2_32").state_dict(), tmp_path / "cct4.pt")
+    with pytest.raises(cct.CheckpointError, match=r"cct4.pt: a state dict of another model than cct_2_3x2_32 \(0 of "
+                                                  r"its tensors missing.*; 22 unknown"):
+        cct.create_model("cct_2_3x2_32", pretrained=str(tmp_path / "cct4.pt"))
+    torch.save({k: v for k, v in src.state_dict().items() if k != "pos_embed"} | {"pos_embed": torch.zeros(1, 24, 128)},
+               tmp_path / "plain.pt")
+    with pytest.raises(cct.CheckpointError, match="plain.pt: its positional embedding has 24 tokens, not a square"):
+        cct.create_model("cct_2_3x2_32", num_classes=3, pretrained=str(tmp_path / "plain.pt"))

@@ -813,7 +813,7 @@ def test_broken_keras_files(tmp_path, capsys):
     (["--val-split", "nan"], "--val-split must be in [0, 1)"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--lr", "inf"], "--lr must be positive"),
-    (["--img-size", "0"], "--img-size must be positive"),
+    (["--img-size", "0"], "--img-size must be at least 8 pixels"),
     (["--in-chans", "2"], "--in-chans must be 1 or 3"),
     (["--train-limit", "0"], "--train-limit must be at least 1"),
     (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),

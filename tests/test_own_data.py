@@ -176,3 +176,92 @@ def test_a_second_train_on_a_folder_in_use_exits_2_naming_the_holder(tmp_path, c
         holder.wait()
     code, _, err = run_cli(["train", "--data", str(tmp_path / "p"), "--out", str(out), *TINY], capsys)  # a killed holder
     assert code == 0, err  # leaves no lock behind
+
+
+def test_finetune_says_what_it_adapted_and_fits_head_and_channels(tmp_path, capsys):
+    """The log names each thing adapted; a head of as many classes but other ones starts fresh; grayscale weights
+    read the data as grayscale; a finetune recipe without weights, a folder, or weights of the other kind are
+    one-line errors."""
+    torch.manual_seed(123)  # not the run's seed, whose fresh head would be this one
+    source = cct.create_model("cct_2_3x2_32", num_classes=3, img_size=16)
+    source.class_names = ["x", "y", "z"]
+    cct.save_checkpoint(source, tmp_path / "xyz.pt")
+    data = flat_folder(tmp_path / "d")  # ant, bee, cat
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--pretrained",
+                            str(tmp_path / "xyz.pt"), "--epochs", "1", "--batch-size", "8", "--procs", "1",
+                            "--img-size", "24", "--lr", "1e-30", "--warmup-lr", "1e-30", "--min-lr", "0"], capsys)
+    assert code == 0, err
+    assert "--pretrained: head: new, 3 classes (the weights' 3 are others: x, y, z)" in err
+    assert "--pretrained: positional embedding: interpolated from a 4x4 token grid to 6x6" in err
+    assert "--pretrained: inputs normalised as its weights were trained" in err
+    best = cct.load_checkpoint(tmp_path / "o" / "last.pt")
+    assert not torch.allclose(best.head.weight, source.head.weight)
+    assert torch.equal(best.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)  # lr 1e-30: unchanged
+
+    gray = cct.create_model("cct_2_3x2_32", num_classes=3, img_size=16, in_chans=1)
+    cct.save_checkpoint(gray, tmp_path / "gray.pt")
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "g"), "--pretrained",
+                            str(tmp_path / "gray.pt"), "--epochs", "1", "--batch-size", "8", "--procs", "1"], capsys)
+    assert code == 0, err
+    assert "weights take 1 channel" in err and cct.load_checkpoint(tmp_path / "g" / "last.pt").cfg.in_chans == 1
+
+    for argv, message in [(["--recipe", "finetune"], "--recipe finetune fine-tunes weights: give --pretrained"),
+                          (["--recipe", "finetune", "--model", "cct_2_3x2_32"], "give --normalize dataset"),
+                          (["--pretrained", str(tmp_path / "o")], "is a folder, not a checkpoint file; did you mean"),
+                          (["--pretrained", str(tmp_path / "no.pt"), "--model", "cct_2_3x2_32"],
+                           "--pretrained: checkpoint not found"),
+                          (["--pretrained", str(tmp_path / "xyz.pt"), "--model", "cct_4_3x2_32"],
+                           "xyz.pt holds the model cct_2_3x2_32, whose weights do not fit cct_4_3x2_32"),
+                          (["--pretrained", str(FIXTURES / "keras_cct.weights.h5"), "--data-kind", "text"],
+                           "holds the image model cct_2_3x2_32_keras, and --data")]:
+        code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "e"), *argv], capsys)
+        errors = [line for line in err.splitlines() if not line.startswith("--pretrained: inputs normalised")]
+        assert code == 2 and message in err and len(errors) == 1, (argv, err)
+        assert not (tmp_path / "e").exists()
+
+
+def test_finetune_from_a_checkpoint_keeps_its_settings(tmp_path, capsys):
+    """A checkpoint of a model built with non-registry settings (no positional embedding) fine-tunes in that model."""
+    source = cct.create_model("cct_2_3x2_32", num_classes=3, img_size=16, positional_embedding="none")
+    cct.save_checkpoint(source, tmp_path / "none.pt")
+    code, _, err = run_cli(["train", "--data", str(flat_folder(tmp_path / "d")), "--out", str(tmp_path / "o"),
+                            "--pretrained", str(tmp_path / "none.pt"), "--epochs", "1", "--batch-size", "8",
+                            "--procs", "1"], capsys)
+    assert code == 0, err
+    assert "model settings of none.pt: positional_embedding=none" in err
+    assert cct.load_checkpoint(tmp_path / "o" / "last.pt").pos_embed is None
+
+
+def test_eval_refuses_a_renamed_class_and_a_run_without_test_images(tmp_path, capsys, monkeypatch):
+    """A class folder renamed since the run is an error, not a score over the classes left; a run that held out no
+    test images says so; --split train draws the run's own split (its seed and fraction)."""
+    data = flat_folder(tmp_path / "photos")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(out), "--seed", "1", *TINY], capsys)
+    assert code == 0, err
+    import cct.data
+    calls, real_load = [], cct.data.load
+    monkeypatch.setattr(cct.data, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(data), "--split", "train", "--json"],
+                                capsys)
+    assert code == 0, err
+    assert calls[-1]["seed"] == 1 and calls[-1]["test_split"] == 0.2 and json.loads(stdout)["n"] == 24
+    (data / "cat").rename(data / "cow")
+    code, _, err = run_cli(["eval", str(out / "best.pt"), "--data", str(data), "--json"], capsys)
+    assert code == 2 and "has no class folder cat of the run's (and cow it did not have: renamed?)" in err
+    (data / "cow").rename(data / "cat")
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "all"), "--test-split", "0", *TINY],
+                           capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["eval", str(tmp_path / "all" / "best.pt"), "--data", str(data)], capsys)
+    assert code == 2 and "the run held no test images out of" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_flags_that_would_do_nothing(tmp_path, capsys):
+    data = flat_folder(tmp_path / "photos")
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--recipe", "paper",
+                            "--tta-translate", "2", *TINY], capsys)
+    assert code == 2 and "--tta-translate 2 shifts the --tta views: it needs --tta" in err
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "b"), "--model", "cct_2_3x2_32",
+                            "--time-budget", "0.05", "--epochs", "3", "--batch-size", "8", "--procs", "1"], capsys)
+    assert code == 0 and "--time-budget sets the run's length; --epochs 3 is the length its warm-up" in err

@@ -269,3 +269,31 @@ def test_batches_and_reported_errors_in_the_library(tmp_path):
             assert pa["probability"] == pytest.approx(pb["probability"], abs=1e-5)
     with pytest.raises(CCTError, match="missing.png"):
         predict(clf, files)  # the default still raises on the first unreadable file
+
+
+def test_predict_averages_the_recorded_test_time_views_as_eval_does(tmp_path, capsys):
+    """A recipe that records TTA (the fast one: mirror and 1-px shifts) is scored with it by `cct eval`; `cct predict`
+    gives the same probabilities, from the checkpoint and from its ONNX export; --no-tta the plain image's."""
+    torch.manual_seed(0)
+    model = cct.create_model("cct_2_3x2_32", num_classes=4)
+    record = {"mean": None, "std": None, "precision": "fp32", "tta": True, "tta_translate": 1}
+    path = cct.save_checkpoint(model, tmp_path / "m.pt", eval=record)
+    files = _images(tmp_path)[:3]
+    x = torch.stack([load_image(f, (32, 32), 3) for f in files]).float() / 255
+    with torch.no_grad():
+        plain = model.eval()(x)
+        views = cct.evaluate.tta_logits(model, x, plain, 1)
+    assert not torch.allclose(plain, views, atol=1e-4)
+    for tta, expected in ((None, views), (False, plain)):
+        clf = open_classifier(path, tta=tta)
+        assert torch.allclose(clf.logits(x), expected, atol=1e-5)
+    got = predict(path, files, topk=1)
+    assert [r["predictions"][0]["probability"] for r in got] == pytest.approx(
+        torch.softmax(views, 1).max(1).values.tolist(), abs=1e-5)
+    if all(__import__("importlib").util.find_spec(m) for m in ("onnxscript", "onnxruntime")):
+        assert main(["export", str(path), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
+        assert torch.allclose(open_classifier(tmp_path / "m.onnx").logits(x), views, atol=1e-4)
+    capsys.readouterr()
+    assert main(["predict", str(path), files[0], "--no-tta", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["results"][0]["predictions"][0]["probability"]
+    assert top == pytest.approx(torch.softmax(plain[:1], 1).max().item(), abs=1e-5)

@@ -1,6 +1,7 @@
 """cct.preprocess: one record of how inputs are prepared and evaluated, in checkpoints and ONNX metadata."""
 from pathlib import Path
 
+import pytest
 import torch
 
 import cct
@@ -61,3 +62,12 @@ def test_a_checkpoint_stores_the_record(tmp_path):
     for name in ("m.pt", "m.safetensors"):
         cct.save_checkpoint(model, tmp_path / name, eval=prep.to_dict())
         assert load_for_eval(tmp_path / name)[1] == prep
+
+
+@pytest.mark.parametrize("classes, mean", [(1000, 0.485), (102, 0.4353), (100, 0.5071), (10, 0.4914), (7, 0.4914)])
+def test_official_weights_normalise_as_the_recipe_of_their_dataset(tmp_path, classes, mean):
+    """An official .pth records no normalisation: its head's class count names the dataset, and so its statistics."""
+    torch.save({"classifier.fc.weight": torch.zeros(classes, 8), "tokenizer.conv_layers.0.0.weight":
+                torch.zeros(8, 3, 3, 3)}, tmp_path / "official.pth")
+    assert Preprocessing.of_weights(tmp_path / "official.pth", in_chans=3).mean[0] == pytest.approx(mean)
+    assert Preprocessing.of_weights(tmp_path / "official.pth", in_chans=3, keras=True).mean is None  # x / 255

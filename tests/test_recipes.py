@@ -42,6 +42,14 @@ def test_make_config_refuses_unknown_names():
     ({"res_schedule_max_cost": 0.0}, "--res-schedule-max-cost must be positive"),
     ({"mix_min_epochs": -1.0}, "--mix-min-epochs must be non-negative"),
     ({"alternate_flip": True, "hflip": False}, "--alternate-flip decides how --hflip flips; it needs --hflip"),
+    ({"warmup_epochs": float("inf")}, "--warmup-epochs must be a finite number, got inf"),
+    ({"weight_decay": float("inf")}, "--weight-decay must be a finite number, got inf"),
+    ({"min_lr": float("inf")}, "--min-lr must be a finite number, got inf"),
+    ({"cutmix_alpha": float("inf")}, "--cutmix-alpha must be a finite number"),
+    ({"seed": -5}, "--seed must be in [0, 2**32), got -5"),
+    ({"seed": 2 ** 32}, "--seed must be in [0, 2**32)"),
+    ({"img_size": 2}, "--img-size must be at least 8 pixels, got 2"),
+    ({"mix_off_epoch": -3}, "--mix-off-epoch must be non-negative, got -3"),
 ])
 def test_validate_says_what_is_wrong(override, message):
     validate(make_config("cct_2_3x2_32", "d", "o"))
@@ -92,3 +100,11 @@ def test_choices_come_from_runtime():
 def test_config_round_trips_through_a_dict():
     cfg = make_config("cct_7_3x1_32", "d", "o", "paper")
     assert TrainConfig.from_dict({**cfg.to_dict(), "a_field_of_a_later_version": 1}) == cfg
+
+
+def test_validate_names_the_recipes_own_setting_and_options_a_model_lacks():
+    with pytest.raises(CCTError, match=r"not both \(the paper recipe sets --rand-augment rand-m9-mstd0.5-inc1: add "
+                                       r"--rand-augment none\)"):
+        validate(make_config("cct_2_3x2_32", "d", "o", "paper", auto_augment=True))
+    with pytest.raises(CCTError, match="--kernel-size: text_transformer_2 has no convolution"):
+        validate(make_config("text_transformer_2", "d", "o", kernel_size=2))

@@ -228,3 +228,9 @@ def test_not_a_text_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CCTError, match="not a text dataset"):
         load_text(tmp_path / "empty")
+
+
+def test_label_level_is_for_trec_only(tmp_path):
+    (tmp_path / "t.csv").write_text("label,text\nA,one text\nB,another\n")
+    with pytest.raises(CCTError, match=r"--label-level fine is for TREC's COARSE:fine labels; .*t.csv is not a TREC"):
+        load_text(tmp_path / "t.csv", label_level="fine")

@@ -230,41 +230,99 @@ def require_classifier(num_classes: int, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------- foreign weights (filters in cct.interop)
-def adapt_state_dict(model: CCT, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fit foreign weights to `model`: resize the positional embedding, re-initialise a head of another size."""
-    state = dict(state)
+def _fit_head(model: CCT, state: dict, source_classes: list | None, class_names: list | None) -> str | None:
+    """Keep, reorder or replace the head of `state` for `model`; what was done, said in a line (None: kept as is)."""
+    head_w, n = state.get("head.weight"), model.num_classes
+    if head_w is None or head_w.shape != model.head.weight.shape:
+        state["head.weight"] = model.head.weight.detach().clone()  # fine-tuning (or no head given): a fresh head
+        state["head.bias"] = model.head.bias.detach().clone()
+        return (f"head: new, {n} classes (the weights have none)" if head_w is None else
+                f"head: new, {n} classes (the weights' head has {head_w.shape[0]})")
+    if not source_classes or not class_names or list(source_classes) == list(class_names):
+        return None if source_classes else f"head: kept, {n} classes (the weights do not name theirs)"
+    if sorted(source_classes) == sorted(class_names) and len(set(class_names)) == len(class_names):
+        order = [list(source_classes).index(c) for c in class_names]  # the same classes, in another order
+        state["head.weight"], state["head.bias"] = state["head.weight"][order], state["head.bias"][order]
+        return "head: kept, its rows put in the data's class order"
+    state["head.weight"] = model.head.weight.detach().clone()  # as many classes, but others: their rows mean nothing
+    state["head.bias"] = model.head.bias.detach().clone()
+    return f"head: new, {n} classes (the weights' {n} are others: {', '.join(map(str, source_classes[:4]))}" \
+           f"{', ...' if n > 4 else ''})"
+
+
+def adapt_state_dict(model: CCT, state: dict[str, torch.Tensor], *, source_classes: list | None = None,
+                     class_names: list | None = None, notes: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Fit foreign weights to `model`: resize the positional embedding to the model's token grid, re-initialise a
+    head of another size (or, when both name their classes, of other classes; the same classes in another order
+    have their rows reordered). A line per change is appended to `notes`."""
+    state, notes = dict(state), notes if notes is not None else []
     pe = state.get("pos_embed")
-    if pe is not None and model.pos_embed is not None and pe.shape != model.pos_embed.shape:
+    source_grid = getattr(model, "_source_grid", None)  # known from a cct checkpoint's config
+    if pe is not None and model.pos_embed is not None and (
+            pe.shape != model.pos_embed.shape or (source_grid and tuple(source_grid) != tuple(model.grid))):
         prefix = getattr(model, "_source_prefix", model.num_prefix_tokens)  # a class token's row, in the source
         n = pe.shape[1] - prefix
         side = math.isqrt(n)
-        old_grid = getattr(model, "_source_grid", None) or (side, side)
+        old_grid = source_grid or (side, side)
         if old_grid[0] * old_grid[1] != n:
-            raise CheckpointError(f"cannot resize a positional embedding of {n} tokens: not a square grid")
+            raise CheckpointError(f"its positional embedding has {n} tokens, not a square grid, and plain weights do "
+                                  "not say their grid: load them at their own image size, or from a cct checkpoint")
         rows = pe[:, :prefix] if prefix == model.num_prefix_tokens else model.pos_embed[:, :model.num_prefix_tokens]
         state["pos_embed"] = torch.cat([rows.detach(), resize_pos_embed(pe[:, prefix:], old_grid, model.grid)], 1)
+        notes.append(f"positional embedding: interpolated from a {old_grid[0]}x{old_grid[1]} token grid to "
+                     f"{model.grid[0]}x{model.grid[1]}")
     if pe is None and isinstance(model.pos_embed, nn.Parameter):  # from weights without a learnable one: fresh
         state["pos_embed"] = model.pos_embed.detach().clone()
-    head_w = state.get("head.weight")
-    if isinstance(model.head, nn.Linear) and (head_w is None or head_w.shape != model.head.weight.shape):
-        state["head.weight"] = model.head.weight.detach().clone()  # fine-tuning (or no head given): a fresh head
-        state["head.bias"] = model.head.bias.detach().clone()
-    elif not isinstance(model.head, nn.Linear):  # a model without a classifier takes none
+        notes.append("positional embedding: new (the weights have no learnable one)")
+    if isinstance(model.head, nn.Linear):
+        note = _fit_head(model, state, source_classes, class_names)
+        notes += [note] if note else []
+    else:  # a model without a classifier takes none
         state.pop("head.weight", None), state.pop("head.bias", None)
     return state
 
 
+_WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel's and torch.compile's key prefixes
+
+
+def _unwrap(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        while isinstance(k, str) and k.startswith(_WRAPPERS):
+            k = k.removeprefix("module.").removeprefix("_orig_mod.")
+        out[k] = v
+    return out
+
+
 def _own_keys(state: dict, model: CCT) -> bool:
-    """Whether `state` is a plain state dict of a cct model like `model` (its keys, a DDP `module.` aside, are the
-    model's own; a head or positional embedding may be missing or extra)."""
-    keys = {k.removeprefix("module.") for k in state}
+    """Whether `state` is a plain state dict of a cct model like `model` (its keys, DDP's `module.` and
+    torch.compile's `_orig_mod.` aside, are the model's own; a head or positional embedding may be missing or extra)."""
+    keys = set(_unwrap(state))
     core = {k for k in model.state_dict() if not k.startswith(("head.", "pos_embed"))}
     return bool(core) and core <= keys and keys <= core | {"head.weight", "head.bias", "pos_embed"}
 
 
-def load_pretrained(model: CCT, path: str | Path) -> CCT:
-    """Load weights into `model` from a cct checkpoint, an official `.pth` or a Keras `.weights.h5`."""
+def _unrecognised(path: Path, state: object, model: CCT) -> CheckpointError:
+    keys, own = set(_unwrap(state)) if isinstance(state, dict) else set(), set(model.state_dict())
+    if len(keys & own) <= min(len(keys), len(own)) // 2:  # not mostly a cct model's keys
+        return CheckpointError(f"{path}: unrecognised weights (neither a cct checkpoint or state dict nor an "
+                               "official Compact-Transformers state dict)")
+    missing, extra = sorted(own - keys), sorted(keys - own - {"head.weight", "head.bias", "pos_embed"})
+    return CheckpointError(f"{path}: a state dict of another model than {getattr(model, 'name', None) or 'this one'} "
+                           f"({len(missing)} of its tensors missing, e.g. {', '.join(missing[:2]) or '-'}; "
+                           f"{len(extra)} unknown, e.g. {', '.join(extra[:2]) or '-'}): check the model name (--model)")
+
+
+def load_pretrained(model: CCT, path: str | Path, *, class_names: list | None = None,
+                    notes: list[str] | None = None) -> CCT:
+    """Load weights into `model` from a cct checkpoint, an official `.pth` or a Keras `.weights.h5`.
+
+    `class_names`: the classes the model is for; when the weights name theirs too (a cct checkpoint), a head of other
+    classes starts fresh and one of the same classes in another order is reordered. `notes` collects a line for each
+    thing adapted (head, positional embedding), which `cct train` prints.
+    """
     path = Path(path)
+    source_classes, source_name = None, None
     if path.suffix == ".h5" or path.name.endswith(".weights.h5"):
         state = keras_state_dict(path)
     else:
@@ -277,15 +335,15 @@ def load_pretrained(model: CCT, path: str | Path) -> CCT:
             src = CCTConfig.from_dict(dict(data["config"]))
             model._source_grid = type(model.tokenizer)(src).grid(src.img_size)
             model._source_prefix = 1 if src.pooling == "cls" else 0
+            source_classes, source_name = data.get("class_names") or None, data.get("model_name")
         else:
             state = data.get("state_dict") or data.get("model") or data
             if isinstance(state, dict) and _own_keys(state, model):  # `torch.save(model.state_dict())` of a cct model
-                state = {k.removeprefix("module."): v for k, v in state.items()}
+                state = _unwrap(state)
             elif isinstance(state, dict) and is_official(state):
                 state = official_state_dict(state)
             else:
-                raise CheckpointError(f"{path}: unrecognised weights (neither a cct checkpoint or state dict nor an "
-                                      "official Compact-Transformers state dict)")
+                raise _unrecognised(path, state, model)
     if model.pos_embed is None and "pos_embed" in state:  # a sine or no embedding: nothing to load into
         state = dict(state)
         pe = state.pop("pos_embed")
@@ -293,6 +351,18 @@ def load_pretrained(model: CCT, path: str | Path) -> CCT:
             log.warning("%s: its positional embedding is learned (as the official `_sine` factories build theirs); "
                         "%s has %s, so it is left out", path, getattr(model, "name", "this model"),
                         "a fixed sine one" if model.cfg.positional_embedding == "sine" else "none")
-    _load_state(model, adapt_state_dict(model, state), path)
-    model.__dict__.pop("_source_grid", None), model.__dict__.pop("_source_prefix", None)
+    try:
+        state = adapt_state_dict(model, state, source_classes=source_classes, class_names=class_names, notes=notes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    finally:
+        model.__dict__.pop("_source_grid", None), model.__dict__.pop("_source_prefix", None)
+    try:
+        _load_state(model, state, path)
+    except CheckpointError:
+        if source_name and source_name != getattr(model, "name", None):
+            raise CheckpointError(f"{path} holds the model {source_name}, whose weights do not fit "
+                                  f"{getattr(model, 'name', None) or 'this one'} (give --model {source_name}, or "
+                                  "leave --model out)") from None
+        raise
     return model

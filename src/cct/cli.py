@@ -22,7 +22,7 @@ from pathlib import Path
 from . import __version__, distributed
 from .checkpoint import save_checkpoint
 from .cifar import RELEASES
-from .errors import CCTError
+from .errors import CCTError, CheckpointError
 from .kernels import KERNELS
 from .model import count_macs, num_params
 from .recipes import RECIPE_MODELS, RECIPES, RESUME_OVERRIDES, TrainConfig, make_config, validate
@@ -144,11 +144,26 @@ def _run_train(args: argparse.Namespace) -> int:
         texts = (args.data_kind or "auto") == "text" or ((args.data_kind or "auto") == "auto"
                                                         and detect_kind(args.data) == "text")
         default = "text" if texts else "fast"
-        model = args.model or (pretrained_model(args.pretrained) if args.pretrained else RECIPE_MODELS[recipe or default])
+        if recipe == "finetune" and not args.pretrained and not args.model:
+            raise CCTError("--recipe finetune fine-tunes weights: give --pretrained SOURCE (or, to train its settings "
+                           "from scratch, --model NAME and --normalize dataset)")
+        try:
+            model = args.model or (pretrained_model(args.pretrained) if args.pretrained else
+                                   RECIPE_MODELS[recipe or default])
+        except CheckpointError as e:
+            raise CCTError(f"--pretrained: {e}") from None
+        if args.pretrained and not args.model and model_kind(model) != ("text" if texts else "image"):
+            raise CCTError(f"--pretrained {args.pretrained} holds the {model_kind(model)} model {model}, and --data "
+                           f"{args.data} is {'text' if texts else 'image'} data")
         if recipe == "finetune" and not args.recipe and model_kind(model) == "text":
             recipe = None  # the finetune recipe is made of image settings: a text model keeps its own
         cfg = make_config(model, args.data, args.out, recipe or (None if args.model else default), **overrides)
     validate(cfg)
+    if overrides.get("tta_translate") and not cfg.tta:  # a recipe's own shift goes quietly with --no-tta
+        raise CCTError(f"--tta-translate {overrides['tta_translate']} shifts the --tta views: it needs --tta")
+    if "epochs" in overrides and cfg.time_budget is not None and not args.quiet:
+        print(f"cct train: --time-budget sets the run's length; --epochs {cfg.epochs} is the length its warm-up, "
+              "cooldown and MixUp/CutMix stop are shares of", file=sys.stderr)
     procs = distributed.resolve_procs(cfg.procs, resolve_device(cfg.device),
                                       batch_sizes={"--batch-size": cfg.batch_size})
     try:

@@ -164,6 +164,9 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
         raise CCTError(f"--batch-size must be at least 1, got {prep.batch_size}")
     if tta_translate is not None and (tta_translate < 0 or (tta_translate and not prep.tta)):
         raise CCTError(f"--tta-translate must be a non-negative number of pixels, used with --tta; got {tta_translate}")
+    if tta_translate and 2 * tta_translate >= min(model.cfg.img_size):
+        raise CCTError(f"--tta-translate {tta_translate} would shift {tuple(model.cfg.img_size)} images by half of "
+                       "their side or more")
     prep = replace(prep, precision=resolve_precision(prep.precision, device))
     extra = {}
     if isinstance(model, TextCCT):
@@ -171,8 +174,11 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
                                             label_level)
     else:  # class folders and CSVs: exactly the test files training held out (recorded in the checkpoint)
         test_files = recorded.get("split") if split in ("auto", "test") else None
+        run = recorded.get("train_config") or {}  # the other splits: drawn as the run drew them
+        drawn = {k: run[k] for k in ("test_split", "seed") if recorded.get("split") and run.get(k) is not None}
         load = functools.partial(data_mod.load, source, img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans,
-                                 skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode)
+                                 skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode,
+                                 **({} if test_files else drawn))
         try:
             dataset = load(test_files=test_files)
         except OtherSource as e:  # other labelled data: its own test split, or every image of a flat one
@@ -201,7 +207,7 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
         result["source_changed"] = True
     return {"checkpoint": str(path), "data": source, "split": split, **result, "precision": prep.precision,
             "batch_size": prep.batch_size, "tta": prep.tta,
-            **({"tta_translate": prep.tta_translate} if getattr(prep, "tta_translate", 0) else {})}
+            **({"tta_translate": prep.tta_translate} if prep.tta and getattr(prep, "tta_translate", 0) else {})}
 
 
 def _text_parts(recorded: dict, source: str, model: TextCCT, prep: TextPreprocessing, label_level: str | None):

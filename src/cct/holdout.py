@@ -102,6 +102,14 @@ def decode_recorded(path: Path, record: dict, *, size: tuple[int, int] | None, i
     if not flat:
         raise OtherSource(f"{path} has test images of its own (train/ and test/ folders), so it is not the flat "
                           "source the run held its test split out of")
+    if not record["test_files"]:
+        raise DataError(f"the run held no test images out of {path} (--test-split 0): evaluate it on other data, or "
+                        "give --split train to score the images it trained on")
+    if classes != list(record["classes"]) and (gone := sorted(set(record["classes"]) - set(classes))):
+        new = sorted(set(classes) - set(record["classes"]))
+        raise DataError(f"{path} has no class folder {', '.join(gone[:3])} of the run's"
+                        + (f" (and {', '.join(new[:3])} it did not have: renamed?)" if new else "")
+                        + ": its recorded test split cannot be scored")
     # names below the class folders' root, so that a folder and a zip of it (photos/cat/1.png) match
     index = {c: i for i, c in enumerate(record["classes"])}
     then, now = _record_root(record), class_root(classes, items["train"])

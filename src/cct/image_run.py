@@ -7,23 +7,63 @@ and the recipe's augmentation (`cct.step.augment_config`).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from torch import nn
 
 from . import distributed, holdout
 from . import data as data_mod
 from .cifar import CIFAR_MEAN, CIFAR_STD
 from .data import Dataset, ImageSet
-from .errors import CCTError
+from .errors import CCTError, CheckpointError
+from .checkpoint import load_pretrained
 from .kinds import RunInputs
 from .preprocess import Preprocessing
 from .recipes import TrainConfig
+from .registry import checkpoint_settings, create_model, get_config, model_kind
+from .runfiles import log
+from .safeload import read_checkpoint
 from .step import augment_config
+
+
+def weights_in_chans(path: str | Path) -> int | None:
+    """The input channels weights take (the first convolution's, or a cct checkpoint's config); None if unknown.
+    Reading the file here, before any image is decoded, also finds a missing or damaged --pretrained early."""
+    if Path(path).suffix == ".h5":
+        return 3  # the Keras example's RGB
+    data = read_checkpoint(path)
+    if isinstance((data.get("config") or {}).get("in_chans"), int):
+        return data["config"]["in_chans"]
+    state = data.get("state_dict") or data.get("model") or data
+    convs = [v for k, v in state.items() if isinstance(k, str) and "tokenizer." in k and isinstance(v, torch.Tensor)
+             and v.dim() == 4]
+    return convs[0].shape[1] if convs and convs[0].shape[1] in (1, 3) else None
+
+
+def pretrained_image_model(name: str, path: str | Path, classes: list[str], *, quiet: bool, **overrides) -> nn.Module:
+    """`create_model(name, pretrained=path, **overrides)` for the data's `classes`, saying what was adapted: the
+    settings a cct checkpoint was built with, a head for other classes, a resized positional embedding."""
+    settings, _ = checkpoint_settings(name, path, overrides)
+    model = create_model(name, **settings, **overrides)
+    notes = [f"model settings of {Path(path).name}: " + ", ".join(f"{k}={v}" for k, v in settings.items())] \
+        if settings else []
+    load_pretrained(model, path, class_names=classes, notes=notes)
+    for note in notes:
+        log(quiet, f"--pretrained: {note}")
+    return model
 
 
 def _load_data(cfg: TrainConfig, dataset: Dataset | None, quiet: bool) -> tuple[Dataset, ImageSet, ImageSet | None]:
     if dataset is None:
+        try:
+            in_chans = cfg.in_chans or (weights_in_chans(cfg.pretrained) if cfg.pretrained else None)
+        except CheckpointError as e:
+            raise CCTError(f"--pretrained: {e}") from None
+        if in_chans == 1 and cfg.in_chans is None:
+            log(quiet, "--pretrained: its weights take 1 channel, so the images are read as grayscale (--in-chans)")
         with distributed.main_process_first():  # rank 0 decodes and caches; the others then read the cache
-            dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans,
+            dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=in_chans,
                                     skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
                                     threshold=cfg.stream_threshold, workers=cfg.loader_workers,
                                     processes_per_machine=distributed.env_from_environ().local_world_size,
@@ -34,11 +74,15 @@ def _load_data(cfg: TrainConfig, dataset: Dataset | None, quiet: bool) -> tuple[
     return dataset, train_set, val_set
 
 
-def _mean_std(cfg: TrainConfig, train_images: torch.Tensor) -> tuple[tuple | None, tuple | None]:
+def _mean_std(cfg: TrainConfig, train_images: torch.Tensor, quiet: bool) -> tuple[tuple | None, tuple | None]:
     """The normalisation as fractions of 255 (None: x / 255), recorded in every checkpoint."""
     channels = train_images.shape[1]
     if cfg.normalize == "pretrained":  # what the weights were trained with (`Preprocessing.of_weights`)
-        prep = Preprocessing.of_weights(cfg.pretrained, in_chans=channels)
+        prep = Preprocessing.of_weights(cfg.pretrained, in_chans=channels,
+                                        keras=model_kind(cfg.model) == "image" and get_config(cfg.model).block == "keras")
+        log(quiet, "--pretrained: inputs normalised as its weights were trained: " + (
+            f"mean {', '.join(map(str, prep.mean))}, std {', '.join(map(str, prep.std))}" if prep.mean else "x / 255")
+            + " (--normalize dataset: the data's own)")
         return prep.mean, prep.std
     if cfg.normalize == "none":
         return None, None
@@ -72,7 +116,7 @@ def image_inputs(cfg: TrainConfig, dataset: Dataset | None, *, checkpoint: dict 
                        "start a new run")
     in_chans, height, width = tuple(train_set.images.shape[1:])
     if checkpoint is None:
-        mean, std = _mean_std(cfg, train_set.images)
+        mean, std = _mean_std(cfg, train_set.images, quiet)
     else:
         mean, std = (tuple(v) if v else None for v in (checkpoint["eval"]["mean"], checkpoint["eval"]["std"]))
     prep = Preprocessing((height, width), in_chans, mean, std, precision=precision, batch_size=cfg.eval_batch_size,

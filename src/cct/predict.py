@@ -29,7 +29,7 @@ import csv
 import io
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,6 +39,7 @@ import torch
 from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint, require_classifier
 from .decode import UnreadableImageError, decode_image
 from .errors import CCTError
+from .evaluate import tta_logits
 from .kernels import fuse, use_kernels
 from .onnxrt import onnx_session, require_onnxruntime  # noqa: F401  (re-exported: callers import them from here)
 from .preprocess import Preprocessing
@@ -87,7 +88,17 @@ class Classifier:
     source: str
 
 
-def open_classifier(path: str | Path, precision: str | None = None, *, kernels: str = "fast") -> Classifier:
+def _with_tta(logits: Callable[[torch.Tensor], torch.Tensor], prep: Preprocessing,
+              tta: bool | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The recorded test-time views (`cct.evaluate.tta_logits`), as `cct eval` and the run's test scored them;
+    `tta` False: the plain logits."""
+    if not (prep.tta if tta is None else tta):
+        return logits
+    return lambda x: tta_logits(logits, x, logits(x), prep.tta_translate if prep.tta else 0)
+
+
+def open_classifier(path: str | Path, precision: str | None = None, *, kernels: str = "fast",
+                    tta: bool | None = None) -> Classifier:
     """A checkpoint (`.pt`, `.safetensors`) or an ONNX file exported by `cct export`, ready to classify.
 
     Args:
@@ -96,12 +107,15 @@ def open_classifier(path: str | Path, precision: str | None = None, *, kernels: 
             CUDA precision, runs as fp32 here), else fp32.
             An ONNX model always computes in float32.
         kernels: for checkpoints, "fast" (`cct.kernels`, fused for inference) or "reference".
+        tta: average the test-time views training recorded (the mirror, and shifts of `tta_translate` pixels),
+            as `cct eval` does; default: the record's; False: the plain image only.
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         if precision not in (None, "fp32"):
             raise CCTError(f"--precision {precision} is for checkpoints: an ONNX model computes in float32")
-        return _open_onnx(path)
+        clf = _open_onnx(path)
+        return replace(clf, logits=_with_tta(clf.logits, clf.preprocessing, tta))
     if is_text_checkpoint(path):
         raise CCTError(f"{path} is a text model: classify texts with --text or --text-file, not image files")
     data = read_checkpoint(path)
@@ -116,7 +130,7 @@ def open_classifier(path: str | Path, precision: str | None = None, *, kernels: 
             return model(x).float()
 
     names = _class_names(model.class_names, model.cfg.num_classes)
-    return Classifier(logits, names, prep, str(path))
+    return Classifier(_with_tta(logits, prep, tta), names, prep, str(path))
 
 
 def _class_names(names: list[str] | None, num_classes: int) -> list[str]:
@@ -258,11 +272,13 @@ def _run_texts(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.text is not None or args.text_file is not None:
+        if args.tta is not None:
+            raise CCTError("--tta (test-time views of an image) is for image models")
         return _run_texts(args)
     if not args.images:
         raise CCTError("nothing to classify: give image files or folders, --text or --text-file")
     files = image_files(args.images)  # a text model is refused by open_classifier
-    clf = open_classifier(args.model, args.precision)
+    clf = open_classifier(args.model, args.precision, tta=args.tta)
     results = predict(clf, files, topk=args.topk, bad_images="report", progress=True)
     failed = [r for r in results if "error" in r]
     for r in failed:
@@ -299,4 +315,7 @@ def add_parser(subparsers) -> None:
                    help="write path,label,probability, top-k columns and error per file to this CSV")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="checkpoints only; default: the precision recorded by training, else fp32")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="images: average the test-time views training recorded (mirror, shifts), as cct eval does "
+                        "(default: the record's)")
     p.set_defaults(func=_run)

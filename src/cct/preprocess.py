@@ -23,10 +23,23 @@ from .cifar import CIFAR_MEAN, CIFAR_STD
 from .decode import RESIZE_MODES
 
 RESIZE = "bicubic"  # as cct.decode resizes images
+# the official recipes' statistics (SHI-Labs configs/datasets/*.yml), by the class count that names the dataset
+OFFICIAL_STATS = {1000: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                  102: ((0.4353, 0.3773, 0.2872), (0.2966, 0.2455, 0.2698)),
+                  100: ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
 
 
 def _floats(values) -> tuple[float, ...] | None:
     return tuple(float(v) for v in values) if values else None
+
+
+def _head_rows(data: dict) -> int | None:
+    """The class count of weights' head (cct's key or the official one, DDP's prefix or not), None without one."""
+    state = data.get("state_dict") or data.get("model") or data
+    for key in ("head.weight", "classifier.fc.weight", "module.head.weight", "module.classifier.fc.weight"):
+        if isinstance(w := state.get(key), torch.Tensor) and w.dim() == 2:
+            return w.shape[0]
+    return None
 
 
 @dataclass(frozen=True)
@@ -71,10 +84,16 @@ class Preprocessing:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def of_weights(cls, path: str | Path, *, in_chans: int) -> "Preprocessing":
+    def of_weights(cls, path: str | Path, *, in_chans: int, keras: bool = False) -> "Preprocessing":
         """What a weights file was trained with: a cct checkpoint's record; x / 255 for the Keras example's
-        `.weights.h5`; the official recipes' CIFAR statistics for an official `.pth`."""
-        data = {"config": {"block": "keras"}} if Path(path).suffix == ".h5" else read_checkpoint(path)
+        model (its `.weights.h5`, or `keras=True` for a state dict of it); for other weights, the statistics of
+        the official recipe of the dataset their head's size names (`OFFICIAL_STATS`: 1,000 classes ImageNet's,
+        102 Flowers-102's, 100 CIFAR-100's), else CIFAR-10's."""
+        data = {"config": {"block": "keras"}} if keras or Path(path).suffix == ".h5" else read_checkpoint(path)
+        if not data.get("eval") and "block" not in (data.get("config") or {}):  # not trained by `cct train`
+            stats = OFFICIAL_STATS.get(_head_rows(data))
+            if stats and len(stats[0]) == in_chans:
+                return cls.from_dict({"img_size": (32, 32), "in_chans": in_chans, "mean": stats[0], "std": stats[1]})
         return cls.from_checkpoint({**data, "config": {"in_chans": in_chans, **(data.get("config") or {})}})
 
     @classmethod

@@ -53,7 +53,8 @@ class TrainConfig:
     out: str = ""
     recipe: str = "keras"
     # schedule and optimiser
-    epochs: int = _f(30, "epochs in all, cooldown included")
+    epochs: int = _f(30, "epochs in all, cooldown included (with --time-budget, which sets the length: the length "
+                                "that the warm-up, cooldown and --mix-off-epoch are shares of)")
     batch_size: int = _f(128, "global batch size (split across processes when distributed)")
     lr: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
@@ -350,13 +351,15 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise CCTError(message)
     get_config(cfg.model)  # unknown model → UnknownModelError
+    need(0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {cfg.seed}")
     need(cfg.recipe in RECIPES, f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPES)}")
     need(cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}")
     need(cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}")
     need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {cfg.eval_batch_size}")
     need(0.0 <= cfg.val_split < 1.0, f"--val-split must be in [0, 1), got {cfg.val_split}")
     need(0.0 <= cfg.test_split < 1.0, f"--test-split must be in [0, 1), got {cfg.test_split}")
-    need(cfg.normalize != "pretrained" or cfg.pretrained is not None, "--normalize pretrained needs --pretrained")
+    need(cfg.normalize != "pretrained" or cfg.pretrained is not None, "--normalize pretrained (the finetune recipe's "
+         "default) needs --pretrained; to train from scratch, give --normalize dataset")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be positive, got {cfg.lr}")
     need(cfg.min_lr >= 0 and cfg.warmup_lr >= 0, "--min-lr and --warmup-lr must be non-negative")
     need(cfg.weight_decay >= 0, f"--weight-decay must be non-negative, got {cfg.weight_decay}")
@@ -365,10 +368,12 @@ def validate(cfg: TrainConfig) -> None:
     need(0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     need(cfg.warmup_epochs >= 0 and cfg.cooldown_epochs >= 0, "--warmup-epochs and --cooldown-epochs must be >= 0")
     need(cfg.train_limit is None or cfg.train_limit >= 1, f"--train-limit must be at least 1, got {cfg.train_limit}")
-    need(cfg.img_size is None or cfg.img_size >= 1, f"--img-size must be positive, got {cfg.img_size}")
+    need(cfg.img_size is None or cfg.img_size >= 8, f"--img-size must be at least 8 pixels, got {cfg.img_size}")
     need(cfg.in_chans in (None, 1, 3), f"--in-chans must be 1 or 3, got {cfg.in_chans}")
     need(cfg.num_classes is None or cfg.num_classes >= 1, f"--num-classes must be positive, got {cfg.num_classes}")
-    need(not (cfg.rand_augment and cfg.auto_augment), "choose --rand-augment or --auto-augment, not both")
+    need(not (cfg.rand_augment and cfg.auto_augment), "choose --rand-augment or --auto-augment, not both"
+         + (f" (the {cfg.recipe} recipe sets --rand-augment {cfg.rand_augment}: add --rand-augment none)"
+            if cfg.rand_augment == RECIPES[cfg.recipe].get("rand_augment") else ""))
     need(cfg.translate >= 0, f"--translate must be non-negative, got {cfg.translate}")
     need(0.0 <= cfg.erasing <= 1.0, f"--erasing must be in [0, 1], got {cfg.erasing}")
     need(cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha must be >= 0")
@@ -402,6 +407,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.hflip or not cfg.alternate_flip, "--alternate-flip decides how --hflip flips; it needs --hflip")
     if cfg.res_schedule:
         parse_res_schedule(cfg.res_schedule)
+    need(cfg.mix_off_epoch is None or cfg.mix_off_epoch >= 0, f"--mix-off-epoch must be non-negative, got "
+                                                                f"{cfg.mix_off_epoch}")
+    need(cfg.kernel_size is None or not cfg.model.startswith("text_transformer"),
+         f"--kernel-size: {cfg.model} has no convolution (its tokens are the words themselves)")
     need(cfg.mix_min_epochs is None or cfg.mix_min_epochs >= 0,
          f"--mix-min-epochs must be non-negative, got {cfg.mix_min_epochs}")
     need(cfg.res_schedule_max_cost is None or cfg.res_schedule_max_cost > 0,
@@ -413,6 +422,10 @@ def validate(cfg: TrainConfig) -> None:
                          ("tta-translate", cfg.tta_translate), ("alternate-flip", cfg.alternate_flip),
                          ("mix-prob", cfg.mix_prob != 1.0), ("mix-mode", cfg.mix_mode != "batch")):
             need(not on, f"--{flag} is image augmentation; text models take --token-dropout, --mixup-alpha and --fgm")
+    for f in fields(cfg):  # inf and nan pass the range checks above ("inf >= 0")
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f"--{f.name.replace('_', '-')} must be a finite "
+                                                                    f"number, got {value}")
     for name, choices in (("precision", PRECISIONS), ("device", DEVICES),
                           ("normalize", NORMALIZATIONS), ("schedule", ("constant", "cosine")),
                           ("resize_mode", RESIZE_MODES), ("data_kind", DATA_KINDS), ("label_level", LABEL_LEVELS),

@@ -15,6 +15,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .checkpoint import load_pretrained, read_checkpoint
+from .safeload import FORMAT
 from .errors import CCTError, CheckpointError
 from .interop.keras import MODEL_NAME as KERAS_MODEL_NAME, KerasWeightsError, read_keras
 from .model import CCT, CCTConfig
@@ -146,11 +147,37 @@ def create_model(name: str, *, pretrained: str | Path | bool | None = None, **ov
     pretrained = pretrained or None  # False, as timm's
     if name in TEXT_VARIANTS:
         return create_text_model(name, pretrained=pretrained, **overrides)
-    model = CCT(get_config(name, **overrides))
+    settings, classes = checkpoint_settings(name, pretrained, overrides) if pretrained is not None else ({}, None)
+    model = CCT(get_config(name, **settings, **overrides))
     model.name = _ALIASES.get(name, name)
     if pretrained is not None:
         load_pretrained(model, pretrained)
+        model.class_names = classes
     return model
+
+
+def checkpoint_settings(name: str, path: str | Path, overrides: dict) -> tuple[dict, list[str] | None]:
+    """What a cct checkpoint of the model `name` was built with, so that its weights come back in the model they
+    were trained in: the settings that differ from the registry's (a `positional_embedding`, `num_classes`,
+    `img_size`, ...) and are not in `overrides`, and its class names when the class count stays. Other weights
+    files, and checkpoints of other models, give ({}, None)."""
+    if Path(path).suffix == ".h5":
+        return {}, None
+    data = read_checkpoint(path)
+    key = _ALIASES.get(name, name)
+    if data.get("format") != FORMAT or data.get("config_class", "CCTConfig") != "CCTConfig" or key not in _VARIANTS \
+            or _ALIASES.get(data.get("model_name"), data.get("model_name")) != key:
+        return {}, None
+    try:
+        saved = CCTConfig.from_dict(dict(data.get("config") or {}))
+    except (TypeError, ValueError, AssertionError):
+        return {}, None  # load_pretrained names what is wrong with the file
+    base = CCTConfig(**_VARIANTS[key])
+    skip = set(overrides) | ({"stride", "padding"} if "kernel_size" in overrides else set())
+    settings = {f.name: getattr(saved, f.name) for f in fields(CCTConfig)
+                if f.name not in skip and getattr(saved, f.name) != getattr(base, f.name)}
+    stays = overrides.get("num_classes", saved.num_classes) == saved.num_classes
+    return settings, (list(data["class_names"]) if stays and data.get("class_names") else None)
 
 
 def pretrained_model(path: str | Path) -> str:

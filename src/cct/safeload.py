@@ -40,7 +40,12 @@ def _check_crcs(path: Path, head: bytes) -> None:
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint file into a plain dict, refusing anything that would need unpickling code."""
+    if not str(path).strip():
+        raise CheckpointError("checkpoint not found: an empty path")
     path = Path(path)
+    if path.is_dir():
+        hint = next((f"; did you mean {path / n}?" for n in ("best.pt", "last.pt") if (path / n).is_file()), "")
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
@@ -62,6 +67,7 @@ def read_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(f"{path} is a TorchScript export, for torch.jit.load: cct reads checkpoints (.pt, "
                                   ".safetensors) and, to predict, .onnx exports") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first if len(first) <= 160 else first[:157] + "..."  # torch's zip reader can write a paragraph
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a checkpoint or state dict")

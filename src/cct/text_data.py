@@ -425,6 +425,8 @@ def load_text(source: str | Path, *, label_level: str = "coarse", label_column: 
     if (path.is_dir() and any((path / name).is_file() for name in TREC_FILES)) or \
             (path.is_file() and path.suffix.lower() == ".label"):
         return read_trec(path, label_level=label_level)
+    if label_level != "coarse":  # other sources have one label a text: a level would be silently ignored
+        raise CCTError(f"--label-level {label_level} is for TREC's COARSE:fine labels; {source} is not a TREC source")
     if path.suffix.lower() == ".jsonl" or (path.is_dir() and (path / "train.jsonl").is_file()):
         return read_jsonl(path)
     if path.suffix.lower() in TABLE_SUFFIXES or (path.is_dir() and any(

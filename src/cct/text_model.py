@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .layers import ClassifierHead, drop_path, official_init_, sinusoidal_embedding
-from .safeload import read_checkpoint
+from .safeload import FORMAT, read_checkpoint
 
 FAMILIES = ("cct", "cvt", "vit", "transformer")
 POSITIONAL_EMBEDDINGS = ("sine", "learnable", "none")
@@ -340,6 +340,12 @@ def create_text_model(name: str, *, pretrained: str | Path | None = None, **over
     if pretrained is not None:
         data = read_checkpoint(pretrained)
         raw = data.get("state_dict") or data.get("model") or data
+        if data.get("format") == FORMAT:  # cct's own checkpoint: its tokenizer, not an official embedder
+            what = ("a cct text checkpoint, whose vocabulary is its own tokenizer's" if
+                    data.get("config_class") == "TextConfig" else
+                    f"a cct checkpoint of the image model {data.get('model_name') or '?'}")
+            raise CheckpointError(f"{pretrained} is {what}: a text model's pretrained weights are a state dict of the "
+                                  "official text models (to go on training a cct text run, use --resume on its folder)")
         if not any(k.startswith(("embedder.", "module.embedder.")) for k in raw):
             raise CheckpointError(f"{pretrained}: not a state dict of the official text models (no embedder)")
         state = official_text_state_dict(raw)

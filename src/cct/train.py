@@ -39,7 +39,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .data import Dataset
 from .errors import CCTError
 from .evaluate import evaluate, metrics, predict_logits
-from .image_run import image_inputs
+from .image_run import image_inputs, pretrained_image_model
 from .kernels import fuse, use_kernels
 from .kinds import RunInputs, TextPreprocessing
 from .model import num_params
@@ -69,14 +69,14 @@ class TrainingInterrupted(CCTError):
 
 # ---------------------------------------------------------------------- model
 def _build_model(cfg: TrainConfig, inputs: RunInputs, *, num_classes: int, device: torch.device,
-                 pretrained: str | None) -> nn.Module:
+                 pretrained: str | None, quiet: bool) -> nn.Module:
     classes = inputs.classes
     if num_classes < len(classes):
         raise CCTError(f"--num-classes {num_classes} is fewer than the data's {len(classes)} classes")
-    drop_rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
-                  if getattr(cfg, k) is not None}
-    model = create_model(cfg.model, num_classes=num_classes, pretrained=pretrained, **inputs.model_overrides,
-                         **drop_rates)
+    overrides = dict(num_classes=num_classes, **inputs.model_overrides, **{k: getattr(cfg, k) for k in (
+        "drop_rate", "attn_drop_rate", "drop_path_rate") if getattr(cfg, k) is not None})
+    model = (pretrained_image_model(cfg.model, pretrained, classes, quiet=quiet, **overrides) if pretrained and
+             model_kind(cfg.model) == "image" else create_model(cfg.model, pretrained=pretrained, **overrides))
     model.class_names = list(classes)
     if inputs.setup_model is not None:
         inputs.setup_model(model)
@@ -270,7 +270,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
 
     # model, optimiser and step; the data order is shared by every rank, augmentation and dropout are
     # each rank's own (rank 0's: one process's)
-    model = _build_model(cfg, inputs, num_classes=num_classes, device=device,
+    model = _build_model(cfg, inputs, num_classes=num_classes, device=device, quiet=quiet,
                          pretrained=cfg.pretrained if checkpoint is None else None)
     optimizer = make_optimizer(model, cfg, precision=precision)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
