@@ -248,7 +248,7 @@ def test_eval_refuses_a_renamed_class_and_a_run_without_test_images(tmp_path, ca
     assert calls[-1]["seed"] == 1 and calls[-1]["test_split"] == 0.2 and json.loads(stdout)["n"] == 24
     (data / "cat").rename(data / "cow")
     code, _, err = run_cli(["eval", str(out / "best.pt"), "--data", str(data), "--json"], capsys)
-    assert code == 2 and "has no class folder cat of the run's (and cow it did not have: renamed?)" in err
+    assert code == 2 and "has no class cat of the run's (and cow it did not have: renamed?)" in err
     (data / "cow").rename(data / "cat")
     code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "all"), "--test-split", "0", *TINY],
                            capsys)

@@ -26,7 +26,7 @@ from .interop.keras import keras_state_dict
 from .interop.official import is_official, official_state_dict
 from .layers import resize_pos_embed, sinusoidal_embedding
 from .model import CCT, CCTConfig
-from .safeload import FORMAT, SAFETENSORS_EXTRAS, VERSION, read_checkpoint
+from .safeload import FORMAT, SAFETENSORS_EXTRAS, VERSION, read_checkpoint, unwrap_keys
 from .text_model import TextCCT, TextConfig
 from .tokenizer import TextTokenizer
 
@@ -246,21 +246,22 @@ def _fit_head(model: CCT, state: dict, source_classes: list | None, class_names:
         return "head: kept, its rows put in the data's class order"
     state["head.weight"] = model.head.weight.detach().clone()  # as many classes, but others: their rows mean nothing
     state["head.bias"] = model.head.bias.detach().clone()
-    return f"head: new, {n} classes (the weights' {n} are others: {', '.join(map(str, source_classes[:4]))}" \
-           f"{', ...' if n > 4 else ''})"
+    return f"head: new, {n} classes (the weights' {len(source_classes)} are others: " \
+           f"{', '.join(map(str, source_classes[:4]))}{', ...' if len(source_classes) > 4 else ''})"
 
 
-def adapt_state_dict(model: CCT, state: dict[str, torch.Tensor], *, source_classes: list | None = None,
+def adapt_state_dict(model: CCT, state: dict[str, torch.Tensor], *, source_grid: tuple[int, int] | None = None,
+                     source_prefix: int | None = None, source_classes: list | None = None,
                      class_names: list | None = None, notes: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Fit foreign weights to `model`: resize the positional embedding to the model's token grid, re-initialise a
-    head of another size (or, when both name their classes, of other classes; the same classes in another order
-    have their rows reordered). A line per change is appended to `notes`."""
+    """Fit foreign weights to `model`: resize the positional embedding to the model's token grid (the source's grid
+    and class-token rows when known, as a cct checkpoint's config says; else a square grid and the model's rows),
+    re-initialise a head of another size (or, when both name their classes, of other classes; the same classes in
+    another order have their rows reordered). A line per change is appended to `notes`."""
     state, notes = dict(state), notes if notes is not None else []
     pe = state.get("pos_embed")
-    source_grid = getattr(model, "_source_grid", None)  # known from a cct checkpoint's config
     if pe is not None and model.pos_embed is not None and (
             pe.shape != model.pos_embed.shape or (source_grid and tuple(source_grid) != tuple(model.grid))):
-        prefix = getattr(model, "_source_prefix", model.num_prefix_tokens)  # a class token's row, in the source
+        prefix = model.num_prefix_tokens if source_prefix is None else source_prefix
         n = pe.shape[1] - prefix
         side = math.isqrt(n)
         old_grid = source_grid or (side, side)
@@ -282,28 +283,16 @@ def adapt_state_dict(model: CCT, state: dict[str, torch.Tensor], *, source_class
     return state
 
 
-_WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel's and torch.compile's key prefixes
-
-
-def _unwrap(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        while isinstance(k, str) and k.startswith(_WRAPPERS):
-            k = k.removeprefix("module.").removeprefix("_orig_mod.")
-        out[k] = v
-    return out
-
-
 def _own_keys(state: dict, model: CCT) -> bool:
     """Whether `state` is a plain state dict of a cct model like `model` (its keys, DDP's `module.` and
     torch.compile's `_orig_mod.` aside, are the model's own; a head or positional embedding may be missing or extra)."""
-    keys = set(_unwrap(state))
+    keys = set(unwrap_keys(state))
     core = {k for k in model.state_dict() if not k.startswith(("head.", "pos_embed"))}
     return bool(core) and core <= keys and keys <= core | {"head.weight", "head.bias", "pos_embed"}
 
 
 def _unrecognised(path: Path, state: object, model: CCT) -> CheckpointError:
-    keys, own = set(_unwrap(state)) if isinstance(state, dict) else set(), set(model.state_dict())
+    keys, own = set(unwrap_keys(state)) if isinstance(state, dict) else set(), set(model.state_dict())
     if len(keys & own) <= min(len(keys), len(own)) // 2:  # not mostly a cct model's keys
         return CheckpointError(f"{path}: unrecognised weights (neither a cct checkpoint or state dict nor an "
                                "official Compact-Transformers state dict)")
@@ -322,7 +311,8 @@ def load_pretrained(model: CCT, path: str | Path, *, class_names: list | None = 
     thing adapted (head, positional embedding), which `cct train` prints.
     """
     path = Path(path)
-    source_classes, source_name = None, None
+    source = {}  # what a cct checkpoint says of the model its weights come from
+    source_name = None
     if path.suffix == ".h5" or path.name.endswith(".weights.h5"):
         state = keras_state_dict(path)
     else:
@@ -331,15 +321,19 @@ def load_pretrained(model: CCT, path: str | Path, *, class_names: list | None = 
             if data.get("config_class", "CCTConfig") != "CCTConfig":
                 raise CheckpointError(f"{path} is a text model's checkpoint ({data.get('model_name') or 'text'}): "
                                       f"its weights do not fit the image model {getattr(model, 'name', '')}".rstrip())
-            state = data["state_dict"]
-            src = CCTConfig.from_dict(dict(data["config"]))
-            model._source_grid = type(model.tokenizer)(src).grid(src.img_size)
-            model._source_prefix = 1 if src.pooling == "cls" else 0
-            source_classes, source_name = data.get("class_names") or None, data.get("model_name")
+            try:
+                _check_fields(data, src := CCTConfig.from_dict(dict(data.get("config") or {})), path)
+            except (TypeError, ValueError, AssertionError, KeyError) as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{path}: invalid model config: {str(e) or 'a value is out of range'}") from None
+            state, source_name = data["state_dict"], data.get("model_name")
+            source = dict(source_grid=type(model.tokenizer)(src).grid(src.img_size),
+                          source_prefix=1 if src.pooling == "cls" else 0, source_classes=data.get("class_names") or None)
         else:
             state = data.get("state_dict") or data.get("model") or data
             if isinstance(state, dict) and _own_keys(state, model):  # `torch.save(model.state_dict())` of a cct model
-                state = _unwrap(state)
+                state = unwrap_keys(state)
             elif isinstance(state, dict) and is_official(state):
                 state = official_state_dict(state)
             else:
@@ -352,11 +346,9 @@ def load_pretrained(model: CCT, path: str | Path, *, class_names: list | None = 
                         "%s has %s, so it is left out", path, getattr(model, "name", "this model"),
                         "a fixed sine one" if model.cfg.positional_embedding == "sine" else "none")
     try:
-        state = adapt_state_dict(model, state, source_classes=source_classes, class_names=class_names, notes=notes)
+        state = adapt_state_dict(model, state, **source, class_names=class_names, notes=notes)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    finally:
-        model.__dict__.pop("_source_grid", None), model.__dict__.pop("_source_prefix", None)
     try:
         _load_state(model, state, path)
     except CheckpointError:

@@ -76,7 +76,6 @@ def _flag_type(tp):
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = args[0]
-        args = list(typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return typing.get_args(tp)[0], len(typing.get_args(tp))
     return tp, None

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import sys
+from typing import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def tta_views(tta: bool, translate: int = 0) -> int:
     return 1 if not tta else 6 if translate else 2
 
 
-def tta_logits(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, translate: int = 0) -> torch.Tensor:
+def tta_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, logits: torch.Tensor,
+               translate: int = 0) -> torch.Tensor:
     """Test-time augmentation of a normalised batch whose plain logits are `logits`: the average with its mirror;
     with `translate` > 0, that average weighs half and the other half is the mean over the batch shifted
     `translate` pixels up-left and down-right (zero padded), each with its mirror (airbench's TTA; validation

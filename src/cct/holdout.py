@@ -107,7 +107,7 @@ def decode_recorded(path: Path, record: dict, *, size: tuple[int, int] | None, i
                         "give --split train to score the images it trained on")
     if classes != list(record["classes"]) and (gone := sorted(set(record["classes"]) - set(classes))):
         new = sorted(set(classes) - set(record["classes"]))
-        raise DataError(f"{path} has no class folder {', '.join(gone[:3])} of the run's"
+        raise DataError(f"{path} has no class {', '.join(gone[:3])} of the run's"
                         + (f" (and {', '.join(new[:3])} it did not have: renamed?)" if new else "")
                         + ": its recorded test split cannot be scored")
     # names below the class folders' root, so that a folder and a zip of it (photos/cat/1.png) match

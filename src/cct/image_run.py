@@ -17,11 +17,10 @@ from . import data as data_mod
 from .cifar import CIFAR_MEAN, CIFAR_STD
 from .data import Dataset, ImageSet
 from .errors import CCTError, CheckpointError
-from .checkpoint import load_pretrained
 from .kinds import RunInputs
 from .preprocess import Preprocessing
 from .recipes import TrainConfig
-from .registry import checkpoint_settings, create_model, get_config, model_kind
+from .registry import get_config, model_kind, model_with_weights
 from .runfiles import log
 from .safeload import read_checkpoint
 from .step import augment_config
@@ -33,6 +32,8 @@ def weights_in_chans(path: str | Path) -> int | None:
     if Path(path).suffix == ".h5":
         return 3  # the Keras example's RGB
     data = read_checkpoint(path)
+    if data.get("config_class") == "TextConfig":
+        return None  # a text model's: load_pretrained says so
     if isinstance((data.get("config") or {}).get("in_chans"), int):
         return data["config"]["in_chans"]
     state = data.get("state_dict") or data.get("model") or data
@@ -44,11 +45,8 @@ def weights_in_chans(path: str | Path) -> int | None:
 def pretrained_image_model(name: str, path: str | Path, classes: list[str], *, quiet: bool, **overrides) -> nn.Module:
     """`create_model(name, pretrained=path, **overrides)` for the data's `classes`, saying what was adapted: the
     settings a cct checkpoint was built with, a head for other classes, a resized positional embedding."""
-    settings, _ = checkpoint_settings(name, path, overrides)
-    model = create_model(name, **settings, **overrides)
-    notes = [f"model settings of {Path(path).name}: " + ", ".join(f"{k}={v}" for k, v in settings.items())] \
-        if settings else []
-    load_pretrained(model, path, class_names=classes, notes=notes)
+    notes = []
+    model = model_with_weights(name, path, class_names=classes, notes=notes, **overrides)
     for note in notes:
         log(quiet, f"--pretrained: {note}")
     return model

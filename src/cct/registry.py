@@ -15,10 +15,10 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .checkpoint import load_pretrained, read_checkpoint
-from .safeload import FORMAT
 from .errors import CCTError, CheckpointError
 from .interop.keras import MODEL_NAME as KERAS_MODEL_NAME, KerasWeightsError, read_keras
 from .model import CCT, CCTConfig
+from .safeload import FORMAT
 from .text_model import TEXT_VARIANTS, TextCCT, TextConfig, create_text_model, get_text_config
 
 # (depth, heads, mlp_ratio, width) of each size in the paper's Table 1
@@ -136,7 +136,9 @@ def create_model(name: str, *, pretrained: str | Path | bool | None = None, **ov
         name: a name from `list_models()`.
         pretrained: optional path to weights to load (None or False: none): a cct checkpoint, an official
             SHI-Labs `.pth` state dict, or a Keras `.weights.h5` (for `cct_2_3x2_32_keras`); for a text model, a state
-            dict of the official text models (`cct.text_model.create_text_model`).
+            dict of the official text models (`cct.text_model.create_text_model`). A cct checkpoint of this very
+            model comes back as it was trained: its head, class names and settings (`checkpoint_settings`), unless
+            `overrides` change them.
         **overrides: `CCTConfig` fields, e.g. `num_classes`, `img_size` (int or (h, w)), `in_chans`,
             `positional_embedding`, `drop_rate`, `attn_drop_rate`, `drop_path_rate`; for a text model,
             `TextConfig` fields, e.g. `kernel_size`, `vocab_size`, `seq_len`, `num_classes`.
@@ -147,12 +149,25 @@ def create_model(name: str, *, pretrained: str | Path | bool | None = None, **ov
     pretrained = pretrained or None  # False, as timm's
     if name in TEXT_VARIANTS:
         return create_text_model(name, pretrained=pretrained, **overrides)
-    settings, classes = checkpoint_settings(name, pretrained, overrides) if pretrained is not None else ({}, None)
+    if pretrained is not None:
+        return model_with_weights(name, pretrained, **overrides)
+    model = CCT(get_config(name, **overrides))
+    model.name = _ALIASES.get(name, name)
+    return model
+
+
+def model_with_weights(name: str, path: str | Path, *, class_names: list[str] | None = None,
+                       notes: list[str] | None = None, **overrides) -> CCT:
+    """The image model `name` with the weights of `path` (`cct.checkpoint.load_pretrained`), built as a cct checkpoint
+    of it was (`checkpoint_settings`), `overrides` aside. `class_names`: the classes it is for (a head of other classes
+    starts fresh); `notes` collects a line for each thing adapted, as `cct train --pretrained` prints them."""
+    settings, classes = checkpoint_settings(name, path, overrides)
     model = CCT(get_config(name, **settings, **overrides))
     model.name = _ALIASES.get(name, name)
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
-        model.class_names = classes
+    if settings and notes is not None:
+        notes.append(f"model settings of {Path(path).name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    load_pretrained(model, path, class_names=class_names, notes=notes)
+    model.class_names = classes
     return model
 
 

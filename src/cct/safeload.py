@@ -38,6 +38,19 @@ def _check_crcs(path: Path, head: bytes) -> None:
         raise CheckpointError(f"{path} is corrupted: its member {bad} fails its checksum (a damaged copy or disk)")
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel's and torch.compile's key prefixes
+
+
+def unwrap_keys(state: dict) -> dict:
+    """`state` with DDP's `module.` and torch.compile's `_orig_mod.` prefixes taken off its keys."""
+    out = {}
+    for k, v in state.items():
+        while isinstance(k, str) and k.startswith(WRAPPER_PREFIXES):
+            k = k.removeprefix("module.").removeprefix("_orig_mod.")
+        out[k] = v
+    return out
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint file into a plain dict, refusing anything that would need unpickling code."""
     if not str(path).strip():
