@@ -224,3 +224,12 @@ def test_pretrained_cct_checkpoint_comes_back_as_trained(tmp_path):
                tmp_path / "plain.pt")
     with pytest.raises(cct.CheckpointError, match="plain.pt: its positional embedding has 24 tokens, not a square"):
         cct.create_model("cct_2_3x2_32", num_classes=3, pretrained=str(tmp_path / "plain.pt"))
+
+
+def test_pretrained_from_a_checkpoint_with_a_crafted_config_is_a_named_error(tmp_path):
+    cct.save_checkpoint(cct.create_model("cct_2_3x2_32", num_classes=3), tmp_path / "ok.pt")
+    data = torch.load(tmp_path / "ok.pt", weights_only=True)
+    data["config"]["embed_dim"] = -4
+    torch.save(data, tmp_path / "crafted.pt")
+    with pytest.raises(cct.CheckpointError, match="crafted.pt: invalid model config"):
+        cct.checkpoint.load_pretrained(cct.create_model("cct_2_3x2_32"), tmp_path / "crafted.pt")

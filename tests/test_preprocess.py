@@ -71,3 +71,8 @@ def test_official_weights_normalise_as_the_recipe_of_their_dataset(tmp_path, cla
                 torch.zeros(8, 3, 3, 3)}, tmp_path / "official.pth")
     assert Preprocessing.of_weights(tmp_path / "official.pth", in_chans=3).mean[0] == pytest.approx(mean)
     assert Preprocessing.of_weights(tmp_path / "official.pth", in_chans=3, keras=True).mean is None  # x / 255
+
+
+def test_a_compiled_models_state_dict_names_its_dataset_too(tmp_path):
+    torch.save({"_orig_mod.module.head.weight": torch.zeros(1000, 8)}, tmp_path / "compiled.pt")
+    assert Preprocessing.of_weights(tmp_path / "compiled.pt", in_chans=3).mean[0] == pytest.approx(0.485)
