@@ -265,3 +265,13 @@ def test_train_flags_that_would_do_nothing(tmp_path, capsys):
     code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "b"), "--model", "cct_2_3x2_32",
                             "--time-budget", "0.05", "--epochs", "3", "--batch-size", "8", "--procs", "1"], capsys)
     assert code == 0 and "--time-budget sets the run's length; --epochs 3 is the length its warm-up" in err
+
+
+def test_tta_shift_beyond_the_image_and_restore_best_without_validation(tmp_path, capsys):
+    data = flat_folder(tmp_path / "photos")  # 16 px
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--tta", "--tta-translate", "8",
+                            *TINY], capsys)
+    assert code == 2 and "--tta-translate 8 would shift 16x16 images by half of their side or more" in err
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--restore-best",
+                            "--val-split", "0", *TINY[:-3], "--procs", "1"], capsys)
+    assert code == 0 and "no validation split (--val-split 0): the run tests its last weights" in err

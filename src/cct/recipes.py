@@ -135,7 +135,8 @@ class TrainConfig:
     # evaluation
     restore_best: bool = _f(True, "test the best-validation weights rather than the last ones")
     eval_batch_size: int = _f(256, "batch size of validation, test and `cct eval`")
-    tta: bool = _f(False, "test-time augmentation (average with the flipped image)")
+    tta: bool = _f(False, "test-time augmentation (average with the flipped image, and the shifted views of "
+                          "--tta-translate)")
     tta_translate: int = _f(0, "with --tta: also average the image shifted this many pixels up-left and down-right, "
                                "each with its mirror (0: off)")
     # runtime
