@@ -171,14 +171,11 @@ def model_from_checkpoint(data: dict, path: str | Path, *, map_location: str | t
     if config_class not in MODEL_CLASSES:
         raise CheckpointError(f"{path}: unknown model config class {config_class!r}")
     config_type, model_type = MODEL_CLASSES[config_class]
+    cfg = _recorded_config(data, config_type, path)
     try:
-        cfg = config_type.from_dict(dict(data["config"]))
-        _check_fields(data, cfg, path)
         model = model_type(cfg)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: invalid model config: {str(e) or 'a value is out of range'}") from None
+        raise _invalid_config(path, e) from None
     model.name = data.get("model_name")
     _load_state(model, data["state_dict"], path)
     model.class_names = list(data["class_names"]) if data.get("class_names") else None
@@ -189,6 +186,23 @@ def model_from_checkpoint(data: dict, path: str | Path, *, map_location: str | t
         if model.tokenizer.seq_len is None:  # so that `model(*model.tokenizer.encode(texts))` fits the model
             model.tokenizer.seq_len = model.cfg.seq_len
     return model.to(map_location).eval()
+
+
+def _invalid_config(path: str | Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: invalid model config: {str(e) or 'a value is out of range'}")
+
+
+def _recorded_config(data: dict, config_type: type, path: str | Path) -> CCTConfig | TextConfig:
+    """The model config a cct checkpoint records, and the entries loaders index into, checked: a damaged or crafted
+    file is a `CheckpointError` naming it."""
+    try:
+        cfg = config_type.from_dict(dict(data.get("config") or {}))
+        _check_fields(data, cfg, path)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        raise _invalid_config(path, e) from None
+    return cfg
 
 
 def _check_fields(data: dict, cfg: CCTConfig | TextConfig, path: str | Path) -> None:
@@ -233,9 +247,12 @@ def require_classifier(num_classes: int, path: str | Path) -> None:
 def _fit_head(model: CCT, state: dict, source_classes: list | None, class_names: list | None) -> str | None:
     """Keep, reorder or replace the head of `state` for `model`; what was done, said in a line (None: kept as is)."""
     head_w, n = state.get("head.weight"), model.num_classes
+
+    def fresh() -> None:  # the model's own new head
+        state["head.weight"], state["head.bias"] = model.head.weight.detach().clone(), model.head.bias.detach().clone()
+
     if head_w is None or head_w.shape != model.head.weight.shape:
-        state["head.weight"] = model.head.weight.detach().clone()  # fine-tuning (or no head given): a fresh head
-        state["head.bias"] = model.head.bias.detach().clone()
+        fresh()  # fine-tuning (or no head given)
         return (f"head: new, {n} classes (the weights have none)" if head_w is None else
                 f"head: new, {n} classes (the weights' head has {head_w.shape[0]})")
     if not source_classes or not class_names or list(source_classes) == list(class_names):
@@ -244,8 +261,7 @@ def _fit_head(model: CCT, state: dict, source_classes: list | None, class_names:
         order = [list(source_classes).index(c) for c in class_names]  # the same classes, in another order
         state["head.weight"], state["head.bias"] = state["head.weight"][order], state["head.bias"][order]
         return "head: kept, its rows put in the data's class order"
-    state["head.weight"] = model.head.weight.detach().clone()  # as many classes, but others: their rows mean nothing
-    state["head.bias"] = model.head.bias.detach().clone()
+    fresh()  # as many classes, but others: their rows mean nothing
     return f"head: new, {n} classes (the weights' {len(source_classes)} are others: " \
            f"{', '.join(map(str, source_classes[:4]))}{', ...' if len(source_classes) > 4 else ''})"
 
@@ -321,12 +337,7 @@ def load_pretrained(model: CCT, path: str | Path, *, class_names: list | None = 
             if data.get("config_class", "CCTConfig") != "CCTConfig":
                 raise CheckpointError(f"{path} is a text model's checkpoint ({data.get('model_name') or 'text'}): "
                                       f"its weights do not fit the image model {getattr(model, 'name', '')}".rstrip())
-            try:
-                _check_fields(data, src := CCTConfig.from_dict(dict(data.get("config") or {})), path)
-            except (TypeError, ValueError, AssertionError, KeyError) as e:
-                if isinstance(e, CheckpointError):
-                    raise
-                raise CheckpointError(f"{path}: invalid model config: {str(e) or 'a value is out of range'}") from None
+            src = _recorded_config(data, CCTConfig, path)
             state, source_name = data["state_dict"], data.get("model_name")
             source = dict(source_grid=type(model.tokenizer)(src).grid(src.img_size),
                           source_prefix=1 if src.pooling == "cls" else 0, source_classes=data.get("class_names") or None)

@@ -92,6 +92,13 @@ def tta_views(tta: bool, translate: int = 0) -> int:
     return 1 if not tta else 6 if translate else 2
 
 
+def check_tta_shift(translate: int, img_size: tuple[int, int]) -> None:
+    """A shift of half an image's side or more leaves a blank view: refused, in training and in `cct eval` alike."""
+    if translate and 2 * translate >= min(img_size):
+        raise CCTError(f"--tta-translate {translate} would shift {img_size[0]}x{img_size[1]} images by half of their "
+                       "side or more")
+
+
 def tta_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, logits: torch.Tensor,
                translate: int = 0) -> torch.Tensor:
     """Test-time augmentation of a normalised batch whose plain logits are `logits`: the average with its mirror;
@@ -166,9 +173,8 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
         raise CCTError(f"--batch-size must be at least 1, got {prep.batch_size}")
     if tta_translate is not None and (tta_translate < 0 or (tta_translate and not prep.tta)):
         raise CCTError(f"--tta-translate must be a non-negative number of pixels, used with --tta; got {tta_translate}")
-    if tta_translate and 2 * tta_translate >= min(model.cfg.img_size):
-        raise CCTError(f"--tta-translate {tta_translate} would shift {tuple(model.cfg.img_size)} images by half of "
-                       "their side or more")
+    if tta_translate:
+        check_tta_shift(tta_translate, tuple(model.cfg.img_size))
     prep = replace(prep, precision=resolve_precision(prep.precision, device))
     extra = {}
     if isinstance(model, TextCCT):

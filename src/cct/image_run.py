@@ -17,6 +17,7 @@ from . import data as data_mod
 from .cifar import CIFAR_MEAN, CIFAR_STD
 from .data import Dataset, ImageSet
 from .errors import CCTError, CheckpointError
+from .evaluate import check_tta_shift
 from .kinds import RunInputs
 from .preprocess import Preprocessing
 from .recipes import TrainConfig
@@ -113,9 +114,8 @@ def image_inputs(cfg: TrainConfig, dataset: Dataset | None, *, checkpoint: dict 
                        "would put images the run trained on in its test set; resume on the files as they were, or "
                        "start a new run")
     in_chans, height, width = tuple(train_set.images.shape[1:])
-    if cfg.tta and cfg.tta_translate and 2 * cfg.tta_translate >= min(height, width):
-        raise CCTError(f"--tta-translate {cfg.tta_translate} would shift {height}x{width} images by half of their side "
-                       "or more")
+    if cfg.tta:
+        check_tta_shift(cfg.tta_translate, (height, width))
     if cfg.restore_best and val_set is None and checkpoint is None:
         log(quiet, "no validation split (--val-split 0): the run tests its last weights (--restore-best needs one)")
     if checkpoint is None:
