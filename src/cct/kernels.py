@@ -14,8 +14,6 @@ function, with the same parameters and gradients (up to rounding), and each is t
   measured faster; heads wider than half the stream (the Keras example's 2 heads of 128 on a 128-wide
   stream) run *folded*: query·key and value·output products merged into one matrix per head, half
   the projection GEMMs, in training (inside the graph) as in inference (after `fuse`);
-* `FastOfficialBlock` / `FastKerasBlock`: stochastic depth that skips the branches it drops, rather
-  than computing them and multiplying by zero (`drop_path_residual`; float32 only);
 * `FastConvTokenizer`: channels-last convolutions, max-pool before the ReLU (they commute), with the
   zero padding turned into the pool's padding;
 * text models (`cct.text_model`): `FastMaskedAttention` (scale and key mask in one `baddbmm`), and
@@ -34,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention, KerasBlock, OfficialBlock, drop_path
+from .layers import Attention
 from .model import ConvTokenizer, _same_pool_padding
 from .text_kernels import FastEmbedding, FastTextConvTokenizer
 from .text_model import MaskedAttention, TextConvTokenizer
@@ -342,47 +340,6 @@ class FastConvTokenizer(ConvTokenizer):
         return x.flatten(2).transpose(1, 2)  # (B, gh*gw, embed_dim)
 
 
-# ---------------------------------------------------------------------- stochastic depth
-def drop_path_residual(x: torch.Tensor, branch, p: float, training: bool) -> torch.Tensor:
-    """`x + drop_path(branch(x), p, training)`, with the branch computed only for the samples it keeps.
-
-    A dropped sample's branch is multiplied by zero, so computing it is wasted work: p of the block's
-    multiplies (0.05 on average over `cct_7_3x1_32`'s blocks). The kept samples are gathered, run through
-    the branch and added back, scaled by 1 / (1 - p) as the reference scales them, in one `index_add`.
-    Only in float32 outside autocast, on a CPU: in bf16 the gathered batch's odd row counts slowed oneDNN's
-    GEMMs more than the skipped rows saved (benchmarks/README.md, "Skipping dropped samples"), and on a GPU
-    finding the kept rows would wait for the device. The drop mask is drawn before the branch runs, where
-    the reference draws it after, so with other dropout on the two draw their random numbers in another
-    order; everything else is the reference's computation.
-    """
-    if (p == 0.0 or not training or x.dtype != torch.float32 or x.device.type != "cpu"
-            or torch.is_autocast_enabled("cpu")):
-        return x + drop_path(branch(x), p, training)
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # as `drop_path` draws it
-    kept = mask.view(-1).nonzero().squeeze(1)
-    if len(kept) in (0, x.shape[0]):  # nothing to skip, or everything: the reference's product (zero gradients too)
-        return x + branch(x) * mask.div_(keep)
-    return x.index_add(0, kept, branch(x.index_select(0, kept)), alpha=1.0 / keep)  # (B, N, dim)
-
-
-class FastOfficialBlock(OfficialBlock):
-    """`OfficialBlock` through `drop_path_residual`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = drop_path_residual(x, lambda t: self.attn(self.pre_norm(t)), self.drop_path, self.training)
-        x = self.norm1(x)
-        return drop_path_residual(x, self.mlp, self.drop_path, self.training)
-
-
-class FastKerasBlock(KerasBlock):
-    """`KerasBlock` through `drop_path_residual`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = drop_path_residual(x, lambda t: self.attn(self.norm1(t)), self.drop_path, self.training)
-        return drop_path_residual(x, lambda t: self.mlp(self.norm2(t)), self.drop_path, self.training)
-
-
 # ---------------------------------------------------------------------- text attention
 class FastMaskedAttention(MaskedAttention):
     """`MaskedAttention` with the scale and the key mask in one `baddbmm`, and `dropout`'s cheap mask.
@@ -415,7 +372,6 @@ class FastMaskedAttention(MaskedAttention):
 
 # ---------------------------------------------------------------------- choosing
 _FAST = {Attention: FastAttention, nn.Dropout: FastDropout, nn.GELU: FastGELU, ConvTokenizer: FastConvTokenizer,
-         OfficialBlock: FastOfficialBlock, KerasBlock: FastKerasBlock,
          TextConvTokenizer: FastTextConvTokenizer, MaskedAttention: FastMaskedAttention, nn.Embedding: FastEmbedding}
 _REFERENCE = {fast: reference for reference, fast in _FAST.items()}
 

@@ -113,10 +113,8 @@ class OfficialBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, dim) throughout
         x = x + drop_path(self.attn(self.pre_norm(x)), self.drop_path, self.training)
         x = self.norm1(x)  # normalises the residual stream itself, as the official code does
-        return x + drop_path(self.mlp(x), self.drop_path, self.training)
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+        y = self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+        return x + drop_path(y, self.drop_path, self.training)
 
 
 class KerasBlock(nn.Module):
