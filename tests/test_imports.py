@@ -105,6 +105,9 @@ def test_a_ctrl_c_while_the_command_loads_is_an_interruption_not_a_traceback():
             "from cct.console import main\nsys.exit(main())")
     result = _python(code)
     assert result.returncode == 130 and result.stderr == "cct: interrupted\n", result.stderr[-2000:]
+    result = _python(code.replace("from cct.console import main\nsys.exit(main())",
+                                  "import runpy\nrunpy.run_module('cct', run_name='__main__')"))  # python -m cct
+    assert result.returncode == 130 and result.stderr == "cct: interrupted\n", result.stderr[-2000:]
     code = ("import cct\nassert cct.create_model('cct_2_3x2_32').cfg.embed_dim == 128 and 'create_model' in dir(cct)\n"
             "assert callable(cct.checkpoint.read_checkpoint) and callable(cct.kernels.fuse)  # submodules too\n"
             "try:\n    cct.nothing\nexcept AttributeError as e:\n    assert 'nothing' in str(e)\n"

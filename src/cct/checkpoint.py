@@ -26,7 +26,7 @@ from .interop.keras import keras_state_dict
 from .interop.official import is_official, official_state_dict
 from .layers import resize_pos_embed, sinusoidal_embedding
 from .model import CCT, CCTConfig
-from .safeload import FORMAT, SAFETENSORS_EXTRAS, VERSION, read_checkpoint, unwrap_keys
+from .safeload import FORMAT, SAFETENSORS_EXTRAS, VERSION, read_checkpoint, state_dict_of, unwrap_keys
 from .text_model import TextCCT, TextConfig
 from .tokenizer import TextTokenizer
 
@@ -342,7 +342,7 @@ def load_pretrained(model: CCT, path: str | Path, *, class_names: list | None = 
             source = dict(source_grid=type(model.tokenizer)(src).grid(src.img_size),
                           source_prefix=1 if src.pooling == "cls" else 0, source_classes=data.get("class_names") or None)
         else:
-            state = data.get("state_dict") or data.get("model") or data
+            state = state_dict_of(data)
             if isinstance(state, dict) and _own_keys(state, model):  # `torch.save(model.state_dict())` of a cct model
                 state = unwrap_keys(state)
             elif isinstance(state, dict) and is_official(state):

@@ -23,7 +23,7 @@ from .preprocess import Preprocessing
 from .recipes import TrainConfig
 from .registry import get_config, model_kind, model_with_weights
 from .runfiles import log
-from .safeload import read_checkpoint
+from .safeload import read_checkpoint, state_dict_of
 from .step import augment_config
 
 
@@ -37,7 +37,7 @@ def weights_in_chans(path: str | Path) -> int | None:
         return None  # a text model's: load_pretrained says so
     if isinstance((data.get("config") or {}).get("in_chans"), int):
         return data["config"]["in_chans"]
-    state = data.get("state_dict") or data.get("model") or data
+    state = state_dict_of(data)
     convs = [v for k, v in state.items() if isinstance(k, str) and "tokenizer." in k and isinstance(v, torch.Tensor)
              and v.dim() == 4]
     return convs[0].shape[1] if convs and convs[0].shape[1] in (1, 3) else None

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .augment import normalize
-from .safeload import read_checkpoint, unwrap_keys
+from .safeload import read_checkpoint, state_dict_of, unwrap_keys
 from .cifar import CIFAR_MEAN, CIFAR_STD
 from .decode import RESIZE_MODES
 
@@ -35,7 +35,7 @@ def _floats(values) -> tuple[float, ...] | None:
 
 def _head_rows(data: dict) -> int | None:
     """The class count of weights' head (cct's key or the official one, wrapped or not), None without one."""
-    state = unwrap_keys(data.get("state_dict") or data.get("model") or data)
+    state = unwrap_keys(state_dict_of(data))
     for key in ("head.weight", "classifier.fc.weight"):
         if isinstance(w := state.get(key), torch.Tensor) and w.dim() == 2:
             return w.shape[0]

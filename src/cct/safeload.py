@@ -41,6 +41,11 @@ def _check_crcs(path: Path, head: bytes) -> None:
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel's and torch.compile's key prefixes
 
 
+def state_dict_of(data: dict) -> dict:
+    """The weights a loaded checkpoint holds: cct's and timm's `state_dict`, the official `model`, or the dict itself."""
+    return data.get("state_dict") or data.get("model") or data
+
+
 def unwrap_keys(state: dict) -> dict:
     """`state` with DDP's `module.` and torch.compile's `_orig_mod.` prefixes taken off its keys."""
     out = {}

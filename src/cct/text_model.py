@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .layers import ClassifierHead, drop_path, official_init_, sinusoidal_embedding
-from .safeload import FORMAT, read_checkpoint
+from .safeload import FORMAT, read_checkpoint, state_dict_of
 
 FAMILIES = ("cct", "cvt", "vit", "transformer")
 POSITIONAL_EMBEDDINGS = ("sine", "learnable", "none")
@@ -339,7 +339,7 @@ def create_text_model(name: str, *, pretrained: str | Path | None = None, **over
     state = None
     if pretrained is not None:
         data = read_checkpoint(pretrained)
-        raw = data.get("state_dict") or data.get("model") or data
+        raw = state_dict_of(data)
         if data.get("format") == FORMAT:  # cct's own checkpoint: its tokenizer, not an official embedder
             what = ("a cct text checkpoint, whose vocabulary is its own tokenizer's" if
                     data.get("config_class") == "TextConfig" else
