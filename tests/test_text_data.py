@@ -88,6 +88,19 @@ def test_csv_header_in_any_case_and_one_without_a_label_column(tmp_path):
         load_text(write(tmp_path / "b.csv", "category,text\npos,good\n"))  # not a headerless row of class 'category'
 
 
+def test_csv_with_semicolons_or_tabs(tmp_path):
+    """Excel writes `;` where the decimal mark is a comma: a .csv whose first rows all have ";" and not all ","."""
+    path = write(tmp_path / "s.csv", 'label;text\npos;good, very good\nneg;"bad; awful"\npos;fine\n')
+    ds = load_text(path)
+    assert ds.classes == ["neg", "pos"] and ds.train_texts == ["good, very good", "bad; awful", "fine"]
+    ds = load_text(write(tmp_path / "t.csv", "label\ttext\npos\tgood\nneg\tbad\n"))
+    assert ds.train_texts == ["good", "bad"]
+    ds = load_text(write(tmp_path / "c.csv", "label,text\npos,good; fine\nneg,bad; awful\n"))  # commas on every row win
+    assert ds.train_texts == ["good; fine", "bad; awful"]
+    images = write(tmp_path / "i.csv", "path;label\na/1.png;cat\na/2.png;cat\n")
+    assert detect_kind(images) == "image" and detect_kind(path) == "text"
+
+
 def test_csv_several_text_columns(tmp_path):
     path = write(tmp_path / "d.csv", "label,title,body,id\npos,Good,very good,1\nneg,Bad,awful,2\n")
     ds = read_table(path, text_columns=["title", "body"])

@@ -307,15 +307,24 @@ def is_csv(path: Path) -> bool:
     return path.suffix.lower() == ".csv" and path.is_file()
 
 
+def csv_delimiter(text: str) -> str:
+    """"," unless the first rows have none and do have ";" (Excel's CSV where the decimal mark is a comma) or a tab."""
+    head = [line for line in text.splitlines()[:6] if line.strip()]
+    for delimiter in (",", ";", "\t"):
+        if head and all(delimiter in line for line in head):
+            return delimiter
+    return ","
+
+
 def csv_items(path: Path, *, min_per_class: int = 2) -> tuple[Files, list[str], list[tuple[int, str]]]:
     """The files (relative to the CSV's folder), class names and [(label, name)] of a CSV of
-    ``path,label`` (or ``label,path``) rows naming image files; a first row whose path is not an image name is a
-    header. Errors name the file's line."""
+    ``path,label`` (or ``label,path``) rows naming image files, separated by commas, semicolons or tabs; a first row
+    whose path is not an image name is a header. Errors name the file's line."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read CSV ({getattr(e, 'strerror', None) or e})") from None
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(text), delimiter=csv_delimiter(text))
     rows = [(reader.line_num, r) for r in reader if any(cell.strip() for cell in r)]
     # the path column: the one naming image files in more of the first rows (header or not)
     votes = [sum(len(r) > col and is_image_name(r[col].strip()) for _, r in rows[:6]) for col in (0, 1)]

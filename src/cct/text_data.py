@@ -36,7 +36,7 @@ import torch
 
 from .errors import CCTError
 from .holdout import choose_test
-from .sources import is_image_name, split_name
+from .sources import csv_delimiter, is_image_name, split_name
 
 TREC_FILES = ("train_5500.label", "TREC_10.label")
 LABEL_LEVELS = ("coarse", "fine")
@@ -162,10 +162,16 @@ def _column(names: list[str], wanted: str | int, where: str) -> int:
     return keys.index(wanted.lower())
 
 
+def _table_delimiter(path: Path, text: str) -> str:
+    """A tab for `.tsv`; for `.csv` a comma, or the semicolon or tab that every one of its first rows has instead."""
+    return "\t" if path.suffix.lower() == ".tsv" else csv_delimiter(text)
+
+
 def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns: Sequence[str | int] | None,
                      header: bool | None, delimiter: str | None, max_field_chars: int) -> list[_Row]:
-    delimiter = delimiter or TABLE_SUFFIXES.get(path.suffix.lower(), ",")
-    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
+    text = _decode(path)
+    delimiter = delimiter or _table_delimiter(path, text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     old_limit = csv.field_size_limit(max_field_chars)
     rows: list[_Row] = []
     line = 1  # where the record being read starts
@@ -224,7 +230,7 @@ def read_table(path: str | Path, *, label_column: str | int | None = None,
         text_columns: names or indices joined into the text; None: `text` if the header has it, else
             every column but the label.
         header: whether the first row names the columns; None: when it holds the label column's name.
-        delimiter: None: tab for `.tsv`, else comma.
+        delimiter: None: tab for `.tsv`; for `.csv` a comma, or the semicolon or tab each of its first rows has.
         max_field_chars: a longer field is an error.
     """
     path = Path(path)
@@ -348,8 +354,9 @@ def _table_names_images(path: Path) -> bool:
     text; an image CSV with a stray row is still an image CSV, and its loader names the row)."""
     try:
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-            reader = csv.reader(f, delimiter=TABLE_SUFFIXES.get(path.suffix.lower(), ","))
-            head = [[cell.strip() for cell in row[:2]] for _, row in zip(range(6), reader) if any(map(str.strip, row))]
+            text = f.read(1 << 16)  # enough for the first rows
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=_table_delimiter(path, text))
+        head = [[cell.strip() for cell in row[:2]] for _, row in zip(range(6), reader) if any(map(str.strip, row))]
     except (OSError, csv.Error):
         return False
     for col, names in ((0, is_image_name), (1, _path_like)):  # a label first: its path must look like one
