@@ -572,9 +572,9 @@ def test_missing_and_empty_paths(checkpoint, tree, tmp_path, capsys):
         (["import-keras", "", "--output", tmp_path / "k.pt"], "no such file"),
         (["import-keras", KERAS_WEIGHTS, "--output", checkpoint / "k.pt"], "cannot write"),  # under a file
     ]
-    for argv, message in cases:
+    for argv, *messages in cases:
         code, _, err = run_cli(argv, capsys)
-        assert_one_line_error(code, err, message)
+        assert_one_line_error(code, err, *messages)
     assert not (tmp_path / "o").exists()
 
 
@@ -696,10 +696,11 @@ def broken_checkpoints(root: Path, good: Path, marker: Path) -> dict[str, tuple[
     """name → (file, what the error says): bytes that are not checkpoints, and checkpoints that lie."""
     data = read_checkpoint(good)
     files = {
-        "zero-byte.pt": (b"", "not a readable PyTorch checkpoint"),
+        "zero-byte.pt": (b"", "is an empty file, not a checkpoint"),
         "random.pt": (np.random.default_rng(4).bytes(5000), "not a"),
         "text.pt": (b"model weights\n" * 10, "not a valid checkpoint"),
-        "truncated.pt": (good.read_bytes()[:good.stat().st_size // 2], "not a readable PyTorch checkpoint"),
+        "truncated.pt": (good.read_bytes()[:good.stat().st_size // 2], "is a damaged or truncated PyTorch checkpoint"),
+        "notes.pt": (b"hello this is text\n" * 100, "not a PyTorch checkpoint (neither torch.save's zip nor a pickle)"),
         "random.safetensors": (np.random.default_rng(5).bytes(5000), "not a readable safetensors file"),
         "python-pickle.pt": (pickle.dumps({"state_dict": {"w": [1.0]}}, protocol=5), "not a"),
     }
@@ -778,7 +779,10 @@ def test_checkpoint_of_another_class_count_or_classes(checkpoint, tmp_path, caps
     assert_one_line_error(code, err, "trained on 3 classes", "has 4")
     renamed = make_tree(tmp_path / "renamed", classes=["x", "y", "z"], train_per_class=2, test_per_class=1)
     code, _, err = run_cli(["eval", checkpoint, "--data", renamed, "--quiet"], capsys)
-    assert_one_line_error(code, err, "trained on classes")
+    assert_one_line_error(code, err, "trained on other classes than", "class 0 is 'ant' there, 'x' here")
+    last = make_tree(tmp_path / "last", classes=["ant", "bee", "cow"], train_per_class=2, test_per_class=1)
+    code, _, err = run_cli(["eval", checkpoint, "--data", last, "--quiet"], capsys)  # the first five agree
+    assert_one_line_error(code, err, "class 2 is 'cat' there, 'cow' here")
     run_dir = tmp_path / "run"
     shutil.copytree(reference["out"], run_dir)
     (run_dir / "results.json").unlink()
@@ -831,16 +835,20 @@ def test_out_of_range_train_flags(flags, message, tree, tmp_path, capsys):
 
 def test_out_of_range_flags_of_other_commands(checkpoint, tree, tmp_path, capsys):
     image = tree / "test" / "ant" / "0.png"
+    (tmp_path / "exported.onnx").write_bytes(b"\x08\x07")  # an ONNX file's first bytes
     cases = [
         (["eval", checkpoint, "--data", tree, "--batch-size", "0"], "--batch-size must be at least 1"),
         (["eval", checkpoint, "--data", tree, "--batch-size", "-4"], "--batch-size must be at least 1"),
         (["eval", checkpoint, "--data", tree, "--split", "val"], "has no val split"),
+        (["eval", checkpoint, "--data", tmp_path / "missing", "--plot", tmp_path / "cm.xyz"],  # before the data is read
+         "--plot", "matplotlib writes no .xyz files"),
+        (["eval", tmp_path / "exported.onnx", "--data", tree], "is an ONNX export", "`cct predict` takes .onnx"),
         (["predict", checkpoint, image, "--topk", "0"], "--topk must be at least 1"),
         (["export", checkpoint, "--format", "onnx", "--output", tmp_path / "m.onnx", "--batch-size", "0"],
          "--batch-size must be at least 1 or 'dynamic'"),
         (["export", checkpoint, "--format", "safetensors", "--output", tmp_path / "m.st", "--batch-size", "2"],
          "not to safetensors"),
     ]
-    for argv, message in cases:
+    for argv, *messages in cases:
         code, _, err = run_cli(argv, capsys)
-        assert_one_line_error(code, err, message)
+        assert_one_line_error(code, err, *messages)

@@ -88,6 +88,16 @@ def test_eval_on_other_labelled_data_than_the_run_held_out(tmp_path, capsys, cap
     code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(tree), "--json"], capsys)
     assert code == 0, err
     assert json.loads(stdout)["n"] == 6 and "evaluating its test split" in caplog.text
+    # the other way round: a run on a tree held nothing out, so a flat folder is scored whole, not a drawn 20%
+    tree_run = tmp_path / "tree_run"
+    code, _, err = run_cli(["train", "--data", str(tree), "--out", str(tree_run), *TINY], capsys)
+    assert code == 0, err
+    caplog.clear()
+    code, stdout, err = run_cli(["eval", str(tree_run / "best.pt"), "--data", str(new), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["n"] == 12 and "held out no files of it: evaluating all 12 of its images" in caplog.text
+    code, stdout, err = run_cli(["eval", str(tree_run / "best.pt"), "--data", str(tree), "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["n"] == 6, err
 
 
 def _finetune(tmp_path, capsys, pretrained: Path, *extra: str) -> dict:

@@ -20,6 +20,7 @@ import io
 import logging
 import multiprocessing
 import os
+import re
 import sys
 import warnings
 from collections import Counter
@@ -61,7 +62,8 @@ def refusing_decompression_bombs():
 
 
 def _reason(e: BaseException) -> str:
-    return e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+    return re.sub(r" <_io\.\w+ object at 0x[0-9a-f]+>", "", reason)  # Pillow names an archive member by its buffer
 
 
 def _orientation(im: Image.Image) -> int:

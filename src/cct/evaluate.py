@@ -185,13 +185,16 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
         run = recorded.get("train_config") or {}  # the other splits: drawn as the run drew them
         drawn = {k: run[k] for k in ("test_split", "seed") if recorded.get("split") and run.get(k) is not None}
         load = functools.partial(data_mod.load, source, img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans,
-                                 skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode,
-                                 **({} if test_files else drawn))
+                                 skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode)
         try:
-            dataset = load(test_files=test_files)
+            # a run that held nothing out (trained on a tree, an archive, CIFAR) drew no split of this source either
+            dataset = load(test_files=test_files, **(drawn if recorded.get("split") else {"test_split": 0.0}))
+            other = None if recorded.get("split") or dataset.test is not None else \
+                f"{source}: the checkpoint's run held out no files of it"
         except OtherSource as e:  # other labelled data: its own test split, or every image of a flat one
-            dataset = load(test_split=0.0)
-            log.warning("%s: evaluating %s", e, "its test split" if dataset.test is not None else
+            dataset, other = load(test_split=0.0), str(e)
+        if other is not None:
+            log.warning("%s: evaluating %s", other, "its test split" if dataset.test is not None else
                         f"all {len(dataset.train)} of its images")
             dataset = dataset if dataset.test is not None else replace(dataset, test=dataset.train)
         parts = {"test": dataset.test, "val": dataset.val, "train": dataset.train}
@@ -206,8 +209,9 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
     if len(classes) != num_classes:
         raise CheckpointError(f"{path} was trained on {num_classes} classes but {source} has {len(classes)}")
     if model.class_names and list(model.class_names) != classes:
-        raise CheckpointError(f"{path} was trained on classes {model.class_names[:5]}... but {source} has "
-                              f"{classes[:5]}...")
+        i = next(i for i, (a, b) in enumerate(zip(model.class_names, classes)) if a != b)
+        raise CheckpointError(f"{path} was trained on other classes than {source} has: class {i} is "
+                              f"{model.class_names[i]!r} there, {classes[i]!r} here")
     result = evaluate(model, part.inputs, part.labels, prep, device=device, class_names=classes)
     if "truncated" in extra:
         result["truncated"] = extra["truncated"].get(split)
@@ -262,6 +266,9 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.plot:
+        from .plots import check_figure_path
+        check_figure_path(args.plot, "--plot")  # before the evaluation, not after it
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, precision=args.precision,
                                  batch_size=args.batch_size, tta=args.tta, tta_translate=args.tta_translate,
                                  device=args.device,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import atomic_write
+from .errors import CCTError
 
 
 def _figure(width: float, height: float, ncols: int = 1):
@@ -16,6 +17,15 @@ def _figure(width: float, height: float, ncols: int = 1):
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols)
+
+
+def check_figure_path(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, a figure path whose suffix names a format matplotlib does not write."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in formats:
+        raise CCTError(f"{flag} {path}: matplotlib writes no .{fmt} files (it writes {', '.join(sorted(formats))})")
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:

@@ -66,8 +66,13 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path} is an ONNX export: this reads cct checkpoints (.pt, .safetensors); "
+                              "`cct predict` takes .onnx files")
     with open(path, "rb") as f:
         head = f.read(16)
+    if not head:
+        raise CheckpointError(f"{path} is an empty file, not a checkpoint")
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         return _read_safetensors(path)
     _check_crcs(path, head)
@@ -86,6 +91,10 @@ def read_checkpoint(path: str | Path) -> dict:
                                   ".safetensors) and, to predict, .onnx exports") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = first if len(first) <= 160 else first[:157] + "..."  # torch's zip reader can write a paragraph
+        if head[:2] == b"PK":  # torch.save's zip format
+            raise CheckpointError(f"{path} is a damaged or truncated PyTorch checkpoint ({first})") from None
+        if head[:1] != b"\x80":  # nor a pickle, the legacy format (protocol 2+)
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip nor a pickle)") from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a checkpoint or state dict")
