@@ -62,6 +62,28 @@ def test_cifar_by_name(tmp_path, cache, monkeypatch):
     assert load("cifar10", progress=False).train.images.shape == (20, 3, 32, 32)
 
 
+def test_a_wrong_or_damaged_copy_in_the_data_folder(tmp_path, cache):
+    """`--data cifar10` finds whatever sits under cifar10's archive name: another release is refused, not trained on
+    as CIFAR-10; a truncated archive says it is the cached copy and what to do; a partial folder names what it lacks."""
+    other = fake_cifar(tmp_path / "o", "cifar100")
+    cache.mkdir()
+    (cache / "cifar-10-python.tar.gz").write_bytes(other.read_bytes())
+    with pytest.raises(DataError, match=r"--data cifar10 found this copy .* but it holds CIFAR-100; delete it") as e:
+        load("cifar10", cache_dir=cache, download=False, progress=False)
+    assert "\n" not in str(e.value)
+    good = fake_cifar(tmp_path / "g", "cifar10").read_bytes()
+    (cache / "cifar-10-python.tar.gz").write_bytes(good[:len(good) // 2])
+    with pytest.raises(DataError, match=r"cannot read archive .*: the CIFAR-10 copy in the data folder is damaged; "
+                                        r"delete it to download it again"):
+        load("cifar10", cache_dir=cache, download=False, progress=False)
+    (cache / "cifar-10-python.tar.gz").unlink()
+    folder = fake_cifar(cache, "cifar10", archive=False)
+    (folder / "test_batch").unlink()
+    for source in ("cifar10", folder):
+        with pytest.raises(DataError, match="test_batch missing, not an official CIFAR-10 copy"):
+            load(source, cache_dir=cache, download=False, progress=False)
+
+
 def test_crafted_pickle_refused(tmp_path, cache):
     folder = fake_cifar(tmp_path, "cifar10", archive=False)
 

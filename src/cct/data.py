@@ -310,8 +310,9 @@ def _load_in_memory(source: str | Path, *, size: tuple[int, int] | None, in_chan
     name = str(source)
     if not name.strip():
         raise DataError("no data source given (an empty path)")
-    if name.lower() in RELEASES and not Path(name).exists():
-        path = find_or_download(name.lower(), cache_dir, download=download, progress=progress)
+    release = name.lower() if name.lower() in RELEASES and not Path(name).exists() else None
+    if release is not None:
+        path = find_or_download(release, cache_dir, download=download, progress=progress)
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -331,7 +332,7 @@ def _load_in_memory(source: str | Path, *, size: tuple[int, int] | None, in_chan
     else:
         ds, meta = _decode_source(path, size=size, in_chans=in_chans, skip_bad_images=skip_bad_images,
                                   progress=progress, resize_mode=resize_mode,
-                                  min_per_class=2 if test_split > 0 else 1)
+                                  min_per_class=2 if test_split > 0 else 1, release=release)
         _write_cache(cache_file, ds, meta)
     if meta.get("layout") == "flat":
         warn_empty_classes(path, meta["classes"], meta["items"])
@@ -340,10 +341,21 @@ def _load_in_memory(source: str | Path, *, size: tuple[int, int] | None, in_chan
 
 
 def _decode_source(path: Path, *, size, in_chans, skip_bad_images: bool, progress: bool,
-                   resize_mode: str, min_per_class: int = 2) -> tuple[Dataset, dict]:
-    """The Dataset of a CIFAR release, tree, flat folder or CSV, all decoded, and its cache metadata."""
-    files = None if is_csv(path) else Files(path)
+                   resize_mode: str, min_per_class: int = 2, release: str | None = None) -> tuple[Dataset, dict]:
+    """The Dataset of a CIFAR release, tree, flat folder or CSV, all decoded, and its cache metadata; `release`:
+    the CIFAR release `--data` named, whose copy in the data folder must be that release."""
+    try:
+        files = None if is_csv(path) else Files(path)
+    except DataError as e:
+        if release is None:
+            raise
+        raise DataError(f"{e}: the {RELEASES[release].title} copy in the data folder is damaged; delete it to "
+                        f"download it again, or put a good copy there (md5 {RELEASES[release].md5})") from None
     kind = cifar_kind(files.names) if files is not None else None
+    if release is not None and kind != release:
+        found = RELEASES[kind].title if kind else "no CIFAR release"
+        raise DataError(f"{path}: --data {release} found this copy in the data folder, but it holds {found}; delete "
+                        f"it or put {RELEASES[release].archive} (md5 {RELEASES[release].md5}) there")
     extra = {}
     if kind is not None:
         if resize_mode == "crop" and size is not None and size[0] != size[1]:
