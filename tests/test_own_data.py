@@ -70,6 +70,20 @@ def test_class_folders_and_csv_train_and_eval_on_the_recorded_split(tmp_path, ca
     assert "changed since its test split was recorded" in caplog.text  # a warning on stderr
 
 
+def test_eval_reproduces_the_weights_results_json_names(tmp_path, capsys):
+    """A run that validates but tests its last epoch: results.json says "last", and eval on last.pt reproduces it."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--data", str(flat_folder(tmp_path / "photos")), "--out", str(out), *TINY,
+                            "--val-split", "0.3", "--no-restore-best", "--lr", "0.05"], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["weights"] == "last"
+    code, stdout, err = run_cli(["eval", str(out / "last.pt"), "--data", str(out.parent / "photos"), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["top1"] == pytest.approx(results["test_top1"])
+    assert json.loads(stdout)["loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+
+
 def test_eval_on_other_labelled_data_than_the_run_held_out(tmp_path, capsys, caplog):
     """A model trained on a flat folder, evaluated on new photos (another flat folder, none of its files the
     run's) scores all of them; on a tree with a test split of its own, that split."""

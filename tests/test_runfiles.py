@@ -53,6 +53,10 @@ def test_results_keys_and_json(tmp_path):
     assert costed["train_tflop"] == 1.8 and costed["bf16"]  # 300 images × 3 passes × 2 FLOPs × 1 GMAC
     assert runfiles.done_line(r, tmp_path).startswith("done: 2 epochs in 3s (96 images/s); test top-1 0.7500")
     assert "(96 texts/s)" in runfiles.done_line(dict(r, kind="text"), tmp_path)
+    assert "last.pt" not in runfiles.done_line(r, tmp_path)
+    last = dict(r, weights="last", best_epoch=1)  # validated, tested the last epoch: best.pt is another one
+    assert "of the last epoch's weights (last.pt; best.pt holds epoch 1's" in runfiles.done_line(last, tmp_path)
+    assert "last.pt" not in runfiles.done_line(dict(last, best_epoch=2), tmp_path)
     none = runfiles.results(cfg, state=state, test=None, params=1000, inputs=inputs, train_images=150,
                             val_images=None, skipped_steps=0, precision="fp32", world_size=1, device="cpu")
     assert (none["weights"], none["best_val_top1"], none["val_images"], none["test_images"]) == ("last", None, 0, 0)

@@ -176,6 +176,10 @@ def results(cfg: TrainConfig, *, state: dict, test: dict | None, params: int, in
 def done_line(r: dict, out: Path) -> str:
     """The line logged when a run ends."""
     unit = "texts" if r.get("kind") == "text" else "images"  # results.json's key says images for both kinds
+    # a run that validated but tests its last weights: best.pt is then another epoch than the one tested
+    other = r["test_top1"] is not None and r["weights"] == "last" and r["val_images"] and r["best_epoch"] != r["epochs"]
     return (f"done: {r['epochs']} epochs in {r['train_seconds']:.0f}s ({r['images_per_second']:.0f} {unit}/s)"
             + (f"; test top-1 {r['test_top1']:.4f}, top-5 {r['test_top5']:.4f}" if r["test_top1"] is not None else "")
+            + (f" of the last epoch's weights (last.pt; best.pt holds epoch {r['best_epoch']}'s, the best on "
+               "validation: --restore-best tests those)" if other else "")
             + f"; outputs in {out}")
