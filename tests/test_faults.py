@@ -386,6 +386,23 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tree, reference, tmp_path, 
     resume_and_check(out, tree, reference, capsys)
 
 
+def test_sigterm_while_testing_says_the_resume_runs_the_test(tree, reference, tmp_path, monkeypatch, capsys):
+    real_test = train_mod._test
+
+    def test(run):
+        os.kill(os.getpid(), signal.SIGTERM)  # training is done and saved: the test is the only work left
+        return real_test(run)
+    out = tmp_path / "out"
+    with monkeypatch.context() as mp:
+        mp.setattr(train_mod, "_test", test)
+        code, _, err = run_cli(train_argv(tree, out), capsys)
+    assert code == 128 + signal.SIGTERM and not (out / "results.json").exists()
+    assert_one_line_error(code, err, "SIGTERM while testing: training is complete", f"cct train --resume {out} runs "
+                                     "the test", status=128 + signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    resume_and_check(out, tree, reference, capsys)
+
+
 def test_second_sigint_aborts_without_saving(tree, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     real_call = train_mod.TrainStep.__call__

@@ -7,3 +7,11 @@ class CCTError(Exception):
 
 class CheckpointError(CCTError, ValueError):
     """A checkpoint or weights file that cannot be read, trusted or fitted to the model."""
+
+
+class TrainingInterrupted(CCTError):
+    """Training stopped early (a signal, or `stop_at_step`); `last.pt` holds where it stopped."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

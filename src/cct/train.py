@@ -37,7 +37,7 @@ from . import budget, data as data_mod, distributed, kinds, runfiles
 from .augment import alternating_flips, flip_where
 from .checkpoint import read_checkpoint, save_checkpoint
 from .data import Dataset
-from .errors import CCTError
+from .errors import CCTError, TrainingInterrupted
 from .evaluate import evaluate, metrics, predict_logits
 from .image_run import image_inputs, pretrained_image_model
 from .kernels import fuse, use_kernels
@@ -57,14 +57,6 @@ from .text_run import text_inputs
 
 # `make_config` and `resume_config` stay importable from here: the two ways to get a `train()` config
 __all__ = ["TrainingInterrupted", "make_config", "resume_config", "train"]
-
-
-class TrainingInterrupted(CCTError):
-    """Training stopped early (a signal, or `stop_at_step`); `last.pt` holds where it stopped."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------------- model
@@ -185,13 +177,17 @@ class _Run:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(run: _Run):
-    """SIGINT/SIGTERM set `run.signum` so the loop ends after the current step; a second one aborts."""
+def _stop_on_signals(run: _Run, *, testing: bool = False):
+    """SIGINT/SIGTERM set `run.signum` so the loop ends after the current step; a second one aborts. While testing
+    (training done, last.pt written) the first one stops at once, saying that a resume runs the test."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        if testing:
+            raise TrainingInterrupted(f"{signal.Signals(signum).name} while testing: training is complete; "
+                                      f"cct train --resume {run.out} runs the test", 128 + signum)
         if run.signum is not None:
             raise KeyboardInterrupt
         run.signum = signum
@@ -350,8 +346,8 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
             lr = _train_epoch(run, train_set, t_epoch=t_epoch, stop_at_step=stop_at_step)
             _end_epoch(run, val_set, lr=lr, t_epoch=t_epoch, first_step=first_step, stop_at_step=stop_at_step)
 
-    # test: with the best validation weights when asked (the Keras example's ModelCheckpoint + load_weights)
-    test = _test(run)
+    with _stop_on_signals(run, testing=True):  # with the best validation weights when asked (as the Keras example)
+        test = _test(run)
     results = runfiles.results(cfg, state=state, test=test, params=num_params(model), inputs=inputs,
                                train_images=n_train, val_images=len(val_set.labels) if val_set is not None else None,
                                skipped_steps=step.skipped, precision=precision, world_size=world_size,
