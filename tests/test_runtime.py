@@ -4,6 +4,7 @@ import platform
 import pytest
 import torch
 
+from cct import runtime
 from cct.runtime import (PRECISIONS, configure_threads, faster_precision, resolve_device, resolve_precision,
                          tune_allocator)
 
@@ -24,9 +25,12 @@ def test_tune_allocator_on_glibc():
     assert tune_allocator() is True  # idempotent
 
 
-def test_precision_and_device():
+def test_precision_and_device(monkeypatch):
     assert PRECISIONS[0] == "auto" and resolve_precision("fp32") == "fp32"
-    assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
+    for native, expected in ((True, "bf16"), (False, "fp32")):  # auto: bf16 exactly where the CPU has it natively
+        monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: native)
+        assert resolve_precision("auto", "cpu") == expected and resolve_precision("fp32", "cpu") == "fp32"
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="fp16 is for CUDA"):
         resolve_precision("fp16", "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

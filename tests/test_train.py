@@ -95,6 +95,33 @@ def test_eval_of_best_checkpoint_equals_results(finished_run, tree, capsys):
     assert set(report["per_class"]) == set(CLASSES) and report["split"] == "test"
 
 
+def test_the_best_validation_weights_are_restored_before_the_test(tree, tmp_path, capsys, monkeypatch):
+    """--restore-best (the keras recipe's ModelCheckpoint + load_weights): validation scores that peak at epoch 1 make
+    best.pt epoch 1's, and the test is of those weights, not of the last epoch's."""
+    from cct import train as train_mod
+    real, scores = train_mod._Run.eval_metrics, iter([0.9, 0.1, 0.1])
+
+    def eval_metrics(self, inputs, labels, smoothing=0.0):
+        result = real(self, inputs, labels, smoothing)
+        return dict(result, top1=next(scores)) if inputs is self.inputs.val_set.inputs else result
+    monkeypatch.setattr(train_mod._Run, "eval_metrics", eval_metrics)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--model", MODEL, "--data", str(tree), "--out", str(out), "--epochs", "3",
+                            "--batch-size", "8", "--val-split", "0.25", "--restore-best", "--lr", "0.05", "--quiet"],
+                           capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["weights"] == "best" and results["best_epoch"] == 1
+    monkeypatch.undo()
+    reports = {}
+    for name in ("best.pt", "last.pt"):
+        code, stdout, err = run_cli(["eval", str(out / name), "--data", str(tree), "--json"], capsys)
+        assert code == 0, err
+        reports[name] = json.loads(stdout)
+    assert reports["best.pt"]["loss"] == pytest.approx(results["test_loss"], rel=1e-6)
+    assert reports["last.pt"]["loss"] != pytest.approx(results["test_loss"], rel=1e-6)  # another epoch's weights
+
+
 def test_resuming_a_finished_run_says_so(finished_run, capsys):
     before = (finished_run / "history.csv").read_text()
     code, out, err = run_cli(["train", "--resume", str(finished_run)], capsys)
