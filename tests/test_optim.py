@@ -62,6 +62,22 @@ def test_a_muon_step_moves_every_direction_by_adamws_rms():
     assert s.max() / s.min() < 2  # orthogonalised: no direction dominates
 
 
+def test_muon_steps_with_nesterov_momentum_and_decoupled_weight_decay():
+    """Two steps written out: p ← p·(1 − lr·wd) − lr·0.2·√max(rows, cols)·orth(g + μ(b − g)), b ← μb + (1 − μ)g."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    opt = MuonAdamW([{"params": [w], "muon": True, "weight_decay": 0.1}], lr=0.01, momentum=0.9)
+    expected, buf = w.detach().clone(), torch.zeros(8, 16)
+    for _ in range(2):
+        g = torch.randn(8, 16)
+        w.grad = g.clone()
+        opt.step()
+        buf = 0.9 * buf + 0.1 * g
+        update = orthogonalize((g + 0.9 * (buf - g))[None], 5, torch.float32)[0]
+        expected = expected * (1 - 0.01 * 0.1) - 0.01 * 0.2 * 4.0 * update
+    torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_muon_recipe_groups_cover_every_parameter_once_and_resume_exactly():
     model = create_model("cct_2_3x2_32", num_classes=4, img_size=16).eval()  # eval: no random stochastic depth
     cfg = make_config("cct_2_3x2_32", "", "", "fast", optimizer="muon")

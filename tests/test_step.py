@@ -93,6 +93,17 @@ def test_a_step_runs_backward_once_steps_and_counts(monkeypatch):
     assert calls["n"] == 2 and step.shared == () and step.totals()[2] == 16
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_a_step_computes_in_its_precision(precision, dtype):
+    """bf16 on a CPU: the forward runs under bf16 autocast (the head's output is bf16), the weights stay fp32."""
+    torch.manual_seed(0)
+    model = create_model("cct_2_3x2_32_keras")
+    seen = []
+    model.head.register_forward_hook(lambda m, inp, out: seen.append(out.dtype))
+    _step(model, precision=precision)(*_batch(), 1e-3)
+    assert seen == [dtype] and all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_one_process_reads_the_stop_flags_after_the_optimiser_step():
     """A signal that arrives during a step, its optimiser step included, stops the run right after it."""
     torch.manual_seed(0)

@@ -122,6 +122,22 @@ def test_the_best_validation_weights_are_restored_before_the_test(tree, tmp_path
     assert reports["last.pt"]["loss"] != pytest.approx(results["test_loss"], rel=1e-6)  # another epoch's weights
 
 
+@pytest.mark.parametrize("flags, smoothing", [([], 0.1), (["--label-smoothing", "0.3"], 0.3)])
+def test_the_recipes_label_smoothing_reaches_the_loss(tree, tmp_path, capsys, monkeypatch, flags, smoothing):
+    from cct import train as train_mod
+    seen = []
+    real = train_mod.make_train_step
+
+    def spy(model, optimizer, aug_cfg, **kwargs):
+        seen.append((kwargs["label_smoothing"], aug_cfg.label_smoothing))
+        return real(model, optimizer, aug_cfg, **kwargs)
+    monkeypatch.setattr(train_mod, "make_train_step", spy)
+    code, _, err = run_cli(["train", "--model", MODEL, "--data", str(tree), "--out", str(tmp_path / "r"), "--epochs",
+                            "1", "--batch-size", "8", "--train-limit", "16", "--quiet", *flags], capsys)
+    assert code == 0, err
+    assert seen == [(smoothing, smoothing)]  # the paper recipe's 0.1, or the flag's
+
+
 def test_resuming_a_finished_run_says_so(finished_run, capsys):
     before = (finished_run / "history.csv").read_text()
     code, out, err = run_cli(["train", "--resume", str(finished_run)], capsys)
