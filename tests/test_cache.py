@@ -48,6 +48,32 @@ def test_a_read_is_a_use(two_entries):
     assert time.time() - entry.path.stat().st_mtime < 60
 
 
+class _Marker:
+    """Unpickling it would create a file: the proof that a cache file ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_cache_file_cannot_run_code(two_entries, tmp_path, caplog):
+    """An entry holding a pickled object (a planted or foreign file) is ignored and decoded again, never unpickled."""
+    import numpy as np
+    first, _ = two_entries
+    entry = next(e for e in cache.entries() if e.source == str(first))
+    with np.load(entry.path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    marker = tmp_path / "code-ran"
+    arrays["train_labels"] = np.array([_Marker(marker)], dtype=object)
+    with open(entry.path, "wb") as f:
+        np.savez(f, **arrays)
+    ds = data.load(first, progress=False)
+    assert not marker.exists() and "ignoring unreadable cache" in caplog.text
+    assert ds.train.labels.tolist() == [0, 0, 1, 1]  # decoded again
+
+
 def test_clear_older_than_and_all(two_entries, capsys):
     first, second = two_entries
     old = next(e for e in cache.entries() if e.source == str(first))

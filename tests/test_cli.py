@@ -40,6 +40,17 @@ def test_import_keras_missing_file(tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_debug_shows_the_traceback(tmp_path):
+    """`cct --debug ...` (README: errors) re-raises, so the traceback shows; without it, one line and status 2."""
+    from cct.errors import CheckpointError
+    argv = ["eval", str(tmp_path / "none.pt"), "--data", str(tmp_path)]
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        main(["--debug", *argv])
+    proc = subprocess.run([sys.executable, "-m", "cct", "--debug", *argv], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "checkpoint not found" in proc.stderr
+    assert main(argv) == 2
+
+
 def test_python_m_cct_entry_point():
     proc = subprocess.run([sys.executable, "-m", "cct", "models", "cvt_7*", "--no-macs"], capture_output=True, text=True)
     assert proc.returncode == 0 and "3,716,619" in proc.stdout
