@@ -318,3 +318,16 @@ def test_fast_masked_attention_matches_the_reference_in_inference_and_with_empty
     fast.blocks[0].attn.attn_drop = 0.5
     a, b = fast(ids, mask), fast(ids, mask)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+def test_fast_masked_attention_drops_at_the_models_rates(monkeypatch):
+    from cct import kernels
+    model = use_kernels(_model(attn_drop_rate=0.3, drop_rate=0.2, drop_path_rate=0.0), "fast").train()
+    rates, real = [], kernels.dropout
+    monkeypatch.setattr(kernels, "dropout", lambda x, p, training: rates.append((tuple(x.shape[-2:]), p, training))
+                        or real(x, p, training))
+    ids, mask = model.tokenizer.encode(CORPUS, seq_len=SEQ_LEN)
+    model(ids, mask)
+    width = model.cfg.embed_dim  # the projection's output is (B, tokens, width); the attention map (B·heads, N, N)
+    assert {p for shape, p, _ in rates if shape[-1] != width} == {0.3}  # attn_drop_rate on the attention map
+    assert {p for shape, p, _ in rates if shape[-1] == width} == {0.2} and all(t for *_, t in rates)
