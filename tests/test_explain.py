@@ -48,6 +48,12 @@ def test_rollout_rows_are_distributions():
     torch.testing.assert_close(rollout.sum(-1), torch.ones(2, 5))
     identity = torch.eye(5).expand(2, 4, 5, 5)  # attention to oneself only: nothing flows anywhere else
     torch.testing.assert_close(attention_rollout([identity, identity]), torch.eye(5).expand(2, 5, 5))
+    # the formula itself, on numbers worked by hand: one head, two tokens, two layers of (A + I) / 2 chained
+    first = torch.tensor([[[[0.0, 1.0], [0.5, 0.5]]]])  # token 0 attends only to token 1
+    second = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])  # everything attends to token 0
+    torch.testing.assert_close(attention_rollout([first]), torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
+    # second layer (A + I) / 2 = [[1, 0], [0.5, 0.5]], times the first layer's
+    torch.testing.assert_close(attention_rollout([first, second]), torch.tensor([[[0.5, 0.5], [0.375, 0.625]]]))
 
 
 @pytest.mark.parametrize("name,method,expected", [("cct_2_3x2_32", "auto", "pool"),
