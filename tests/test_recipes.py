@@ -20,6 +20,23 @@ def test_keras_recipe_is_the_example():
     assert set(RECIPES) == {"keras", "paper", "fast", "finetune", "text"}
 
 
+def test_paper_and_fast_recipes_are_what_the_readme_says():
+    """The README's recipe table, value by value: the official cct_7-3x1 CIFAR-10 yml, and the fast recipe's choices."""
+    paper = make_config("cct_7_3x1_32", "cifar10", "out")
+    assert (paper.lr, paper.weight_decay, paper.weight_decay_all, paper.warmup_epochs, paper.warmup_lr, paper.min_lr,
+            paper.epochs, paper.cooldown_epochs, paper.batch_size, paper.schedule) == \
+        (5.5e-4, 0.06, False, 10, 1e-5, 1e-5, 310, 10, 128, "cosine")
+    assert (paper.rrc_scale, paper.hflip, paper.mixup_alpha, paper.cutmix_alpha, paper.mix_prob, paper.switch_prob,
+            paper.mix_mode, paper.label_smoothing, paper.normalize) == \
+        ((0.8, 1.0), True, 0.8, 1.0, 1.0, 0.5, "batch", 0.1, "cifar")
+    fast = make_config("cct_2_3x5_32", "cifar10", "out", "fast")
+    assert (fast.batch_size, fast.warmup_epochs, fast.lr, fast.optimizer, fast.weight_decay, fast.label_smoothing,
+            fast.translate, fast.alternate_flip, fast.normalize, fast.val_split, fast.tta, fast.tta_translate) == \
+        (64, 1, 3e-3, "muon", 0.05, 0.1, 2, True, "dataset", 0.0, True, 1)
+    assert (fast.drop_rate, fast.attn_drop_rate, fast.drop_path_rate, fast.cutmix_alpha, fast.mix_prob,
+            fast.mix_min_epochs, fast.res_schedule) == (0.0, 0.0, 0.05, 1.0, 0.5, 15, "0.5@0,0.75@0.43,1@0.71")
+
+
 def test_make_config_refuses_unknown_names():
     with pytest.raises(CCTError, match="unknown recipe 'nope'"):
         make_config("cct_2_3x2_32", "d", "o", "nope")
