@@ -136,6 +136,27 @@ def _record(plans: list, fit: tuple[int, dict | None]) -> tuple[int, dict | None
     return fit
 
 
+def test_the_trial_leaves_the_run_untouched():
+    """The budget's trial steps train copies, with their own generator, and restore torch's random state: the real
+    model, optimiser and random streams are as they were, so a budgeted run is still the seeded run."""
+    from cct.step import augment_config, make_optimizer, make_train_step
+    torch.manual_seed(0)
+    cfg = make_config(MODEL, "memory", "unused", "fast", batch_size=8, precision="fp32")
+    model = cct.create_model(MODEL, num_classes=3, img_size=16, drop_path_rate=0.2)  # drop path draws from torch
+    optimizer = make_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(1)
+    step = make_train_step(model, optimizer, augment_config(cfg, None, None), precision="fp32", device="cpu",
+                           label_smoothing=0.1, num_classes=3, generator=generator)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    states = torch.get_rng_state(), generator.get_state()
+    times = budget.time_trial_steps(cfg, model, step, memory_dataset(n_train=32, size=16).train, local_batch=8,
+                                    resolutions=[None, 8], warm=1, timed=2)
+    assert set(times) == {None, 8} and all(t > 0 for t in times.values())
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(generator.get_state(), states[1])
+
+
 def test_time_budget_fits_the_run(tmp_path):
     cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.08,
                       precision="fp32")
