@@ -157,6 +157,23 @@ def test_the_trial_leaves_the_run_untouched():
     assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(generator.get_state(), states[1])
 
 
+def test_a_run_past_its_deadline_stops_after_the_step(tmp_path, monkeypatch):
+    """A host that stalls mid-epoch (its 5th step takes 100 s of a 3 s budget): the run ends right after that step,
+    with that epoch its last and the plan cut to the steps taken, never a step past the deadline."""
+    calls = []
+
+    def seconds(step, args, kwargs) -> float:
+        calls.append(1)
+        return 100.0 if len(calls) == 8 + 5 else 0.02  # 8 trial steps, then the run's 5th
+    _virtual_clock(monkeypatch, seconds)
+    cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.05,
+                      precision="fp32", res_schedule=None)
+    results = train(cfg, dataset=memory_dataset(n_train=256), quiet=True)
+    assert (results["steps"], results["epochs"]) == (5, 1) and len(calls) == 8 + 5
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["total_steps"] == 5
+    assert results["test_top1"] is not None  # tested, as a run that ends on time is
+
+
 def test_time_budget_fits_the_run(tmp_path):
     cfg = make_config(MODEL, "memory", str(tmp_path / "out"), "fast", batch_size=32, time_budget=0.08,
                       precision="fp32")
