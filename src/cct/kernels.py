@@ -265,18 +265,14 @@ class FastAttention(Attention):
         if self.folds():
             return self._folded_forward(x)
         B, N, _ = x.shape
-        H, d = self.num_heads, self.head_dim
-        qkv = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         if self._matmul_path(q):
-            # one copy into (B·heads) batches of matrices, where matmul would copy q, v and a transposed k apart;
-            # the scale on q, N·head_dim numbers rather than the N·N of the scores
-            q, k, v = qkv.reshape(3, B * H, N, d).unbind(0)
-            attn = torch.bmm(q * self.scale, k.transpose(1, 2)).softmax(dim=-1)  # (B·heads, N, N)
-            x = torch.bmm(self.attn_drop(attn), v).view(B, H, N, d)
+            attn = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)  # (B, heads, N, N)
+            x = self.attn_drop(attn) @ v
         else:
             x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
-        x = x.transpose(1, 2).reshape(B, N, H * d)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
 
 
