@@ -61,6 +61,9 @@ def _load_data(cfg: TrainConfig, dataset: Dataset | None, quiet: bool) -> tuple[
             raise CCTError(f"--pretrained: {e}") from None
         if in_chans == 1 and cfg.in_chans is None:
             log(quiet, "--pretrained: its weights take 1 channel, so the images are read as grayscale (--in-chans)")
+        if cfg.pretrained and model_kind(cfg.model) == "image":  # weights that do not fit: said now, not after decoding
+            model_with_weights(cfg.model, cfg.pretrained, **({"in_chans": in_chans} if in_chans else {}),
+                               **({"img_size": cfg.img_size} if cfg.img_size else {}))
         with distributed.main_process_first():  # rank 0 decodes and caches; the others then read the cache
             dataset = data_mod.load(cfg.data, img_size=cfg.img_size, in_chans=in_chans,
                                     skip_bad_images=cfg.skip_bad_images, progress=not quiet, stream=cfg.stream,
