@@ -135,3 +135,24 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     code, out, err = run_cli(["eval", str(tmp_path / "five.pt"), "--data", str(tmp_path / "nodata")], capsys)
     assert code == 2 and "not found" in err
+
+
+def test_eval_of_the_runs_own_source_reads_its_cache_entry(tmp_path, capsys):
+    """The run decoded its tree at the images' own size; eval of the same tree decodes it the same way (one cache
+    entry, not a second copy of the same pixels at the model's size). A source changed since is decoded at the
+    model's size."""
+    from cct import cache
+    tree = make_tree(tmp_path / "tree")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--model", "cct_2_3x2_32", "--data", str(tree), "--out", str(out), "--epochs", "1",
+                            "--batch-size", "4", "--quiet"], capsys)
+    assert code == 0, err
+    assert len(cache.entries()) == 1
+    results = json.loads((out / "results.json").read_text())
+    code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(tree), "--json"], capsys)
+    assert code == 0, err
+    assert len(cache.entries()) == 1 and json.loads(stdout)["loss"] == pytest.approx(results["test_loss"], rel=1e-6)
+    for image in tree.glob("*/*/*.png"):  # the same tree, now of 24x24 images: the model's 16x16 is asked for
+        Image.open(image).resize((24, 24)).save(image)
+    code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(tree), "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["n"] == 12, err

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import data as data_mod
 from .checkpoint import model_from_checkpoint, read_checkpoint
+from .cifar import RELEASES
 from .errors import CCTError, CheckpointError
 from .kernels import KERNELS, fuse, use_kernels
 from .kinds import TextPreprocessing, TextSet, TokenBatch, model_args, preprocessing_from_checkpoint
@@ -148,6 +149,17 @@ def evaluate(model: nn.Module, images, labels: torch.Tensor, prep: Preprocessing
     return metrics(logits, labels, label_smoothing=label_smoothing, class_names=names)
 
 
+def _decoded_natively(run: dict, source: str, skip_bad_images: bool, resize_mode: str) -> bool:
+    """Whether `source` is the run's own, which training decoded at its own size and channels with these settings."""
+    data = run.get("data")
+    if not data or run.get("img_size") is not None or run.get("in_chans") is not None or run.get("pretrained") \
+            or bool(run.get("skip_bad_images")) != skip_bad_images or run.get("resize_mode", "resize") != resize_mode:
+        return False
+    if str(data).lower() in RELEASES or str(source).lower() in RELEASES:  # cifar10, cifar100 by name
+        return str(data).lower() == str(source).lower()
+    return Path(data).expanduser().resolve() == Path(source).expanduser().resolve()
+
+
 def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", precision: str | None = None,
                         batch_size: int | None = None, tta: bool | None = None, tta_translate: int | None = None,
                         device: str = "auto",
@@ -184,11 +196,19 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
         test_files = recorded.get("split") if split in ("auto", "test") else None
         run = recorded.get("train_config") or {}  # the other splits: drawn as the run drew them
         drawn = {k: run[k] for k in ("test_split", "seed") if recorded.get("split") and run.get(k) is not None}
-        load = functools.partial(data_mod.load, source, img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans,
-                                 skip_bad_images=skip_bad_images, progress=progress, resize_mode=prep.resize_mode)
+        sized = dict(img_size=tuple(model.cfg.img_size), in_chans=model.cfg.in_chans)
+        # the run's own source, decoded as the run decoded it (at its own size): the same pixels, from the same
+        # cache entry, instead of a second entry of the same pixels at the size asked for
+        native = test_files is None and _decoded_natively(run, source, skip_bad_images, prep.resize_mode)
+        load = functools.partial(data_mod.load, source, skip_bad_images=skip_bad_images, progress=progress,
+                                 resize_mode=prep.resize_mode)
         try:
             # a run that held nothing out (trained on a tree, an archive, CIFAR) drew no split of this source either
-            dataset = load(test_files=test_files, **(drawn if recorded.get("split") else {"test_split": 0.0}))
+            split_args = dict(test_files=test_files, **(drawn if recorded.get("split") else {"test_split": 0.0}))
+            dataset = load(**(dict(img_size=None, in_chans=None) if native else sized), **split_args)
+            first = next((s for s in (dataset.test, dataset.train) if s is not None), None)
+            if native and first is not None and tuple(first.images.shape[1:]) != (sized["in_chans"], *sized["img_size"]):
+                dataset = load(**sized, **split_args)  # the source's images are no longer what the run decoded
             other = None if recorded.get("split") or dataset.test is not None else \
                 f"{source}: the checkpoint's run held out no files of it"
         except OtherSource as e:  # other labelled data: its own test split, or every image of a flat one
