@@ -156,3 +156,14 @@ def test_eval_of_the_runs_own_source_reads_its_cache_entry(tmp_path, capsys):
         Image.open(image).resize((24, 24)).save(image)
     code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(tree), "--json"], capsys)
     assert code == 0 and json.loads(stdout)["n"] == 12, err
+
+
+def test_confusion_plot_gives_each_cells_fraction_and_count(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+    from cct.plots import plot_confusion
+    texts, real = [], Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, **kw: texts.append((x, y, s)) or real(self, x, y, s, **kw))
+    plot_confusion([[3, 1], [0, 2]], ["ant", "a bee with a long name"], tmp_path / "cm.png")
+    # (column: predicted, row: true, text); an empty cell says nothing
+    assert sorted(texts) == [(0, 0, "0.75\n3"), (1, 0, "0.25\n1"), (1, 1, "1.00\n2")]
+    assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"

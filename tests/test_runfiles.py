@@ -27,6 +27,7 @@ def test_epoch_and_done_lines():
                                seconds=1.25)
     assert runfiles.epoch_line(row, 10, 2).endswith("; val loss 0.7000, top-1 0.6000, top-5 0.9000; 1.2s; "
                                                     "2 non-finite steps skipped")
+    assert ", top-3 0.9000;" in runfiles.epoch_line(row, 10, 0, num_classes=3)  # k as cct eval names it
 
 
 def test_results_keys_and_json(tmp_path):
@@ -53,6 +54,7 @@ def test_results_keys_and_json(tmp_path):
     assert costed["train_tflop"] == 1.8 and costed["bf16"]  # 300 images × 3 passes × 2 FLOPs × 1 GMAC
     assert runfiles.done_line(r, tmp_path).startswith("done: 2 epochs in 3s (96 images/s); test top-1 0.7500")
     assert "(96 texts/s)" in runfiles.done_line(dict(r, kind="text"), tmp_path)
+    assert ", top-2 " in runfiles.done_line(dict(r, classes=["a", "b"]), tmp_path)
     assert "last.pt" not in runfiles.done_line(r, tmp_path)
     last = dict(r, weights="last", best_epoch=1)  # validated, tested the last epoch: best.pt is another one
     assert "of the last epoch's weights (last.pt; best.pt holds epoch 1's" in runfiles.done_line(last, tmp_path)
@@ -63,3 +65,12 @@ def test_results_keys_and_json(tmp_path):
     assert "test top-1" not in runfiles.done_line(none, tmp_path)
     runfiles.write_json(tmp_path / "results.json", r)
     assert json.loads((tmp_path / "results.json").read_text()) == r
+
+
+def test_no_progress_bar_off_a_terminal(capsys):
+    """A redirected stderr (a log file, here pytest's capture) gets no carriage-return redraws of the epoch bar."""
+    bar = runfiles.progress_bar(False, 0, 3, 100, 0)
+    bar.update(50)
+    bar.close()
+    assert bar.disable and "\r" not in capsys.readouterr().err
+    assert runfiles.progress_bar(True, 0, 3, 100, 0) is None

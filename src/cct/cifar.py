@@ -167,7 +167,7 @@ def _download(url: str, dest: Path, md5: str, progress: bool, where: str) -> Non
             total = int(r.headers.get("Content-Length") or 0) or None
             h = hashlib.md5()
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr,
-                      disable=not progress) as bar:
+                      disable=None if progress else True) as bar:  # None: off a terminal too
                 for block in iter(lambda: r.read(1 << 20), b""):
                     f.write(block)
                     h.update(block)

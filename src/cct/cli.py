@@ -112,7 +112,8 @@ def _add_train_parser(subparsers) -> None:
                                                             "with --pretrained, finetune (image models); else keras "
                                                             "for *_keras models, text for text_* models, paper")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--quiet", action="store_true", help="nothing on stderr but warnings and errors (results.json "
+                                                         "holds the outcome)")
     add_config_flags(p)
     p.set_defaults(func=_run_train)
 
@@ -185,19 +186,20 @@ def _add_bench_parser(subparsers) -> None:
                                           "(median of timed windows), achieved GFLOP/s and their share of a "
                                           "measured GEMM peak, peak memory.")
     p.add_argument("--model", default="cct_2_3x2_32_keras", help="a registered model (see `cct models`), or a "
-                                                                  "text model such as text_cct_2")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch")
-    p.add_argument("--infer-batch-size", type=int, default=256, help="inference batch")
+                                                                  "text model such as text_cct_2 (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch (default: %(default)s)")
+    p.add_argument("--infer-batch-size", type=int, default=256, help="inference batch (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 where the CPU supports it natively, fp32 elsewhere (a text model: on such a "
                         "CPU, the faster of the two in a trial of a few steps, as cct train decides)")
-    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window (default: %(default)s)")
+    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: %(default)s)")
     p.add_argument("--recipe", default=None, help="training recipe whose augmentation and optimiser are timed "
                                                   "(text models: without it, a plain AdamW step as the official "
-                                                  "comparison times; with it, `cct train`'s step, FGM included)")
-    p.add_argument("--device", default="auto", choices=DEVICES)
+                                                  "comparison times; with it, `cct train`'s step, FGM included; "
+                                                  "default: the model's, as cct train picks it)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when there is one, else the CPU")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: one per core, "
                                                              "shared out between --procs processes)")
     p.add_argument("--procs", type=int, default=None,

@@ -46,6 +46,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str | None = None)
         if val:
             ax.plot(*zip(*val), marker=".", label="validation")
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs, also in a run of 3
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -55,16 +56,18 @@ def plot_curves(history: list[dict], path: str | Path, title: str | None = None)
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path, title: str | None = None) -> None:
-    """The confusion matrix (rows: true class, columns: predicted), each row normalised to fractions."""
+    """The confusion matrix (rows: true class, columns: predicted), each row normalised to fractions; cells of up
+    to 30 classes also give the count."""
     import numpy as np
     counts = np.asarray(confusion, dtype=float)
     rows = counts.sum(1, keepdims=True)
     fractions = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     k = len(classes)
-    size = min(4 + 0.45 * k, 24)
+    label_inches = 0.07 * max(len(c) for c in classes)  # room for the longest class name, on both axes
+    size = min(4 + 0.45 * k + label_inches, 28)
     fig, ax = _figure(size, size * 0.85)
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("fraction of the true class")
     ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 45, ha="right" if k <= 10 else "center")
     ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted")
@@ -72,8 +75,8 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
     if k <= 30:
         for i in range(k):
             for j in range(k):
-                if counts[i, j]:
-                    ax.text(j, i, f"{fractions[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if fractions[i, j] > 0.5 else "black")
-    ax.set_title(title or "confusion matrix")
+                if counts[i, j]:  # the count, as --json's confusion has it, under the row's fraction
+                    ax.text(j, i, f"{fractions[i, j]:.2f}\n{int(counts[i, j])}", ha="center", va="center",
+                            fontsize=6, color="white" if fractions[i, j] > 0.5 else "black")
+    ax.set_title(title or "confusion matrix\n(each row normalised; cells: fraction, count)")
     save_figure(fig, path)

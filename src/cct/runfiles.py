@@ -34,12 +34,13 @@ def log(quiet: bool, *parts) -> None:
 
 def progress_bar(quiet: bool, epoch: int, total_epochs: int, n_examples: int, done: int, *,
                  kind: str = "image") -> tqdm | None:
-    """The epoch's progress bar on stderr (None when quiet), counting images or texts."""
+    """The epoch's progress bar on stderr (None when quiet; disabled off a terminal), counting images or texts."""
     if quiet:
         return None
     unit = "text" if kind == "text" else "img"
-    return tqdm(total=n_examples, initial=done, desc=f"epoch {epoch + 1}/{total_epochs}", unit=unit, unit_scale=True,
-                file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
+    # disable=None: no bar when stderr is not a terminal, so a redirected log gets no carriage-return redraws
+    return tqdm(total=n_examples, initial=done, desc=f"epoch {epoch + 1}/{total_epochs}", unit=unit,
+                file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5, disable=None)
 
 
 # ---------------------------------------------------------------------- history.csv
@@ -72,12 +73,13 @@ def write_curves(history: list[dict], path: Path) -> None:
     plot_curves(history, path)
 
 
-def epoch_line(row: dict, total_epochs: int, skipped: int) -> str:
-    """The line logged at each epoch's end."""
+def epoch_line(row: dict, total_epochs: int, skipped: int, num_classes: int = 5) -> str:
+    """The line logged at each epoch's end (top-k with k = 5, or the class count when smaller, as `cct eval` says)."""
     line = (f"epoch {row['epoch']}/{total_epochs}: lr {row['lr']:.3g}, train loss {row['train_loss']:.4f}, "
             f"top-1 {row['train_top1']:.4f}")
     if row["val_top1"] is not None:
-        line += f"; val loss {row['val_loss']:.4f}, top-1 {row['val_top1']:.4f}, top-5 {row['val_top5']:.4f}"
+        line += (f"; val loss {row['val_loss']:.4f}, top-1 {row['val_top1']:.4f}, "
+                 f"top-{min(5, num_classes)} {row['val_top5']:.4f}")
     line += f"; {row['seconds']:.1f}s"
     return line + (f"; {skipped} non-finite steps skipped" if skipped else "")
 
@@ -179,7 +181,8 @@ def done_line(r: dict, out: Path) -> str:
     # a run that validated but tests its last weights: best.pt is then another epoch than the one tested
     other = r["test_top1"] is not None and r["weights"] == "last" and r["val_images"] and r["best_epoch"] != r["epochs"]
     return (f"done: {r['epochs']} epochs in {r['train_seconds']:.0f}s ({r['images_per_second']:.0f} {unit}/s)"
-            + (f"; test top-1 {r['test_top1']:.4f}, top-5 {r['test_top5']:.4f}" if r["test_top1"] is not None else "")
+            + (f"; test top-1 {r['test_top1']:.4f}, top-{min(5, len(r['classes']))} {r['test_top5']:.4f}"
+               if r["test_top1"] is not None else "")
             + (f" of the last epoch's weights (last.pt; best.pt holds epoch {r['best_epoch']}'s, the best on "
                "validation: --restore-best tests those)" if other else "")
             + f"; outputs in {out}")

@@ -212,7 +212,7 @@ def train(config: TrainConfig, *, dataset: Dataset | TextDataset | None = None, 
         dataset: an in-memory `cct.data.Dataset` (or `cct.text_data.TextDataset`) to use instead of loading
             `config.data`.
         resume: continue the run in `config.out` from its `last.pt`.
-        quiet: no progress bar or per-epoch lines.
+        quiet: nothing on stderr but warnings and errors.
         stop_at_step: stop as if interrupted after this many optimisation steps (for tests and sessions).
         rank, world_size: this process's place in a data-parallel job; world_size > 1 needs the process
             group joined first (`cct.distributed.process_group`, which `cct train` enters under torchrun).
@@ -459,7 +459,7 @@ def _end_epoch(run: _Run, val_set, *, lr: float, t_epoch: float, first_step: int
     if run.is_main:
         runfiles.write_history(run.out / "history.csv", run.history)
         runfiles.write_curves(run.history, run.out / "curves.png")
-    log(run.quiet, runfiles.epoch_line(row, run.total_epochs, run.step.skipped))
+    log(run.quiet, runfiles.epoch_line(row, run.total_epochs, run.step.skipped, len(run.inputs.classes)))
     if distributed.any_true(run.signum is not None)[0] or state["step"] == stop_at_step:
         if state["epoch"] < run.total_epochs:
             raise run.interrupted(run.steps_per_epoch)
