@@ -303,3 +303,21 @@ def test_tta_shift_beyond_the_image_and_restore_best_without_validation(tmp_path
     code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--restore-best",
                             "--val-split", "0", *TINY[:-3], "--procs", "1"], capsys)
     assert code == 0 and "no validation split (--val-split 0): the run tests its last weights" in err
+
+
+def test_eval_split_train_and_val_are_the_runs(tmp_path, capsys):
+    """On the run's own flat folder, --split val scores the validation images the run held out of training, and
+    --split train the images it trained on, not the two together."""
+    data = flat_folder(tmp_path / "photos")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--data", str(data), "--out", str(out), *TINY, "--val-split", "0.25"], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    counts = {}
+    for split in ("train", "val", "test"):
+        code, stdout, err = run_cli(["eval", str(out / "best.pt"), "--data", str(data), "--split", split, "--json"],
+                                    capsys)
+        assert code == 0, (split, err)
+        counts[split] = json.loads(stdout)["n"]
+    assert counts == {"train": results["train_images"], "val": results["val_images"], "test": results["test_images"]}
+    assert counts["val"] > 0

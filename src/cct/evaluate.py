@@ -149,15 +149,21 @@ def evaluate(model: nn.Module, images, labels: torch.Tensor, prep: Preprocessing
     return metrics(logits, labels, label_smoothing=label_smoothing, class_names=names)
 
 
-def _decoded_natively(run: dict, source: str, skip_bad_images: bool, resize_mode: str) -> bool:
-    """Whether `source` is the run's own, which training decoded at its own size and channels with these settings."""
-    data = run.get("data")
-    if not data or run.get("img_size") is not None or run.get("in_chans") is not None or run.get("pretrained") \
-            or bool(run.get("skip_bad_images")) != skip_bad_images or run.get("resize_mode", "resize") != resize_mode:
+def _same_source(data: str | None, source: str) -> bool:
+    """Whether `source` is the run's `data`: the same path, or the same CIFAR release by name."""
+    if not data:
         return False
-    if str(data).lower() in RELEASES or str(source).lower() in RELEASES:  # cifar10, cifar100 by name
+    if str(data).lower() in RELEASES or str(source).lower() in RELEASES:
         return str(data).lower() == str(source).lower()
     return Path(data).expanduser().resolve() == Path(source).expanduser().resolve()
+
+
+def _decoded_natively(run: dict, source: str, skip_bad_images: bool, resize_mode: str) -> bool:
+    """Whether `source` is the run's own, which training decoded at its own size and channels with these settings."""
+    if run.get("img_size") is not None or run.get("in_chans") is not None or run.get("pretrained") \
+            or bool(run.get("skip_bad_images")) != skip_bad_images or run.get("resize_mode", "resize") != resize_mode:
+        return False
+    return _same_source(run.get("data"), source)
 
 
 def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", precision: str | None = None,
@@ -218,6 +224,11 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
                         f"all {len(dataset.train)} of its images")
             dataset = dataset if dataset.test is not None else replace(dataset, test=dataset.train)
         parts = {"test": dataset.test, "val": dataset.val, "train": dataset.train}
+        if split in ("train", "val") and ((recorded.get("split") and other is None) or _same_source(run.get("data"),
+                                                                                                   source)):
+            # the run's own source: its training and validation sets, carved as the run carved them
+            parts["train"], parts["val"] = data_mod.split(dataset, train_limit=run.get("train_limit"),
+                                                          val_split=run.get("val_split") or 0.0, seed=run.get("seed", 0))
         classes = list(dataset.classes)
         extra = {"source_changed": True} if dataset.source_changed else {}
     if split == "auto":
@@ -266,7 +277,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--data", required=True, metavar="SOURCE")
     p.add_argument("--split", default="auto", choices=("auto", "test", "val", "train"),
-                   help="which part of SOURCE (auto: test if present, else val, else train)")
+                   help="which part of SOURCE (auto: test if present, else val, else train); of the run's own "
+                        "source, train and val are the run's training and validation images")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the flipped image (default: as recorded in the checkpoint)")
