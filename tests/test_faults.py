@@ -853,10 +853,11 @@ def test_out_of_range_train_flags(flags, message, tree, tmp_path, capsys):
 def test_out_of_range_flags_of_other_commands(checkpoint, tree, tmp_path, capsys):
     image = tree / "test" / "ant" / "0.png"
     (tmp_path / "exported.onnx").write_bytes(b"\x08\x07")  # an ONNX file's first bytes
+    shutil.copytree(tree, tmp_path / "other")
     cases = [
         (["eval", checkpoint, "--data", tree, "--batch-size", "0"], "--batch-size must be at least 1"),
         (["eval", checkpoint, "--data", tree, "--batch-size", "-4"], "--batch-size must be at least 1"),
-        (["eval", checkpoint, "--data", tree, "--split", "val"], "has no val split"),
+        (["eval", checkpoint, "--data", tmp_path / "other", "--split", "val"], "has no val split"),  # not the run's
         (["eval", checkpoint, "--data", tmp_path / "missing", "--plot", tmp_path / "cm.xyz"],  # before the data is read
          "--plot", "matplotlib writes no .xyz files"),
         (["eval", tmp_path / "exported.onnx", "--data", tree], "is an ONNX export", "`cct predict` takes .onnx"),
