@@ -39,6 +39,28 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, reference_r
     assert resumed["test_top1"] == reference["test_top1"] and resumed["test_loss"] == reference["test_loss"]
 
 
+def test_an_interrupted_epochs_seconds_count_both_parts(tmp_path, monkeypatch):
+    """Stopped after the first of epoch 2's 3 steps (each of those slowed to 0.5 s), resumed at full speed:
+    history.csv's seconds for epoch 2 count the time before the stop too, not only the resumed part."""
+    import time
+    from cct.step import TrainStep
+    real, slow = TrainStep.__call__, {"on": True}
+
+    def call(self, *args, **kwargs):
+        if slow["on"]:
+            time.sleep(0.5)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(TrainStep, "__call__", call)
+    ds, out = memory_dataset(), tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(seeded_config(out), dataset=ds, quiet=True, stop_at_step=4)
+    slow["on"] = False
+    train(resume.resume_config(out), dataset=ds, resume=True, quiet=True)
+    with open(out / "history.csv", newline="") as f:
+        seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
+    assert seconds[0] >= 1.5 and seconds[1] >= 0.5  # epoch 1: 3 slow steps; epoch 2: 1 slow step, then 2 fast ones
+
+
 @pytest.mark.parametrize("options, stop_step", [
     # --res-schedule: the side of a step is a function of the step, so a resume lands in the same phase (8, 12, 16 px)
     (dict(res_schedule="0.5@0,0.75@0.4,1@0.7"), 2),

@@ -421,7 +421,8 @@ def _train_epoch(run: _Run, train_set, *, t_epoch: float, stop_at_step: int | No
     if step.lookahead is not None and state["step"] >= state["total_steps"]:  # the run's last step (or cut)
         step.lookahead.finish()
     state["train_seconds"] += time.perf_counter() - t_epoch
-    if state["batch"] < steps_this_epoch:  # interrupted inside the epoch: record the position
+    if state["batch"] < steps_this_epoch:  # interrupted inside the epoch: record the position (and its time so far)
+        state["epoch_seconds"] = state.get("epoch_seconds", 0.0) + time.perf_counter() - t_epoch
         run.save_last()
         raise run.interrupted(steps_this_epoch)
     return lr
@@ -446,7 +447,7 @@ def _end_epoch(run: _Run, val_set, *, lr: float, t_epoch: float, first_step: int
             run.step.lookahead.finish()  # the re-fit ends the run here, past the epoch's own check: end as promised
             val = validate()
     row = runfiles.history_row(epoch + 1, lr=lr, train_loss=train_loss, train_top1=train_top1, val=val,
-                               seconds=time.perf_counter() - t_epoch)
+                               seconds=time.perf_counter() - t_epoch + state.pop("epoch_seconds", 0.0))
     run.history.append(row)
     if val is None or val["top1"] > state["best_top1"]:
         state.update(best_top1=val["top1"] if val else -1.0, best_epoch=epoch + 1)
