@@ -102,6 +102,7 @@ def test_procs_is_the_torchrun_job(two_process_run, tree, tmp_path):
                            "--procs", "2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("done: 2 epochs") == 1  # the first process alone reports
+    assert proc.stderr.count("training in 2 data-parallel processes (--procs 1 for one)") == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(  # one .lock: the workers shared the first's
         [".lock", "best.pt", "last.pt", "history.csv", "curves.png", "config.json", "results.json"])
     # the same ranks, seeds and shards as torchrun's two processes: the same numbers, bit for bit

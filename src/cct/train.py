@@ -340,6 +340,8 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     # has what its training so far left of it, and re-fits to that)
     if cfg.time_budget is not None:
         run.deadline = time.perf_counter() + cfg.time_budget * 60 - state["train_seconds"]
+    if world_size > 1 and rank == 0:  # a recipe's --procs (the keras one's: one per core) is otherwise silent
+        log(quiet, f"training in {world_size} data-parallel processes (--procs 1 for one)")
     with _stop_on_signals(run):
         while state["epoch"] < run.total_epochs:
             t_epoch, first_step, run.epoch_floor = time.perf_counter(), state["step"], state.get("side_floor")
