@@ -19,10 +19,15 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, fig.subplots(1, ncols)
 
 
+def _format(path: str | Path) -> str:
+    """The image format a figure path's suffix names (PNG without one)."""
+    return Path(path).suffix.lstrip(".").lower() or "png"
+
+
 def check_figure_path(path: str | Path, flag: str) -> None:
     """Refuse, before any work, a figure path whose suffix names a format matplotlib does not write."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    fmt = _format(path)
     formats = FigureCanvasAgg.get_supported_filetypes()
     if fmt not in formats:
         raise CCTError(f"{flag} {path}: matplotlib writes no .{fmt} files (it writes {', '.join(sorted(formats))})")
@@ -31,8 +36,7 @@ def check_figure_path(path: str | Path, flag: str) -> None:
 def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
     """Write a figure atomically, in the format its suffix names (PNG without one)."""
     path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
+    atomic_write(path, lambda f: fig.savefig(f, format=_format(path), dpi=dpi))
     return path
 
 

@@ -40,7 +40,7 @@ from .sources import csv_delimiter, is_image_name, split_name
 
 TREC_FILES = ("train_5500.label", "TREC_10.label")
 LABEL_LEVELS = ("coarse", "fine")
-TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+TABLE_SUFFIXES = (".csv", ".tsv")  # delimiters: `_table_delimiter`
 MAX_FIELD_CHARS = 131_072  # Python's csv default; a longer field is more likely a broken quote than a text
 
 
