@@ -870,3 +870,103 @@ def test_out_of_range_flags_of_other_commands(checkpoint, tree, tmp_path, capsys
     for argv, *messages in cases:
         code, _, err = run_cli(argv, capsys)
         assert_one_line_error(code, err, *messages)
+
+
+def _file_size_limit(limit: int):
+    def set_limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return set_limit
+
+
+def test_real_file_size_limit_while_writing_a_checkpoint(tree, tmp_path):
+    """A real write failure (RLIMIT_FSIZE: EFBIG, as a full disk's ENOSPC) inside `torch.save`, whose zip writer
+    turns the OSError into a RuntimeError as it closes: still one line naming the file, no temporary left."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "cct", *map(str, train_argv(tree, out))], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180,
+                          preexec_fn=_file_size_limit(256 * 1024))  # config.json fits, a checkpoint does not
+    assert_one_line_error(proc.returncode, proc.stderr, "cct train: error: cannot write", ".pt", "File too large")
+    assert temporaries(out) == []
+
+
+def test_an_os_error_no_command_expected_is_one_line(monkeypatch, capsys):
+    """A PermissionError (or any OSError) from deep inside a command: its file and reason on one line, exit 2."""
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/runs/a/best.pt")
+    monkeypatch.setattr(cli, "_models", denied)
+    code = cli.main(["models"])
+    assert_one_line_error(code, capsys.readouterr().err, "cct models: error: /runs/a/best.pt: Permission denied")
+
+
+def test_a_file_name_that_is_not_utf8(checkpoint, tmp_path, capsys):
+    """A name from an older system's media (Latin-1 bytes): trained on, evaluated, and written back to predict's CSV
+    as its own bytes, where the data's fingerprint used to refuse it."""
+    root = make_tree(tmp_path / "tree", train_per_class=4, test_per_class=2)
+    odd = os.fsencode(root / "train" / CLASSES[0]) + b"/caf\xe9.png"
+    shutil.copyfile(root / "train" / CLASSES[0] / "0.png", odd)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["train", "--model", MODEL, "--data", root, "--out", out, "--img-size", "16", "--epochs",
+                            "1", "--batch-size", "8", "--quiet"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["predict", checkpoint, root / "train" / CLASSES[0], "--output", tmp_path / "p.csv"],
+                           capsys)
+    assert code == 0, err
+    assert b"caf\xe9.png," in (tmp_path / "p.csv").read_bytes()
+
+
+def test_outputs_that_are_inputs_or_folders_are_refused_first(checkpoint, tmp_path, capsys):
+    """predict --output and export --output naming the checkpoint or an image it reads (which it would overwrite), or
+    a folder: one line before any work, and the file untouched."""
+    weights = tmp_path / "w.pt"
+    shutil.copyfile(checkpoint, weights)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    before = weights.read_bytes(), image.read_bytes()
+    for argv, needle in [(["predict", weights, image, "--output", weights], "w.pt, an input of this command"),
+                         (["predict", weights, image, "--output", image], "x.png, an input of this command"),
+                         (["predict", weights, image, "--output", tmp_path], "Is a directory"),
+                         (["export", weights, "--format", "torchscript", "--output", weights], "an input"),
+                         (["export", weights, "--format", "onnx", "--output", tmp_path], "Is a directory")]:
+        code, _, err = run_cli(argv, capsys)
+        assert_one_line_error(code, err, "--output", needle)
+    assert (weights.read_bytes(), image.read_bytes()) == before
+
+
+def test_a_fresh_run_does_not_overwrite_weights_in_out(tree, tmp_path, capsys):
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "best.pt").write_bytes(b"someone's weights")
+    code, _, err = run_cli(train_argv(tree, out), capsys)
+    assert_one_line_error(code, err, "already holds weights (best.pt)")
+    assert (out / "best.pt").read_bytes() == b"someone's weights"
+
+
+def test_photos_without_img_size_are_refused_with_advice(tmp_path, capsys):
+    """Images larger than MAX_NATIVE_SIDE build a model of their own size only when --img-size asks for it."""
+    from cct.image_run import MAX_NATIVE_SIDE
+    side = MAX_NATIVE_SIDE + 8
+    for c in ("a", "b"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((side, 9, 3), 40 * i, np.uint8)).save(tmp_path / "photos" / c / f"{i}.png")
+    code, _, err = run_cli(["train", "--data", tmp_path / "photos", "--out", tmp_path / "out", "--model", MODEL,
+                            "--epochs", "1", "--quiet"], capsys)
+    assert_one_line_error(code, err, f"images are {side}x9", "--img-size 64")
+
+
+def test_out_inside_the_data_folder_is_refused(tree, tmp_path, capsys):
+    """The run's curves.png inside an image folder becomes a class of its own for the next run (its --resume too)."""
+    data = tmp_path / "data"
+    shutil.copytree(tree, data)
+    code, _, err = run_cli(train_argv(data, data / "train" / "run"), capsys)
+    assert_one_line_error(code, err, "is inside --data", "choose a folder outside")
+    assert not (data / "train" / "run").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_a_device_as_data_is_refused_not_read_for_ever(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--data", "/dev/zero", "--out", tmp_path / "out", "--model", MODEL], capsys)
+    assert_one_line_error(code, err, "--data /dev/zero is neither a file nor a folder")
+    assert not (tmp_path / "out").exists()

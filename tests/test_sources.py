@@ -170,3 +170,35 @@ def test_a_symlink_cycle_is_not_entered(tree):
     before = Files(tree).names
     (tree / "train" / "dog" / "up").symlink_to(tree / "train", target_is_directory=True)  # a link to its parent
     assert Files(tree).names == before
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_a_missing_class(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list; a class folder without read permission (simulated: CI runs as root,
+    which reads anything) must not quietly drop its images or its class."""
+    import os
+    from cct.sources import folder_files
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "0.png").write_bytes(b"x")
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "dog":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"cannot read folder .*dog: Permission denied"):
+        folder_files(tmp_path)
+
+
+def test_files_pillow_reads_but_cct_does_not_are_warned_about(tmp_path, caplog):
+    from cct.sources import layout
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / c / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "extra.tga")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image: no warning for it")
+    _, classes, items, _ = layout(tmp_path)
+    assert classes == ["cat", "dog"] and len(items["train"]) == 4
+    assert "1 file(s) of .tga left out, first cat/extra.tga" in caplog.text and "notes.txt" not in caplog.text

@@ -84,8 +84,49 @@ def test_csv_with_header_and_text_column(tmp_path):
 def test_csv_header_in_any_case_and_one_without_a_label_column(tmp_path):
     ds = load_text(write(tmp_path / "c.csv", "Label,Text\npos,good\nneg,bad\n"))
     assert ds.classes == ["neg", "pos"] and ds.train_texts == ["good", "bad"]  # the header is not a text
-    with pytest.raises(CCTError, match=r"b.csv:1: missing column 'label' \(columns: category, text\)"):
-        load_text(write(tmp_path / "b.csv", "category,text\npos,good\n"))  # not a headerless row of class 'category'
+    with pytest.raises(CCTError, match=r"b.csv:1: missing column 'label' \(columns: text, source\)"):
+        load_text(write(tmp_path / "b.csv", "text,source\ngood,web\n"))  # not a headerless row of class 'text'
+
+
+@pytest.mark.parametrize("table, texts", [
+    ("Category,Message\nham,see you soon\nspam,win a prize\nham,ok\n", ["see you soon", "win a prize", "ok"]),  # SMS
+    ("review,sentiment\ngreat film,positive\nawful,negative\nfine,positive\n", ["great film", "awful", "fine"]),  # IMDb
+    ("Class Index,Title,Description\n3,Bears,Short-sellers\n4,Space,A probe\n3,Oil,Up\n",
+     ["Bears Short-sellers", "Space A probe", "Oil Up"]),  # AG News as Kaggle has it
+])
+def test_csv_headers_named_in_words_of_the_field(tmp_path, table, texts):
+    """A header names its label column (category, sentiment, class index, ...) and text columns (message, review,
+    title and description, ...) without the words `label` and `text`: neither a class nor a text of its own."""
+    ds = load_text(write(tmp_path / "d.csv", table))
+    assert ds.train_texts == texts and len(ds.classes) == 2
+
+
+def test_one_class_and_labels_that_are_texts(tmp_path):
+    with pytest.raises(CCTError, match=r"one class only \('pos'\); a classifier needs two or more"):
+        load_text(write(tmp_path / "one.csv", "label,text\npos,good\npos,fine\n"))
+    rows = "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(20))  # the label is the second column
+    with pytest.raises(CCTError, match=r"20 of its 20 labels occur once .* is the label column right\? It is '0'"):
+        load_text(write(tmp_path / "swapped.csv", rows))
+
+
+def test_unclosed_quote_that_swallows_rows(tmp_path):
+    """csv reads an unclosed quote up to the next quote or the end of the file: rows inside one field."""
+    rows = ["label,text"] + [f"{'pn'[i % 2]},words {i}" for i in range(30)]
+    rows[11] = 'p,"words with an open quote'
+    with pytest.raises(CCTError, match=r"mid.csv:12: a quoted field runs over 20 lines, 19 of which read as rows"):
+        load_text(write(tmp_path / "mid.csv", "\n".join(rows) + "\n"))
+    rows[1] = 'n,"open at the first row'  # every other row swallowed: the file seems to hold one label
+    with pytest.raises(CCTError, match=r"first.csv:2: a quoted field runs over .* an unclosed quote\?"):
+        load_text(write(tmp_path / "first.csv", "\n".join(rows) + "\n"))
+    ok = load_text(write(tmp_path / "ok.csv", 'label,text\np,"one\ntwo\nthree\nfour"\nn,b\np,c\n'))
+    assert ok.train_texts[0] == "one two three four"  # a real multi-line field stays one text
+
+
+def test_line_breaks_are_only_newlines(tmp_path):
+    """U+2028 and U+0085 are characters of a text (json.dumps(ensure_ascii=False) writes them raw), not line breaks."""
+    rows = [json.dumps({"text": f"one\u2028two {i}\u0085", "label": "ab"[i % 2]}, ensure_ascii=False) for i in range(4)]
+    ds = load_text(write(tmp_path / "d.jsonl", "\r\n".join(rows) + "\r\n"))
+    assert len(ds.train_texts) == 4 and ds.train_texts[0] == "one two 0"
 
 
 def test_csv_with_semicolons_or_tabs(tmp_path):
@@ -199,6 +240,20 @@ def test_text_folders(tmp_path):
     write(tmp_path / "train" / "pos" / "6.txt", " \n")
     with pytest.raises(CCTError, match=r"6.txt:1: empty text"):
         load_text(tmp_path)
+
+
+def test_text_folders_in_any_case_nested_and_without_extensions(tmp_path):
+    """`.TXT`, sub-folders of a class folder, and 20 Newsgroups' extensionless files are texts; other files are
+    noted as left out, hidden ones ignored."""
+    for split, cls, name, text in [("train", "neg", "1.TXT", "awful"), ("train", "neg", "sub/2.txt", "poor"),
+                                   ("train", "pos", "49960", "great"), ("train", "pos", "3.txt", "fine"),
+                                   ("train", "pos", "notes.md", "# not a text"), ("train", "pos", ".DS_Store", "x"),
+                                   ("test", "neg", "4.Txt", "bad")]:
+        write(tmp_path / split / cls / name, text)
+    assert detect_kind(tmp_path) == "text"
+    ds = load_text(tmp_path)
+    assert ds.train_texts == ["awful", "poor", "fine", "great"] and ds.test_texts == ["bad"]
+    assert len(ds.skipped) == 1 and "notes.md: not a .txt file, left out" in ds.skipped[0]
 
 
 def test_detect_kind(tmp_path):

@@ -414,3 +414,22 @@ def test_train_with_word_mixup_and_image_flags_refused(trec_dir, tmp_path, capsy
         code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", trec_dir, "--out", tmp_path / "bad",
                                 *flag, *FAST], capsys)
         assert code != 0 and f"{flag[0]} is for image models, and text_cct_2 is a text model" in err and not (tmp_path / "bad").exists()
+
+
+def test_text_without_spaces_warns_that_it_is_mostly_unknown_words(tmp_path, capsys, caplog):
+    """A word vocabulary makes one word of a Chinese sentence, seen once: [UNK]. The run says so and names the
+    tokenizer that splits such text; ordinary text does not get the warning."""
+    rng = random.Random(0)
+    chars = {"pos": "丽心秀欢优喜开", "neg": "丑坏难糟陋悲苦"}
+    rows = [(label, "".join(rng.choice(chars[label]) for _ in range(9)) + "。") for label in chars for _ in range(20)]
+    data = tmp_path / "cjk.csv"
+    data.write_text("label,text\n" + "".join(f"{label},{text}\n" for label, text in rows), encoding="utf-8")
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", data, "--out", tmp_path / "out", *FAST],
+                           capsys)
+    assert code == 0, err
+    assert "of the training tokens are [UNK]" in err + caplog.text and "--tokenizer bpe" in err + caplog.text
+    caplog.clear()
+    code, _, err = run_cli(["train", "--model", "text_cct_2", "--data", write_corpus(tmp_path / "plain", "csv"),
+                            "--out", tmp_path / "out2", *FAST], capsys)
+    assert code == 0, err
+    assert "[UNK]" not in err + caplog.text

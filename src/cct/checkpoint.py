@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CCTError, CheckpointError
 from .interop.keras import keras_state_dict
 from .interop.official import is_official, official_state_dict
 from .layers import resize_pos_embed, sinusoidal_embedding
@@ -65,8 +65,9 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+        cause = e if isinstance(e, OSError) else _os_error_behind(e)
+        if cause is not None:
+            raise CheckpointError(f"cannot write {path}: {cause.strerror or cause}") from e
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -78,13 +79,41 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
         pass
 
 
+def check_output(output: str | Path, *inputs: str | Path, flag: str = "--output") -> None:
+    """Refuse, before any work, an output path that is a folder or one of the command's own input files."""
+    output = Path(output)
+    if output.is_dir():
+        raise CCTError(f"cannot write {output}: Is a directory ({flag} takes a file name)")
+    for source in inputs:
+        try:
+            same = output.exists() and Path(source).is_file() and os.path.samefile(output, source)
+        except OSError:
+            same = False
+        if same:
+            raise CCTError(f"{flag} {output} is {source}, an input of this command: it would be overwritten")
+
+
+def _os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError an exception was raised while handling, if any: `torch.save`'s zip writer turns a full disk's
+    OSError into a RuntimeError ("unexpected pos ...") as it closes."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def _write_in_place(path: Path, write: Callable[[Any], None]) -> None:
     try:
         with open(path, "wb") as f:
             write(f)
             f.flush()
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+    except Exception as e:
+        cause = _os_error_behind(e)
+        if cause is None:
+            raise
+        raise CheckpointError(f"cannot write {path}: {cause.strerror or cause}") from e
 
 
 def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...]) -> list[Path]:

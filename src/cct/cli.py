@@ -344,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout's reader left (`cct eval --json | head`): stop quietly, as `cat` would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 141  # 128 + SIGPIPE, what a shell reports for a writer its pipe cut off
+    except OSError as e:  # a file the commands do not check themselves (permissions, a device): its one line
+        if debug:
+            raise
+        where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+        print(f"cct {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -260,6 +260,8 @@ def load(source: str | Path, *, img_size: int | tuple[int, int] | None = None, i
     if in_chans not in (None, 1, 3):
         raise DataError(f"in_chans must be 1 or 3, got {in_chans}")
     path = Path(source).expanduser()
+    if path.exists() and not (path.is_file() or path.is_dir()):  # reading /dev/zero to fingerprint it never ends
+        raise DataError(f"--data {source} is neither a file nor a folder")
     if test_files is not None:
         return _load_recorded(path, test_files, size=size, in_chans=in_chans, skip_bad=skip_bad_images,
                               progress=progress, resize_mode=resize_mode)

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import SAFETENSORS_EXTRAS, atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import (SAFETENSORS_EXTRAS, atomic_write, check_output, load_checkpoint, read_checkpoint,
+                         save_checkpoint)
 from .errors import CCTError
 from .kernels import use_kernels
 from .model import CCT
@@ -236,6 +237,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CCTError("--batch-size applies to graphs (onnx, torchscript), not to safetensors weights")
     if args.format != "onnx" and args.opset != DEFAULT_OPSET:
         raise CCTError(f"--opset applies to ONNX graphs, not to --format {args.format}")
+    check_output(args.output, args.checkpoint)
     report = export_checkpoint(args.checkpoint, args.output, args.format, opset=args.opset, batch_size=args.batch_size)
     print(report)
     return 0

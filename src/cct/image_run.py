@@ -26,6 +26,10 @@ from .runfiles import log
 from .safeload import read_checkpoint, state_dict_of
 from .step import augment_config
 
+# a side beyond which images' own size is refused as the model's (photos: 2000x1500 would be a million-token grid);
+# --img-size still asks for any size
+MAX_NATIVE_SIDE = 512
+
 
 def weights_in_chans(path: str | Path) -> int | None:
     """The input channels weights take (the first convolution's, or a cct checkpoint's config); None if unknown.
@@ -117,6 +121,10 @@ def image_inputs(cfg: TrainConfig, dataset: Dataset | None, *, checkpoint: dict 
                        "would put images the run trained on in its test set; resume on the files as they were, or "
                        "start a new run")
     in_chans, height, width = tuple(train_set.images.shape[1:])
+    if max(height, width) > MAX_NATIVE_SIDE and not cfg.img_size and checkpoint is None:
+        raise CCTError(f"{cfg.data}: its images are {height}x{width}, and without --img-size the model is built for "
+                       "that size, too large to train (attention over its tokens); give a size, e.g. --img-size 64 "
+                       "(--resize-mode crop keeps the aspect ratio)")
     if cfg.tta:
         check_tta_shift(cfg.tta_translate, (height, width))
     if cfg.restore_best and val_set is None and checkpoint is None:

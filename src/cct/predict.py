@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint, require_classifier
+from .checkpoint import atomic_write, check_output, model_from_checkpoint, read_checkpoint, require_classifier
 from .decode import UnreadableImageError, decode_image
 from .errors import CCTError
 from .evaluate import tta_logits
@@ -232,7 +232,8 @@ def write_csv(path: str | Path, results: list[dict], *, topk: int) -> None:
             cells += [p["class"], f"{p['probability']:.6f}"]
         cells += [""] * (len(header) - len(cells))
         writer.writerow(cells + [r.get("error", "")])
-    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
+    # a name that is not UTF-8 (`surrogateescape`d by Python) is written back as its own bytes
+    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8", "surrogateescape")))
 
 
 # ---------------------------------------------------------------------- command line
@@ -278,6 +279,8 @@ def _run(args: argparse.Namespace) -> int:
     if not args.images:
         raise CCTError("nothing to classify: give image files or folders, --text or --text-file")
     files = image_files(args.images)  # a text model is refused by open_classifier
+    if args.output:
+        check_output(args.output, args.model, *files)
     clf = open_classifier(args.model, args.precision, tta=args.tta)
     results = predict(clf, files, topk=args.topk, bad_images="report", progress=True)
     failed = [r for r in results if "error" in r]

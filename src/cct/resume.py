@@ -47,11 +47,11 @@ def resume_config(out: str | Path, **overrides) -> TrainConfig:
     return replace(cfg, out=str(out), **overrides)
 
 
-def read_last(out: Path, *, resume: bool, quiet: bool) -> dict | None:
+def read_last(out: Path, *, resume: bool, quiet: bool, data: str | None = None) -> dict | None:
     """The contents of `out`/last.pt when resuming; None to start a fresh run.
 
     A run that stopped before its first last.pt (only config.json exists) starts again; a fresh run
-    refuses a folder that already holds one.
+    refuses a folder that already holds one, or a best.pt, or that lies inside the `data` folder.
     """
     path = out / "last.pt"
     if resume and not path.is_file() and (out / "config.json").is_file():
@@ -62,6 +62,11 @@ def read_last(out: Path, *, resume: bool, quiet: bool) -> dict | None:
     if path.exists():
         raise CCTError(f"{out} already holds a run (last.pt): continue it with `cct train --resume {out}`, "
                        "or choose another --out")
+    if (out / "best.pt").exists():  # weights a run would replace (copied there, or the --pretrained source itself)
+        raise CCTError(f"{out} already holds weights (best.pt) that a run would overwrite: choose another --out")
+    if data and Path(data).is_dir() and Path(data).resolve() in out.resolve().parents:
+        raise CCTError(f"--out {out} is inside --data {data}: the run's own files (curves.png, ...) would be read as "
+                       "data, a class of their own, by the next run on it; choose a folder outside it")
     return None
 
 

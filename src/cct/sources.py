@@ -24,10 +24,13 @@ import io
 import logging
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import zipfile
 from pathlib import Path
+
+from PIL import Image
 
 from .errors import CCTError
 
@@ -58,7 +61,11 @@ def folder_files(root: Path) -> list[Path]:
     kept elsewhere, which `Path.rglob` skips before Python 3.13); a link back to a folder it sits in
     (a cycle) is not entered."""
     found, real_of = [], {}
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+
+    def unreadable(e: OSError) -> None:  # os.walk skips a folder it cannot list: its images would vanish unsaid
+        raise DataError(f"cannot read folder {e.filename}: {e.strerror or e}")
+
+    for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=True):
         real = real_of[folder] = os.path.realpath(folder)
         ancestors, parent = set(), os.path.dirname(folder)
         while parent in real_of:
@@ -150,7 +157,7 @@ def fingerprint(path: Path) -> str:
         for p in sorted(folder_files(path)):
             st = p.stat()
             h.update(f"{p.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\t"
-                     f"{st.st_ino}\n".encode())
+                     f"{st.st_ino}\n".encode("utf-8", "surrogateescape"))
     else:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
@@ -307,6 +314,31 @@ def is_csv(path: Path) -> bool:
     return path.suffix.lower() == ".csv" and path.is_file()
 
 
+def lines_of(text: str) -> list[str]:
+    """`text`'s lines, broken at \\n, \\r\\n or \\r only: `str.splitlines` also breaks at U+2028, U+0085 and other
+    characters that JSON strings and texts may hold as they are."""
+    return _LINE_BREAK.split(_LAST_BREAK.sub("", text)) if text else []
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LAST_BREAK = re.compile(r"(\r\n|\r|\n)\Z")
+
+
+def check_unclosed_quotes(spanning: list[tuple[str, int, list[str]]], labels: set[str], delimiter: str,
+                          columns: int, label_at: int) -> None:
+    """An error for a record whose quoted field has swallowed rows: two or more of its inner lines read as rows of
+    the file (as many fields, a label the file has). csv reads an unclosed quote up to the next quote or the end."""
+    for where, lines, record in spanning:
+        inner = [ln for field in record for ln in lines_of(field)[1:]]
+        rows = [r for r in csv.reader(inner, delimiter=delimiter) if len(r) == columns]
+        # with one label in the file (all the others swallowed), any short label cell counts
+        swallowed = [r for r in rows if r[label_at].strip() in labels or len(labels) == 1 and
+                     0 < len(r[label_at].strip()) <= 40]
+        if len(swallowed) >= 2:
+            raise CCTError(f"{where}: a quoted field runs over {lines} lines, {len(swallowed)} of which read as rows "
+                           f"of this file ({delimiter.join(swallowed[0])[:40]!r}): an unclosed quote?")
+
+
 def csv_delimiter(text: str) -> str:
     """"," unless the first rows have none and do have ";" (Excel's CSV where the decimal mark is a comma) or a tab."""
     head = [line for line in text.splitlines()[:6] if line.strip()]
@@ -351,8 +383,25 @@ def list_fingerprint(classes: list[str], items: list[tuple[int, str]]) -> str:
     test split depends on."""
     h = hashlib.sha256()
     for label, name in sorted(items, key=lambda x: x[1]):
-        h.update(f"{classes[label]}\t{name}\n".encode())
+        h.update(f"{classes[label]}\t{name}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def warn_unread_images(files: Files) -> None:
+    """A warning for files Pillow could open whose extension is not one of IMAGE_EXTENSIONS (.tga, .ico, .avif, ...):
+    left out of the data, which would otherwise pass without a word."""
+    Image.init()
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN} - IMAGE_EXTENSIONS
+    left = [n for n in _visible(files.names) if posixpath.splitext(n)[1].lower() in readable]
+    if left and str(files.path) not in _WARNED:
+        _WARNED.add(str(files.path))
+        kinds = sorted({posixpath.splitext(n)[1].lower() for n in left})
+        log.warning("%s: %d file(s) of %s left out, first %s: cct reads .jpg, .png, .bmp, .gif, .tif, .webp and the "
+                    "like; convert them (or rename them: Pillow tells formats by content) to use them", files.path,
+                    len(left), ", ".join(kinds), left[0])
+
+
+_WARNED: set[str] = set()  # sources warned about once in this process (a run lists its source more than once)
 
 
 def layout(path: Path, files: Files | None = None, *, min_per_class: int = 2):
@@ -363,6 +412,7 @@ def layout(path: Path, files: Files | None = None, *, min_per_class: int = 2):
         files, classes, items = csv_items(path, min_per_class=min_per_class)
         return files, classes, {"train": items}, True
     files = files or Files(path)
+    warn_unread_images(files)
     if is_tree(files):
         classes, split_items = tree_items(files)
         if set(split_items) == {"train"}:  # train/ alone: a test split is drawn from it, as from class folders
@@ -382,7 +432,8 @@ def content_key(path: Path) -> str:
     for name in files.names:
         try:
             st = (files.path / name).stat()
-            h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\t{st.st_ino}\n".encode())
+            h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\t{st.st_ino}\n"
+                     .encode("utf-8", "surrogateescape"))
         except OSError:
-            h.update(f"{name}\tmissing\n".encode())
+            h.update(f"{name}\tmissing\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

@@ -5,13 +5,14 @@ Sources accepted by `load_text` (and told from image sources by `detect_kind`):
   `train_5500.label` and `TREC_10.label`, or one `.label` file; coarse labels by default, named as written (ABBR, DESC, ...),
   or `label_level="fine"` (`COARSE:fine` names, as "other" occurs under several coarse classes);
 - CSV/TSV with a label column and one or more text columns (joined by a space): a file, or a folder with
-  `train.csv` and `test.csv` (or `.tsv`). A first row naming a `label` or a `text` column (in any case) is
-  a header: the label column is then `label` and the text column `text` (else every other column); without
+  `train.csv` and `test.csv` (or `.tsv`). A first row naming a `label` or a `text` column (in any case), or
+  both in other words (`LABEL_NAMES`, `TEXT_NAMES`), is a header: the label column is then `label` (else the
+  first one a label name calls) and the text column `text` (else those text names call, else every other); without
   one, the first column is the label and the rest the text: AG News's layout (`"class index","title",
   "description"`);
 - JSON Lines with `text` and `label` fields: a `.jsonl` file, or a folder with `train.jsonl`/`test.jsonl`;
-- folders of `.txt` files, one text each: `root/train/<class>/*.txt`, `root/test/<class>/*.txt`
-  (the IMDb / scikit-learn `load_files` layout).
+- folders of `.txt` files (any case, or files without an extension), one text each, sub-folders included:
+  `root/train/<class>/*.txt`, `root/test/<class>/*.txt` (the IMDb / scikit-learn `load_files` layout).
 
 Classes come from the training split, sorted (numerically when every label is an integer); a test label
 not seen in training is an error. Bad input is a one-line `CCTError` naming the file and line.
@@ -28,6 +29,7 @@ import io
 import itertools
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -36,11 +38,17 @@ import torch
 
 from .errors import CCTError
 from .holdout import choose_test
-from .sources import csv_delimiter, is_image_name, split_name
+from .sources import check_unclosed_quotes, csv_delimiter, is_image_name, lines_of, split_name
 
 TREC_FILES = ("train_5500.label", "TREC_10.label")
 LABEL_LEVELS = ("coarse", "fine")
 TABLE_SUFFIXES = (".csv", ".tsv")  # delimiters: `_table_delimiter`
+# header names, in any case, of a label column and of text columns (SMS Spam's Category/Message, IMDb's review/
+# sentiment, AG News's Class Index/Title/Description); `label` and `text` themselves come first
+LABEL_NAMES = frozenset({"label", "labels", "class", "class index", "class_index", "category", "sentiment", "target",
+                         "intent", "topic"})
+TEXT_NAMES = frozenset({"text", "sentence", "review", "message", "content", "question", "comment", "tweet", "body",
+                        "document", "title", "description", "headline"})
 MAX_FIELD_CHARS = 131_072  # Python's csv default; a longer field is more likely a broken quote than a text
 
 
@@ -92,7 +100,10 @@ def _dataset(train: list[_Row], test: list[_Row] | None, source: str, *, skipped
              reported: list[str] | None = None) -> TextDataset:
     if not train:
         raise CCTError(f"{source}: no training examples")
-    classes = _label_order({label for _, label, _ in train})
+    counts = Counter(label for _, label, _ in train)
+    classes = _label_order(set(counts))
+    if len(classes) == 1:
+        raise CCTError(f"{source}: one class only ({classes[0]!r}); a classifier needs two or more")
     index = {name: i for i, name in enumerate(classes)}
     for _, label, where in test or []:
         if label not in index:
@@ -129,7 +140,7 @@ def read_trec(folder: str | Path, *, label_level: str = "coarse") -> TextDataset
     splits = []
     for path in files:
         rows = []
-        for number, line in enumerate(_decode(path).splitlines(), start=1):
+        for number, line in enumerate(lines_of(_decode(path)), start=1):
             where = f"{path}:{number}"
             if not line.strip():
                 continue
@@ -179,21 +190,27 @@ def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns
         first = next(reader, None)
         if first is None:
             raise CCTError(f"{path}: empty file")
-        if header is None:  # a header names the label or the text column; AG News has none
-            keys = {cell.strip().lower() for cell in first}
-            header = isinstance(label_column, str) or (label_column is None and bool(keys & {"label", "text"}))
+        keys = [cell.strip().lower() for cell in first]
+        if header is None:  # names the label or the text column, or both in words of the field; AG News has none
+            header = isinstance(label_column, str) or (label_column is None and bool(
+                {"label", "text"} & set(keys) or (LABEL_NAMES & set(keys) and TEXT_NAMES & set(keys))))
         names = first if header else [str(i) for i in range(len(first))]
         where = f"{path}:1"
-        label_at = _column(names, label_column if label_column is not None else ("label" if header else 0), where)
-        if text_columns is None:
-            has_text = header and "text" in (name.strip().lower() for name in names)
-            text_at = [_column(names, "text", where)] if has_text else [i for i in range(len(names)) if i != label_at]
+        if label_column is None and header:  # `label`, else the first column a label name calls
+            label_column = "label" if "label" in keys else next((n for n in names if n.strip().lower() in LABEL_NAMES),
+                                                                "label")
+        label_at = _column(names, label_column if label_column is not None else 0, where)
+        if text_columns is None:  # `text`, else the columns text names call, else every column but the label
+            named = [i for i, k in enumerate(keys) if i != label_at and k in TEXT_NAMES] if header else []
+            text_at = [keys.index("text")] if header and "text" in keys else \
+                named or [i for i in range(len(names)) if i != label_at]
         else:
             text_at = [_column(names, c, where) for c in text_columns]
         if not text_at:
             raise CCTError(f"{where}: no text column (only the label column {names[label_at]!r})")
         records = reader if header else _chain_first(first, reader)
         line = reader.line_num + 1 if header else 1
+        spanning = []  # (where, lines, record) of records over more than two lines
         for record in records:
             where = f"{path}:{line}"
             if record:
@@ -203,6 +220,8 @@ def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns
                 if not label:
                     raise CCTError(f"{where}: empty label")
                 rows.append((_text(" ".join(record[i] for i in text_at), where), label, where))
+                if reader.line_num - line > 1:
+                    spanning.append((where, reader.line_num - line + 1, record))
             line = reader.line_num + 1
     except csv.Error as e:
         if "field larger than field limit" in str(e):
@@ -211,6 +230,15 @@ def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns
         raise CCTError(f"{path}:{line}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from None
     finally:
         csv.field_size_limit(old_limit)
+    check_unclosed_quotes(spanning, {label for _, label, _ in rows}, delimiter, len(names), label_at)
+    counts = Counter(label for _, label, _ in rows)
+    once = sum(n == 1 for n in counts.values())
+    # texts read as labels: the wrong column, or a header not seen (a file of a few rows may well be all singletons)
+    if len(rows) >= 20 and len(counts) > 2 and once > len(counts) / 2:
+        shown = ", ".join(map(repr, list(counts)[:3]))
+        raise CCTError(f"{path}: {once} of its {len(counts)} labels occur once ({shown}, ...): is the label column "
+                       f"right? It is {names[label_at]!r}; a first row naming the 'label' and 'text' columns chooses "
+                       "them")
     return rows
 
 
@@ -249,7 +277,7 @@ def read_table(path: str | Path, *, label_column: str | int | None = None,
 # ---------------------------------------------------------------------- JSON Lines
 def _read_jsonl_rows(path: Path) -> list[_Row]:
     rows = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    for number, line in enumerate(lines_of(_decode(path)), start=1):
         where = f"{path}:{number}"
         if not line.strip():
             continue
@@ -284,22 +312,36 @@ def read_jsonl(path: str | Path) -> TextDataset:
 
 
 # ---------------------------------------------------------------------- folders of .txt files
-def _read_folder_rows(split: Path) -> list[_Row]:
+def is_text_file(name: str) -> bool:
+    """A text of a class folder: `.txt` in any case, or no extension at all (scikit-learn's `load_files` layout, as
+    20 Newsgroups has it); hidden files (`.DS_Store`) are not."""
+    suffix = Path(name).suffix
+    return not name.startswith(".") and (suffix.lower() == ".txt" or not suffix)
+
+
+def _read_folder_rows(split: Path, skipped: list[str]) -> list[_Row]:
+    """The texts under each class folder of `split`, sub-folders included; other files are noted in `skipped`."""
     rows = []
     for class_dir in sorted(p for p in split.iterdir() if p.is_dir()):
-        for file in sorted(class_dir.glob("*.txt")):
-            rows.append((_text(_decode(file), f"{file}:1"), class_dir.name, f"{file}:1"))
+        for file in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            if is_text_file(file.name):
+                rows.append((_text(_decode(file), f"{file}:1"), class_dir.name, f"{file}:1"))
+            elif not file.name.startswith("."):
+                skipped.append(f"{file}: not a .txt file, left out")
     return rows
 
 
 def read_text_folders(root: str | Path) -> TextDataset:
-    """`root/train/<class>/*.txt` and, when present, `root/test/<class>/*.txt`: one text a file."""
+    """`root/train/<class>/**/*.txt` and, when present, `root/test/<class>/**/*.txt`: one text a file (`.txt` in any
+    case, or files without an extension)."""
     root = Path(root)
     if not (root / "train").is_dir():
         raise CCTError(f"{root}: no train/<class>/*.txt folders")
     test = root / "test"
-    return _dataset(_read_folder_rows(root / "train"), _read_folder_rows(test) if test.is_dir() else None,
-                    f"text folders {root}")
+    skipped: list[str] = []
+    train_rows = _read_folder_rows(root / "train", skipped)
+    test_rows = _read_folder_rows(test, skipped) if test.is_dir() else None
+    return _dataset(train_rows, test_rows, f"text folders {root}", skipped=skipped)
 
 
 # ---------------------------------------------------------------------- a held-out test split
@@ -379,7 +421,7 @@ def _split_kind(split: Path) -> str | None:
     texts = images = 0
     for class_dir in (p for p in split.iterdir() if p.is_dir()):
         for file in itertools.islice(class_dir.iterdir(), 200):
-            texts += file.suffix.lower() == ".txt"
+            texts += is_text_file(file.name) and file.is_file()
             images += is_image_name(file.name)
     return None if texts == images == 0 else "text" if texts > images else "image"
 

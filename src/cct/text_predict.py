@@ -28,6 +28,7 @@ from .errors import CCTError, CheckpointError
 from .kernels import fuse, use_kernels
 from .onnxrt import onnx_session
 from .runtime import autocast, recorded_precision, resolve_precision
+from .sources import lines_of
 from .text_model import TextCCT, TextConfig
 from .tokenizer import TextTokenizer
 
@@ -164,7 +165,7 @@ def read_text_file(path: str | Path) -> list[str]:
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise CCTError(f"{path}:{line}: not UTF-8 text") from None
-    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    texts = [line.strip() for line in lines_of(text) if line.strip()]
     if not texts:
         raise CCTError(f"--text-file {path} holds no text (one text a line)")
     return texts

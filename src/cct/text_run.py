@@ -14,6 +14,7 @@ so a few steps on the run's first batch, in each precision, decide (`trial_preci
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,9 @@ from .runfiles import log
 from .runtime import autocast, faster_precision
 from .step import text_augment_config
 from .text_data import TextDataset, hold_out_test, load_text, recorded_test
-from .tokenizer import TextTokenizer, load_word_vectors
+from .tokenizer import UNK_ID, TextTokenizer, load_word_vectors
+
+logger = logging.getLogger(__name__)
 
 SHOWN_LINES = 5  # odd input lines listed one by one; the rest are counted
 
@@ -137,6 +140,12 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     if any(truncated.values()):
         log(quiet, "truncated to " + f"{seq_len} tokens: " + ", ".join(
             f"{n} of {len(sets[k])} {k} texts" for k, n in truncated.items() if sets[k] is not None))
+    batch = sets["train"].inputs
+    unknown = float((batch.ids[batch.mask] == UNK_ID).float().mean())
+    if unknown > 0.4:  # what a word vocabulary makes of text without spaces between its words
+        logger.warning("%.0f%% of the training tokens are [UNK], words seen fewer than --min-frequency %d times; for "
+                       "text without spaces between words (Chinese, Japanese, Thai) try --tokenizer bpe",
+                       100 * unknown, cfg.min_frequency)
 
     def setup(model: nn.Module) -> None:
         model.tokenizer = tokenizer

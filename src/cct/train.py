@@ -238,7 +238,7 @@ def _train(config: TrainConfig, *, dataset: Dataset | TextDataset | None, resume
     out = Path(cfg.out)
 
     # where the run stands: fresh, resumed from last.pt, or already finished (rank 0's view: no rank trains alone)
-    checkpoint = read_last(out, resume=resume, quiet=quiet)
+    checkpoint = read_last(out, resume=resume, quiet=quiet, data=cfg.data)
     if checkpoint is not None and distributed.from_main(is_finished(checkpoint, out)):
         log(quiet, f"{out}: this run is already finished ({checkpoint['train_state']['epoch']} epochs); "
                    f"results in {out / 'results.json'}")
