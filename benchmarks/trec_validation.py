@@ -18,6 +18,7 @@ benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no 
     .venv/bin/python benchmarks/trec_validation.py --tag nomix --mix 0 --ema 0.995 --swa 10
     .venv/bin/python benchmarks/trec_validation.py --tag fgm1 --fgm 1.0 --seeds 5,6,7,8,9
     .venv/bin/python benchmarks/trec_validation.py --tag ngrams --precision bf16 --char-ngrams 16384 --fgm-ngrams
+    .venv/bin/python benchmarks/trec_validation.py --tag mlm --precision bf16 --mlm-epochs 30
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
@@ -85,9 +86,15 @@ def parse_args() -> argparse.Namespace:
                    "(one move over both tables, of size --fgm)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: the forward under bf16 autocast, as `cct train --precision bf16` (loss in fp32)")
+    p.add_argument("--mlm-epochs", type=int, default=0, help="masked-word pretraining on the training split's own "
+                   "texts for this many epochs before the recipe (0: off; kernel 2 only)")
+    p.add_argument("--mlm-prob", type=float, default=0.15, help="with --mlm-epochs: the share of real words masked")
+    p.add_argument("--mlm-lr", type=float, default=2e-3, help="with --mlm-epochs: its AdamW learning rate")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--tag", default="")
     a = p.parse_args()
+    if a.mlm_epochs and a.kernel_size != 2:
+        p.error("--mlm-epochs maps words to tokens for --kernel-size 2 only")
     if a.fgm_ngrams and not (a.char_ngrams and a.fgm > 0 and a.adv_steps == 1):
         p.error("--fgm-ngrams needs --char-ngrams and FGM (--fgm > 0, --adv-steps 1)")
     return a
@@ -123,6 +130,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
                                         if getattr(a, k) is not None}), "fast")
     if a.char_ngrams:
         model.embedding = NgramEmbedding(model.embedding, a.char_ngrams, a.embedding_std)
+    if a.mlm_epochs:
+        mlm_pretrain(a, model, ids, mask, seed)
     opt = make_optimizer(model, make_config(a.model, "", "", "text", lr=a.lr, weight_decay=a.weight_decay,
                                             optimizer=a.optimizer))
     n = len(labels)
@@ -224,6 +233,55 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
         copy_.load_state_dict(averaged)
         result["swa"] = score(copy_)
     return result
+
+
+def mlm_pretrain(a: argparse.Namespace, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                 seed: int) -> None:
+    """Masked-word pretraining on the training split's own texts (`--mlm-epochs`; twelfth round): a share of the
+    real words become [UNK], and each is predicted from the token whose window covers it (at kernel 2, token j
+    pools words 2j-2..2j) plus a learned vector for the word's place in that window, through a small head and the
+    word-embedding table itself as the output layer. The head is dropped; the recipe then trains the model."""
+    D, table = model.cfg.embed_dim, word_embedding(model)
+    head = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.GELU(), torch.nn.LayerNorm(D),
+                               torch.nn.Linear(D, table.shape[1]))
+    place = torch.nn.Parameter(torch.zeros(3, D))
+    bias = torch.nn.Parameter(torch.zeros(table.shape[0]))
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters(), place, bias], lr=a.mlm_lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed + 1000)
+    n = len(ids)
+    steps_per_epoch = math.ceil(n / a.batch_size)
+    schedule = dict(lr=a.mlm_lr, total_steps=steps_per_epoch * a.mlm_epochs, warmup_lr=1e-5, min_lr=1e-5,
+                    schedule="cosine", warmup_steps=steps_per_epoch)
+    step, t0 = 0, time.time()
+    model.train()
+    for epoch in range(a.mlm_epochs):
+        order = torch.randperm(n, generator=g)
+        total, count = 0.0, 0
+        for i in range(0, n, a.batch_size):
+            idx = order[i:i + a.batch_size]
+            length = int(mask[idx].sum(1).max())
+            x, m = ids[idx, :length].clone(), mask[idx, :length]
+            pick = (torch.rand(x.shape, generator=g) < a.mlm_prob) & m
+            if not pick.any():
+                continue
+            target = x[pick]
+            x[pick] = UNK_ID
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, **schedule)
+            with autocast(a.precision):
+                feats, _ = model.forward_features(x, m)  # (B, N, D)
+            b, pos = pick.nonzero(as_tuple=True)
+            j = ((pos + 2) // 2).clamp(max=feats.shape[1] - 1)  # the token whose window holds word `pos`
+            logits = head(feats.float()[b, j] + place[(pos - (2 * j - 2)).clamp(0, 2)]) @ table.t() + bias
+            loss = F.cross_entropy(logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            total, count = total + float(loss.detach()) * len(target), count + len(target)
+        if epoch % 5 == 4 or epoch == a.mlm_epochs - 1:
+            print(f"  mlm epoch {epoch + 1}: loss {total / max(count, 1):.3f} ({time.time() - t0:.0f}s)", flush=True)
+    model.zero_grad(set_to_none=True)
 
 
 MAX_GRAMS = 24  # n-grams kept per word (a 9-letter word has 24 of 3-5 characters with its boundary marks)
