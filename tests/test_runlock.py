@@ -92,3 +92,16 @@ def test_a_folder_that_cannot_be_made_is_one_line(tmp_path):
         with hold_run_lock(tmp_path / "file"):
             pass
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_out_as_a_dangling_link_and_outputs_under_a_file_name_the_cause(tmp_path):
+    """Both were "File exists", from mkdir."""
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CCTError, match=r"--out .*gone is a symbolic link to .*nowhere, which does not exist$"):
+        with hold_run_lock(tmp_path / "gone"):
+            pass
+    from cct.checkpoint import atomic_write
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CCTError, match=r"cannot write .*afile/sub/x.onnx: .*afile is a file, not a folder$"):
+        atomic_write(tmp_path / "afile" / "sub" / "x.onnx", lambda f: f.write(b"y"))
+    assert (tmp_path / "afile").read_text() == "x"

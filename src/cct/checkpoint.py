@@ -52,6 +52,9 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
+        above = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+        if above is not None and not above.is_dir():  # mkdir's "File exists" says nothing of which
+            raise CheckpointError(f"cannot write {path}: {above} is a file, not a folder") from e
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users

@@ -91,6 +91,8 @@ def hold_run_lock(out: str | Path, *, rank: int = 0) -> Iterator[None]:
     created = not out.exists()  # a run that fails before writing anything leaves no folder behind
     if out.exists() and not out.is_dir():
         raise CCTError(f"--out {out} is a file, not a folder")
+    if out.is_symlink() and not out.exists():  # mkdir would say "File exists"
+        raise CCTError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
