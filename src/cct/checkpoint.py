@@ -68,7 +68,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        cause = e if isinstance(e, OSError) else _os_error_behind(e)
+        cause = _os_error_behind(e)
         if cause is not None:
             raise CheckpointError(f"cannot write {path}: {cause.strerror or cause}") from e
         raise
@@ -87,10 +87,13 @@ def check_output(output: str | Path, *inputs: str | Path, flag: str = "--output"
     output = Path(output)
     if output.is_dir():
         raise CCTError(f"cannot write {output}: Is a directory ({flag} takes a file name)")
+    if not output.exists():  # the usual case: nothing to compare, however many inputs
+        return
+    target = output.stat()
     for source in inputs:
         try:
-            same = output.exists() and Path(source).is_file() and os.path.samefile(output, source)
-        except OSError:
+            same = os.path.samestat(target, os.stat(source))
+        except OSError:  # an input that is not there: its own error comes later
             same = False
         if same:
             raise CCTError(f"{flag} {output} is {source}, an input of this command: it would be overwritten")

@@ -19,6 +19,7 @@ Flat folders and CSVs have no test split of their own: `cct.holdout` draws and r
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import logging
@@ -341,7 +342,7 @@ def check_unclosed_quotes(spanning: list[tuple[str, int, list[str]]], labels: se
 
 def csv_delimiter(text: str) -> str:
     """"," unless the first rows have none and do have ";" (Excel's CSV where the decimal mark is a comma) or a tab."""
-    head = [line for line in text.splitlines()[:6] if line.strip()]
+    head = [line for line in lines_of(text)[:6] if line.strip()]
     for delimiter in (",", ";", "\t"):
         if head and all(delimiter in line for line in head):
             return delimiter
@@ -390,10 +391,11 @@ def list_fingerprint(classes: list[str], items: list[tuple[int, str]]) -> str:
 def warn_unread_images(files: Files) -> None:
     """A warning for files Pillow could open whose extension is not one of IMAGE_EXTENSIONS (.tga, .ico, .avif, ...):
     left out of the data, which would otherwise pass without a word."""
-    Image.init()
-    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN} - IMAGE_EXTENSIONS
+    if str(files.path) in _WARNED:
+        return
+    readable = _pillow_only_extensions()
     left = [n for n in _visible(files.names) if posixpath.splitext(n)[1].lower() in readable]
-    if left and str(files.path) not in _WARNED:
+    if left:
         _WARNED.add(str(files.path))
         kinds = sorted({posixpath.splitext(n)[1].lower() for n in left})
         log.warning("%s: %d file(s) of %s left out, first %s: cct reads .jpg, .png, .bmp, .gif, .tif, .webp and the "
@@ -402,6 +404,13 @@ def warn_unread_images(files: Files) -> None:
 
 
 _WARNED: set[str] = set()  # sources warned about once in this process (a run lists its source more than once)
+
+
+@functools.cache
+def _pillow_only_extensions() -> frozenset[str]:
+    """Extensions of the formats Pillow opens that are not IMAGE_EXTENSIONS."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN) - IMAGE_EXTENSIONS
 
 
 def layout(path: Path, files: Files | None = None, *, min_per_class: int = 2):
