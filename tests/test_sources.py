@@ -202,3 +202,27 @@ def test_files_pillow_reads_but_cct_does_not_are_warned_about(tmp_path, caplog):
     _, classes, items, _ = layout(tmp_path)
     assert classes == ["cat", "dog"] and len(items["train"]) == 4
     assert "1 file(s) of .tga left out, first cat/extra.tga" in caplog.text and "notes.txt" not in caplog.text
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_images_outside_the_class_folders_are_warned_about(tmp_path, caplog, tree):
+    """A preview beside flat class folders, or Kaggle's unlabelled test/*.jpg beside train/<class>/: left out, as
+    the layout says, with a warning naming how many and the first."""
+    from cct.sources import layout
+    root = tmp_path / "train" if tree else tmp_path
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(root / c / f"{i}.png")
+    with caplog.at_level("WARNING"):
+        layout(tmp_path)
+    assert "outside the class folders" not in caplog.text
+    stray = tmp_path / "test" if tree else tmp_path  # unlabelled test images, or previews beside the classes
+    stray.mkdir(exist_ok=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(stray / f"{i}.png")
+    with caplog.at_level("WARNING"):
+        _, classes, items, _ = layout(tmp_path)
+    assert classes == ["cat", "dog"] and sum(map(len, items.values())) == 4
+    first = "test/0.png" if tree else "0.png"
+    assert f"3 image(s) outside the class folders left out (no label to learn), first {first}" in caplog.text

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from cct.errors import CCTError
-from cct.text_data import detect_kind, load_text, read_table, read_trec
+from cct.kinds import detect_kind
+from cct.text_data import load_text, read_table, read_trec
 
 SHARED_TREC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trec"
 
@@ -214,6 +215,34 @@ def test_jsonl_file_and_folder(tmp_path):
     write(tmp_path / "f" / "test.jsonl", '{"text": "c", "label": 2}\n')
     ds = load_text(tmp_path / "f")
     assert ds.classes == ["0", "2"] and ds.test_labels.tolist() == [1]
+
+
+def test_json_suffixes_arrays_and_field_names(tmp_path):
+    """`.ndjson` and `.json` (JSON Lines, as `datasets`' to_json writes it, or one array) read as `.jsonl`; fields in
+    other words are found as a table header's: SST-2's `sentence`, a `category` with `title` and `description`."""
+    rows = [{"sentence": "good film", "label": 1, "idx": 0}, {"sentence": "bad", "label": 0, "idx": 1}]
+    for name, text in [("a.ndjson", "\n".join(map(json.dumps, rows))), ("b.json", "\n".join(map(json.dumps, rows))),
+                       ("c.json", json.dumps(rows, indent=2))]:
+        path = write(tmp_path / name, text)
+        assert detect_kind(path) == "text"
+        ds = load_text(path)
+        assert ds.train_texts == ["good film", "bad"] and ds.classes == ["0", "1"], name
+    news = [{"Category": "sport", "title": "Win", "description": "a late goal"}, {"Category": "tech", "title": "Chip",
+                                                                                  "description": "faster"}]
+    write(tmp_path / "f" / "train.json", "\n".join(map(json.dumps, news)))
+    write(tmp_path / "f" / "test.ndjson", json.dumps(news[0]))
+    assert detect_kind(tmp_path / "f") == "text"
+    ds = load_text(tmp_path / "f")
+    assert ds.train_texts == ["Win a late goal", "Chip faster"] and ds.classes == ["sport", "tech"]
+    assert ds.test_labels.tolist() == [0]
+    with pytest.raises(CCTError, match=r"c.json: record 2: missing field 'sentence'"):
+        load_text(write(tmp_path / "c.json", json.dumps([rows[0], {"label": 1}])))
+    with pytest.raises(CCTError, match=r"d.json:3: not JSON"):
+        load_text(write(tmp_path / "d.json", '[\n {"text": "a", "label": 1},\n x]'))
+    with pytest.raises(CCTError, match=r"g.json:1: not JSON .*JSON Lines or one array of objects"):  # one object
+        load_text(write(tmp_path / "g.json", json.dumps({"data": rows}, indent=1)))
+    with pytest.raises(CCTError, match=r"e.jsonl:1: missing field 'label'"):  # no field a label name calls
+        load_text(write(tmp_path / "e.jsonl", json.dumps({"text": "a", "coarse_label": 1})))
 
 
 @pytest.mark.parametrize("line,why", [

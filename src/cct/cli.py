@@ -24,12 +24,12 @@ from .checkpoint import save_checkpoint
 from .cifar import RELEASES
 from .errors import CCTError, CheckpointError
 from .kernels import KERNELS
+from .kinds import detect_kind
 from .model import count_macs, num_params
 from .recipes import RECIPE_MODELS, RECIPES, RESUME_OVERRIDES, TrainConfig, make_config, validate
 from .registry import create_model, from_keras, list_models, model_kind, pretrained_model
 from .runlock import hold_run_lock
 from .runtime import DEVICES, PRECISIONS, resolve_device
-from .text_data import detect_kind
 from .text_model import TEXT_VARIANTS
 
 # modules that register their own subcommand, listed by `cct --help` between train and bench

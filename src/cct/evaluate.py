@@ -28,10 +28,10 @@ from .checkpoint import model_from_checkpoint, read_checkpoint
 from .cifar import RELEASES
 from .errors import CCTError, CheckpointError
 from .kernels import KERNELS, fuse, use_kernels
-from .kinds import TextPreprocessing, TextSet, TokenBatch, model_args, preprocessing_from_checkpoint
+from .kinds import TextPreprocessing, TextSet, TokenBatch, detect_kind, model_args, preprocessing_from_checkpoint
 from .preprocess import Preprocessing
 from .holdout import OtherSource
-from .text_data import LABEL_LEVELS, detect_kind, load_text, recorded_test
+from .text_data import LABEL_LEVELS, load_text, recorded_test
 from .text_model import TextCCT
 from .runtime import PRECISIONS, autocast, recorded_precision, resolve_device, resolve_precision, tune_allocator
 

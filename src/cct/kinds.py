@@ -6,6 +6,7 @@ inputs *are* sits behind one kind:
 
 | what                          | image                                     | text                                       |
 |-------------------------------|-------------------------------------------|--------------------------------------------|
+| a `--data` of this kind       | `detect_kind`: CIFAR, archives, images    | `detect_kind`: TREC, text tables, JSON     |
 | a split                       | `cct.data.ImageSet`: uint8 (N, C, H, W)   | `TextSet`: a `TokenBatch` (ids + mask)     |
 | training augmentation         | `augment_images` (`cct.policies`)         | `augment_tokens` (token dropout)           |
 | its configuration             | `cct.policies.AugmentConfig`              | `TextAugmentConfig`                        |
@@ -30,6 +31,9 @@ How a new kind plugs in:
 """
 from __future__ import annotations
 
+import csv
+import io
+import itertools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +46,8 @@ from .errors import CCTError
 from .policies import AugmentConfig, augment_batch
 from .preprocess import Preprocessing
 from .registry import model_kind
-from .text_data import detect_kind
+from .sources import is_image_name, split_name
+from .text_data import JSON_SUFFIXES, TABLE_SUFFIXES, TREC_FILES, is_text_file, json_split, table_delimiter
 from .tokenizer import PAD_ID, UNK_ID
 
 KINDS = ("image", "text")
@@ -201,6 +206,78 @@ class RunInputs:
     results: dict = field(default_factory=dict)  # extra results.json entries
     setup_model: Callable[[nn.Module], None] | None = None  # once built (text: attach the tokenizer)
     precision: str | None = None  # where the data phase settles --precision auto (text: `trial_precision`)
+
+
+# ---------------------------------------------------------------------- telling text from images
+def _table_names_images(path: Path) -> bool:
+    """Whether a CSV is the own-data `path,label` (or `label,path`) layout: one of its first two columns names image
+    files in at least half of its first rows, past a header if any (a text that mentions a file name is still
+    text; an image CSV with a stray row is still an image CSV, and its loader names the row)."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            text = f.read(1 << 16)  # enough for the first rows
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=table_delimiter(path, text))
+        head = [[cell.strip() for cell in row[:2]] for _, row in zip(range(6), reader) if any(map(str.strip, row))]
+    except (OSError, csv.Error):
+        return False
+    for col, names in ((0, is_image_name), (1, _path_like)):  # a label first: its path must look like one
+        cells = [row[col] if len(row) > col else "" for row in head]
+        cells = cells[1:] if cells and not names(cells[0]) else cells  # past a header
+        if cells and 2 * sum(map(names, cells)) >= len(cells):
+            return True
+    return False
+
+
+def _path_like(cell: str) -> bool:
+    """An image file's name as a second column holds one: no spaces, or a folder in it ("what is in cat.jpg" is a
+    question)."""
+    return is_image_name(cell) and (" " not in cell or "/" in cell)
+
+
+def _split_kind(split: Path) -> str | None:
+    """"text" or "image" by which files the class folders hold more of (a photo folder may carry a credits.txt,
+    and a text folder a picture; up to 200 files a folder, enough to tell), None when neither."""
+    texts = images = 0
+    for class_dir in (p for p in split.iterdir() if p.is_dir()):
+        for file in itertools.islice(class_dir.iterdir(), 200):
+            texts += is_text_file(file.name) and file.is_file()
+            images += is_image_name(file.name)
+    return None if texts == images == 0 else "text" if texts > images else "image"
+
+
+def detect_kind(source: str | Path) -> str | None:
+    """"text", "image", or None when nothing known is found, judged by what `source` holds.
+
+    Text: TREC `.label` files, `.jsonl`, CSV/TSV tables whose cells name no image files, folders of `.txt`
+    files per class. Image: the CIFAR names and archives, tables naming image files, folders of images.
+    """
+    if str(source) in ("cifar10", "cifar100"):
+        return "image"
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".label" or suffix in JSON_SUFFIXES:
+            return "text"
+        if suffix in TABLE_SUFFIXES:
+            return "image" if _table_names_images(path) else "text"
+        if path.name.endswith((".tar", ".tar.gz", ".tgz", ".zip")):
+            return "image"
+        return None
+    if not path.is_dir():
+        return None
+    if any((path / name).is_file() for name in TREC_FILES) or json_split(path, "train"):
+        return "text"
+    for suffix in TABLE_SUFFIXES:
+        if (path / f"train{suffix}").is_file():
+            return "image" if _table_names_images(path / f"train{suffix}") else "text"
+    train = [p for p in path.iterdir() if p.is_dir() and split_name(p.name) == "train"]  # train/, Train/, ...
+    if train:
+        return _split_kind(train[0])
+    if _split_kind(path) == "image":  # flat class folders of images (text ones need train/ and test/)
+        return "image"
+    if (path / "data_batch_1").is_file() or (path / "train").is_file():  # CIFAR's python folders
+        return "image"
+    return None
 
 
 def data_kind(data: str, requested: str, model: str) -> str:

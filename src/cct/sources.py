@@ -424,12 +424,25 @@ def layout(path: Path, files: Files | None = None, *, min_per_class: int = 2):
     warn_unread_images(files)
     if is_tree(files):
         classes, split_items = tree_items(files)
+        _warn_unlabelled(files, split_items)
         if set(split_items) == {"train"}:  # train/ alone: a test split is drawn from it, as from class folders
             _labelled([(classes[label], n) for label, n in split_items["train"]], str(files.path), min_per_class)
             return files, classes, split_items, True
         return files, classes, split_items, False
     classes, items = flat_items(files, min_per_class=min_per_class)
+    _warn_unlabelled(files, {"train": items})
     return files, classes, {"train": items}, True
+
+
+def _warn_unlabelled(files: Files, items: dict[str, list[tuple[int, str]]]) -> None:
+    """A warning for images outside every class folder (a preview beside them, Kaggle's unlabelled test/*.jpg): they
+    have no label, so the layout leaves them out, which would otherwise pass without a word."""
+    used = {name for split in items.values() for _, name in split}
+    left = [n for n in _visible(files.names) if is_image_name(n) and n not in used]
+    if left and f"{files.path}\0unlabelled" not in _WARNED:
+        _WARNED.add(f"{files.path}\0unlabelled")
+        log.warning("%s: %d image(s) outside the class folders left out (no label to learn), first %s", files.path,
+                    len(left), left[0])
 
 
 def content_key(path: Path) -> str:

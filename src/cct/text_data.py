@@ -1,6 +1,6 @@
 """Text classification datasets read into memory: texts, integer labels and class names.
 
-Sources accepted by `load_text` (and told from image sources by `detect_kind`):
+Sources accepted by `load_text` (and told from image sources by `cct.kinds.detect_kind`):
 - TREC (Li & Roth, 2002) in its original `COARSE:fine question` format: a folder holding
   `train_5500.label` and `TREC_10.label`, or one `.label` file; coarse labels by default, named as written (ABBR, DESC, ...),
   or `label_level="fine"` (`COARSE:fine` names, as "other" occurs under several coarse classes);
@@ -10,7 +10,9 @@ Sources accepted by `load_text` (and told from image sources by `detect_kind`):
   first one a label name calls) and the text column `text` (else those text names call, else every other); without
   one, the first column is the label and the rest the text: AG News's layout (`"class index","title",
   "description"`);
-- JSON Lines with `text` and `label` fields: a `.jsonl` file, or a folder with `train.jsonl`/`test.jsonl`;
+- JSON Lines with `text` and `label` fields (else fields those names call in other words, as a table header's):
+  a `.jsonl`, `.ndjson` or `.json` file (a `.json` may also hold one array of objects), or a folder with
+  `train.jsonl`/`test.jsonl` (or `.ndjson`, `.json`);
 - folders of `.txt` files (any case, or files without an extension), one text each, sub-folders included:
   `root/train/<class>/*.txt`, `root/test/<class>/*.txt` (the IMDb / scikit-learn `load_files` layout).
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import itertools
 import json
 import re
 from collections import Counter
@@ -38,11 +39,11 @@ import torch
 
 from .errors import CCTError
 from .holdout import choose_test
-from .sources import check_unclosed_quotes, csv_delimiter, is_image_name, lines_of, split_name
+from .sources import check_unclosed_quotes, csv_delimiter, lines_of
 
 TREC_FILES = ("train_5500.label", "TREC_10.label")
 LABEL_LEVELS = ("coarse", "fine")
-TABLE_SUFFIXES = (".csv", ".tsv")  # delimiters: `_table_delimiter`
+TABLE_SUFFIXES = (".csv", ".tsv")  # delimiters: `table_delimiter`
 # header names, in any case, of a label column and of text columns (SMS Spam's Category/Message, IMDb's review/
 # sentiment, AG News's Class Index/Title/Description); `label` and `text` themselves come first
 LABEL_NAMES = frozenset({"label", "labels", "class", "class index", "class_index", "category", "sentiment", "target",
@@ -173,7 +174,7 @@ def _column(names: list[str], wanted: str | int, where: str) -> int:
     return keys.index(wanted.lower())
 
 
-def _table_delimiter(path: Path, text: str) -> str:
+def table_delimiter(path: Path, text: str) -> str:
     """A tab for `.tsv`; for `.csv` a comma, or the semicolon or tab that every one of its first rows has instead."""
     return "\t" if path.suffix.lower() == ".tsv" else csv_delimiter(text)
 
@@ -181,7 +182,7 @@ def _table_delimiter(path: Path, text: str) -> str:
 def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns: Sequence[str | int] | None,
                      header: bool | None, delimiter: str | None, max_field_chars: int) -> list[_Row]:
     text = _decode(path)
-    delimiter = delimiter or _table_delimiter(path, text)
+    delimiter = delimiter or table_delimiter(path, text)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     old_limit = csv.field_size_limit(max_field_chars)
     rows: list[_Row] = []
@@ -275,40 +276,66 @@ def read_table(path: str | Path, *, label_column: str | int | None = None,
 
 
 # ---------------------------------------------------------------------- JSON Lines
-def _read_jsonl_rows(path: Path) -> list[_Row]:
-    rows = []
-    for number, line in enumerate(lines_of(_decode(path)), start=1):
-        where = f"{path}:{number}"
-        if not line.strip():
-            continue
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")  # `.json`: JSON Lines (as `datasets`' to_json writes) or one array
+
+
+def _json_records(path: Path) -> list[tuple[str, object]]:
+    """(where, record) for each record: a line of JSON Lines, or an element of a `.json` file's one array."""
+    text = _decode(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
-            record = json.loads(line)
+            records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise CCTError(f"{where}: not JSON ({e.msg})") from None
+            raise CCTError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+        return [(f"{path}: record {i}", r) for i, r in enumerate(records, start=1)]
+    records = []
+    for number, line in enumerate(lines_of(text), start=1):
+        if line.strip():
+            try:
+                records.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                hint = ": a .json file holds JSON Lines or one array of objects" if path.suffix.lower() == ".json" else ""
+                raise CCTError(f"{path}:{number}: not JSON ({e.msg}){hint}") from None
+    return records
+
+
+def _read_jsonl_rows(path: Path) -> list[_Row]:
+    """Fields `text` and `label`, else those the first record's keys name in other words, as a table header's."""
+    rows, label_key, text_keys = [], "label", ["text"]
+    for where, record in _json_records(path):
         if not isinstance(record, dict):
             raise CCTError(f"{where}: expected an object with 'text' and 'label'")
-        for key in ("text", "label"):
+        if not rows:
+            keys = {str(k).lower(): k for k in record}
+            if "label" not in keys:
+                label_key = next((k for low, k in keys.items() if low in LABEL_NAMES), "label")
+            if "text" not in keys:
+                text_keys = [k for low, k in keys.items() if low in TEXT_NAMES and k != label_key] or ["text"]
+        for key in (label_key, *text_keys):
             if key not in record:
                 raise CCTError(f"{where}: missing field {key!r}")
-        text, label = record["text"], record["label"]
-        if not isinstance(text, str):
-            raise CCTError(f"{where}: 'text' is not a string")
+        texts, label = [record[k] for k in text_keys], record[label_key]
+        if not all(isinstance(t, str) for t in texts):
+            raise CCTError(f"{where}: {text_keys[0]!r} is not a string")
         if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-            raise CCTError(f"{where}: 'label' must be a non-empty string or an integer")
-        rows.append((_text(text, where), str(label).strip(), where))
+            raise CCTError(f"{where}: {label_key!r} must be a non-empty string or an integer")
+        rows.append((_text(" ".join(texts), where), str(label).strip(), where))
     return rows
 
 
+def json_split(folder: Path, split: str) -> Path | None:
+    return next((folder / f"{split}{s}" for s in JSON_SUFFIXES if (folder / f"{split}{s}").is_file()), None)
+
+
 def read_jsonl(path: str | Path) -> TextDataset:
-    """A `.jsonl` file (training only) or a folder with `train.jsonl` and `test.jsonl`."""
+    """A JSON Lines file (training only) or a folder with `train.jsonl` and `test.jsonl` (or .ndjson, .json)."""
     path = Path(path)
     if path.is_file():
         return _dataset(_read_jsonl_rows(path), None, f"JSON Lines {path}")
-    train, test = path / "train.jsonl", path / "test.jsonl"
-    if not train.is_file():
+    train, test = json_split(path, "train"), json_split(path, "test")
+    if train is None:
         raise CCTError(f"{path}: neither a .jsonl file nor a folder with train.jsonl")
-    return _dataset(_read_jsonl_rows(train), _read_jsonl_rows(test) if test.is_file() else None,
-                    f"JSON Lines in {path}")
+    return _dataset(_read_jsonl_rows(train), _read_jsonl_rows(test) if test else None, f"JSON Lines in {path}")
 
 
 # ---------------------------------------------------------------------- folders of .txt files
@@ -389,78 +416,6 @@ def recorded_test(ds: TextDataset, record: dict, where: str, *, hint: str = "") 
     return _with_test(ds, [int(i) for i in record["test_rows"]])
 
 
-# ---------------------------------------------------------------------- detection
-def _table_names_images(path: Path) -> bool:
-    """Whether a CSV is the own-data `path,label` (or `label,path`) layout: one of its first two columns names image
-    files in at least half of its first rows, past a header if any (a text that mentions a file name is still
-    text; an image CSV with a stray row is still an image CSV, and its loader names the row)."""
-    try:
-        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-            text = f.read(1 << 16)  # enough for the first rows
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=_table_delimiter(path, text))
-        head = [[cell.strip() for cell in row[:2]] for _, row in zip(range(6), reader) if any(map(str.strip, row))]
-    except (OSError, csv.Error):
-        return False
-    for col, names in ((0, is_image_name), (1, _path_like)):  # a label first: its path must look like one
-        cells = [row[col] if len(row) > col else "" for row in head]
-        cells = cells[1:] if cells and not names(cells[0]) else cells  # past a header
-        if cells and 2 * sum(map(names, cells)) >= len(cells):
-            return True
-    return False
-
-
-def _path_like(cell: str) -> bool:
-    """An image file's name as a second column holds one: no spaces, or a folder in it ("what is in cat.jpg" is a
-    question)."""
-    return is_image_name(cell) and (" " not in cell or "/" in cell)
-
-
-def _split_kind(split: Path) -> str | None:
-    """"text" or "image" by which files the class folders hold more of (a photo folder may carry a credits.txt,
-    and a text folder a picture; up to 200 files a folder, enough to tell), None when neither."""
-    texts = images = 0
-    for class_dir in (p for p in split.iterdir() if p.is_dir()):
-        for file in itertools.islice(class_dir.iterdir(), 200):
-            texts += is_text_file(file.name) and file.is_file()
-            images += is_image_name(file.name)
-    return None if texts == images == 0 else "text" if texts > images else "image"
-
-
-def detect_kind(source: str | Path) -> str | None:
-    """"text", "image", or None when nothing known is found, judged by what `source` holds.
-
-    Text: TREC `.label` files, `.jsonl`, CSV/TSV tables whose cells name no image files, folders of `.txt`
-    files per class. Image: the CIFAR names and archives, tables naming image files, folders of images.
-    """
-    if str(source) in ("cifar10", "cifar100"):
-        return "image"
-    path = Path(source)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".label", ".jsonl"):
-            return "text"
-        if suffix in TABLE_SUFFIXES:
-            return "image" if _table_names_images(path) else "text"
-        if path.name.endswith((".tar", ".tar.gz", ".tgz", ".zip")):
-            return "image"
-        return None
-    if not path.is_dir():
-        return None
-    if any((path / name).is_file() for name in TREC_FILES) or (path / "train.jsonl").is_file():
-        return "text"
-    for suffix in TABLE_SUFFIXES:
-        if (path / f"train{suffix}").is_file():
-            return "image" if _table_names_images(path / f"train{suffix}") else "text"
-    train = [p for p in path.iterdir() if p.is_dir() and split_name(p.name) == "train"]  # train/, Train/, ...
-    if train:
-        return _split_kind(train[0])
-    if _split_kind(path) == "image":  # flat class folders of images (text ones need train/ and test/)
-        return "image"
-    if (path / "data_batch_1").is_file() or (path / "train").is_file():  # CIFAR's python folders
-        return "image"
-    return None
-
-
 def load_text(source: str | Path, *, label_level: str = "coarse", label_column: str | int | None = None,
               text_columns: Sequence[str | int] | None = None, max_field_chars: int = MAX_FIELD_CHARS) -> TextDataset:
     """Read any text source listed in the module docstring, chosen by what `source` holds.
@@ -476,7 +431,7 @@ def load_text(source: str | Path, *, label_level: str = "coarse", label_column: 
         return read_trec(path, label_level=label_level)
     if label_level != "coarse":  # other sources have one label a text: a level would be silently ignored
         raise CCTError(f"--label-level {label_level} is for TREC's COARSE:fine labels; {source} is not a TREC source")
-    if path.suffix.lower() == ".jsonl" or (path.is_dir() and (path / "train.jsonl").is_file()):
+    if path.suffix.lower() in JSON_SUFFIXES or (path.is_dir() and json_split(path, "train")):
         return read_jsonl(path)
     if path.suffix.lower() in TABLE_SUFFIXES or (path.is_dir() and any(
             (path / f"train{s}").is_file() for s in TABLE_SUFFIXES)):
