@@ -91,10 +91,14 @@ def test_a_csv_of_paths_and_labels(tmp_path, cache):
     (tmp_path / "swapped.csv").write_text("label,path\n" + "\n".join(swapped) + "\n")
     other = load(tmp_path / "swapped.csv", img_size=8, cache_dir=cache, progress=False)
     assert other.classes == ds.classes and sorted(_files(other)) == sorted(_files(ds))
-    for name, sep in (("semicolons.csv", ";"), ("tabs.csv", "\t")):  # Excel's CSV where the decimal mark is a comma
+    # Excel's CSV where the decimal mark is a comma, tabs in a .csv, and a .tsv (tabs, whatever else a row holds)
+    for name, sep in (("semicolons.csv", ";"), ("tabs.csv", "\t"), ("list.tsv", "\t")):
         (tmp_path / name).write_text(f"path{sep}label\n" + "\n".join(r.replace(",", sep) for r in rows) + "\n")
         other = load(tmp_path / name, img_size=8, cache_dir=cache, progress=False)
         assert other.classes == ds.classes and _files(other) == _files(ds)
+    (tmp_path / "commas.tsv").write_text("path\tlabel\n" + "\n".join(r.replace(",", "\t") + ",x" for r in rows) + "\n")
+    other = load(tmp_path / "commas.tsv", img_size=8, cache_dir=cache, progress=False)
+    assert [c.removesuffix(",x") for c in other.classes] == ds.classes
     # errors name the file's line (blank lines counted); a path listed twice is refused, whatever its labels
     (tmp_path / "short.csv").write_text("path,label\n\n" + rows[0] + "\nimgs/cat/01.png\n")
     with pytest.raises(DataError, match=r"short.csv:4: \['imgs/cat/01.png'\] is not path,label"):

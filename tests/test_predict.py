@@ -1,6 +1,9 @@
 """Prediction: image files of any size and mode, checkpoints and ONNX files, JSON output, bad input."""
+import csv
+import io
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +92,22 @@ def test_json_output_is_only_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in out["results"]] == files
     assert all(len(r["predictions"]) == 2 for r in out["results"])
+
+
+def test_csv_to_standard_output(tmp_path, capsys):
+    """`--output -` writes the CSV on stdout (and nothing else there), as Unix tools read "-"; with --json it is refused,
+    and a command whose output is a binary file refuses "-" instead of writing a file named "-"."""
+    ckpt, files = _checkpoint(tmp_path), _images(tmp_path)[:2]
+    assert main(["predict", str(ckpt), *files, "--topk", "2", "--output", "-"]) == 0
+    captured = capsys.readouterr()
+    rows = list(csv.reader(io.StringIO(captured.out)))
+    assert rows[0] == ["path", "label", "probability", "top2_label", "top2_probability", "error"]
+    assert [r[0] for r in rows[1:]] == files and "wrote standard output: 2 file(s)" in captured.err
+    assert main(["predict", str(ckpt), *files, "--output", "-", "--json"]) == 2
+    assert "both write to standard output" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "safetensors", "--output", "-"]) == 2
+    assert "--output - (standard output) is not for" in capsys.readouterr().err
+    assert not (Path.cwd() / "-").exists()
 
 
 def test_human_output(tmp_path, capsys):

@@ -141,6 +141,7 @@ def test_csv_with_semicolons_or_tabs(tmp_path):
     assert ds.train_texts == ["good; fine", "bad; awful"]
     images = write(tmp_path / "i.csv", "path;label\na/1.png;cat\na/2.png;cat\n")
     assert detect_kind(images) == "image" and detect_kind(path) == "text"
+    assert detect_kind(write(tmp_path / "i.tsv", "a/1.png\tcat\na/2.png\tcat\n")) == "image"
 
 
 def test_csv_several_text_columns(tmp_path):

@@ -83,7 +83,10 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
 
 
 def check_output(output: str | Path, *inputs: str | Path, flag: str = "--output") -> None:
-    """Refuse, before any work, an output path that is a folder or one of the command's own input files."""
+    """Refuse, before any work, an output path that is a folder or one of the command's own input files, or "-"
+    (standard output, which only `cct predict`'s CSV takes: the caller handles it before this check)."""
+    if str(output) == "-":
+        raise CCTError(f"{flag} - (standard output) is not for this command's binary file: give a file name")
     output = Path(output)
     if output.is_dir():
         raise CCTError(f"cannot write {output}: Is a directory ({flag} takes a file name)")

@@ -46,8 +46,8 @@ from .errors import CCTError
 from .policies import AugmentConfig, augment_batch
 from .preprocess import Preprocessing
 from .registry import model_kind
-from .sources import is_image_name, split_name
-from .text_data import JSON_SUFFIXES, TABLE_SUFFIXES, TREC_FILES, is_text_file, json_split, table_delimiter
+from .sources import is_image_name, split_name, table_delimiter
+from .text_data import JSON_SUFFIXES, TABLE_SUFFIXES, TREC_FILES, is_text_file, json_split
 from .tokenizer import PAD_ID, UNK_ID
 
 KINDS = ("image", "text")

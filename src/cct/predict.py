@@ -233,7 +233,13 @@ def write_csv(path: str | Path, results: list[dict], *, topk: int) -> None:
         cells += [""] * (len(header) - len(cells))
         writer.writerow(cells + [r.get("error", "")])
     # a name that is not UTF-8 (`surrogateescape`d by Python) is written back as its own bytes
-    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8", "surrogateescape")))
+    data = text.getvalue().encode("utf-8", "surrogateescape")
+    if str(path) == "-":  # standard output, as Unix tools read "-"
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    atomic_write(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------------- command line
@@ -279,7 +285,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.images:
         raise CCTError("nothing to classify: give image files or folders, --text or --text-file")
     files = image_files(args.images)  # a text model is refused by open_classifier
-    if args.output:
+    if args.output == "-" and args.json:
+        raise CCTError("--output - and --json both write to standard output: choose one")
+    if args.output and args.output != "-":
         check_output(args.output, args.model, *files)
     clf = open_classifier(args.model, args.precision, tta=args.tta)
     results = predict(clf, files, topk=args.topk, bad_images="report", progress=True)
@@ -288,7 +296,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"cct predict: error: {r['error']}", file=sys.stderr)
     if args.output:
         write_csv(args.output, results, topk=min(args.topk, len(clf.class_names)))
-        print(f"wrote {args.output}: {len(results)} file(s), {len(failed)} unreadable", file=sys.stderr)
+        where = "standard output" if args.output == "-" else args.output
+        print(f"wrote {where}: {len(results)} file(s), {len(failed)} unreadable", file=sys.stderr)
     if args.json:
         json.dump({"model": args.model, "results": results}, sys.stdout, indent=2)
         print()
@@ -315,7 +324,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes to show per image or text (default 5, at most all)")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
     p.add_argument("--output", metavar="CSV", default=None,
-                   help="write path,label,probability, top-k columns and error per file to this CSV")
+                   help="write path,label,probability, top-k columns and error per file to this CSV (-: standard output)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="checkpoints only; default: the precision recorded by training, else fp32")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,

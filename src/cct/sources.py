@@ -312,7 +312,8 @@ def warn_empty_classes(path: Path, classes: list[str], items: list[tuple[int, st
 
 
 def is_csv(path: Path) -> bool:
-    return path.suffix.lower() == ".csv" and path.is_file()
+    """Whether `path` is a table of image paths and labels, comma- (or semicolon-) or tab-separated."""
+    return path.suffix.lower() in (".csv", ".tsv") and path.is_file()
 
 
 def lines_of(text: str) -> list[str]:
@@ -349,6 +350,11 @@ def csv_delimiter(text: str) -> str:
     return ","
 
 
+def table_delimiter(path: Path, text: str) -> str:
+    """A tab for `.tsv`; for `.csv` a comma, or the semicolon or tab that every one of its first rows has instead."""
+    return "\t" if path.suffix.lower() == ".tsv" else csv_delimiter(text)
+
+
 def csv_items(path: Path, *, min_per_class: int = 2) -> tuple[Files, list[str], list[tuple[int, str]]]:
     """The files (relative to the CSV's folder), class names and [(label, name)] of a CSV of
     ``path,label`` (or ``label,path``) rows naming image files, separated by commas, semicolons or tabs; a first row
@@ -357,7 +363,7 @@ def csv_items(path: Path, *, min_per_class: int = 2) -> tuple[Files, list[str], 
         text = path.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read CSV ({getattr(e, 'strerror', None) or e})") from None
-    reader = csv.reader(io.StringIO(text), delimiter=csv_delimiter(text))
+    reader = csv.reader(io.StringIO(text), delimiter=table_delimiter(path, text))
     rows = [(reader.line_num, r) for r in reader if any(cell.strip() for cell in r)]
     # the path column: the one naming image files in more of the first rows (header or not)
     votes = [sum(len(r) > col and is_image_name(r[col].strip()) for _, r in rows[:6]) for col in (0, 1)]

@@ -39,7 +39,7 @@ import torch
 
 from .errors import CCTError
 from .holdout import choose_test
-from .sources import check_unclosed_quotes, csv_delimiter, lines_of
+from .sources import check_unclosed_quotes, lines_of, table_delimiter
 
 TREC_FILES = ("train_5500.label", "TREC_10.label")
 LABEL_LEVELS = ("coarse", "fine")
@@ -172,11 +172,6 @@ def _column(names: list[str], wanted: str | int, where: str) -> int:
     if wanted.lower() not in keys:
         raise CCTError(f"{where}: missing column {wanted!r} (columns: {', '.join(names)})")
     return keys.index(wanted.lower())
-
-
-def table_delimiter(path: Path, text: str) -> str:
-    """A tab for `.tsv`; for `.csv` a comma, or the semicolon or tab that every one of its first rows has instead."""
-    return "\t" if path.suffix.lower() == ".tsv" else csv_delimiter(text)
 
 
 def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns: Sequence[str | int] | None,
