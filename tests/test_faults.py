@@ -900,6 +900,21 @@ def test_an_os_error_no_command_expected_is_one_line(monkeypatch, capsys):
     assert_one_line_error(code, capsys.readouterr().err, "cct models: error: /runs/a/best.pt: Permission denied")
 
 
+def test_an_unreadable_csv_is_named_not_called_text(monkeypatch, tmp_path, capsys):
+    """Telling an image CSV from a text one reads its first rows: a file that cannot be read is that file's error, where
+    it used to count as text and refuse the image model ("--data labels.csv is text data")."""
+    from cct import kinds
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\na.png,cat\n")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(kinds, "open", denied, raising=False)  # tests run as root, whom chmod does not stop
+    code = cli.main(["train", "--model", "cct_2_3x2_32", "--data", str(labels), "--out", str(tmp_path / "run")])
+    assert_one_line_error(code, capsys.readouterr().err, "labels.csv: Permission denied")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_file_name_that_is_not_utf8(checkpoint, tmp_path, capsys):
     """A name from an older system's media (Latin-1 bytes): trained on, evaluated, and written back to predict's CSV
     as its own bytes, where the data's fingerprint used to refuse it."""

@@ -95,8 +95,8 @@ def test_json_output_is_only_json(tmp_path, capsys):
 
 
 def test_csv_to_standard_output(tmp_path, capsys):
-    """`--output -` writes the CSV on stdout (and nothing else there), as Unix tools read "-"; with --json it is refused,
-    and a command whose output is a binary file refuses "-" instead of writing a file named "-"."""
+    """`--output -` writes the CSV on stdout (and nothing else there), as Unix tools read "-"; with --json it is
+    refused, and a command whose output is a binary file refuses "-" instead of writing a file named "-"."""
     ckpt, files = _checkpoint(tmp_path), _images(tmp_path)[:2]
     assert main(["predict", str(ckpt), *files, "--topk", "2", "--output", "-"]) == 0
     captured = capsys.readouterr()

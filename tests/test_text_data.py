@@ -228,6 +228,8 @@ def test_json_suffixes_arrays_and_field_names(tmp_path):
         assert detect_kind(path) == "text"
         ds = load_text(path)
         assert ds.train_texts == ["good film", "bad"] and ds.classes == ["0", "1"], name
+    capitals = write(tmp_path / "caps.jsonl", '{"Text": "fine", "Label": "ok"}\n{"Text": "poor", "Label": "bad"}')
+    assert load_text(capitals).train_texts == ["fine", "poor"]
     news = [{"Category": "sport", "title": "Win", "description": "a late goal"}, {"Category": "tech", "title": "Chip",
                                                                                   "description": "faster"}]
     write(tmp_path / "f" / "train.json", "\n".join(map(json.dumps, news)))

@@ -213,12 +213,12 @@ def _table_names_images(path: Path) -> bool:
     """Whether a CSV is the own-data `path,label` (or `label,path`) layout: one of its first two columns names image
     files in at least half of its first rows, past a header if any (a text that mentions a file name is still
     text; an image CSV with a stray row is still an image CSV, and its loader names the row)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:  # unreadable: the OSError names it
+        text = f.read(1 << 16)  # enough for the first rows
     try:
-        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-            text = f.read(1 << 16)  # enough for the first rows
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=table_delimiter(path, text))
         head = [[cell.strip() for cell in row[:2]] for _, row in zip(range(6), reader) if any(map(str.strip, row))]
-    except (OSError, csv.Error):
+    except csv.Error:
         return False
     for col, names in ((0, is_image_name), (1, _path_like)):  # a label first: its path must look like one
         cells = [row[col] if len(row) > col else "" for row in head]
@@ -248,8 +248,9 @@ def _split_kind(split: Path) -> str | None:
 def detect_kind(source: str | Path) -> str | None:
     """"text", "image", or None when nothing known is found, judged by what `source` holds.
 
-    Text: TREC `.label` files, `.jsonl`, CSV/TSV tables whose cells name no image files, folders of `.txt`
-    files per class. Image: the CIFAR names and archives, tables naming image files, folders of images.
+    Text: TREC `.label` files, JSON Lines (`.jsonl`, `.ndjson`, `.json`), CSV/TSV tables whose cells name no image
+    files, folders of `.txt` files per class. Image: the CIFAR names and archives, tables naming image files, folders
+    of images. A table that cannot be read raises its OSError, naming it.
     """
     if str(source) in ("cifar10", "cifar100"):
         return "image"

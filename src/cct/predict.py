@@ -324,7 +324,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes to show per image or text (default 5, at most all)")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
     p.add_argument("--output", metavar="CSV", default=None,
-                   help="write path,label,probability, top-k columns and error per file to this CSV (-: standard output)")
+                   help="write path,label,probability, top-k columns and error per file to this CSV "
+                        "(-: standard output)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="checkpoints only; default: the precision recorded by training, else fp32")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,

@@ -276,8 +276,8 @@ JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")  # `.json`: JSON Lines (as `datas
 
 def _json_records(path: Path) -> list[tuple[str, object]]:
     """(where, record) for each record: a line of JSON Lines, or an element of a `.json` file's one array."""
-    text = _decode(path)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    text, dot_json = _decode(path), path.suffix.lower() == ".json"
+    if dot_json and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
@@ -289,7 +289,7 @@ def _json_records(path: Path) -> list[tuple[str, object]]:
             try:
                 records.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as e:
-                hint = ": a .json file holds JSON Lines or one array of objects" if path.suffix.lower() == ".json" else ""
+                hint = ": a .json file holds JSON Lines or one array of objects" if dot_json else ""
                 raise CCTError(f"{path}:{number}: not JSON ({e.msg}){hint}") from None
     return records
 
@@ -301,11 +301,10 @@ def _read_jsonl_rows(path: Path) -> list[_Row]:
         if not isinstance(record, dict):
             raise CCTError(f"{where}: expected an object with 'text' and 'label'")
         if not rows:
-            keys = {str(k).lower(): k for k in record}
-            if "label" not in keys:
-                label_key = next((k for low, k in keys.items() if low in LABEL_NAMES), "label")
-            if "text" not in keys:
-                text_keys = [k for low, k in keys.items() if low in TEXT_NAMES and k != label_key] or ["text"]
+            keys = {str(k).lower(): k for k in record}  # any case, as a table header's
+            label_key = keys.get("label") or next((k for low, k in keys.items() if low in LABEL_NAMES), "label")
+            text_keys = [keys["text"]] if "text" in keys else \
+                [k for low, k in keys.items() if low in TEXT_NAMES and k != label_key] or ["text"]
         for key in (label_key, *text_keys):
             if key not in record:
                 raise CCTError(f"{where}: missing field {key!r}")
