@@ -158,6 +158,22 @@ def test_eval_of_the_runs_own_source_reads_its_cache_entry(tmp_path, capsys):
     assert code == 0 and json.loads(stdout)["n"] == 12, err
 
 
+def test_figures_draw_dollars_as_written(tmp_path):
+    """Class and file names are data: "from_$5_to_$10" used to be parsed as matplotlib maths and fail ("5_to_"), and
+    "bills $1 and $2" was typeset as a formula."""
+    from cct.plots import plot_confusion
+    classes = ["from_$5_to_$10", "over_$10", "bills $1 and $2"]
+    plot_confusion([[1, 0, 0], [0, 1, 0], [0, 0, 1]], classes, tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+    model = create_model("cct_2_3x2_32", num_classes=3)
+    model.class_names = classes
+    ckpt = save_checkpoint(model, tmp_path / "m.pt")
+    image = tmp_path / "from_$5_to_$10.png"
+    Image.new("RGB", (32, 32), (9, 90, 200)).save(image)
+    from cct.explain import explain
+    assert explain(ckpt, [str(image)], tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_confusion_plot_gives_each_cells_fraction_and_count(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
     from cct.plots import plot_confusion

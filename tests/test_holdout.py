@@ -10,6 +10,7 @@ from PIL import Image
 from data_fixtures import pack
 from cct import holdout, stream
 from cct.data import DataError, load
+from cct.kinds import detect_kind
 
 COUNTS = {"cat": 10, "dog": 5, "emu": 2}
 
@@ -99,6 +100,12 @@ def test_a_csv_of_paths_and_labels(tmp_path, cache):
     (tmp_path / "commas.tsv").write_text("path\tlabel\n" + "\n".join(r.replace(",", "\t") + ",x" for r in rows) + "\n")
     other = load(tmp_path / "commas.tsv", img_size=8, cache_dir=cache, progress=False)
     assert [c.removesuffix(",x") for c in other.classes] == ds.classes
+    # no header, and a comma in every label ("Smith, John"): still the semicolons' or tabs' list, not a text table
+    for name, sep in (("people.csv", ";"), ("people_tabs.csv", "\t")):
+        (tmp_path / name).write_text("\n".join(r.replace(",", sep) + ", Jr." for r in rows) + "\n")
+        assert detect_kind(tmp_path / name) == "image"
+        other = load(tmp_path / name, img_size=8, cache_dir=cache, progress=False)
+        assert [c.removesuffix(", Jr.") for c in other.classes] == ds.classes
     # errors name the file's line (blank lines counted); a path listed twice is refused, whatever its labels
     (tmp_path / "short.csv").write_text("path,label\n\n" + rows[0] + "\nimgs/cat/01.png\n")
     with pytest.raises(DataError, match=r"short.csv:4: \['imgs/cat/01.png'\] is not path,label"):

@@ -143,6 +143,32 @@ def test_zip_symlink_refused(tmp_path, cache):
         load(tmp_path / "x.zip", cache_dir=cache, progress=False)
 
 
+def test_zip_of_utf8_names_without_the_utf8_flag(tmp_path):
+    """Info-ZIP's `zip` stores UTF-8 names without the flag that says so, which Python reads as cp437: the class
+    "café" came out as "caf├⌐" and 猫 as "τî½". Written here as that tool writes it (the flag cleared in the local
+    and the central headers); a real cp437 name that is no valid UTF-8 keeps its cp437 reading."""
+    from cct.sources import Files
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "png")
+    names = ["café/0.png", "猫/0.png", "dog/0.png"]
+    with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
+        for name in names:
+            zf.writestr(name, buf.getvalue())
+    raw = bytearray((tmp_path / "x.zip").read_bytes())
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local headers, central directory
+        start = raw.find(signature)
+        while start >= 0:
+            raw[start + flags_at + 1] &= ~0x08  # bit 11 of the little-endian flags: the UTF-8 flag
+            start = raw.find(signature, start + 4)
+    (tmp_path / "x.zip").write_bytes(bytes(raw))
+    with zipfile.ZipFile(tmp_path / "x.zip") as zf:
+        assert not any(i.flag_bits & 0x800 for i in zf.infolist()) and zf.namelist()[0] == "caf├⌐/0.png"
+    assert sorted(Files(tmp_path / "x.zip").names) == sorted(names)
+    with zipfile.ZipFile(tmp_path / "dos.zip", "w") as zf:
+        zf.writestr(zipfile.ZipInfo("caf\x82/0.png".encode("latin-1").decode("cp437")), b"x")  # cp437 é: no UTF-8
+    assert Files(tmp_path / "dos.zip").names == ["café/0.png"]
+
+
 def test_missing_and_foreign_sources(tmp_path, cache):
     with pytest.raises(DataError, match="not found"):
         load(tmp_path / "nope", cache_dir=cache)

@@ -31,8 +31,6 @@ How a new kind plugs in:
 """
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,7 +44,7 @@ from .errors import CCTError
 from .policies import AugmentConfig, augment_batch
 from .preprocess import Preprocessing
 from .registry import model_kind
-from .sources import is_image_name, split_name, table_delimiter
+from .sources import image_table_delimiter, is_image_name, split_name
 from .text_data import JSON_SUFFIXES, TABLE_SUFFIXES, TREC_FILES, is_text_file, json_split
 from .tokenizer import PAD_ID, UNK_ID
 
@@ -210,28 +208,10 @@ class RunInputs:
 
 # ---------------------------------------------------------------------- telling text from images
 def _table_names_images(path: Path) -> bool:
-    """Whether a CSV is the own-data `path,label` (or `label,path`) layout: one of its first two columns names image
-    files in at least half of its first rows, past a header if any (a text that mentions a file name is still
-    text; an image CSV with a stray row is still an image CSV, and its loader names the row)."""
+    """Whether a CSV is the own-data `path,label` (or `label,path`) layout (`image_table_delimiter`)."""
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:  # unreadable: the OSError names it
         text = f.read(1 << 16)  # enough for the first rows
-    try:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=table_delimiter(path, text))
-        head = [[cell.strip() for cell in row[:2]] for _, row in zip(range(6), reader) if any(map(str.strip, row))]
-    except csv.Error:
-        return False
-    for col, names in ((0, is_image_name), (1, _path_like)):  # a label first: its path must look like one
-        cells = [row[col] if len(row) > col else "" for row in head]
-        cells = cells[1:] if cells and not names(cells[0]) else cells  # past a header
-        if cells and 2 * sum(map(names, cells)) >= len(cells):
-            return True
-    return False
-
-
-def _path_like(cell: str) -> bool:
-    """An image file's name as a second column holds one: no spaces, or a folder in it ("what is in cat.jpg" is a
-    question)."""
-    return is_image_name(cell) and (" " not in cell or "/" in cell)
+    return image_table_delimiter(path, text) is not None
 
 
 def _split_kind(split: Path) -> str | None:

@@ -34,7 +34,11 @@ def check_figure_path(path: str | Path, flag: str) -> None:
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
-    """Write a figure atomically, in the format its suffix names (PNG without one)."""
+    """Write a figure atomically, in the format its suffix names (PNG without one). Every text is drawn as written:
+    class names, file names and texts are data, and a `$` in them ("over_$10") would start matplotlib's maths."""
+    from matplotlib.text import Text
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     path = Path(path)
     atomic_write(path, lambda f: fig.savefig(f, format=_format(path), dpi=dpi))
     return path

@@ -25,7 +25,6 @@ import io
 import logging
 import os
 import posixpath
-import re
 import stat
 import tarfile
 import zipfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import CCTError
+from .tables import table_delimiter
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +140,26 @@ def _read_zip(path: Path) -> dict[str, bytes]:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
             for info in infos:
-                if _unsafe_name(info.filename):
+                if _unsafe_name(_zip_name(info)):
                     raise DataError(f"{path}: refused, member {info.filename!r} would land outside the "
                                     "extraction folder")
                 if stat.S_ISLNK(info.external_attr >> 16):
                     raise DataError(f"{path}: refused, member {info.filename!r} is a link")
-            return {posixpath.normpath(i.filename): zf.read(i) for i in infos if not i.is_dir()}
+            return {posixpath.normpath(_zip_name(i)): zf.read(i) for i in infos if not i.is_dir()}
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"{path}: cannot read archive ({e})") from None
+
+
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    """A member's name as its creator wrote it: Info-ZIP's `zip` (Linux's, and so most scripts') stores UTF-8 bytes
+    without the UTF-8 flag, which Python then reads as cp437 ("café" as "caf├⌐"), so such bytes that are valid UTF-8
+    are read as UTF-8, as `unzip` and the desktop tools do."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except UnicodeError:  # a real cp437 name (an old DOS archive)
+        return info.filename
 
 
 def fingerprint(path: Path) -> str:
@@ -316,43 +328,34 @@ def is_csv(path: Path) -> bool:
     return path.suffix.lower() in (".csv", ".tsv") and path.is_file()
 
 
-def lines_of(text: str) -> list[str]:
-    """`text`'s lines, broken at \\n, \\r\\n or \\r only: `str.splitlines` also breaks at U+2028, U+0085 and other
-    characters that JSON strings and texts may hold as they are."""
-    return _LINE_BREAK.split(_LAST_BREAK.sub("", text)) if text else []
+def image_table_delimiter(path: Path, text: str) -> str | None:
+    """The delimiter under which a table is the own-data `path,label` (or `label,path`) layout, or None (a text
+    table): one of its first two columns names image files in at least half of its first rows, past a header if any
+    (a text that mentions a file name is still text; an image list with a stray row is still one, and its loader
+    names the row). `table_delimiter`'s pick is tried first, then the others, so a `;`- or tab-separated list whose
+    labels or paths hold commas ("Smith, John") is still read by its own delimiter."""
+    first = table_delimiter(path, text)
+    others = [] if path.suffix.lower() == ".tsv" else [",", ";", "\t"]
+    for delimiter in dict.fromkeys([first, *others]):
+        try:
+            reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+            head = [[cell.strip() for cell in row[:2]] for _, row in zip(range(6), reader) if any(map(str.strip, row))]
+        except csv.Error:
+            continue
+        if delimiter != first and any(len(row) < 2 for row in head):  # another delimiter must split every row
+            continue
+        for col, names in ((0, is_image_name), (1, _path_like)):  # a label first: its path must look like one
+            cells = [row[col] if len(row) > col else "" for row in head]
+            cells = cells[1:] if cells and not names(cells[0]) else cells  # past a header
+            if cells and 2 * sum(map(names, cells)) >= len(cells):
+                return delimiter
+    return None
 
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_LAST_BREAK = re.compile(r"(\r\n|\r|\n)\Z")
-
-
-def check_unclosed_quotes(spanning: list[tuple[str, int, list[str]]], labels: set[str], delimiter: str,
-                          columns: int, label_at: int) -> None:
-    """An error for a record whose quoted field has swallowed rows: two or more of its inner lines read as rows of
-    the file (as many fields, a label the file has). csv reads an unclosed quote up to the next quote or the end."""
-    for where, lines, record in spanning:
-        inner = [ln for field in record for ln in lines_of(field)[1:]]
-        rows = [r for r in csv.reader(inner, delimiter=delimiter) if len(r) == columns]
-        # with one label in the file (all the others swallowed), any short label cell counts
-        swallowed = [r for r in rows if r[label_at].strip() in labels or len(labels) == 1 and
-                     0 < len(r[label_at].strip()) <= 40]
-        if len(swallowed) >= 2:
-            raise CCTError(f"{where}: a quoted field runs over {lines} lines, {len(swallowed)} of which read as rows "
-                           f"of this file ({delimiter.join(swallowed[0])[:40]!r}): an unclosed quote?")
-
-
-def csv_delimiter(text: str) -> str:
-    """"," unless the first rows have none and do have ";" (Excel's CSV where the decimal mark is a comma) or a tab."""
-    head = [line for line in lines_of(text)[:6] if line.strip()]
-    for delimiter in (",", ";", "\t"):
-        if head and all(delimiter in line for line in head):
-            return delimiter
-    return ","
-
-
-def table_delimiter(path: Path, text: str) -> str:
-    """A tab for `.tsv`; for `.csv` a comma, or the semicolon or tab that every one of its first rows has instead."""
-    return "\t" if path.suffix.lower() == ".tsv" else csv_delimiter(text)
+def _path_like(cell: str) -> bool:
+    """An image file's name as a second column holds one: no spaces, or a folder in it ("what is in cat.jpg" is a
+    question)."""
+    return is_image_name(cell) and (" " not in cell or "/" in cell)
 
 
 def csv_items(path: Path, *, min_per_class: int = 2) -> tuple[Files, list[str], list[tuple[int, str]]]:
@@ -363,7 +366,8 @@ def csv_items(path: Path, *, min_per_class: int = 2) -> tuple[Files, list[str], 
         text = path.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read CSV ({getattr(e, 'strerror', None) or e})") from None
-    reader = csv.reader(io.StringIO(text), delimiter=table_delimiter(path, text))
+    delimiter = image_table_delimiter(path, text) or table_delimiter(path, text)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     rows = [(reader.line_num, r) for r in reader if any(cell.strip() for cell in r)]
     # the path column: the one naming image files in more of the first rows (header or not)
     votes = [sum(len(r) > col and is_image_name(r[col].strip()) for _, r in rows[:6]) for col in (0, 1)]

@@ -39,7 +39,7 @@ import torch
 
 from .errors import CCTError
 from .holdout import choose_test
-from .sources import check_unclosed_quotes, lines_of, table_delimiter
+from .tables import check_unclosed_quotes, lines_of, table_delimiter
 
 TREC_FILES = ("train_5500.label", "TREC_10.label")
 LABEL_LEVELS = ("coarse", "fine")
@@ -93,7 +93,7 @@ def _decode(path: Path) -> str:
 
 def _label_order(names: set[str]) -> list[str]:
     if all(re.fullmatch(r"-?\d+", n) for n in names):
-        return sorted(names, key=int)
+        return sorted(names, key=lambda n: (int(n), n))  # "1" before "01", whatever order the set iterates in
     return sorted(names)
 
 

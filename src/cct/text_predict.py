@@ -28,7 +28,7 @@ from .errors import CCTError, CheckpointError
 from .kernels import fuse, use_kernels
 from .onnxrt import onnx_session
 from .runtime import autocast, recorded_precision, resolve_precision
-from .sources import lines_of
+from .tables import lines_of
 from .text_model import TextCCT, TextConfig
 from .tokenizer import TextTokenizer
 
