@@ -1,6 +1,8 @@
 """Flat class folders and CSVs: the seeded, stratified test split, its record, and loading only the
 recorded test files later (`cct.holdout`, `cct.data.load(..., test_files=record)`)."""
 import logging
+import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -183,6 +185,36 @@ def test_recorded_test_files_alone_and_a_changed_folder(flat, cache, caplog):
     assert changed.source_changed and len(changed.test) == len(ds.test) - 1
     assert "changed since its test split was recorded" in caplog.text and "1 of the 4 test files missing" in caplog.text
     assert torch.equal(changed.test.images, ds.test.images[1:])
+
+
+def test_other_classes_beside_the_recorded_split_are_named(flat, tmp_path, cache, caplog):
+    """Other data that reuses the run's file names (00.png, IMG_0001.jpg) is taken for the run's source, changed: its
+    classes the run did not have are named in the warning, not left out without a word. Other data that holds none
+    of the test files goes to being scored whole even with fewer classes; a class that looks the same but is written
+    in another Unicode form (a folder copied from macOS) is shown as it is written."""
+    record = load(flat, img_size=8, cache_dir=cache, progress=False).split_record
+    make_flat(flat, counts={"owl": 3})
+    with caplog.at_level(logging.WARNING):
+        changed = load(flat, img_size=8, progress=False, test_files=record)
+    assert changed.source_changed and changed.classes == record["classes"]
+    assert "also has classes the run did not: owl" in caplog.text
+    with pytest.raises(holdout.OtherSource, match="holds none of the 4 test files"):
+        load(make_flat(tmp_path / "new", counts={"cat": 2}), img_size=8, progress=False, test_files=record)
+    nfd = dict(record, classes=[unicodedata.normalize("NFD", "café") if c == "cat" else c for c in record["classes"]],
+               test_labels=[unicodedata.normalize("NFD", "café") if c == "cat" else c for c in record["test_labels"]])
+    shutil.rmtree(flat / "owl")
+    (flat / "cat").rename(flat / "café")
+    with pytest.raises(DataError, match=r"has no class .* of the run's \(and .* it did not have: renamed\?; names "
+                                        r"that differ only in Unicode form .*: 'cafe\\u0301', 'caf\\xe9'\)"):
+        load(flat, img_size=8, progress=False, test_files=nfd)
+
+
+def test_class_difference_names_what_differs():
+    assert holdout.class_difference(["a", "b", "c"], ["a", "b", "c", "d"]) == "the data has 'd' the run did not"
+    assert holdout.class_difference(["a", "b"], ["b", "a"]) == "class 0 is 'a' in the run, 'b' in the data"
+    many = holdout.class_difference([str(i) for i in range(9)], [])
+    assert many == "the data lacks '0', '1', '2' and 6 more"
+    assert "Unicode form" in holdout.class_difference(["cat "], ["cat"])
 
 
 def test_recorded_split_of_a_csv_and_of_an_archive(tmp_path, cache):

@@ -30,7 +30,7 @@ from .errors import CCTError, CheckpointError
 from .kernels import KERNELS, fuse, use_kernels
 from .kinds import TextPreprocessing, TextSet, TokenBatch, detect_kind, model_args, preprocessing_from_checkpoint
 from .preprocess import Preprocessing
-from .holdout import OtherSource
+from .holdout import OtherSource, class_difference
 from .text_data import LABEL_LEVELS, load_text, recorded_test
 from .text_model import TextCCT
 from .runtime import PRECISIONS, autocast, recorded_precision, resolve_device, resolve_precision, tune_allocator
@@ -238,7 +238,8 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
         raise CCTError(f"{source} has no {split} split")
     num_classes = model.cfg.num_classes
     if len(classes) != num_classes:
-        raise CheckpointError(f"{path} was trained on {num_classes} classes but {source} has {len(classes)}")
+        raise CheckpointError(f"{path} was trained on {num_classes} classes but {source} has {len(classes)}"
+                              + (f": {class_difference(list(model.class_names), classes)}" if model.class_names else ""))
     if model.class_names and list(model.class_names) != classes:
         i = next(i for i, (a, b) in enumerate(zip(model.class_names, classes)) if a != b)
         raise CheckpointError(f"{path} was trained on other classes than {source} has: class {i} is "

@@ -11,6 +11,7 @@ store it and `cct eval` can later decode exactly those files (`cct.data.load(...
 from __future__ import annotations
 
 import logging
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,37 @@ def _record_root(record: dict) -> str:
     return class_root(record["classes"], [(index[c], n) for n, c in zip(record["test_files"], record["test_labels"])])
 
 
+def _few(names) -> str:
+    """Up to three class names for a message, and how many more."""
+    names = list(names)
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _look_alike(run: list[str], data: list[str]) -> str:
+    """A hint where a class of the run and one of the data differ only in ways a message cannot show."""
+    def plain(name):
+        return unicodedata.normalize("NFC", name).strip()
+    missing, extra = set(run) - set(data), set(data) - set(run)
+    both = {plain(n) for n in missing} & {plain(n) for n in extra}
+    alike = sorted(n for n in missing | extra if plain(n) in both)
+    if alike:
+        return ("; names that differ only in Unicode form (macOS folders write é as e + ´) or in spaces at their "
+                "ends: " + ", ".join(map(ascii, alike[:4])))
+    return ""
+
+
+def class_difference(run: list[str], data: list[str]) -> str:
+    """What tells the data's classes from a run's, for an error: the classes one has and the other lacks, else the
+    first place their orders part."""
+    missing, extra = [c for c in run if c not in set(data)], [c for c in data if c not in set(run)]
+    if not missing and not extra:
+        i = next(i for i, (a, b) in enumerate(zip(run, data)) if a != b)
+        return f"class {i} is {run[i]!r} in the run, {data[i]!r} in the data"
+    lacks = f"the data lacks {_few(map(repr, missing))}" if missing else ""
+    has = f"the data has {_few(map(repr, extra))} the run did not" if extra else ""
+    return "; ".join(filter(None, (lacks, has))) + _look_alike(run, data)
+
+
 def check(record: dict, classes: list[str], items: list[tuple[int, str]], where: str) -> tuple[bool, str | None]:
     """(changed, message): whether the source's file list differs from the one the record was drawn from."""
     for key in ("test_files", "test_labels", "classes", "fingerprint"):
@@ -105,24 +137,24 @@ def decode_recorded(path: Path, record: dict, *, size: tuple[int, int] | None, i
     if not record["test_files"]:
         raise DataError(f"the run held no test images out of {path} (--test-split 0): evaluate it on other data, or "
                         "give --split train to score the images it trained on")
-    if classes != list(record["classes"]) and (gone := sorted(set(record["classes"]) - set(classes))):
-        new = sorted(set(classes) - set(record["classes"]))
-        raise DataError(f"{path} has no class {', '.join(gone[:3])} of the run's"
-                        + (f" (and {', '.join(new[:3])} it did not have: renamed?)" if new else "")
-                        + ": its recorded test split cannot be scored")
     # names below the class folders' root, so that a folder and a zip of it (photos/cat/1.png) match
     index = {c: i for i, c in enumerate(record["classes"])}
     then, now = _record_root(record), class_root(classes, items["train"])
     present = {from_root(n, now): n for _, n in items["train"]}
     pairs = [(present[from_root(n, then)], index[c]) for n, c in zip(record["test_files"], record["test_labels"])
              if from_root(n, then) in present]
-    if not pairs:
+    if not pairs:  # before the classes: other data, which is scored as a whole, may hold fewer of them
         raise OtherSource(f"{path} holds none of the {len(record['test_files'])} test files the run held out, so it "
                           "is another source than the one it trained on")
+    gone, new = _few(c for c in record["classes"] if c not in classes), _few(c for c in classes if c not in index)
+    if gone:
+        raise DataError(f"{path} has no class {gone} of the run's" + (f" (and {new} it did not have: renamed?"
+                        f"{_look_alike(record['classes'], classes)})" if new else "")
+                        + ": its recorded test split cannot be scored")
     as_then = [(label, "/".join(filter(None, (then, from_root(n, now))))) for label, n in items["train"]]
     changed, message = check(record, classes, as_then, str(path))
-    if changed:
-        log.warning("%s", message)
+    if changed:  # classes it did not have: perhaps other data that reuses the file names (img0.png, IMG_0001.jpg)
+        log.warning("%s%s", message, f"; {path} also has classes the run did not: {new}" if new else "")
     arrays = decode_images([files.handle(n) for n, _ in pairs], size=size, channels=in_chans, progress=progress,
                            resize_mode=resize_mode)
     good, bad = [], []

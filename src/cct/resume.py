@@ -22,6 +22,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import read_checkpoint
 from .errors import CCTError, CheckpointError
+from .holdout import class_difference
 from .recipes import TrainConfig
 from .runfiles import log
 from .step import TrainStep
@@ -131,9 +132,8 @@ def restore(checkpoint: dict, path: Path, *, model: nn.Module, optimizer: torch.
     """
     saved = checkpoint.get("class_names")
     if classes is not None and saved and list(saved) != list(classes):
-        raise CheckpointError(f"{path}: the run trained on classes {', '.join(saved[:5])}"
-                              f"{', ...' if len(saved) > 5 else ''}, and the data given holds "
-                              f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}")
+        raise CheckpointError(f"{path}: the run trained on {len(saved)} classes and the data given holds "
+                              f"{len(classes)}, not the same: {class_difference(list(saved), list(classes))}")
     try:
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
