@@ -192,6 +192,21 @@ def test_symlinked_class_folders_are_followed(tree, tmp_path, cache):
     assert ds.classes == reference.classes and torch.equal(ds.train.images, reference.train.images)
 
 
+def test_a_class_linked_to_a_sibling_is_warned_about(tree, caplog):
+    """A class folder that links to another class's folder puts each image in both classes (a CSV listing a path
+    twice is an error): the images are read as before, and a warning names both folders."""
+    (tree / "train" / "kitty").symlink_to(tree / "train" / "cat", target_is_directory=True)
+    with caplog.at_level("WARNING"):
+        names = Files(tree).names
+    assert "train/kitty/000.png" in names and "train/cat/000.png" in names
+    assert "train/kitty is the folder train/cat (a link)" in caplog.text or \
+        "train/cat is the folder train/kitty (a link)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Files(tree / "test")
+    assert "a link" not in caplog.text  # a folder reached once: no warning
+
+
 def test_a_symlink_cycle_is_not_entered(tree):
     before = Files(tree).names
     (tree / "train" / "dog" / "up").symlink_to(tree / "train", target_is_directory=True)  # a link to its parent

@@ -60,8 +60,8 @@ def default_cache_dir() -> Path:
 def folder_files(root: Path) -> list[Path]:
     """The regular files below `root`, through symlinked folders too (a class folder that links to photos
     kept elsewhere, which `Path.rglob` skips before Python 3.13); a link back to a folder it sits in
-    (a cycle) is not entered."""
-    found, real_of = [], {}
+    (a cycle) is not entered, and a folder reached twice (a class linked to a sibling) is read twice, with a warning."""
+    found, real_of, first = [], {}, {}
 
     def unreadable(e: OSError) -> None:  # os.walk skips a folder it cannot list: its images would vanish unsaid
         raise DataError(f"cannot read folder {e.filename}: {e.strerror or e}")
@@ -75,6 +75,10 @@ def folder_files(root: Path) -> list[Path]:
         if real in ancestors:
             subfolders.clear()
             continue
+        if real in first and files:
+            log.warning("%s is the folder %s (a link): its %d file(s) are read under both names, so they count twice",
+                        os.path.relpath(folder, root), os.path.relpath(first[real], root), len(files))
+        first.setdefault(real, folder)
         found.extend(p for p in (Path(folder) / name for name in files) if p.is_file())
     return found
 
