@@ -238,8 +238,8 @@ def evaluate_checkpoint(path: str | Path, source: str, *, split: str = "auto", p
         raise CCTError(f"{source} has no {split} split")
     num_classes = model.cfg.num_classes
     if len(classes) != num_classes:
-        raise CheckpointError(f"{path} was trained on {num_classes} classes but {source} has {len(classes)}"
-                              + (f": {class_difference(list(model.class_names), classes)}" if model.class_names else ""))
+        difference = f": {class_difference(list(model.class_names), classes)}" if model.class_names else ""
+        raise CheckpointError(f"{path} was trained on {num_classes} classes but {source} has {len(classes)}{difference}")
     if model.class_names and list(model.class_names) != classes:
         i = next(i for i, (a, b) in enumerate(zip(model.class_names, classes)) if a != b)
         raise CheckpointError(f"{path} was trained on other classes than {source} has: class {i} is "

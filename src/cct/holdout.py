@@ -99,7 +99,8 @@ def _look_alike(run: list[str], data: list[str]) -> str:
 def class_difference(run: list[str], data: list[str]) -> str:
     """What tells the data's classes from a run's, for an error: the classes one has and the other lacks, else the
     first place their orders part."""
-    missing, extra = [c for c in run if c not in set(data)], [c for c in data if c not in set(run)]
+    in_run, in_data = set(run), set(data)
+    missing, extra = [c for c in run if c not in in_data], [c for c in data if c not in in_run]
     if not missing and not extra:
         i = next(i for i, (a, b) in enumerate(zip(run, data)) if a != b)
         return f"class {i} is {run[i]!r} in the run, {data[i]!r} in the data"

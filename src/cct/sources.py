@@ -75,9 +75,11 @@ def folder_files(root: Path) -> list[Path]:
         if real in ancestors:
             subfolders.clear()
             continue
-        if real in first and files:
-            log.warning("%s is the folder %s (a link): its %d file(s) are read under both names, so they count twice",
-                        os.path.relpath(folder, root), os.path.relpath(first[real], root), len(files))
+        if real in first and files and (key := f"{os.path.realpath(root)}\0{real}") not in _WARNED:
+            _WARNED.add(key)  # once a process: a run lists its source more than once
+            one, other = sorted(os.path.relpath(f, root) for f in (folder, first[real]))
+            log.warning("%s and %s are the same folder (a link): its %d file(s) are read under both names, so they "
+                        "count twice", one, other, len(files))
         first.setdefault(real, folder)
         found.extend(p for p in (Path(folder) / name for name in files) if p.is_file())
     return found
