@@ -1,5 +1,6 @@
 """Flat class folders and CSVs: the seeded, stratified test split, its record, and loading only the
 recorded test files later (`cct.holdout`, `cct.data.load(..., test_files=record)`)."""
+import csv
 import logging
 import shutil
 import unicodedata
@@ -115,6 +116,20 @@ def test_a_csv_of_paths_and_labels(tmp_path, cache):
     (tmp_path / "twice.csv").write_text("path,label\n" + "\n".join(rows) + "\n" + rows[0].replace("CAT", "DOG") + "\n")
     with pytest.raises(DataError, match=rf"twice.csv:{len(rows) + 2}: 'imgs/cat/00.png' is listed again .first on line 2."):
         load(tmp_path / "twice.csv", cache_dir=cache, progress=False)
+
+
+def test_a_csv_path_that_starts_with_a_space(tmp_path, cache):
+    """Spaces around a cell are stripped ("a.png, cat"), except where the file is named with them: a folder " lead",
+    as Python's csv module writes its path."""
+    rows = [(f"{c}/{i}.png", c) for c in (" lead", "tin") for i in range(2)]  # paths relative to the CSV's folder
+    for name, _ in rows:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *rows])
+    assert "\n lead/0.png, lead\n" in (tmp_path / "list.csv").read_text().replace("\r", "")
+    ds = load(tmp_path / "list.csv", img_size=8, cache_dir=cache, progress=False, test_split=0.5)
+    assert ds.classes == ["lead", "tin"] and len(ds.train) + len(ds.test) == 4
 
 
 def test_a_class_folder_without_images_is_reported_not_dropped_unseen(flat, cache, caplog):

@@ -384,7 +384,10 @@ def csv_items(path: Path, *, min_per_class: int = 2) -> tuple[Files, list[str], 
     for line, row in rows:
         if len(row) < 2 or not row[1 - path_col].strip():
             raise DataError(f"{path}:{line}: {row!r} is not {'label,path' if path_col else 'path,label'}")
-        name = posixpath.normpath(row[path_col].strip().replace("\\", "/"))
+        cell = row[path_col].replace("\\", "/")
+        name = posixpath.normpath(cell.strip())  # "a.png, cat": the space after a comma is no part of a name
+        if cell != cell.strip() and (path.parent / posixpath.normpath(cell)).is_file():
+            name = posixpath.normpath(cell)  # unless the file is named with it (a folder " lead", written by csv)
         if not is_image_name(name):
             raise DataError(f"{path}:{line}: {name!r} is not an image file (expected rows of image path,label)")
         if name in seen:  # twice in one split, or in two classes: which label, and which split, is a guess
