@@ -174,6 +174,19 @@ def _column(names: list[str], wanted: str | int, where: str) -> int:
     return keys.index(wanted.lower())
 
 
+def _label_field(keys: list[str]) -> int | None:
+    """Which of a header's (or a JSON record's) lower-cased names is the label: `label`, else the first one a label
+    name calls (`LABEL_NAMES`); None when none is."""
+    return keys.index("label") if "label" in keys else next((i for i, k in enumerate(keys) if k in LABEL_NAMES), None)
+
+
+def _text_fields(keys: list[str], label_at: int | None) -> list[int]:
+    """Which of those names are the text: `text`, else the ones text names call (`TEXT_NAMES`) but the label's."""
+    if "text" in keys:
+        return [keys.index("text")]
+    return [i for i, k in enumerate(keys) if i != label_at and k in TEXT_NAMES]
+
+
 def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns: Sequence[str | int] | None,
                      header: bool | None, delimiter: str | None, max_field_chars: int) -> list[_Row]:
     text = _decode(path)
@@ -192,14 +205,13 @@ def _read_table_rows(path: Path, *, label_column: str | int | None, text_columns
                 {"label", "text"} & set(keys) or (LABEL_NAMES & set(keys) and TEXT_NAMES & set(keys))))
         names = first if header else [str(i) for i in range(len(first))]
         where = f"{path}:1"
-        if label_column is None and header:  # `label`, else the first column a label name calls
-            label_column = "label" if "label" in keys else next((n for n in names if n.strip().lower() in LABEL_NAMES),
-                                                                "label")
+        if label_column is None and header:
+            found = _label_field(keys)
+            label_column = names[found] if found is not None else "label"
         label_at = _column(names, label_column if label_column is not None else 0, where)
-        if text_columns is None:  # `text`, else the columns text names call, else every column but the label
-            named = [i for i, k in enumerate(keys) if i != label_at and k in TEXT_NAMES] if header else []
-            text_at = [keys.index("text")] if header and "text" in keys else \
-                named or [i for i in range(len(names)) if i != label_at]
+        if text_columns is None:  # the columns text names call, else every column but the label
+            named = _text_fields(keys, label_at) if header else []
+            text_at = named or [i for i in range(len(names)) if i != label_at]
         else:
             text_at = [_column(names, c, where) for c in text_columns]
         if not text_at:
@@ -300,11 +312,12 @@ def _read_jsonl_rows(path: Path) -> list[_Row]:
     for where, record in _json_records(path):
         if not isinstance(record, dict):
             raise CCTError(f"{where}: expected an object with 'text' and 'label'")
-        if not rows:
-            keys = {str(k).lower(): k for k in record}  # any case, as a table header's
-            label_key = keys.get("label") or next((k for low, k in keys.items() if low in LABEL_NAMES), "label")
-            text_keys = [keys["text"]] if "text" in keys else \
-                [k for low, k in keys.items() if low in TEXT_NAMES and k != label_key] or ["text"]
+        if not rows:  # the fields, chosen as a table header's columns are
+            fields = list(record)
+            keys = [str(k).lower() for k in fields]
+            found = _label_field(keys)
+            label_key = fields[found] if found is not None else "label"
+            text_keys = [fields[i] for i in _text_fields(keys, found)] or ["text"]
         for key in (label_key, *text_keys):
             if key not in record:
                 raise CCTError(f"{where}: missing field {key!r}")
