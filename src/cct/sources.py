@@ -75,11 +75,10 @@ def folder_files(root: Path) -> list[Path]:
         if real in ancestors:
             subfolders.clear()
             continue
-        if real in first and files and (key := f"{os.path.realpath(root)}\0{real}") not in _WARNED:
-            _WARNED.add(key)  # once a process: a run lists its source more than once
+        if real in first and files:
             one, other = sorted(os.path.relpath(f, root) for f in (folder, first[real]))
-            log.warning("%s and %s are the same folder (a link): its %d file(s) are read under both names, so they "
-                        "count twice", one, other, len(files))
+            _warn_once(f"{os.path.realpath(root)}\0{real}", "%s and %s are the same folder (a link): its %d file(s) "
+                       "are read under both names, so they count twice", one, other, len(files))
         first.setdefault(real, folder)
         found.extend(p for p in (Path(folder) / name for name in files) if p.is_file())
     return found
@@ -410,19 +409,25 @@ def list_fingerprint(classes: list[str], items: list[tuple[int, str]]) -> str:
 def warn_unread_images(files: Files) -> None:
     """A warning for files Pillow could open whose extension is not one of IMAGE_EXTENSIONS (.tga, .ico, .avif, ...):
     left out of the data, which would otherwise pass without a word."""
-    if str(files.path) in _WARNED:
+    if str(files.path) in _WARNED:  # before the scan: its result is known
         return
     readable = _pillow_only_extensions()
     left = [n for n in _visible(files.names) if posixpath.splitext(n)[1].lower() in readable]
     if left:
-        _WARNED.add(str(files.path))
         kinds = sorted({posixpath.splitext(n)[1].lower() for n in left})
-        log.warning("%s: %d file(s) of %s left out, first %s: cct reads .jpg, .png, .bmp, .gif, .tif, .webp and the "
-                    "like; convert them (or rename them: Pillow tells formats by content) to use them", files.path,
-                    len(left), ", ".join(kinds), left[0])
+        _warn_once(str(files.path), "%s: %d file(s) of %s left out, first %s: cct reads .jpg, .png, .bmp, .gif, .tif, "
+                   ".webp and the like; convert them (or rename them: Pillow tells formats by content) to use them",
+                   files.path, len(left), ", ".join(kinds), left[0])
 
 
-_WARNED: set[str] = set()  # sources warned about once in this process (a run lists its source more than once)
+_WARNED: set[str] = set()  # warnings given in this process, by key (a run lists its source more than once)
+
+
+def _warn_once(key: str, message: str, *args) -> None:
+    """`log.warning(message, *args)`, unless this process gave the warning of `key` already."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message, *args)
 
 
 @functools.cache
@@ -458,10 +463,9 @@ def _warn_unlabelled(files: Files, items: dict[str, list[tuple[int, str]]]) -> N
     have no label, so the layout leaves them out, which would otherwise pass without a word."""
     used = {name for split in items.values() for _, name in split}
     left = [n for n in _visible(files.names) if is_image_name(n) and n not in used]
-    if left and f"{files.path}\0unlabelled" not in _WARNED:
-        _WARNED.add(f"{files.path}\0unlabelled")
-        log.warning("%s: %d image(s) outside the class folders left out (no label to learn), first %s", files.path,
-                    len(left), left[0])
+    if left:
+        _warn_once(f"{files.path}\0unlabelled", "%s: %d image(s) outside the class folders left out (no label to "
+                   "learn), first %s", files.path, len(left), left[0])
 
 
 def content_key(path: Path) -> str:
