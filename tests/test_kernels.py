@@ -1,6 +1,5 @@
 """cct.kernels: every fast kernel computes its reference module's function, values and gradients."""
 import copy
-import math
 
 import pytest
 import torch
@@ -9,8 +8,7 @@ from torch import nn
 
 import cct
 from cct import kernels
-from cct.kernels import (FastAttention, FastConvTokenizer, FastDropout, FastGELU, _pool_out_sizes, dropout,
-                         dropout_mask, fuse, gelu_tanh, use_kernels)
+from cct.kernels import FastAttention, FastConvTokenizer, FastDropout, FastGELU, _pool_out_sizes, fuse, gelu_tanh, use_kernels
 from cct.layers import Attention
 from cct.model import ConvTokenizer
 
@@ -50,10 +48,11 @@ def test_fast_model_is_the_reference_model(name):
         torch.testing.assert_close(fuse(fast.eval())(x), reference.eval()(x), atol=2e-5, rtol=1e-4)
 
 
-def test_fast_training_with_dropout_draws_the_reference_masks():
+@pytest.mark.parametrize("name", ["cct_2_3x2_32_keras", "cct_2_3x2_32"])  # folded attention, and the float core
+def test_fast_training_with_dropout_draws_the_reference_masks(name):
     """With dropout on, fast and reference-with-FastDropout draw the same masks: the same outputs."""
     torch.manual_seed(0)
-    fast = use_kernels(cct.create_model("cct_2_3x2_32_keras").double(), "fast").train()
+    fast = use_kernels(cct.create_model(name).double(), "fast").train()
     reference = copy.deepcopy(fast)
     for m in reference.modules():  # reference math everywhere but the dropout masks
         if type(m) in (FastAttention, FastConvTokenizer, FastGELU):
@@ -64,85 +63,6 @@ def test_fast_training_with_dropout_draws_the_reference_masks():
         torch.manual_seed(7)
         outs.append(model(x))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=1e-10)
-
-
-# ---------------------------------------------------------------------- dropout
-def test_dropout_mask_has_dropout_statistics():
-    torch.manual_seed(0)
-    p = 0.1
-    mask = dropout_mask((256, 64, 128), p, dtype=torch.float32, device=torch.device("cpu"))
-    values = mask.unique()
-    assert len(values) == 2 and values[0] == 0
-    kept = (mask > 0).float().mean().item()
-    assert kept == pytest.approx(1 - p, abs=2e-3)
-    assert values[1].item() == pytest.approx(1 / (1 - p), rel=1e-4)
-    assert mask.mean().item() == pytest.approx(1.0, abs=3e-3)  # expectation preserved
-
-
-def test_dropout_masks_are_independent_and_seeded():
-    torch.manual_seed(1)
-    a = dropout_mask((4096,), 0.5, dtype=torch.float32, device=torch.device("cpu"))
-    b = dropout_mask((4096,), 0.5, dtype=torch.float32, device=torch.device("cpu"))
-    torch.manual_seed(1)
-    a2 = dropout_mask((4096,), 0.5, dtype=torch.float32, device=torch.device("cpu"))
-    assert torch.equal(a, a2)
-    agree = ((a > 0) == (b > 0)).float().mean().item()
-    assert agree == pytest.approx(0.5, abs=0.05)
-
-
-@pytest.mark.parametrize("shape", [(3,), (5, 7), (2, 3, 5)])  # sizes that are not multiples of 4
-def test_dropout_mask_odd_sizes_and_dtypes(shape):
-    mask = dropout_mask(shape, 0.3, dtype=torch.bfloat16, device=torch.device("cpu"))
-    assert mask.shape == shape and mask.dtype == torch.bfloat16
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_mask_is_its_definition_bit_for_bit(dtype, p):
-    """The integer arithmetic gives exactly the comparison-and-scale mask, from the same random bits."""
-    shape = (33, 65)
-    torch.manual_seed(3)
-    mask = dropout_mask(shape, p, dtype=dtype, device=torch.device("cpu"))
-    torch.manual_seed(3)  # the same draw, turned into the mask the plain way
-    n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n].view(shape)
-    dropped = round(p * 65536)
-    scale = torch.ones((), dtype=dtype).mul_(65536 / (65536 - dropped))
-    reference = torch.where(bits >= dropped - 32768, scale, torch.zeros((), dtype=dtype))
-    assert mask.dtype == dtype and torch.equal(mask, reference)
-    assert not torch.signbit(mask).any()  # dropped elements are +0.0
-
-
-def test_dropout_mask_extremes():
-    cpu = torch.device("cpu")
-    assert torch.equal(dropout_mask((5,), 1e-7, dtype=torch.float32, device=cpu), torch.ones(5))  # rounds to none
-    assert torch.equal(dropout_mask((5,), 1.0, dtype=torch.bfloat16, device=cpu), torch.zeros(5, dtype=torch.bfloat16))
-
-
-def test_dropout_is_identity_when_off():
-    x = torch.randn(4, 5)
-    assert dropout(x, 0.1, training=False) is x
-    assert dropout(x, 0.0, training=True) is x
-    assert FastDropout(0.1).eval()(x) is x
-
-
-def test_dropout_gradient_uses_the_same_mask():
-    torch.manual_seed(0)
-    x = torch.randn(64, 64, requires_grad=True)
-    y = dropout(x, 0.25, training=True)
-    y.sum().backward()
-    assert torch.allclose(x.grad, y.detach() / x.detach())
-
-
-def test_fast_dropout_is_x_times_its_mask():
-    """FastDropout is nn.Dropout's function (inverted dropout), with the mask of `dropout_mask`."""
-    x = torch.randn(17, 33)
-    torch.manual_seed(4)
-    y = FastDropout(0.3).train()(x)
-    torch.manual_seed(4)
-    mask = dropout_mask(x.shape, 0.3, dtype=x.dtype, device=x.device)
-    assert torch.equal(y, x * mask)
-    torch.testing.assert_close(y[y != 0] / x[y != 0], torch.full_like(y[y != 0], 1 / 0.7), atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------- GELU by table
@@ -224,6 +144,37 @@ def test_attention_path_choice_and_equivalence(tokens, training, attn_drop, dtyp
         attn, reference = attn.to(dtype), reference.to(dtype)
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(attn(x.to(dtype)).float(), reference(x.to(dtype)).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dim,heads,dtype", [(256, 4, torch.float64), (96, 3, torch.float64), (64, 2, torch.float32)])
+def test_attention_core_is_the_reference_with_the_same_draw(dim, heads, dtype, monkeypatch):
+    """Training with attention dropout in float32/64 runs `_AttentionCore`: the reference's outputs and gradients
+    (input and every parameter) from the same dropout draw; bf16 keeps the matmul path."""
+    torch.manual_seed(0)
+    reference = Attention(dim, num_heads=heads, qkv_bias=True, attn_drop=0.2).to(dtype)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.1)
+    reference.attn_drop.__class__ = FastDropout
+    attn = _fast(copy.deepcopy(reference))
+    calls = []
+    core = kernels._AttentionCore.apply
+    monkeypatch.setattr(kernels._AttentionCore, "apply", lambda *args: calls.append(args[1:]) or core(*args))
+    x = torch.randn(3, 17, dim, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 17, dim, dtype=dtype)
+    results = []
+    for module in (attn, reference):
+        torch.manual_seed(5)
+        out = module.train()(x)
+        results.append((out, *torch.autograd.grad(out, [x, *module.parameters()], grad)))
+    assert calls == [(heads, (dim // heads) ** -0.5, 0.2)]
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attn(x)
+        assert len(calls) == 1  # bf16 under autocast: the matmul path
 
 
 def _keras_attention(attn_drop: float = 0.0, dtype=torch.float32) -> tuple[Attention, FastAttention]:

@@ -6,14 +6,16 @@ Face transformers picks an `attn_implementation`. Each kernel computes its refer
 function, with the same parameters and gradients (up to rounding), and each is tested against it
 (tests/test_kernels.py). Measured by benchmarks/bench_cpu.py on the project's 2-core CPUs:
 
-* `FastDropout`: the mask from 16 random bits per element turned into the scale by integer
-  arithmetic (`dropout_mask`), 2.3× `F.dropout` on a CPU, where the random numbers dominate;
+* `FastDropout` (`cct.dropout_kernels`): on a CPU, where the random numbers dominate, either 16 random bits
+  per element turned into the scale by integer arithmetic (2.3× `F.dropout`), or, for float32 at small
+  rates, only the dropped positions drawn;
 * `FastGELU`: the tanh-approximate GELU of a bfloat16 tensor looked up in a table of all 65,536
   bf16 values, bit for bit PyTorch's, whose CPU tanh is the slowest elementwise kernel of a step;
 * `FastAttention`: matmul → softmax → dropout → matmul or `F.scaled_dot_product_attention`, whichever
   measured faster; heads wider than half the stream (the Keras example's 2 heads of 128 on a 128-wide
   stream) run *folded*: query·key and value·output products merged into one matrix per head, half
-  the projection GEMMs, in training (inside the graph) as in inference (after `fuse`);
+  the projection GEMMs, in training (inside the graph) as in inference (after `fuse`); in float32 training
+  with attention dropout, the core (`_AttentionCore`) in fewer passes over the attention maps;
 * `FastConvTokenizer`: channels-last convolutions, max-pool before the ReLU (they commute), with the
   zero padding turned into the pool's padding;
 * text models (`cct.text_model`): `FastMaskedAttention` (scale and key mask in one `baddbmm`), and
@@ -26,61 +28,17 @@ weights changed by training are never evaluated through stale folded copies.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout_kernels import FastDropout, _zero_at, draws_positions, dropout, dropped_positions
 from .layers import Attention
 from .model import ConvTokenizer, _same_pool_padding
 from .text_kernels import FastEmbedding, FastTextConvTokenizer
 from .text_model import MaskedAttention, TextConvTokenizer
 
 KERNELS = ("reference", "fast")
-
-_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-# ---------------------------------------------------------------------- dropout
-def dropout_mask(shape: tuple[int, ...], p: float, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The multiplier of inverted dropout: 0 with probability p, else 1 / (1 - p).
-
-    On a CPU the random numbers are most of the cost of dropout, so each element gets 16 random
-    bits (a quarter of a 64-bit draw) rather than a float: the drop probability is p rounded to a
-    multiple of 2^-16 (|error| <= 7.6e-6), and the kept scale uses that same rounded p, so the
-    expectation is exactly preserved. The bits become the mask by integer arithmetic, several times
-    cheaper than a comparison and a bool → float conversion: a clamp gives 0/1, and multiplying by
-    the bit pattern of the scale gives the float's bits (0 → +0.0).
-    """
-    dropped = round(p * 65536)
-    if dropped == 0 or dropped == 65536:  # nothing (p < 7.6e-6) or everything dropped
-        return torch.full(shape, 1.0 if dropped == 0 else 0.0, dtype=dtype, device=device)
-    n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
-    bits = bits.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-    threshold = dropped - 32768  # kept where bits >= threshold: probability 1 - dropped / 65536
-    keep = bits.clamp(threshold - 1, threshold).sub_(threshold - 1)  # int16 0/1
-    scale = torch.ones((), dtype=dtype).mul_(65536 / (65536 - dropped))  # rounded as 1 * scale would be
-    integer = _INT_OF_WIDTH[dtype.itemsize]
-    return keep.to(integer).mul_(int(scale.view(integer))).view(dtype)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`F.dropout`, with the cheaper CPU mask of `dropout_mask` (CUDA keeps PyTorch's fused kernel)."""
-    if p == 0.0 or not training:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    return x * dropout_mask(x.shape, p, dtype=x.dtype, device=x.device)
-
-
-class FastDropout(nn.Dropout):
-    """`nn.Dropout` computed by `dropout`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
 
 # ---------------------------------------------------------------------- tanh-GELU of bf16 by table
 _GELU_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -254,9 +212,8 @@ class FastAttention(Attention):
             x = F.scaled_dot_product_attention(q, k.unsqueeze(1).expand(B, H, N, D), v, scale=1.0).sum(1)
         else:
             attn = (q.view(B, N * H, D) @ k.transpose(1, 2)).softmax(dim=-1)  # (B, N*heads, N), rows (token, head)
-            if self.training and self.attn_drop.p > 0:  # the reference path's mask (on a CPU), drawn as (B, heads, N, N)
-                mask = dropout_mask((B, H, N, N), self.attn_drop.p, dtype=attn.dtype, device=attn.device)
-                attn = attn.view(B, N, H, N) * mask.transpose(1, 2)
+            if self.training and self.attn_drop.p > 0:  # the reference path's draw, in its (B, heads, N, N) order
+                attn = self.attn_drop(attn.view(B, N, H, N).transpose(1, 2)).transpose(1, 2)  # x's layout kept
             v = v.view(B, N, H, D).transpose(1, 2).reshape(B, H * N, D)  # rows (head, token)
             x = attn.reshape(B, N, H * N) @ v  # the sum over heads and keys in one matmul: (B, N, dim)
         return self.proj_drop(x if b_o is None else x + b_o)
@@ -265,7 +222,12 @@ class FastAttention(Attention):
         if self.folds():
             return self._folded_forward(x)
         B, N, _ = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)  # (B, N, 3*heads*head_dim)
+        p = self.attn_drop.p
+        if self.training and p > 0 and qkv.device.type == "cpu" and draws_positions(p, qkv.dtype):
+            x = _AttentionCore.apply(qkv, self.num_heads, self.scale, p)
+            return self.proj_drop(self.proj(x))
+        qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         if self._matmul_path(q):
             attn = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)  # (B, heads, N, N)
@@ -274,6 +236,59 @@ class FastAttention(Attention):
             x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
+
+
+class _AttentionCore(torch.autograd.Function):
+    """softmax(s·q kᵀ), inverted dropout drawn as `dropped_positions`, times v: `Attention`'s core in training on
+    a CPU where `dropout` draws positions (float32), from the qkv projection (B, N, 3·heads·d) to (B, N, heads·d).
+
+    The same function and gradients (up to rounding) as the reference's matmul → softmax → dropout → matmul
+    with `FastDropout`, from the same draw; in fewer passes over the (B·heads, N, N) maps, which dominate
+    the time of attention over 256 tokens:
+    * the scale goes on q (N·d numbers) rather than on the scores (N·N), exact for head_dim 64 (s = 1/8);
+    * the dropped copy is the softmax scaled, with zeros written at the drawn positions: no mask tensor;
+    * backward: with y the dropped map and o = y v, the softmax-and-dropout gradient is
+      y ⊙ dY − softmax ⊙ rowsum(dO ⊙ o) (rowsum(dY ⊙ y) = rowsum(dO ⊙ o), from FlashAttention), two passes;
+    * q, k, v are copied once into (B·heads, N, d) batches, and each product whose natural form would
+      read an (N, N) map transposed is computed as the transpose of one that reads it straight;
+    * the gradient comes back in the projection's (B, N, 3, heads, d) layout, with no stack or permute.
+    One attention layer of `cct_7_3x1_32` (batch 128, float32, forward and backward): 498 → 458 ms on the
+    2-core AMX Xeon (benchmarks/README.md).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int, scale: float, p: float) -> torch.Tensor:
+        B, N, C = qkv.shape
+        d = C // (3 * heads)
+        q, k, v = qkv.view(B, N, 3, heads, d).unbind(2)  # each (B, N, heads, d)
+        qs = torch.mul(q.transpose(1, 2), scale, out=qkv.new_empty(B, heads, N, d)).view(B * heads, N, d)
+        k, v = (t.transpose(1, 2).reshape(B * heads, N, d) for t in (k, v))  # (B·heads, N, d) copies
+        attn = torch.bmm(qs, k.transpose(1, 2)).softmax(dim=-1)  # (B·heads, N, N)
+        dropped = _zero_at(torch.mul(attn, 1.0 / (1.0 - p), out=torch.empty_like(attn)),
+                           dropped_positions(attn.numel(), p, device=attn.device))  # contiguous: offsets = positions
+        out = torch.bmm(dropped, v)  # (B·heads, N, d)
+        ctx.save_for_backward(qs, k, v, attn, dropped, out)
+        ctx.scale = scale
+        return out.view(B, heads, N, d).transpose(1, 2).reshape(B, N, heads * d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qs, k, v, attn, dropped, out = ctx.saved_tensors
+        BH, N, d = out.shape
+        B = grad.shape[0]
+        heads = BH // B
+        g = grad.view(B, N, heads, d).transpose(1, 2).reshape(BH, N, d)  # dO
+        d_dropped = torch.bmm(g, v.transpose(1, 2))  # (B·heads, N, N)
+        dv = torch.bmm(g.transpose(1, 2), dropped).transpose(1, 2)  # (dOᵀ y)ᵀ, reading y straight
+        rowsum = (g * out).sum(-1, keepdim=True)  # (B·heads, N, 1)
+        d_scores = torch.mul(d_dropped, dropped, out=d_dropped).addcmul_(attn, rowsum, value=-1)
+        dq = torch.bmm(d_scores, k)
+        dk = torch.bmm(qs.transpose(1, 2), d_scores).transpose(1, 2)  # (qsᵀ dS)ᵀ
+        dqkv = grad.new_empty(B, N, 3, heads, d)
+        torch.mul(dq.view(B, heads, N, d).transpose(1, 2), ctx.scale, out=dqkv[:, :, 0])
+        dqkv[:, :, 1].copy_(dk.reshape(B, heads, N, d).transpose(1, 2))
+        dqkv[:, :, 2].copy_(dv.reshape(B, heads, N, d).transpose(1, 2))
+        return dqkv.view(B, N, 3 * heads * d), None, None, None
 
 
 # ---------------------------------------------------------------------- tokenizer
