@@ -100,14 +100,18 @@ def test_dropped_positions_of_nothing_and_of_one():
     draws = [dropped_positions(1, 0.2).tolist() for _ in range(2000)]
     assert all(d in ([], [0]) for d in draws)
     assert sum(d == [0] for d in draws) / 2000 == pytest.approx(0.2, abs=0.05)
-    with pytest.raises(AssertionError, match="p must be in"):
-        dropped_positions(10, 1.0)
+    for p in (1.0, 1e-19):  # below 2^-12 the float32 uniforms no longer resolve p (and 1/p gaps overflow)
+        with pytest.raises(AssertionError, match="p must be in"):
+            dropped_positions(10, p)
 
 
 def test_draws_positions_for_wide_floats_at_small_rates():
     assert draws_positions(0.1, torch.float32) and draws_positions(0.25, torch.float64)
     assert not draws_positions(0.1, torch.bfloat16) and not draws_positions(0.1, torch.float16)
     assert not draws_positions(0.5, torch.float32) and not draws_positions(0.0, torch.float32)
+    assert not draws_positions(1e-5, torch.float32) and draws_positions(2 ** -12, torch.float32)
+    x = torch.ones(4, 250)
+    assert torch.equal(dropout(x, 1e-19, training=True), x)  # the mask's rule: below 7.6e-6 nothing is dropped
 
 
 @pytest.mark.parametrize("perm", [(0, 1, 2, 3), (0, 2, 1, 3), (3, 1, 0, 2), (2, 3, 0, 1)])
@@ -177,3 +181,15 @@ def test_fast_dropout_drops_the_drawn_positions():
     expected[positions] = 0
     torch.testing.assert_close(y.reshape(-1), expected)
     assert torch.equal((y.reshape(-1) == 0).nonzero().flatten(), positions)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])  # positions, and the mask
+def test_dropout_has_second_derivatives(p):
+    """d²/dx² of sum(dropout(x)²) is 2·mask²: the positions' backward is itself differentiable, like x * mask."""
+    torch.manual_seed(8)
+    x = torch.randn(30, 20, dtype=torch.float64, requires_grad=True)
+    y = dropout(x.t(), p, training=True)  # a transposed input: the backward runs on the gradient's layout
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    g.sum().backward()
+    mask = (y / x.t()).detach()
+    torch.testing.assert_close(x.grad, 2 * mask.square().t())

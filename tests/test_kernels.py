@@ -175,6 +175,9 @@ def test_attention_core_is_the_reference_with_the_same_draw(dim, heads, dtype, m
         with torch.autocast("cpu", dtype=torch.bfloat16):
             attn(x)
         assert len(calls) == 1  # bf16 under autocast: the matmul path
+    (g,) = torch.autograd.grad(attn(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # second derivatives: the reference layers
+        g.sum().backward()
 
 
 def _keras_attention(attn_drop: float = 0.0, dtype=torch.float32) -> tuple[Attention, FastAttention]:

@@ -11,7 +11,7 @@ generator is serial), so the two ways differ in how many they draw:
   mask tensor at all, and the backward keeps only the positions). Cheaper at small p, dearer at large.
 
 `draws_positions` picks by measurement (benchmarks/README.md): positions for 4- and 8-byte floats at
-p ≤ 0.25, where dropout's forward and backward took ×0.76–0.86 the mask's time on the 2-core AMX Xeon
+2^-12 ≤ p ≤ 0.25, where dropout's forward and backward took ×0.76–0.86 the mask's time on the 2-core AMX Xeon
 ((128, 4, 256, 256) and (128, 64, 128) float32 at p = 0.1), the mask elsewhere (bf16 was level, and at
 p = 0.5 positions cost ×2.3–3.2).
 """
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MIN_P = 2.0 ** -12  # the smallest rate drawn as positions (`draws_positions`)
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -54,18 +55,19 @@ def dropped_positions(n: int, p: float, *, device: torch.device | str = "cpu",
 
     The gap from one dropped element to the next is geometric, P(gap = g) = (1 - p)^(g-1)·p, so it is
     drawn as floor(log(1 - u) / log(1 - p)) + 1 from one uniform u; positions are the gaps' running
-    sum. u is a float32 uniform (multiples of 2^-24), so each gap's distribution is exact to within
-    2^-24 in total (its tail beyond (1 - p)^g < 2^-24 is cut). Gaps are drawn `batch` at a time
+    sum. u is a float32 uniform (multiples of 2^-24), so each gap's distribution is exact up to about
+    2^-24 (its tail beyond (1 - p)^g < 2^-24 is cut, and float32 rounding moves the boundaries between
+    gap lengths by as little), where the 16-bit mask rounds p by up to 7.6e-6. Gaps are drawn `batch` at a time
     (default: enough for all n with overwhelming probability) until the positions pass n; the
     uniforms come off the generator in order, so the result does not depend on `batch`.
     """
-    assert 0.0 < p < 1.0, f"p must be in (0, 1), got {p}"
+    assert _MIN_P <= p < 1.0, f"p must be in [2^-12, 1) to be drawn as positions, got {p}"
     log_keep = math.log1p(-p)
     parts, start = [], 0  # start: the first index not yet decided
     while start < n:
         rest = n - start
         m = batch or int(rest * p + 8 * math.sqrt(rest * p) + 64)
-        u = torch.empty(m, device=device).uniform_()
+        u = torch.empty(m, dtype=torch.float32, device=device).uniform_()
         pos = torch.log1p(u.neg_()).div_(log_keep).floor_().to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
         if int(pos[-1]) >= n:
             parts.append(pos[:int(torch.searchsorted(pos, n))])
@@ -78,8 +80,12 @@ def dropped_positions(n: int, p: float, *, device: torch.device | str = "cpu",
 
 
 def draws_positions(p: float, dtype: torch.dtype) -> bool:
-    """Whether `dropout` draws the dropped positions (else a mask) for this rate and dtype (module docstring)."""
-    return dtype.is_floating_point and dtype.itemsize >= 4 and 0.0 < p <= 0.25
+    """Whether `dropout` draws the dropped positions (else a mask) for this rate and dtype (module docstring).
+
+    Not below p = 2^-12, where the uniforms' 2^-24 steps would no longer be small against p (and gaps of
+    1/p would overflow int64 long before p reached 1e-17).
+    """
+    return dtype.is_floating_point and dtype.itemsize >= 4 and _MIN_P <= p <= 0.25
 
 
 def _memory_offsets(positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -106,22 +112,23 @@ def _zero_at(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 class _DropAt(torch.autograd.Function):
-    """x / (1 - p) with the elements at `positions` zeroed; the gradient likewise. Each result is laid out as
-    `empty_like` lays it (its input's layout where that is dense, else row-major), so it is always dense."""
+    """x / (1 - p) with the elements at `positions` zeroed; the gradient likewise (by this function again, so
+    second derivatives work). Each result is laid out as `empty_like` lays it (its input's layout where that is
+    dense, else row-major), so it is always dense. `known`: (strides, offsets) computed before for a layout."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, p: float,
+                known: tuple[tuple[int, ...], torch.Tensor] | None = None) -> torch.Tensor:
         y = torch.mul(x, 1.0 / (1.0 - p), out=torch.empty_like(x))
-        offsets = _memory_offsets(positions, y)
+        offsets = known[1] if known is not None and known[0] == y.stride() else _memory_offsets(positions, y)
         ctx.save_for_backward(positions, offsets)
-        ctx.scale, ctx.strides = 1.0 / (1.0 - p), y.stride()
+        ctx.p, ctx.strides = p, y.stride()
         return _zero_at(y, offsets)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         positions, offsets = ctx.saved_tensors
-        g = torch.mul(grad, ctx.scale, out=torch.empty_like(grad))
-        return _zero_at(g, offsets if g.stride() == ctx.strides else _memory_offsets(positions, g)), None, None
+        return _DropAt.apply(grad, positions, ctx.p, (ctx.strides, offsets)), None, None, None
 
 
 def drop_at(x: torch.Tensor, positions: torch.Tensor, p: float) -> torch.Tensor:
@@ -132,8 +139,8 @@ def drop_at(x: torch.Tensor, positions: torch.Tensor, p: float) -> torch.Tensor:
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """`F.dropout` (CUDA keeps PyTorch's fused kernel); on a CPU the cheaper draw of `draws_positions`.
 
-    The result has x's memory layout, so a transposed view is dropped in its logical order (as the
-    reference layer would draw it) without a copy.
+    The result has x's memory layout where x is dense (else it is row-major), so a transposed view is dropped
+    in its logical order (as the reference layer would draw it) without a copy.
     """
     if p == 0.0 or not training:
         return x

@@ -7,14 +7,14 @@ function, with the same parameters and gradients (up to rounding), and each is t
 (tests/test_kernels.py). Measured by benchmarks/bench_cpu.py on the project's 2-core CPUs:
 
 * `FastDropout` (`cct.dropout_kernels`): on a CPU, where the random numbers dominate, either 16 random bits
-  per element turned into the scale by integer arithmetic (2.3× `F.dropout`), or, for float32 at small
+  per element turned into the scale by integer arithmetic (2.3× `F.dropout`), or, for float32/64 at small
   rates, only the dropped positions drawn;
 * `FastGELU`: the tanh-approximate GELU of a bfloat16 tensor looked up in a table of all 65,536
   bf16 values, bit for bit PyTorch's, whose CPU tanh is the slowest elementwise kernel of a step;
 * `FastAttention`: matmul → softmax → dropout → matmul or `F.scaled_dot_product_attention`, whichever
   measured faster; heads wider than half the stream (the Keras example's 2 heads of 128 on a 128-wide
   stream) run *folded*: query·key and value·output products merged into one matrix per head, half
-  the projection GEMMs, in training (inside the graph) as in inference (after `fuse`); in float32 training
+  the projection GEMMs, in training (inside the graph) as in inference (after `fuse`); in float32/64 training
   with attention dropout, the core (`_AttentionCore`) in fewer passes over the attention maps;
 * `FastConvTokenizer`: channels-last convolutions, max-pool before the ReLU (they commute), with the
   zero padding turned into the pool's padding;
@@ -224,7 +224,7 @@ class FastAttention(Attention):
         B, N, _ = x.shape
         qkv = self.qkv(x)  # (B, N, 3*heads*head_dim)
         p = self.attn_drop.p
-        if self.training and p > 0 and qkv.device.type == "cpu" and draws_positions(p, qkv.dtype):
+        if self.attn_drop.training and p > 0 and qkv.device.type == "cpu" and draws_positions(p, qkv.dtype):
             x = _AttentionCore.apply(qkv, self.num_heads, self.scale, p)
             return self.proj_drop(self.proj(x))
         qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -240,7 +240,7 @@ class FastAttention(Attention):
 
 class _AttentionCore(torch.autograd.Function):
     """softmax(s·q kᵀ), inverted dropout drawn as `dropped_positions`, times v: `Attention`'s core in training on
-    a CPU where `dropout` draws positions (float32), from the qkv projection (B, N, 3·heads·d) to (B, N, heads·d).
+    a CPU where `dropout` draws positions (float32/64), from the qkv projection (B, N, 3·heads·d) to (B, N, heads·d).
 
     The same function and gradients (up to rounding) as the reference's matmul → softmax → dropout → matmul
     with `FastDropout`, from the same draw; in fewer passes over the (B·heads, N, N) maps, which dominate
@@ -252,8 +252,8 @@ class _AttentionCore(torch.autograd.Function):
     * q, k, v are copied once into (B·heads, N, d) batches, and each product whose natural form would
       read an (N, N) map transposed is computed as the transpose of one that reads it straight;
     * the gradient comes back in the projection's (B, N, 3, heads, d) layout, with no stack or permute.
-    One attention layer of `cct_7_3x1_32` (batch 128, float32, forward and backward): 498 → 458 ms on the
-    2-core AMX Xeon (benchmarks/README.md).
+    One attention layer of `cct_7_3x1_32` (batch 128, float32, forward and backward): 470–500 → 402–425 ms on the
+    2-core AMX Xeon, dropout by positions included; its training step ×1.06 (benchmarks/README.md).
     """
 
     @staticmethod
@@ -272,6 +272,7 @@ class _AttentionCore(torch.autograd.Function):
         return out.view(B, heads, N, d).transpose(1, 2).reshape(B, N, heads * d)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second derivatives: the reference kernels (README)
     def backward(ctx, grad: torch.Tensor):
         qs, k, v, attn, dropped, out = ctx.saved_tensors
         BH, N, d = out.shape
