@@ -105,25 +105,29 @@ def _memory_offsets(positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return offsets.add_(rest, alpha=t.stride(0)).long()
 
 
-def _zero_at(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """t with zeros written, in place, at these storage offsets from its first element; t must be dense."""
-    t.as_strided((t.numel(),), (1,)).index_fill_(0, offsets, 0)
-    return t
+def dropped_copy(x: torch.Tensor, positions: torch.Tensor, p: float,
+                 known: tuple[tuple[int, ...], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / (1 - p) with the elements at the row-major flat indices `positions` zeroed, their storage offsets in it).
+
+    The copy is laid out as `empty_like` lays it (x's layout where x is dense, else row-major), so it is always
+    dense. `known`: (strides, offsets) computed before, reused where the copy has those strides.
+    """
+    y = torch.mul(x, 1.0 / (1.0 - p), out=torch.empty_like(x))
+    offsets = known[1] if known is not None and known[0] == y.stride() else _memory_offsets(positions, y)
+    y.as_strided((y.numel(),), (1,)).index_fill_(0, offsets, 0)
+    return y, offsets
 
 
 class _DropAt(torch.autograd.Function):
-    """x / (1 - p) with the elements at `positions` zeroed; the gradient likewise (by this function again, so
-    second derivatives work). Each result is laid out as `empty_like` lays it (its input's layout where that is
-    dense, else row-major), so it is always dense. `known`: (strides, offsets) computed before for a layout."""
+    """`dropped_copy` of x; the gradient likewise (by this function again, so second derivatives work)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, positions: torch.Tensor, p: float,
                 known: tuple[tuple[int, ...], torch.Tensor] | None = None) -> torch.Tensor:
-        y = torch.mul(x, 1.0 / (1.0 - p), out=torch.empty_like(x))
-        offsets = known[1] if known is not None and known[0] == y.stride() else _memory_offsets(positions, y)
+        y, offsets = dropped_copy(x, positions, p, known)
         ctx.save_for_backward(positions, offsets)
         ctx.p, ctx.strides = p, y.stride()
-        return _zero_at(y, offsets)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

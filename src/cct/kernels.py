@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dropout_kernels import FastDropout, _zero_at, draws_positions, dropout, dropped_positions
+from .dropout_kernels import FastDropout, draws_positions, dropout, dropped_copy, dropped_positions
 from .layers import Attention
 from .model import ConvTokenizer, _same_pool_padding
 from .text_kernels import FastEmbedding, FastTextConvTokenizer
@@ -264,8 +264,7 @@ class _AttentionCore(torch.autograd.Function):
         qs = torch.mul(q.transpose(1, 2), scale, out=qkv.new_empty(B, heads, N, d)).view(B * heads, N, d)
         k, v = (t.transpose(1, 2).reshape(B * heads, N, d) for t in (k, v))  # (B·heads, N, d) copies
         attn = torch.bmm(qs, k.transpose(1, 2)).softmax(dim=-1)  # (B·heads, N, N)
-        dropped = _zero_at(torch.mul(attn, 1.0 / (1.0 - p), out=torch.empty_like(attn)),
-                           dropped_positions(attn.numel(), p, device=attn.device))  # contiguous: offsets = positions
+        dropped, _ = dropped_copy(attn, dropped_positions(attn.numel(), p, device=attn.device), p)
         out = torch.bmm(dropped, v)  # (B·heads, N, d)
         ctx.save_for_backward(qs, k, v, attn, dropped, out)
         ctx.scale = scale
