@@ -1,0 +1,34 @@
+"""benchmarks/step_breakdown.py: the parts it times, on tiny batches (the figures themselves are not checked)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+def _script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_breakdown.py"
+    spec = importlib.util.spec_from_file_location("step_breakdown", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_official_block_parts_and_the_attention_linear_layers():
+    r = _script().breakdown("cct_2_3x2_32", precision="fp32", batch_size=4, rounds=1, reps=1, kernels="fast")
+    parts = r["block_parts_ms"]
+    assert {"pre_norm", "attn", "attn.qkv", "attn.proj", "attn without its linear layers", "norm1", "fc1", "act",
+            "fc2", "residual adds, stochastic depth, rest"} <= set(parts)
+    assert parts["attn.qkv"]["gflop_per_s"] > 0
+    assert parts["attn without its linear layers"]["ms"] == pytest.approx(
+        parts["attn"]["ms"] - parts["attn.qkv"]["ms"] - parts["attn.proj"]["ms"])
+    children = [k for k in parts if "." not in k and "without" not in k]  # the rest is the block minus them
+    assert sum(parts[k]["ms"] for k in children) == pytest.approx(r["block_ms"])
+    assert set(r["step_ms"]) == {"step (measured)", "augmentation", "tokenizer (+ embedding)", "2 blocks",
+                                 "head + loss", "optimiser (+ zeroed grads)"}
+
+
+def test_a_module_called_twice_in_a_block_is_counted_twice(capsys):
+    r = _script().main(["--model", "cct_2_3x2_32_keras", "--precision", "fp32", "--batch-size", "4",
+                        "--rounds", "1", "--reps", "1"])
+    assert r["block_parts_ms"]["act"]["calls"] == 2  # the Keras block's GELU after each Dense
+    assert "act (x2" in capsys.readouterr().out
