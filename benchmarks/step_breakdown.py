@@ -89,7 +89,9 @@ def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, 
     times["step (measured)"] = median_ms(lambda: step(images, labels, cfg.lr * 1e-3), rounds=rounds, reps=1)
 
     g = torch.Generator().manual_seed(2)
-    augment = lambda: step.augment(images, labels, g, step.aug_cfg, num_classes=classes, mix=True)  # noqa: E731
+
+    def augment():
+        return step.augment(images, labels, g, step.aug_cfg, num_classes=classes, mix=True)
     times["augmentation"] = median_ms(augment, rounds=rounds, reps=reps)
     (x,), targets = augment()
 
@@ -113,7 +115,9 @@ def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, 
                                                 rounds=rounds, reps=reps)
     times[f"{len(net.blocks)} blocks"] = len(net.blocks) * median_ms(
         forward_backward(block, seen["block"], prec), rounds=rounds, reps=reps)
-    head = lambda t: torch.nn.functional.cross_entropy(net.forward_head(net.norm(t)).float(), targets)  # noqa: E731
+
+    def head(t: torch.Tensor) -> torch.Tensor:  # as `TrainStep.forward_backward` ends a step
+        return torch.nn.functional.cross_entropy(net.forward_head(net.norm(t)).float(), targets)
     times["head + loss"] = median_ms(forward_backward(head, seen["norm"], prec), rounds=rounds, reps=reps)
 
     def optimizer_step() -> None:
