@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
     print(f"{r['model']}, batch {r['batch_size']}, {r['precision']}, kernels {r['kernels']}, {r['threads']} threads")
     for k, v in r["step_ms"].items():
         print(f"  {k:48s} {v:8.1f} ms  {100 * v / step_ms:5.1f}%")
-    print(f"  {'sum of the parts':40s} {r['sum_of_parts_ms']:8.1f} ms  {100 * r['sum_of_parts_ms'] / step_ms:5.1f}%")
+    print(f"  {'sum of the parts':48s} {r['sum_of_parts_ms']:8.1f} ms  {100 * r['sum_of_parts_ms'] / step_ms:5.1f}%")
     print(f"one block: {r['block_ms']:.1f} ms")
     for k, v in r["block_parts_ms"].items():
         rate = f"  {v['gflop_per_s']:5.0f} GFLOP/s" if "gflop_per_s" in v else ""
