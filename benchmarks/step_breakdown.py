@@ -1,7 +1,7 @@
 """Where a training step's time goes: each part of an image model timed alone, forward and backward.
 
 `torch.profiler` inflates the small operators of a CPU step 2-3× (its own bookkeeping), so this script times
-the parts directly instead. It times the whole `cct train` step (`cct.step.TrainStep`, as `cct bench` does),
+the parts directly instead. It times the whole `cct train` step of a recipe (`cct.step.TrainStep`, as `cct bench` does),
 then runs one forward pass on an augmented batch with hooks that record the input of every module of one
 block, and times each part on its recorded input: forward, then backward from a random gradient of its
 output's shape (drawn once, before the clock starts).
@@ -15,6 +15,7 @@ are the block minus its children. The parts' sum is printed beside the measured 
 the parts leave out or count twice (the autograd engine's own work, the accumulation into `.grad`).
 
     .venv/bin/python benchmarks/step_breakdown.py --model cct_7_3x1_32 --precision fp32
+    .venv/bin/python benchmarks/step_breakdown.py --model cct_2_3x5_32 --recipe fast --batch-size 64
     .venv/bin/python benchmarks/step_breakdown.py --model cct_2_3x2_32_keras --json
 """
 from __future__ import annotations
@@ -66,12 +67,13 @@ def linear_gflop(module: nn.Module, inputs: torch.Tensor) -> float:
     return 3 * 2 * inputs.numel() // inputs.shape[-1] * module.in_features * module.out_features / 1e9
 
 
-def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, reps: int, kernels: str) -> dict:
+def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, reps: int, kernels: str,
+              recipe: str | None = None) -> dict:
     configure_threads(None)  # and the allocator, as `cct train` runs
     prec = resolve_precision(precision, torch.device("cpu"))
     torch.manual_seed(0)
-    cfg = recipes.make_config(model_name, "", "", recipe=recipes.default_recipe(model_name), batch_size=batch_size,
-                              precision=prec)
+    recipe = recipe or recipes.default_recipe(model_name)
+    cfg = recipes.make_config(model_name, "", "", recipe=recipe, batch_size=batch_size, precision=prec)
     rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
              if getattr(cfg, k) is not None}
     net = use_kernels(create_model(model_name, **rates), kernels).train()
@@ -149,7 +151,7 @@ def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, 
     children = [k for k in parts if "." not in k and "without" not in k]
     parts["residual adds, stochastic depth, rest"] = {"ms": block_ms - sum(parts[k]["ms"] for k in children)}
     summed = sum(v for k, v in times.items() if k != "step (measured)")
-    return {"model": model_name, "precision": prec, "batch_size": batch_size, "kernels": kernels,
+    return {"model": model_name, "recipe": recipe, "precision": prec, "batch_size": batch_size, "kernels": kernels,
             "threads": torch.get_num_threads(), "step_ms": times, "sum_of_parts_ms": summed,
             "block_ms": block_ms, "block_parts_ms": parts}
 
@@ -178,6 +180,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cct_7_3x1_32")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--recipe", choices=sorted(recipes.RECIPES), help="whose augmentation, optimiser and dropout rates "
+                    "(default: the model's, as `cct train` picks it)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--kernels", default="fast", choices=["fast", "reference"])
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per part (the median is kept)")
@@ -185,12 +189,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     r = breakdown(args.model, precision=args.precision, batch_size=args.batch_size, rounds=args.rounds,
-                  reps=args.reps, kernels=args.kernels)
+                  reps=args.reps, kernels=args.kernels, recipe=args.recipe)
     if args.json:
         print(json.dumps(r, indent=1))
         return r
     step_ms = r["step_ms"]["step (measured)"]
-    print(f"{r['model']}, batch {r['batch_size']}, {r['precision']}, kernels {r['kernels']}, {r['threads']} threads")
+    print(f"{r['model']}, recipe {r['recipe']}, batch {r['batch_size']}, {r['precision']}, kernels {r['kernels']}, "
+          f"{r['threads']} threads")
     for k, v in r["step_ms"].items():
         print(f"  {k:48s} {v:8.1f} ms  {100 * v / step_ms:5.1f}%")
     print(f"  {'sum of the parts':48s} {r['sum_of_parts_ms']:8.1f} ms  {100 * r['sum_of_parts_ms'] / step_ms:5.1f}%")

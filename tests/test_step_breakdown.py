@@ -14,7 +14,9 @@ def _script():
 
 
 def test_official_block_parts_and_the_attention_linear_layers():
-    r = _script().breakdown("cct_2_3x2_32", precision="fp32", batch_size=4, rounds=1, reps=1, kernels="fast")
+    r = _script().breakdown("cct_2_3x2_32", precision="fp32", batch_size=4, rounds=1, reps=1, kernels="fast",
+                            recipe="fast")  # Muon's optimiser, the fast recipe's dropout rates
+    assert r["recipe"] == "fast"
     parts = r["block_parts_ms"]
     assert {"pre_norm", "attn", "attn.qkv", "attn.proj", "attn without its linear layers", "norm1", "fc1", "act",
             "fc2", "residual adds, stochastic depth, rest"} <= set(parts)
@@ -31,4 +33,5 @@ def test_a_module_called_twice_in_a_block_is_counted_twice(capsys):
     r = _script().main(["--model", "cct_2_3x2_32_keras", "--precision", "fp32", "--batch-size", "4",
                         "--rounds", "1", "--reps", "1"])
     assert r["block_parts_ms"]["act"]["calls"] == 2  # the Keras block's GELU after each Dense
+    assert r["recipe"] == "keras"  # the model's own, as `cct train` picks it
     assert "act (x2" in capsys.readouterr().out
