@@ -6,13 +6,14 @@ then runs one forward pass on an augmented batch with hooks that record the inpu
 block, and times each part on its recorded input: forward, then backward from a random gradient of its
 output's shape (drawn once, before the clock starts).
 
-Parts: the augmentation, the tokenizer (with the positional embedding), the blocks, the head after them with
-the loss, the optimiser step. Blocks differ only in their stochastic-depth rate, so one (the middle one) is
-timed and counted `depth` times. Inside it: each child module (one called more than once, as the Keras
-block's GELU, counted as often), the attention's linear layers with their GFLOP/s (forward and both backward
-products) and its core (the attention module minus its linear layers); the residual adds and stochastic depth
-are the block minus its children. The parts' sum is printed beside the measured step; the difference is what
-the parts leave out or count twice (the autograd engine's own work, the accumulation into `.grad`).
+Parts: the augmentation, the tokenizer (with the positional embedding), the blocks, the head after them with the
+loss, the optimiser step. Blocks differ only in their stochastic-depth rate, so one (the middle one) is timed and
+counted `depth` times. Inside it: each child module (one called more than once, as the Keras block's GELU, counted
+as often), the attention's linear layers with their GFLOP/s (forward and both backward products) and its core (the
+attention module minus its linear layers; the Keras model's folded attention calls neither, so it has no such
+rows); the residual adds and stochastic depth are the block minus its children. The parts' sum is printed beside
+the measured step; the step's own work that no part has (the metrics, the finiteness check) and the autograd
+engine's work over a whole graph make the difference.
 
     .venv/bin/python benchmarks/step_breakdown.py --model cct_7_3x1_32 --precision fp32
     .venv/bin/python benchmarks/step_breakdown.py --model cct_2_3x5_32 --recipe fast --batch-size 64
@@ -29,7 +30,9 @@ import torch
 from torch import nn
 
 from cct import recipes
+from cct.errors import CCTError
 from cct.kernels import use_kernels
+from cct.model import CCT
 from cct.registry import create_model
 from cct.runtime import autocast, configure_threads, resolve_precision
 from cct.step import augment_config, make_optimizer, make_train_step
@@ -48,16 +51,24 @@ def median_ms(fn, *, rounds: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def forward_backward(fn, inputs: torch.Tensor, precision: str, *, input_grad: bool = True):
-    """A call of fn on a fresh leaf copy of `inputs`, then backward from a fixed random gradient."""
-    inputs = inputs.detach()
+def forward_backward(fn, inputs: torch.Tensor, precision: str, params: list[nn.Parameter], *,
+                     input_grad: bool = True):
+    """A call of fn on a leaf copy of `inputs`, then backward from a fixed random gradient.
+
+    The gradients of `inputs` and `params` are dropped before each call, as a step's `zero_grad(set_to_none=True)`
+    drops them: backward then writes them afresh instead of adding to them (one more pass each).
+    """
+    inputs = inputs.detach().requires_grad_(input_grad)
     with autocast(precision):
-        out = fn(inputs.requires_grad_(input_grad))
+        out = fn(inputs)
     grad = torch.randn_like(out)
 
     def run() -> None:
+        inputs.grad = None
+        for p in params:
+            p.grad = None
         with autocast(precision):
-            y = fn(inputs.requires_grad_(input_grad))
+            y = fn(inputs)
         y.backward(grad)
     return run
 
@@ -77,8 +88,9 @@ def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, 
     rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
              if getattr(cfg, k) is not None}
     net = use_kernels(create_model(model_name, **rates), kernels).train()
-    if not hasattr(net, "tokenizer") or not hasattr(net, "blocks"):
+    if not isinstance(net, CCT):
         raise SystemExit(f"{model_name}: this script breaks down image models only")
+    params = list(net.parameters())
     C, (H, W) = net.cfg.in_chans, net.cfg.img_size
     classes = max(net.cfg.num_classes, 1)
     optimizer = make_optimizer(net, cfg, precision=prec)
@@ -113,14 +125,14 @@ def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, 
     for h in hooks:
         h.remove()
 
-    times["tokenizer (+ embedding)"] = median_ms(forward_backward(lambda t: _stem(net, t), x, prec, input_grad=False),
-                                                rounds=rounds, reps=reps)
+    times["tokenizer (+ embedding)"] = median_ms(
+        forward_backward(lambda t: _stem(net, t), x, prec, params, input_grad=False), rounds=rounds, reps=reps)
     times[f"{len(net.blocks)} blocks"] = len(net.blocks) * median_ms(
-        forward_backward(block, seen["block"], prec), rounds=rounds, reps=reps)
+        forward_backward(block, seen["block"], prec, params), rounds=rounds, reps=reps)
 
     def head(t: torch.Tensor) -> torch.Tensor:  # as `TrainStep.forward_backward` ends a step
         return torch.nn.functional.cross_entropy(net.forward_head(net.norm(t)).float(), targets)
-    times["head + loss"] = median_ms(forward_backward(head, seen["norm"], prec), rounds=rounds, reps=reps)
+    times["head + loss"] = median_ms(forward_backward(head, seen["norm"], prec, params), rounds=rounds, reps=reps)
 
     def optimizer_step() -> None:
         for p in net.parameters():
@@ -134,19 +146,20 @@ def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, 
             continue
         inputs = seen[f"block.{name}"]
         n = calls[f"block.{name}"]
-        ms = n * median_ms(forward_backward(module, inputs, prec), rounds=rounds, reps=reps)
-        row = {"ms": ms, "calls": n}
+        one = median_ms(forward_backward(module, inputs, prec, params), rounds=rounds, reps=reps)
+        row = {"ms": n * one, "calls": n}
         if isinstance(module, nn.Linear):
-            row["gflop_per_s"] = linear_gflop(module, inputs) / ms * 1e3
+            row["gflop_per_s"] = linear_gflop(module, inputs) / one * 1e3
         parts[name] = row
         for sub, child in module.named_children():
             key = f"block.{name}.{sub}"
-            if isinstance(child, nn.Linear) and key in seen:
-                cms = median_ms(forward_backward(child, seen[key], prec), rounds=rounds, reps=reps)
-                parts[f"{name}.{sub}"] = {"ms": cms, "gflop_per_s": linear_gflop(child, seen[key]) / cms * 1e3}
+            if isinstance(child, nn.Linear) and key in seen:  # (the folded Keras attention calls neither)
+                cms = median_ms(forward_backward(child, seen[key], prec, params), rounds=rounds, reps=reps)
+                parts[f"{name}.{sub}"] = {"ms": calls[key] * cms, "calls": calls[key],
+                                          "gflop_per_s": linear_gflop(child, seen[key]) / cms * 1e3}
         linears = [f"{name}.{sub}" for sub, c in module.named_children() if f"{name}.{sub}" in parts]
         if linears:
-            parts[f"{name} without its linear layers"] = {"ms": ms - sum(parts[k]["ms"] for k in linears)}
+            parts[f"{name} without its linear layers"] = {"ms": row["ms"] - sum(parts[k]["ms"] for k in linears)}
     block_ms = times[f"{len(net.blocks)} blocks"] / len(net.blocks)
     children = [k for k in parts if "." not in k and "without" not in k]
     parts["residual adds, stochastic depth, rest"] = {"ms": block_ms - sum(parts[k]["ms"] for k in children)}
@@ -188,8 +201,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=2, help="calls per round")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    r = breakdown(args.model, precision=args.precision, batch_size=args.batch_size, rounds=args.rounds,
-                  reps=args.reps, kernels=args.kernels, recipe=args.recipe)
+    try:
+        r = breakdown(args.model, precision=args.precision, batch_size=args.batch_size, rounds=args.rounds,
+                      reps=args.reps, kernels=args.kernels, recipe=args.recipe)
+    except CCTError as e:  # a recipe that does not fit the model, say
+        raise SystemExit(f"step_breakdown: {e}") from None
     if args.json:
         print(json.dumps(r, indent=1))
         return r
