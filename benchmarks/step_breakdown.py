@@ -80,6 +80,7 @@ def linear_gflop(module: nn.Module, inputs: torch.Tensor) -> float:
 
 def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, reps: int, kernels: str,
               recipe: str | None = None) -> dict:
+    """Milliseconds of the measured step and of each part (module docstring), for an image model and a recipe."""
     configure_threads(None)  # and the allocator, as `cct train` runs
     prec = resolve_precision(precision, torch.device("cpu"))
     torch.manual_seed(0)
