@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from torch import nn
 
 from cct import recipes
+from cct.bench import timed_windows
 from cct.errors import CCTError
 from cct.kernels import use_kernels
 from cct.model import CCT
@@ -40,15 +40,7 @@ from cct.step import augment_config, make_optimizer, make_train_step
 
 def median_ms(fn, *, rounds: int, reps: int) -> float:
     """Median over `rounds` of the mean milliseconds of `reps` calls, after two untimed calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        times.append((time.perf_counter() - start) / reps * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed_windows(fn, warmup=2, steps=reps, windows=rounds)) / reps * 1e3
 
 
 def forward_backward(fn, inputs: torch.Tensor, precision: str, params: list[nn.Parameter], *,

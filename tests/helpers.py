@@ -1,4 +1,5 @@
 """Small generated datasets shared by the test modules (pytest puts this folder on sys.path)."""
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,12 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def benchmark_script(name: str):
+    """benchmarks/<name>.py loaded as a module (the folder is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

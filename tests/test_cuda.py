@@ -8,7 +8,6 @@ trained in fp16 on a GPU must still evaluate and predict on a CPU.
 """
 import copy
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import cct
 from cct import cli
 from cct.recipes import make_config
 from cct.train import train
-from helpers import make_tree, run_cli
+from helpers import benchmark_script, make_tree, run_cli
 
 
 
@@ -269,10 +268,7 @@ STAGES = ["setup", "cuda_tests", "train_keras", "train_paper", "torchrun", "benc
 
 
 def _gpu_check_module():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("gpu_check")
 
 
 def test_gpu_check_script_parses_and_lists_its_stages_in_priority_order():

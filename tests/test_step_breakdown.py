@@ -1,16 +1,11 @@
 """benchmarks/step_breakdown.py: the parts it times, on tiny batches (the figures themselves are not checked)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from helpers import benchmark_script
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_breakdown.py"
-    spec = importlib.util.spec_from_file_location("step_breakdown", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("step_breakdown")
 
 
 def test_official_block_parts_and_the_attention_linear_layers():

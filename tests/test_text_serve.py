@@ -17,6 +17,7 @@ from cct.text_explain import explain_texts, receptive_fields, word_weights
 from cct.text_model import create_text_model
 from cct.text_predict import load_text_model, predict_texts
 from cct.tokenizer import TextTokenizer
+from helpers import benchmark_script
 
 CORPUS = ["what is the capital of peru ?", "who wrote hamlet ?", "how many legs does a spider have ?",
           "where is the eiffel tower ?", "when did the war end ?", "what does nasa stand for ?"]
@@ -279,18 +280,8 @@ def test_bench_text_recipe_times_the_training_step(capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------- benchmark scripts
-def _script(name):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_time_to_accuracy_trec_runs_each_budget_and_seed_and_plots(tmp_path, monkeypatch):
-    tta = _script("time_to_accuracy_trec")
+    tta = benchmark_script("time_to_accuracy_trec")
     calls = []
 
     def fake_run(model, data, out, *, seed, budget, epochs, val_split, extra):

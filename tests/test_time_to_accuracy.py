@@ -1,15 +1,12 @@
 """benchmarks/time_to_accuracy.py: runs made before, summarised and drawn (no training here)."""
-import importlib.util
 import json
 from pathlib import Path
 
+from helpers import benchmark_script
+
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
-    spec = importlib.util.spec_from_file_location("time_to_accuracy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("time_to_accuracy")
 
 
 def _fake_run(root: Path, name: str, *, top1: float, seconds: float, res_schedule: str | None,
