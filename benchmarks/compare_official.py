@@ -22,6 +22,8 @@ official side, cct's fused one), with the same vocabulary size on both sides.
 
     git clone https://github.com/SHI-Labs/Compact-Transformers /tmp/cct-official
     .venv/bin/python benchmarks/compare_official.py --official-repo /tmp/cct-official --rounds 3
+    .venv/bin/python benchmarks/compare_official.py --official-repo /tmp/cct-official --precisions fp32 \
+        --kernels fast native --rounds 5
     .venv/bin/python benchmarks/compare_official.py --official-repo /tmp/cct-official --model text_cct_2
 """
 from __future__ import annotations
@@ -117,6 +119,8 @@ def main(argv=None) -> dict:
                         help="text models: tokens per sequence (default 65, where the official forward runs)")
     parser.add_argument("--vocab-size", type=int, default=100_000,
                         help="text models: embedding rows on both sides (default 100,000, the official default)")
+    parser.add_argument("--kernels", nargs="+", default=["fast"], choices=["fast", "native", "reference"],
+                        help="cct's kernels, each timed at each precision (native: the compiled attention core)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads of both sides (default: torch's own choice, one per core); 1 keeps a "
                              "shared, busy machine from stalling every operator at its thread barrier")
@@ -125,23 +129,27 @@ def main(argv=None) -> dict:
     text = args.model.startswith("text_")
     unit = "sequences" if text else "images"
 
-    def cct_cmd(precision: str) -> list[str]:
+    # cct's sides: each precision with each kernels setting, named "fp32" (fast kernels) or "fp32+native"
+    sides = {(p if k == "fast" else f"{p}+{k}"): (p, k) for p in args.precisions for k in args.kernels}
+
+    def cct_cmd(side: str) -> list[str]:
+        precision, kernels = sides[side]
         cmd = [sys.executable, "-m", "cct", "bench", "--json", "--no-infer", "--no-peak", "--model", args.model,
                "--precision", precision, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--windows", str(args.windows), "--warmup", "1"]
+               "--windows", str(args.windows), "--warmup", "1", "--kernels", kernels]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         if text:
             cmd += ["--seq-len", str(args.seq_len), "--fixed-length", "--vocab-size", str(args.vocab_size)]
         return cmd
 
-    runs: dict[str, list[float]] = {"official": [], **{p: [] for p in args.precisions}}
+    runs: dict[str, list[float]] = {"official": [], **{side: [] for side in sides}}
     with official_checkout(args.official_repo) as repo:
         official_cmd = [sys.executable, "-c", OFFICIAL_STEP, str(repo), args.model, str(args.batch_size),
                         str(args.steps), str(args.windows), "1", str(args.seq_len), str(args.vocab_size),
                         str(args.threads)]
         for i in range(args.rounds):
-            order = ["official", *args.precisions]
+            order = ["official", *sides]
             for side in (order if i % 2 == 0 else order[::-1]):
                 r = run_json(official_cmd if side == "official" else cct_cmd(side))
                 rate = r["train_per_second"] if side == "official" else r[f"train_{unit}_per_second"]
@@ -150,7 +158,7 @@ def main(argv=None) -> dict:
     med = {side: statistics.median(rs) for side, rs in runs.items()}
     summary = {"model": args.model, "batch_size": args.batch_size, "rounds": args.rounds, "threads": args.threads,
                f"train_{unit}_per_second": med, "per_round": runs,
-               "ratio_vs_official": {p: round(med[p] / med["official"], 2) for p in args.precisions}}
+               "ratio_vs_official": {side: round(med[side] / med["official"], 2) for side in sides}}
     if text:
         summary.update(seq_len=args.seq_len, vocab_size=args.vocab_size)
     if args.json:
@@ -159,8 +167,8 @@ def main(argv=None) -> dict:
         shape = f", {args.seq_len} tokens, vocabulary {args.vocab_size:,}" if text else ""
         print(f"{args.model}, batch {args.batch_size}{shape}, medians of {args.rounds} alternating rounds ({unit}/s):")
         print(f"  official SHI-Labs code, fp32 eager: {med['official']:.2f}")
-        for p in args.precisions:
-            print(f"  cct --precision {p}: {med[p]:.2f}  (x{summary['ratio_vs_official'][p]:.2f})")
+        for side, (p, k) in sides.items():
+            print(f"  cct --precision {p} --kernels {k}: {med[side]:.2f}  (x{summary['ratio_vs_official'][side]:.2f})")
     return summary
 
 

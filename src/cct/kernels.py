@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .dropout_kernels import FastDropout, draws_positions, dropout, dropped_copy, dropped_positions
 from .layers import Attention
 from .model import ConvTokenizer, _same_pool_padding
 from .text_kernels import FastEmbedding, FastTextConvTokenizer
 from .text_model import MaskedAttention, TextConvTokenizer
 
-KERNELS = ("reference", "fast")
+KERNELS = ("reference", "fast", "native")
 
 # ---------------------------------------------------------------------- tanh-GELU of bf16 by table
 _GELU_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -218,6 +219,10 @@ class FastAttention(Attention):
             x = attn.reshape(B, N, H * N) @ v  # the sum over heads and keys in one matmul: (B, N, dim)
         return self.proj_drop(x if b_o is None else x + b_o)
 
+    def _training_core(self, qkv: torch.Tensor, p: float) -> torch.Tensor:
+        """(B, N, heads·d) from the qkv projection, in training with dropout drawn as positions."""
+        return _AttentionCore.apply(qkv, self.num_heads, self.scale, p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folds():
             return self._folded_forward(x)
@@ -225,8 +230,7 @@ class FastAttention(Attention):
         qkv = self.qkv(x)  # (B, N, 3*heads*head_dim)
         p = self.attn_drop.p
         if self.attn_drop.training and p > 0 and qkv.device.type == "cpu" and draws_positions(p, qkv.dtype):
-            x = _AttentionCore.apply(qkv, self.num_heads, self.scale, p)
-            return self.proj_drop(self.proj(x))
+            return self.proj_drop(self.proj(self._training_core(qkv, p)))
         qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         if self._matmul_path(q):
@@ -289,6 +293,15 @@ class _AttentionCore(torch.autograd.Function):
         dqkv[:, :, 1].copy_(dk.reshape(B, heads, N, d).transpose(1, 2))
         dqkv[:, :, 2].copy_(dv.reshape(B, heads, N, d).transpose(1, 2))
         return dqkv.view(B, N, 3 * heads * d), None, None, None
+
+
+class NativeAttention(FastAttention):
+    """`FastAttention` whose float32 training core is `cct.native`'s compiled one ("native" kernels)."""
+
+    def _training_core(self, qkv: torch.Tensor, p: float) -> torch.Tensor:
+        if qkv.dtype != torch.float32:  # float64: the compiled core is float32 only
+            return super()._training_core(qkv, p)
+        return native.attention_core(qkv, self.num_heads, self.scale, p)
 
 
 # ---------------------------------------------------------------------- tokenizer
@@ -392,19 +405,29 @@ _REFERENCE = {fast: reference for reference, fast in _FAST.items()}
 
 
 def use_kernels(model: nn.Module, kernels: str) -> nn.Module:
-    """Compute `model` with the "fast" kernels of this module or its "reference" layers; returns `model`.
+    """Compute `model` with the "fast" kernels of this module, those and the compiled attention core of
+    `cct.native` ("native"), or its "reference" layers; returns `model`.
 
-    Only module classes change: parameters, buffers, state-dict keys and the random streams stay.
+    Only module classes change: parameters, buffers, state-dict keys and the random streams stay. "native"
+    builds the core on first use (a C++ compiler and ninja) and raises `cct.native.NativeUnavailable` where it
+    cannot, before any module changes.
     """
     assert kernels in KERNELS, f"kernels must be one of {KERNELS}, got {kernels!r}"
-    table = _FAST if kernels == "fast" else _REFERENCE
+    table = _FAST
+    if kernels == "native":
+        native.load()
+        table = {**_FAST, Attention: NativeAttention}
     for module in model.modules():
-        swap = table.get(type(module))
-        if swap is not None:
-            module.__class__ = swap
-            if kernels == "reference":
-                module.__dict__.pop("_fused", None)
-                module.__dict__.pop("_fused_from", None)
+        cls = type(module)
+        # a kernel class maps to its reference (NativeAttention through FastAttention); others are references
+        reference = next((_REFERENCE[c] for c in cls.__mro__ if c in _REFERENCE), cls)
+        target = reference if kernels == "reference" else table.get(reference)
+        if target is None:
+            continue
+        module.__class__ = target
+        if kernels == "reference":
+            module.__dict__.pop("_fused", None)
+            module.__dict__.pop("_fused_from", None)
     return model
 
 
