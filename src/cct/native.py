@@ -67,7 +67,7 @@ def load() -> ModuleType:
     if not cpp_extension.is_ninja_available():
         raise NativeUnavailable("--kernels native needs ninja to build its C++ core: pip install ninja")
     name = extension_name()
-    folder = Path(cpp_extension.get_default_build_root()) / name
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
     if not any(folder.glob(f"{name}*.so")):
         print(f"cct: compiling the native attention core into {folder} (once per machine, about 20 s)",
               file=sys.stderr, flush=True)

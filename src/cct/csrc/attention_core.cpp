@@ -16,7 +16,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -36,42 +35,136 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
 }
 
+// Rows are walked in vectors of 8 floats (GCC/Clang vector extensions: AVX's width, or two halves on narrower
+// CPUs), four at a time into independent accumulators: the rows are short (N = 256) and sit in L1, so one
+// accumulator would chain every maximum or sum on the one before it, and the compiler alone kept it so.
+using vec = float __attribute__((vector_size(32)));
+using ivec = int32_t __attribute__((vector_size(32)));
+constexpr int64_t kWidth = 8, kStep = 4 * kWidth;
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+
+inline float horizontal_sum(vec v) {
+  float sum = 0.0f;
+  for (int64_t u = 0; u < kWidth; ++u) sum += v[u];
+  return sum;
+}
+
 // e^x for x <= 0 (scores minus their row's maximum): 2^n · e^r with |r| <= ln 2 / 2 and e^r by its degree-6 Taylor
-// polynomial (relative error below 2^-23), written so that the compiler vectorises the loops that call it.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;  // keeps 2^n a normal float
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 in two parts, so r is exact
-  float e = 1.0f / 720.0f;
-  e = e * r + 1.0f / 120.0f;
+// polynomial (relative error below 2^-23). For floats and vectors of them alike.
+template <typename V, typename I>
+inline V exp_nonpositive(V x) {
+  x = x < -87.0f ? V{} - 87.0f : x;  // keeps 2^n a normal float
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounded to an integer by 1.5 · 2^23
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 in two parts, so r is exact
+  V e = r * (1.0f / 720.0f) + 1.0f / 120.0f;
   e = e * r + 1.0f / 24.0f;
   e = e * r + 1.0f / 6.0f;
   e = e * r + 0.5f;
   e = e * r + 1.0f;
   e = e * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
+  I bits;
+  if constexpr (sizeof(V) == sizeof(float)) {
+    bits = (static_cast<int32_t>(n) + 127) << 23;
+  } else {
+    bits = (__builtin_convertvector(n, I) + 127) << 23;
+  }
+  V two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return e * two_n;
 }
 
-// attn = softmax of each row of scores (n, n)
-void softmax_rows(const float* scores, float* attn, int64_t n) {
-  for (int64_t r = 0; r < n; ++r) {
-    const float* s = scores + r * n;
-    float* a = attn + r * n;
-    float max = s[0];
-    for (int64_t j = 1; j < n; ++j) max = std::max(max, s[j]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-      a[j] = exp_nonpositive(s[j] - max);
-      sum += a[j];
+inline float row_max(const float* x, int64_t n) {
+  float max = x[0];
+  int64_t j = 0;
+  if (n >= kStep) {
+    vec m0 = load(x), m1 = load(x + kWidth), m2 = load(x + 2 * kWidth), m3 = load(x + 3 * kWidth);
+    for (j = kStep; j + kStep <= n; j += kStep) {
+      m0 = vmax(m0, load(x + j));
+      m1 = vmax(m1, load(x + j + kWidth));
+      m2 = vmax(m2, load(x + j + 2 * kWidth));
+      m3 = vmax(m3, load(x + j + 3 * kWidth));
     }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) a[j] *= inv;
+    const vec m = vmax(vmax(m0, m1), vmax(m2, m3));
+    for (int64_t u = 0; u < kWidth; ++u) max = std::max(max, m[u]);
   }
+  for (; j < n; ++j) max = std::max(max, x[j]);
+  return max;
+}
+
+// e = exp(x - max) (e may be x), returning the sum of e
+inline float exp_row(const float* x, float max, float* e, int64_t n) {
+  vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) {
+    const vec e0 = exp_nonpositive<vec, ivec>(load(x + j) - max);
+    const vec e1 = exp_nonpositive<vec, ivec>(load(x + j + kWidth) - max);
+    const vec e2 = exp_nonpositive<vec, ivec>(load(x + j + 2 * kWidth) - max);
+    const vec e3 = exp_nonpositive<vec, ivec>(load(x + j + 3 * kWidth) - max);
+    store(e + j, e0);
+    store(e + j + kWidth, e1);
+    store(e + j + 2 * kWidth, e2);
+    store(e + j + 3 * kWidth, e3);
+    s0 += e0;
+    s1 += e1;
+    s2 += e2;
+    s3 += e3;
+  }
+  float sum = horizontal_sum((s0 + s1) + (s2 + s3));
+  for (; j < n; ++j) {
+    e[j] = exp_nonpositive<float, int32_t>(x[j] - max);
+    sum += e[j];
+  }
+  return sum;
+}
+
+// the sum of x ⊙ y
+inline float row_dot(const float* x, const float* y, int64_t n) {
+  vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) {
+    s0 += load(x + j) * load(y + j);
+    s1 += load(x + j + kWidth) * load(y + j + kWidth);
+    s2 += load(x + j + 2 * kWidth) * load(y + j + 2 * kWidth);
+    s3 += load(x + j + 3 * kWidth) * load(y + j + 3 * kWidth);
+  }
+  float sum = horizontal_sum((s0 + s1) + (s2 + s3));
+  for (; j < n; ++j) sum += x[j] * y[j];
+  return sum;
+}
+
+// y[i - first] = 0 for the dropped positions i in [lo, hi); any outside the map (a misuse) are left alone
+inline void zero_at(float* y, const int64_t* lo, const int64_t* hi, int64_t first, int64_t size) {
+  for (const int64_t* pos = lo; pos < hi; ++pos) {
+    const uint64_t i = static_cast<uint64_t>(*pos - first);
+    if (i < static_cast<uint64_t>(size)) y[i] = 0.0f;
+  }
+}
+
+// attn = softmax of each row of scores (n, n), computed in place in `scores`; y = attn / (1 - p), zeros at the
+// dropped positions [lo, hi), which index the map that starts at `first`
+void softmax_drop(float* scores, float* attn, float* y, int64_t n, float keep_scale, const int64_t* lo,
+                  const int64_t* hi, int64_t first) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* s = scores + r * n;
+    const float inv = 1.0f / exp_row(s, row_max(s, n), s, n);
+    float* a = attn + r * n;
+    float* yr = y + r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      a[j] = s[j] * inv;
+      yr[j] = a[j] * keep_scale;
+    }
+  }
+  zero_at(y, lo, hi, first, n * n);
 }
 
 // y = attn / (1 - p) with zeros at the dropped positions [lo, hi), which index the map that starts at `first`
@@ -79,7 +172,7 @@ void drop(const float* attn, float* y, int64_t size, float keep_scale, const int
           int64_t first) {
 #pragma omp simd
   for (int64_t i = 0; i < size; ++i) y[i] = attn[i] * keep_scale;
-  for (const int64_t* pos = lo; pos < hi; ++pos) y[*pos - first] = 0.0f;
+  zero_at(y, lo, hi, first, size);
 }
 
 struct Shape {
@@ -126,9 +219,8 @@ std::vector<torch::Tensor> attention_core_forward(const torch::Tensor& qkv, int6
       const float* v = q + 2 * s.Hd;
       float* a = attn_base + bh * NN;
       gemm('T', 'N', s.N, s.N, s.d, static_cast<float>(scale), k, s.C, q, s.C, scores.data(), s.N);  // s·q kᵀ
-      softmax_rows(scores.data(), a, s.N);
       const auto [lo, hi] = positions_of(positions, bh * NN, NN);
-      drop(a, y.data(), NN, keep_scale, lo, hi, bh * NN);
+      softmax_drop(scores.data(), a, y.data(), s.N, keep_scale, lo, hi, bh * NN);
       gemm('N', 'N', s.d, s.N, s.N, 1.0f, v, s.C, y.data(), s.N, out_base + b * s.N * s.Hd + h * s.d, s.Hd);  // y v
     }
   });
@@ -172,9 +264,7 @@ torch::Tensor attention_core_backward(const torch::Tensor& grad, const torch::Te
         float* dyr = dy.data() + r * s.N;
         const float* yr = y.data() + r * s.N;
         const float* ar = a + r * s.N;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < s.N; ++j) dot += yr[j] * dyr[j];
+        const float dot = row_dot(yr, dyr, s.N);
 #pragma omp simd
         for (int64_t j = 0; j < s.N; ++j) dyr[j] = yr[j] * dyr[j] - ar[j] * dot;
       }
