@@ -31,7 +31,7 @@ from torch import nn
 from cct import recipes
 from cct.bench import timed_windows
 from cct.errors import CCTError
-from cct.kernels import use_kernels
+from cct.kernels import KERNELS, use_kernels
 from cct.model import CCT
 from cct.registry import create_model
 from cct.runtime import autocast, configure_threads, resolve_precision
@@ -189,7 +189,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--recipe", choices=sorted(recipes.RECIPES), help="whose augmentation, optimiser and dropout rates "
                     "(default: the model's, as `cct train` picks it)")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--kernels", default="fast", choices=["fast", "reference"])
+    ap.add_argument("--kernels", default="fast", choices=KERNELS)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per part (the median is kept)")
     ap.add_argument("--reps", type=int, default=2, help="calls per round")
     ap.add_argument("--json", action="store_true")

@@ -9,9 +9,9 @@ What it computes: `Attention`'s core in float32 training on a CPU with attention
 softmax → dropout → ·v over 256 tokens), one (sample, head) pair at a time so that the (N, N) maps stay in the
 core's cache; PyTorch's operators pass over them a dozen times through main memory. Same function and
 gradients as the reference (up to rounding) and the same dropped elements from the same draw as
-`FastDropout` (tests/test_native.py). Everything else runs as "fast" does (`cct.kernels.NativeAttention`). One attention core of
-`cct_7_3x1_32` (batch 128, float32, forward and backward, 2 threads): 236 → 171 ms against `_AttentionCore` on
-the 2-core AMX Xeon (benchmarks/README.md, thirtieth session).
+`FastDropout` (tests/test_native.py). Everything else runs as "fast" does (`cct.kernels.NativeAttention`).
+One attention core of `cct_7_3x1_32` (batch 128, float32, forward and backward, 2 threads): 246 → 151 ms
+against `_AttentionCore` on the 2-core AMX Xeon; its training step ×1.12 (benchmarks/README.md, thirtieth session).
 """
 from __future__ import annotations
 
