@@ -5,6 +5,8 @@ these run there. Where it cannot build they skip, except the tests of what the u
 """
 import copy
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -129,13 +131,17 @@ def test_native_model_trains_as_the_fast_model(built):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_cli_trains_with_native_kernels(built, tmp_path, capsys):
+def test_cli_trains_with_native_kernels(built, tmp_path, capsys, monkeypatch):
+    calls = []
+    forward = built.attention_core_forward
+    monkeypatch.setattr(built, "attention_core_forward", lambda *args: calls.append(1) or forward(*args))
     tree = make_tree(tmp_path / "tree", TREE)
     out = tmp_path / "run"
     code, _, err = run_cli(["train", "--model", "cct_2_3x2_32", "--data", tree, "--out", out, "--epochs", "1",
                             "--batch-size", "4", "--precision", "fp32", "--kernels", "native", "--quiet"], capsys)
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["kernels"] == "native"
+    assert len(calls) >= 4 and len(calls) % 2 == 0  # both blocks in each training step (paper recipe: attention dropout)
 
 
 def test_without_a_compiler_it_says_so_in_one_line(tmp_path, capsys, monkeypatch):
@@ -169,3 +175,19 @@ def test_a_failed_build_is_one_line(tmp_path, monkeypatch):
     else:
         pytest.fail("a broken source built")
     assert "\n" not in message and "attention_core.cpp failed" in message
+    assert "undefined_name" in message, message  # the compiler's error, not PyTorch's command line
+
+
+def test_first_error_skips_the_command_line():
+    output = ("Error building extension 'x': [1/2] c++ -MMD -c core.cpp -o core.o\nFAILED: core.o\n"
+              "core.cpp:3:1: error: 'y' was not declared\nninja: build stopped")
+    assert native._first_error(output) == "core.cpp:3:1: error: 'y' was not declared"
+    assert native._first_error("something odd") == "something odd"
+
+
+def test_ninja_of_this_environment_goes_on_path(monkeypatch):
+    """`pip install ninja` into a venv that is not activated: its bin folder joins PATH, where PyTorch looks."""
+    monkeypatch.setenv("PATH", "/nonexistent-cct")
+    native._find_ninja()
+    folders = os.environ["PATH"].split(os.pathsep)
+    assert os.path.dirname(sys.executable) in folders and folders[-1] == "/nonexistent-cct"

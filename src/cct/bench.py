@@ -129,7 +129,8 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
         train, infer, peak: which measurements to make.
         world_size: processes of the job this one belongs to (`--procs`, inside `distributed.process_group`):
             each computes its share of every batch, as `cct train --procs` does; rates are the job's.
-        kernels: "fast" (`cct.kernels`, as training and evaluation run by default) or "reference".
+        kernels: "fast" (`cct.kernels`, as training and evaluation run by default), "native" (those and the
+            compiled attention core of `cct.native`) or "reference".
     Returns:
         a dict with `train_images_per_second`, `infer_images_per_second`, GFLOP/s, share of the
         measured GEMM peak, peak memory and the settings.

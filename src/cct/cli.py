@@ -205,7 +205,8 @@ def _add_bench_parser(subparsers) -> None:
     p.add_argument("--procs", type=int, default=None,
                    help="data-parallel processes, as `cct train --procs` (default: the recipe's; 0: one per core)")
     p.add_argument("--kernels", default="fast", choices=KERNELS,
-                   help="fast: cct.kernels, as training runs (default); reference: the plain layers of cct.layers")
+                   help="fast: cct.kernels, as training runs (default); native: those and the float32 training "
+                        "attention core compiled on first use (cct.native); reference: the plain layers of cct.layers")
     text = p.add_argument_group("text models")
     text.add_argument("--seq-len", type=int, default=None,
                       help="tokens per padded sequence (default: the model's seq_len)")

@@ -289,7 +289,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", choices=PRECISIONS, help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, help="default: the checkpoint's")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--kernels", default="fast", choices=KERNELS,
+    p.add_argument("--kernels", default="fast", choices=[k for k in KERNELS if k != "native"],  # training only
                    help="fast: cct.kernels (default); reference: the plain layers of cct.layers")
     p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument("--label-level", choices=LABEL_LEVELS, help="text models on TREC: coarse or fine labels "

@@ -401,7 +401,7 @@ class FastMaskedAttention(MaskedAttention):
 # ---------------------------------------------------------------------- choosing
 _FAST = {Attention: FastAttention, nn.Dropout: FastDropout, nn.GELU: FastGELU, ConvTokenizer: FastConvTokenizer,
          TextConvTokenizer: FastTextConvTokenizer, MaskedAttention: FastMaskedAttention, nn.Embedding: FastEmbedding}
-_REFERENCE = {fast: reference for reference, fast in _FAST.items()}
+_REFERENCE = {**{fast: reference for reference, fast in _FAST.items()}, NativeAttention: Attention}
 
 
 def use_kernels(model: nn.Module, kernels: str) -> nn.Module:
@@ -418,11 +418,9 @@ def use_kernels(model: nn.Module, kernels: str) -> nn.Module:
         native.load()
         table = {**_FAST, Attention: NativeAttention}
     for module in model.modules():
-        cls = type(module)
-        # a kernel class maps to its reference (NativeAttention through FastAttention); others are references
-        reference = next((_REFERENCE[c] for c in cls.__mro__ if c in _REFERENCE), cls)
+        reference = _REFERENCE.get(type(module), type(module))  # whichever kernels it computes with now
         target = reference if kernels == "reference" else table.get(reference)
-        if target is None:
+        if target is None or target is type(module):
             continue
         module.__class__ = target
         if kernels == "reference":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -37,36 +38,73 @@ class NativeUnavailable(CCTError):
 
 
 def _cpu_key() -> str:
-    """What `-march=native` compiles for: the CPU's model and flags (Linux), else the machine's name."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return "\n".join(sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))}))
-    except OSError:
-        import platform
+    """What `-march=native` compiles for: the CPU's model and features as Linux lists them (x86: model name and
+    flags; ARM: implementer, part and features), else the machine's name."""
+    import platform
 
-        return platform.machine() + platform.processor()
+    fields = ("model name", "flags", "Features", "CPU implementer", "CPU part", "CPU architecture")
+    try:
+        lines = {line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(fields)}
+    except OSError:
+        lines = set()
+    return "\n".join(sorted(lines)) or platform.machine() + platform.processor()
 
 
 def extension_name() -> str:
-    """The extension's name, distinct per source, PyTorch version, flags and CPU, so that a build made for
-    another CPU (a shared home folder) or another PyTorch is never loaded."""
-    key = "\n".join([SOURCE.read_text(), torch.__version__, " ".join(_FLAGS), _cpu_key()])
+    """The extension's name, distinct per source, PyTorch, Python, flags and CPU, so that a build made for
+    another CPU (a shared home folder), another PyTorch or another Python is never loaded."""
+    key = "\n".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(_FLAGS), _cpu_key()])
     return "cct_native_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _find_ninja() -> None:
+    """Put the ninja of the `ninja` package (or of this Python's environment) on PATH, where PyTorch looks for it:
+    `pip install ninja` into a virtual environment that was not activated leaves it off PATH."""
+    folders = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        folders.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "")
+    missing = [f for f in folders if f and f not in path.split(os.pathsep)]
+    if missing:
+        os.environ["PATH"] = os.pathsep.join([*missing, path]) if path else os.pathsep.join(missing)
+
+
+def _first_error(message: str) -> str:
+    """The compiler's first error in a failed build's output (PyTorch's message starts with the command line)."""
+    lines = [line.strip() for line in message.splitlines()]
+    for marker in ("error:", "error", "Error"):
+        found = [line for line in lines[1:] if marker in line]
+        if found:
+            return found[0]
+    return lines[0] if lines else "no output"
+
+
 def load() -> ModuleType:
-    """The compiled attention core, built on first use; `NativeUnavailable` (one line) where it cannot be."""
+    """The compiled attention core, built on first use; `NativeUnavailable` (one line) where it cannot be.
+
+    A build killed half-way can leave PyTorch's `lock` file in its folder, and later builds then wait on it:
+    delete the folder the "compiling" line names.
+    """
     global _module
     if _module is not None:
         return _module
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
+    if shutil.which((shlex.split(compiler) or [""])[0]) is None:
         raise NativeUnavailable(f"--kernels native needs a C++ compiler: {compiler!r} is not on PATH (set CXX)")
     if not cpp_extension.is_ninja_available():
+        _find_ninja()
+    if not cpp_extension.is_ninja_available():
         raise NativeUnavailable("--kernels native needs ninja to build its C++ core: pip install ninja")
-    name = extension_name()
+    try:
+        name = extension_name()
+    except OSError as e:
+        raise NativeUnavailable(f"--kernels native: cannot read its source {SOURCE}: {e.strerror}") from e
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
     if not any(folder.glob(f"{name}*.so")):
         print(f"cct: compiling the native attention core into {folder} (once per machine, about 20 s)",
@@ -76,8 +114,7 @@ def load() -> ModuleType:
         _module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                                      build_directory=str(folder))
     except (RuntimeError, OSError, ImportError) as e:
-        lines = [line.strip() for line in str(e).splitlines() if "error" in line.lower()] or [str(e).strip()]
-        raise NativeUnavailable(f"--kernels native: building {SOURCE.name} failed: {lines[0][:300]}") from e
+        raise NativeUnavailable(f"--kernels native: building {SOURCE.name} failed: {_first_error(str(e))[:300]}") from e
     return _module
 
 

@@ -144,8 +144,9 @@ class TrainConfig:
     precision: str = _f("auto", "compute precision (auto: bf16 where the CPU runs it natively, else fp32; for a "
                                 "text model, the faster of the two in a trial of a few steps)", choices=PRECISIONS)
     device: str = _f("auto", "where to train", choices=DEVICES)
-    kernels: str = _f("fast", "fast: the CPU kernels of cct.kernels (the same math, measured faster); reference: the "
-                              "plain layers of cct.layers", choices=KERNELS)
+    kernels: str = _f("fast", "fast: the CPU kernels of cct.kernels (the same math, measured faster); native: those "
+                              "and the float32 training attention core in C++, compiled on first use (cct.native; "
+                              "a C++ compiler and ninja); reference: the plain layers of cct.layers", choices=KERNELS)
     workers: int = _f(0, "CPU threads for compute per process (0: torch's default; cores / processes under torchrun)")
     procs: int = _f(1, "data-parallel processes on this CPU, one thread each, each on its share of every batch "
                        "(0: one per core; the keras recipe's default)")

@@ -2,8 +2,8 @@
 // backward, one (batch, head) pair at a time, so each pair's (N, N) maps stay in the core's cache.
 //
 // PyTorch's operators make a dozen passes over the (B·heads, N, N) maps of a layer (products, softmax, dropout,
-// their gradients), each through main memory; at N = 256 those maps are 32 MB per sample and the passes, not
-// the arithmetic, set the pace. Here each pair's maps (256 KB each at N = 256) are produced and consumed while
+// their gradients), each through main memory; for `cct_7_3x1_32` (N = 256, 4 heads, batch 128) one map is 134 MB
+// and the passes, not the arithmetic, set the pace. Here each pair's maps (256 KB each at N = 256) are produced and consumed while
 // they sit in L2: only the softmax output is written out (the backward needs it), and q, k, v and the
 // gradients are read and written in place in the projection's (B, N, 3, heads, d) layout (no copies).
 // Products go to the BLAS PyTorch links (`sgemm_`, column-major), one thread each; the pairs are shared
@@ -59,7 +59,7 @@ inline float horizontal_sum(vec v) {
 }
 
 // e^x for x <= 0 (scores minus their row's maximum): 2^n · e^r with |r| <= ln 2 / 2 and e^r by its degree-6 Taylor
-// polynomial (relative error below 2^-23). For floats and vectors of them alike.
+// polynomial (relative error about 2^-22). For floats and vectors of them alike.
 template <typename V, typename I>
 inline V exp_nonpositive(V x) {
   x = x < -87.0f ? V{} - 87.0f : x;  // keeps 2^n a normal float
@@ -183,9 +183,11 @@ Shape check(const torch::Tensor& qkv, int64_t heads, const torch::Tensor& positi
   TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == torch::kFloat && qkv.is_contiguous() && qkv.is_cpu(),
               "qkv must be a contiguous float32 CPU tensor (B, N, 3·heads·d)");
   TORCH_CHECK(heads > 0 && qkv.size(2) % (3 * heads) == 0, "qkv's last dimension must be 3·heads·d");
-  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == torch::kLong && positions.is_contiguous(),
-              "positions must be a contiguous int64 vector");
+  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == torch::kLong && positions.is_contiguous() &&
+                  positions.is_cpu(),
+              "positions must be a contiguous int64 CPU vector");
   const int64_t d = qkv.size(2) / (3 * heads);
+  TORCH_CHECK(qkv.size(1) > 0 && d > 0, "qkv must have at least one token and one channel per head");
   return {qkv.size(0), qkv.size(1), qkv.size(2), heads, d, heads * d};
 }
 
@@ -232,9 +234,11 @@ torch::Tensor attention_core_backward(const torch::Tensor& grad, const torch::Te
                                       int64_t heads, double scale, double p, const torch::Tensor& positions) {
   const Shape s = check(qkv, heads, positions);
   const int64_t NN = s.N * s.N;
-  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == torch::kFloat && grad.numel() == s.B * s.N * s.Hd,
-              "grad must be a contiguous float32 (B, N, heads·d)");
-  TORCH_CHECK(attn.is_contiguous() && attn.scalar_type() == torch::kFloat && attn.numel() == s.B * heads * NN,
+  TORCH_CHECK(grad.is_contiguous() && grad.is_cpu() && grad.scalar_type() == torch::kFloat &&
+                  grad.numel() == s.B * s.N * s.Hd,
+              "grad must be a contiguous float32 CPU tensor (B, N, heads·d)");
+  TORCH_CHECK(attn.is_contiguous() && attn.is_cpu() && attn.scalar_type() == torch::kFloat &&
+                  attn.numel() == s.B * heads * NN,
               "attn must be the forward's contiguous (B·heads, N, N)");
   auto dqkv = torch::empty_like(qkv);
   const float* base = qkv.data_ptr<float>();
@@ -276,6 +280,7 @@ torch::Tensor attention_core_backward(const torch::Tensor& grad, const torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention_core_forward", &attention_core_forward);
-  m.def("attention_core_backward", &attention_core_backward);
+  // the GIL is released while they compute: other Python threads (a progress monitor) keep running
+  m.def("attention_core_forward", &attention_core_forward, py::call_guard<py::gil_scoped_release>());
+  m.def("attention_core_backward", &attention_core_backward, py::call_guard<py::gil_scoped_release>());
 }
