@@ -19,6 +19,8 @@ benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no 
     .venv/bin/python benchmarks/trec_validation.py --tag fgm1 --fgm 1.0 --seeds 5,6,7,8,9
     .venv/bin/python benchmarks/trec_validation.py --tag ngrams --precision bf16 --char-ngrams 16384 --fgm-ngrams
     .venv/bin/python benchmarks/trec_validation.py --tag mlm --precision bf16 --mlm-epochs 30
+    .venv/bin/python benchmarks/trec_validation.py --tag ens --precision bf16 --ensemble 3
+    .venv/bin/python benchmarks/trec_validation.py --tag unk --precision bf16 --min-frequency 1 --unk-alpha 0.25
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
@@ -71,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attn-drop-rate", type=float, default=None, help="attention dropout (default: the model's)")
     p.add_argument("--drop-path-rate", type=float, default=None, help="stochastic depth (default: the model's)")
     p.add_argument("--mix", type=float, default=0.4, help="word mixup alpha (0: off)")
+    p.add_argument("--mix-off-epochs", type=int, default=0, help="no word mixup in the last N epochs (as timm's "
+                   "mixup_off_epoch)")
     p.add_argument("--fine", action="store_true", help="train on the fine labels; predict a coarse one by summing "
                                                        "its fine classes' probabilities")
     p.add_argument("--fgm", type=float, default=2.0, help="FGM (Miyato et al. 2017): also train on the loss with the "
@@ -90,6 +94,11 @@ def parse_args() -> argparse.Namespace:
                    "texts for this many epochs before the recipe (0: off; kernel 2 only)")
     p.add_argument("--mlm-prob", type=float, default=0.15, help="with --mlm-epochs: the share of real words masked")
     p.add_argument("--mlm-lr", type=float, default=2e-3, help="with --mlm-epochs: its AdamW learning rate")
+    p.add_argument("--unk-alpha", type=float, default=0.0, help="each step, a real word seen c times in the training "
+                   "split becomes [UNK] with probability A / (A + c) (Kiperwasser & Goldberg 2016; 0: off)")
+    p.add_argument("--ensemble", type=int, default=1, help="train K models on the split (the first as without this "
+                   "flag, the others from other initial seeds and batch orders) and also score the mean of the first "
+                   "k models' probabilities, k = 2..K (`ens2`, ...)")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--tag", default="")
     a = p.parse_args()
@@ -122,6 +131,25 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             char_ngrams(tokenizer, val.texts, val_ids.shape[1], a.char_ngrams)
         if fine is not None:
             grams = grams[keep]
+    counts = torch.bincount(ids[mask], minlength=tokenizer.vocab_size).float() if a.unk_alpha > 0 else None
+    results, probs = [], []
+    for member in range(a.ensemble):
+        if member:  # another initialisation and batch order on the same split
+            torch.manual_seed(seed + 7919 * member)
+        result, p = train_one(a, tokenizer, ids, mask, labels, num_classes, val, val_ids, val_mask, grams, val_grams,
+                              fine, ds.num_classes, counts, seed + 7919 * member)
+        results.append(result)
+        probs.append(p)
+    result = results[0]
+    for k in range(2, a.ensemble + 1):
+        result[f"ens{k}"] = (torch.stack(probs[:k]).mean(0).argmax(1) == val.labels).float().mean().item()
+    result["seconds"] = sum(r["seconds"] for r in results)
+    return result
+
+
+def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, val, val_ids, val_mask, grams,
+              val_grams, fine, coarse_classes, counts, seed: int) -> tuple[dict, torch.Tensor]:
+    """One model trained on the split; its result and its last epoch's validation probabilities."""
     model = use_kernels(create_model(a.model, num_classes=num_classes, vocab_size=tokenizer.vocab_size, seq_len=64,
                                      kernel_size=a.kernel_size, embedding_std=a.embedding_std,
                                      word_embedding_dim=a.word_embedding_dim,
@@ -147,7 +175,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             logits = fuse(m)(val_ids, val_mask).float()
         m.train()
         if fine is not None:
-            logits = torch.zeros(len(logits), ds.num_classes).index_add_(1, fine[1], logits.softmax(1))
+            logits = torch.zeros(len(logits), coarse_classes).index_add_(1, fine[1], logits.softmax(1)).log()
+        score.probs = logits.softmax(1)
         return (logits.argmax(1) == val.labels).float().mean().item()
 
     table = word_embedding(model)  # FGM moves it
@@ -166,9 +195,12 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
                 model.embedding.grams = grams[idx, :length]
             if a.token_dropout > 0:
                 x[(torch.rand(x.shape, generator=g) < a.token_dropout) & m] = UNK_ID
+            if counts is not None:
+                x[(torch.rand(x.shape, generator=g) < a.unk_alpha / (a.unk_alpha + counts[x])) & m] = UNK_ID
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, **schedule)
-            lam = float(torch.distributions.Beta(a.mix, a.mix).sample()) if a.mix > 0 else None
+            lam = float(torch.distributions.Beta(a.mix, a.mix).sample()) \
+                if a.mix > 0 and epoch < a.epochs - a.mix_off_epochs else None
 
             def batch_loss() -> torch.Tensor:
                 with autocast(a.precision):
@@ -225,6 +257,7 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
                         v.mul_(n_averaged / (n_averaged + 1)).add_(state[k] / (n_averaged + 1))
             n_averaged += 1
         history.append(score(model))
+    last_probs = score.probs
     result = dict(seed=seed, last=history[-1], best=max(history), seconds=round(time.time() - t0))
     if ema is not None:
         result["ema"] = score(ema)
@@ -232,7 +265,7 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
         copy_ = copy.deepcopy(model)
         copy_.load_state_dict(averaged)
         result["swa"] = score(copy_)
-    return result
+    return result, last_probs
 
 
 def mlm_pretrain(a: argparse.Namespace, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
