@@ -134,15 +134,16 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
     counts = torch.bincount(ids[mask], minlength=tokenizer.vocab_size).float() if a.unk_alpha > 0 else None
     results, probs = [], []
     for member in range(a.ensemble):
-        if member:  # another initialisation and batch order on the same split
-            torch.manual_seed(seed + 7919 * member)
+        member_seed = seed + 7919 * member  # another initialisation and batch order on the same split
+        if member:
+            torch.manual_seed(member_seed)
         result, p = train_one(a, tokenizer, ids, mask, labels, num_classes, val, val_ids, val_mask, grams, val_grams,
-                              fine, ds.num_classes, counts, seed + 7919 * member)
+                              fine, ds.num_classes, counts, member_seed)
         results.append(result)
         probs.append(p)
     result = results[0]
     for k in range(2, a.ensemble + 1):
-        result[f"ens{k}"] = (torch.stack(probs[:k]).mean(0).argmax(1) == val.labels).float().mean().item()
+        result[f"ens{k}"] = accuracy(torch.stack(probs[:k]).mean(0), val.labels)
     result["seconds"] = sum(r["seconds"] for r in results)
     return result
 
@@ -167,17 +168,17 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
     schedule = dict(lr=a.lr, total_steps=steps_per_epoch * a.epochs, warmup_lr=1e-5, min_lr=1e-5, schedule="cosine",
                     warmup_steps=int(a.warmup_epochs * steps_per_epoch))
 
-    def score(m) -> float:
+    def val_probs(m) -> torch.Tensor:
+        """(len(val), coarse classes): with --fine, the coarse class's probability is the sum of its fine ones'."""
         m.eval()
         if a.char_ngrams:
             m.embedding.grams = val_grams
         with torch.no_grad(), autocast(a.precision):
-            logits = fuse(m)(val_ids, val_mask).float()
+            probs = fuse(m)(val_ids, val_mask).float().softmax(1)
         m.train()
         if fine is not None:
-            logits = torch.zeros(len(logits), coarse_classes).index_add_(1, fine[1], logits.softmax(1)).log()
-        score.probs = logits.softmax(1)
-        return (logits.argmax(1) == val.labels).float().mean().item()
+            probs = torch.zeros(len(probs), coarse_classes).index_add_(1, fine[1], probs)
+        return probs
 
     table = word_embedding(model)  # FGM moves it
     ema = copy.deepcopy(model) if a.ema else None
@@ -256,16 +257,20 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
                     if v.is_floating_point():
                         v.mul_(n_averaged / (n_averaged + 1)).add_(state[k] / (n_averaged + 1))
             n_averaged += 1
-        history.append(score(model))
-    last_probs = score.probs
-    result = dict(seed=seed, last=history[-1], best=max(history), seconds=round(time.time() - t0))
+        history.append(val_probs(model))
+    scores = [accuracy(probs, val.labels) for probs in history]
+    result = dict(seed=seed, last=scores[-1], best=max(scores), seconds=round(time.time() - t0))
     if ema is not None:
-        result["ema"] = score(ema)
+        result["ema"] = accuracy(val_probs(ema), val.labels)
     if averaged is not None:
         copy_ = copy.deepcopy(model)
         copy_.load_state_dict(averaged)
-        result["swa"] = score(copy_)
-    return result, last_probs
+        result["swa"] = accuracy(val_probs(copy_), val.labels)
+    return result, history[-1]
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return (probs.argmax(1) == labels).float().mean().item()
 
 
 def mlm_pretrain(a: argparse.Namespace, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
