@@ -11,7 +11,8 @@ weight average (`swa`) per seed, and their means over seeds. The test file's tex
 scored or printed. One thread per process, so two variants can run side by side on two cores.
 
 The defaults are the text recipe's as of its eighth round (FGM 2.0, no token dropout), in fp32; `--precision bf16`
-trains as the recipe does where its trial picks bf16 (ninth round). Earlier rounds in
+trains as the recipe does where its trial picks bf16 (ninth round). Since the fifteenth round the recipe is those
+defaults plus `--unk-shapes --kernel-size 4 --attn-drop-rate 0 --label-smoothing 0.2`. Earlier rounds in
 benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no FGM): their flags are on top of those.
 
     .venv/bin/python benchmarks/trec_validation.py --tag recipe
@@ -21,6 +22,8 @@ benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no 
     .venv/bin/python benchmarks/trec_validation.py --tag mlm --precision bf16 --mlm-epochs 30
     .venv/bin/python benchmarks/trec_validation.py --tag ens --precision bf16 --ensemble 3
     .venv/bin/python benchmarks/trec_validation.py --tag unk --precision bf16 --min-frequency 1 --unk-alpha 0.25
+    .venv/bin/python benchmarks/trec_validation.py --tag recipe15 --precision bf16 --unk-shapes --kernel-size 4 \
+        --attn-drop-rate 0 --label-smoothing 0.2 --seeds 0,1,2,3,4,5,6,7,8,9
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
@@ -99,6 +102,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ensemble", type=int, default=1, help="train K models on the split (the first as without this "
                    "flag, the others from other initial seeds and batch orders) and also score the mean of the first "
                    "k models' probabilities, k = 2..K (`ens2`, ...)")
+    p.add_argument("--unk-backoff", default="none", choices=("none", "rules", "snowball"),
+                   help="a word outside the vocabulary (in training too) becomes a vocabulary word it inflects: by "
+                        "stripping a suffix (rules: -s, -es, -ies→-y, -ed, -ing, ...), or the most frequent word "
+                        "with its Snowball stem (snowball; needs the snowballstemmer package)")
+    p.add_argument("--unk-shapes", action="store_true", help="an unknown word becomes one of three [UNK]s by its "
+                   "shape: with a digit, capitalised (not first), or other (the recipe's `--unk-shapes`)")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--tag", default="")
     a = p.parse_args()
@@ -114,10 +123,14 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
     train, val = data_mod.split_set(RawTexts(ds.train_texts, ds.train_labels), num_classes=ds.num_classes,
                                     train_limit=None, val_split=0.1, seed=seed)
     tokenizer = TextTokenizer.train(train.texts, kind=a.tokenizer, lowercase=True, vocab_size=a.vocab_size,
-                                    min_frequency=a.min_frequency)
-    ids, mask = tokenizer.encode(train.texts, seq_len=64)
+                                    min_frequency=a.min_frequency, unk_shapes=a.unk_shapes)
+    train_texts, val_texts = train.texts, val.texts
+    if a.unk_backoff != "none":
+        backoff = unk_backoff(tokenizer, train.texts, a.unk_backoff)
+        train_texts, val_texts = [backoff(t) for t in train.texts], [backoff(t) for t in val.texts]
+    ids, mask = tokenizer.encode(train_texts, seq_len=64)
     labels = train.labels
-    val_ids, val_mask = tokenizer.encode(val.texts, seq_len=64)
+    val_ids, val_mask = tokenizer.encode(val_texts, seq_len=64)
     num_classes = ds.num_classes
     if fine is not None:  # the training texts with a well-formed fine label, and that label
         text_to_fine, parent = fine
@@ -146,6 +159,33 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
         result[f"ens{k}"] = accuracy(torch.stack(probs[:k]).mean(0), val.labels)
     result["seconds"] = sum(r["seconds"] for r in results)
     return result
+
+
+SUFFIXES = (("'s", ""), ("ies", "y"), ("es", ""), ("s", ""), ("ed", ""), ("ed", "e"), ("ing", ""), ("ing", "e"),
+            ("ly", ""), ("er", ""), ("est", ""))
+
+
+def unk_backoff(tokenizer: TextTokenizer, texts, kind: str):
+    """text -> the text as the tokenizer's words, each unknown word replaced by a known one it inflects, if any."""
+    norm, pre = tokenizer.backend.normalizer, tokenizer.backend.pre_tokenizer
+    words = lambda t: [w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))]
+    known = lambda w: tokenizer.token_to_id(w) not in (None, UNK_ID)
+    if kind == "snowball":
+        import collections
+        import snowballstemmer
+        stem = snowballstemmer.stemmer("english").stemWord
+        counts = collections.Counter(w for t in texts for w in words(t) if known(w))
+        by_stem = {}
+        for w, _ in counts.most_common():
+            by_stem.setdefault(stem(w), w)
+        find = lambda w: by_stem.get(stem(w))
+    else:
+        def find(w):
+            for suffix, repl in SUFFIXES:
+                if w.endswith(suffix) and len(w) - len(suffix) >= 3 and known(w[:-len(suffix)] + repl):
+                    return w[:-len(suffix)] + repl
+            return None
+    return lambda t: " ".join(w if known(w) else (find(w) or w) for w in words(t))
 
 
 def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, val, val_ids, val_mask, grams,

@@ -265,6 +265,10 @@ def test_bench_text_recipe_times_the_training_step(capsys, monkeypatch):
     passes = []
     original = TrainStep.adversarial_backward
     monkeypatch.setattr(TrainStep, "adversarial_backward", lambda self, *a: passes.append(1) or original(self, *a))
+    built = []
+    create = cct.text_bench.create_text_model
+    monkeypatch.setattr(cct.text_bench, "create_text_model", lambda name, **kw: built.append(
+        {k: kw[k] for k in ("kernel_size", "attn_drop_rate") if k in kw}) or create(name, **kw))
     common = ["bench", "--model", "text_cct_2", "--json", "--batch-size", "4", "--steps", "1", "--windows", "1",
               "--warmup", "1", "--no-peak", "--no-infer", "--vocab-size", "50", "--seq-len", "12"]
     assert main(common + ["--precision", "fp32"]) == 0
@@ -275,8 +279,9 @@ def test_bench_text_recipe_times_the_training_step(capsys, monkeypatch):
     assert len(passes) == 2 and r["recipe"] == "text"  # the warm-up step and the timed one, each with FGM
     assert r["precision"] == "fp32" and r["precision_trial_ms"] == {"fp32": 1.0, "bf16": 2.0}  # the trial's
     assert r["threads"] == 1 and plain["precision_trial_ms"] is None  # the recipe's threads; fp32 asked: no trial
-    # the recipe's kernel 2, not the official default 4: fewer multiplies a sequence
-    assert r["gflops_per_sequence_forward"] < plain["gflops_per_sequence_forward"]
+    # the model as `cct train` builds it for the recipe: its kernel (the official 4) and dropout rates
+    assert built[0] == {} and built[1]["kernel_size"] == 4 and built[1]["attn_drop_rate"] == 0.0
+    assert r["gflops_per_sequence_forward"] == plain["gflops_per_sequence_forward"]
 
 
 # ---------------------------------------------------------------------- benchmark scripts

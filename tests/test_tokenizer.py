@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cct.errors import CCTError
-from cct.tokenizer import PAD_ID, UNK_ID, TextTokenizer, load_word_vectors
+from cct.tokenizer import CAP_ID, LOW_ID, NUM_ID, PAD_ID, UNK_ID, TextTokenizer, load_word_vectors
 
 TRAIN = ["What is the capital of Peru ?", "Who wrote Hamlet ?", "What is the tallest mountain ?",
          "How far is the Moon ?", "Who is the president of Peru ?"]
@@ -52,6 +52,27 @@ def test_json_round_trip_gives_identical_encodings(kind):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
+def test_unk_shapes_give_unknown_words_the_unk_of_their_shape():
+    tok = TextTokenizer.train(TRAIN, unk_shapes=True)
+    assert [tok.token_to_id(t) for t in ("[UNK]", "[PAD]", "[UNK-NUM]", "[UNK-CAP]", "[UNK-LOW]")] == [0, 1, 2, 3, 4]
+    assert tok.vocab_size == TextTokenizer.train(TRAIN).vocab_size + 3
+    # the shape is read from the text as written, before lower-casing (offsets into a non-ASCII text too)
+    text = "Where is Zürich , the café of 1984 ?"
+    assert tok.tokens(text) == ["[UNK-LOW]", "is", "[UNK-CAP]", "[UNK-LOW]", "the", "[UNK-LOW]", "of", "[UNK-NUM]",
+                                "?"]
+    ids, _ = tok.encode([text, "Zebra far ?"], seq_len=9)
+    assert ids[0].tolist() == [LOW_ID, tok.token_to_id("is"), CAP_ID, LOW_ID, tok.token_to_id("the"), LOW_ID,
+                               tok.token_to_id("of"), NUM_ID, tok.token_to_id("?")]
+    assert ids[1, 0] == LOW_ID  # a capital on the first word says nothing
+    assert tok.unknown_ids == (UNK_ID, NUM_ID, CAP_ID, LOW_ID) and TextTokenizer.train(TRAIN).unknown_ids == (UNK_ID,)
+    again = TextTokenizer.from_json(tok.to_json())
+    assert again.unk_shapes and torch.equal(again.encode([text], seq_len=9)[0], ids[:1])
+    plain = json.loads(TextTokenizer.train(TRAIN).to_json())
+    assert plain["version"] == 1 and "unk_shapes" not in plain  # as before the option: older cct reads it
+    assert json.loads(tok.to_json())["version"] == 2  # older cct refuses it instead of encoding it wrongly
+    assert not TextTokenizer.from_json(json.dumps(plain)).unk_shapes
+
+
 def test_subword_kinds_split_unknown_words():
     tok = TextTokenizer.train(TRAIN * 3, kind="wordpiece", vocab_size=80)
     assert tok.token_to_id("[PAD]") == PAD_ID
@@ -82,6 +103,16 @@ def test_word_vectors_initialise_known_words(tmp_path):
     assert torch.equal(emb.weight[PAD_ID], before[PAD_ID])  # special rows untouched
     who = tok.token_to_id("who")
     assert torch.equal(emb.weight[who], before[who])
+
+
+def test_word_vectors_leave_the_shaped_unk_rows_alone(tmp_path):
+    tok = TextTokenizer.train(TRAIN, lowercase=False, unk_shapes=True)  # cased: the file's "[UNK-CAP]" is its id
+    path = tmp_path / "v.txt"
+    path.write_text("[UNK-CAP] 5 5\nPeru 1 2\n")
+    emb = nn.Embedding(tok.vocab_size, 2)
+    before = emb.weight.detach().clone()
+    assert load_word_vectors(path, tok, emb) == 1
+    assert torch.equal(emb.weight[CAP_ID], before[CAP_ID]) and emb.weight[tok.token_to_id("Peru")].tolist() == [1, 2]
 
 
 def test_word2vec_header_is_skipped(tmp_path):

@@ -31,7 +31,7 @@ from .runfiles import log
 from .runtime import autocast, faster_precision
 from .step import text_augment_config
 from .text_data import TextDataset, hold_out_test, load_text, recorded_test
-from .tokenizer import UNK_ID, TextTokenizer, load_word_vectors
+from .tokenizer import TextTokenizer, load_word_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ def _tokenize(tokenizer: TextTokenizer, part: RawTexts | None, seq_len: int) -> 
 
 
 def train_tokenizer(cfg: TrainConfig, texts: list[str], seq_len: int) -> TextTokenizer:
-    """The recipe's tokenizer (`--tokenizer`, `--lowercase`, `--vocab-size`, `--min-frequency`) on `texts`."""
+    """The recipe's tokenizer (`--tokenizer`, `--lowercase`, `--vocab-size`, `--min-frequency`, `--unk-shapes`)."""
     tokenizer = TextTokenizer.train(texts, kind=cfg.tokenizer, lowercase=cfg.lowercase, vocab_size=cfg.vocab_size,
-                                    min_frequency=cfg.min_frequency)
+                                    min_frequency=cfg.min_frequency, unk_shapes=cfg.unk_shapes)
     tokenizer.seq_len = seq_len
     return tokenizer
 
@@ -141,7 +141,7 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
         log(quiet, "truncated to " + f"{seq_len} tokens: " + ", ".join(
             f"{n} of {len(sets[k])} {k} texts" for k, n in truncated.items() if sets[k] is not None))
     batch = sets["train"].inputs
-    unknown = float((batch.ids[batch.mask] == UNK_ID).float().mean())
+    unknown = float(torch.isin(batch.ids[batch.mask], torch.tensor(tokenizer.unknown_ids)).float().mean())
     if unknown > 0.4:  # what a word vocabulary makes of text without spaces between its words
         logger.warning("%.0f%% of the training tokens are [UNK], words seen fewer than --min-frequency %d times; for "
                        "text without spaces between words (Chinese, Japanese, Thai) try --tokenizer bpe",

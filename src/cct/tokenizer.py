@@ -5,7 +5,9 @@ row per word, which GloVe/word2vec files can initialise: `load_word_vectors`); W
 options. The tokenizer is trained on the training texts only, and its JSON (`to_json`) is meant to be
 stored inside a checkpoint, so a checkpoint classifies raw text by itself.
 
-Special tokens: [UNK] is id 0 and [PAD] id 1, the padding index of the official `Embedder`.
+Special tokens: [UNK] is id 0 and [PAD] id 1, the padding index of the official `Embedder`. With
+`unk_shapes` (the text recipe's), ids 2-4 are three more [UNK]s that an unknown word takes by its shape, as
+parsers' unknown-word signatures do: one with a digit, one capitalised (not the text's first token), any other.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from .errors import CCTError
 
 UNK, PAD = "[UNK]", "[PAD]"
 UNK_ID, PAD_ID = 0, 1
+SHAPES = ("[UNK-NUM]", "[UNK-CAP]", "[UNK-LOW]")  # with unk_shapes: a digit in it, capitalised, any other
+NUM_ID, CAP_ID, LOW_ID = 2, 3, 4
 KINDS = ("word", "wordpiece", "bpe")
 FORMAT = "cct-text-tokenizer"
-VERSION = 1
+VERSION = 2  # 2: unk_shapes, written only when on (version 1 files read as before)
 
 
 class TextTokenizer:
@@ -34,20 +38,23 @@ class TextTokenizer:
     """
 
     def __init__(self, backend: Tokenizer, *, kind: str, lowercase: bool, vocab_limit: int,
-                 seq_len: int | None = None):
+                 seq_len: int | None = None, unk_shapes: bool = False):
         assert kind in KINDS, f"kind must be one of {KINDS}, got {kind!r}"
         assert seq_len is None or seq_len > 0, f"seq_len must be positive, got {seq_len}"
         assert backend.token_to_id(UNK) == UNK_ID and backend.token_to_id(PAD) == PAD_ID, \
             f"the vocabulary must start with {UNK} (0) and {PAD} (1)"
+        assert not unk_shapes or [backend.token_to_id(t) for t in SHAPES] == [NUM_ID, CAP_ID, LOW_ID], \
+            f"with unk_shapes, ids 2-4 must be {SHAPES}"
         self.backend = backend
         self.kind = kind
         self.lowercase = lowercase
         self.vocab_limit = vocab_limit
         self.seq_len = seq_len  # `encode`'s default length: the model's, once trained with one (`cct train`)
+        self.unk_shapes = unk_shapes
 
     @classmethod
     def train(cls, texts: Iterable[str], *, kind: str = "word", lowercase: bool = True, vocab_size: int = 30_000,
-              min_frequency: int = 1) -> "TextTokenizer":
+              min_frequency: int = 1, unk_shapes: bool = False) -> "TextTokenizer":
         """Learn a vocabulary from the training texts (never the test texts).
 
         Args:
@@ -56,6 +63,8 @@ class TextTokenizer:
             lowercase: lower-case every text first (after Unicode NFKC normalisation).
             vocab_size: the most ids, the two special tokens included.
             min_frequency: words seen fewer times become [UNK].
+            unk_shapes: an unknown word becomes one of three [UNK]s by its shape (a digit in it; capitalised
+                and not the first token; any other), so rare training words teach what each shape tends to be.
         """
         assert kind in KINDS, f"kind must be one of {KINDS}, got {kind!r}"
         assert vocab_size > 2, f"vocab_size must leave room beyond {UNK} and {PAD}, got {vocab_size}"
@@ -66,9 +75,10 @@ class TextTokenizer:
         steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
         backend.normalizer = normalizers.Sequence(steps)
         backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
+        specials = [UNK, PAD] + (list(SHAPES) if unk_shapes else [])
         backend.train_from_iterator(texts, trainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                                   special_tokens=[UNK, PAD], show_progress=False))
-        return cls(backend, kind=kind, lowercase=lowercase, vocab_limit=vocab_size)
+                                                   special_tokens=specials, show_progress=False))
+        return cls(backend, kind=kind, lowercase=lowercase, vocab_limit=vocab_size, unk_shapes=unk_shapes)
 
     @property
     def vocab_size(self) -> int:
@@ -78,12 +88,35 @@ class TextTokenizer:
     def pad_id(self) -> int:
         return PAD_ID
 
+    @property
+    def unknown_ids(self) -> tuple[int, ...]:
+        """The ids an unknown word can get: [UNK], and the shaped ones with `unk_shapes`."""
+        return (UNK_ID, NUM_ID, CAP_ID, LOW_ID) if self.unk_shapes else (UNK_ID,)
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return (UNK_ID, PAD_ID) + self.unknown_ids[1:]
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def _ids(self, text: str, encoding) -> list[int]:
+        """One text's ids, each [UNK] shaped with `unk_shapes` by the word it stands for in `text`."""
+        if not self.unk_shapes:
+            return encoding.ids
+        ids = []
+        for position, (token, (start, end)) in enumerate(zip(encoding.ids, encoding.offsets)):
+            if token == UNK_ID:
+                word = text[start:end]
+                token = NUM_ID if any(c.isdigit() for c in word) else \
+                    CAP_ID if position and word[:1].isupper() else LOW_ID
+            ids.append(token)
+        return ids
+
     def tokens(self, text: str) -> list[str]:
         """The tokens of one text, as the model sees them (before truncation)."""
-        return self.backend.encode(text, add_special_tokens=False).tokens
+        ids = self._ids(text, self.backend.encode(text, add_special_tokens=False))
+        return [self.backend.id_to_token(i) for i in ids]
 
     def encode(self, texts: Sequence[str], *, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, L) padded with [PAD] and their mask (B, L), True for real tokens: `model(ids, mask)`.
@@ -98,7 +131,8 @@ class TextTokenizer:
         """`encode`'s ids and mask, and how many texts were truncated to `seq_len` tokens."""
         seq_len = seq_len or self.seq_len
         assert seq_len is not None and seq_len > 0, f"seq_len must be positive (or set on the tokenizer), got {seq_len}"
-        encoded = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        encoded = [self._ids(t, e) for t, e in zip(texts, self.backend.encode_batch(texts, add_special_tokens=False))]
         truncated = sum(len(ids) > seq_len for ids in encoded)
         length = max([1] + [min(len(ids), seq_len) for ids in encoded])
         ids = torch.full((len(encoded), length), PAD_ID, dtype=torch.long)
@@ -111,9 +145,10 @@ class TextTokenizer:
 
     def to_json(self) -> str:
         """The tokenizer and its recipe as one JSON string (to store inside a checkpoint)."""
-        return json.dumps({"format": FORMAT, "version": VERSION, "kind": self.kind, "lowercase": self.lowercase,
-                           "vocab_limit": self.vocab_limit, "seq_len": self.seq_len,
-                           "tokenizer": json.loads(self.backend.to_str())})
+        shapes = {"unk_shapes": True} if self.unk_shapes else {}
+        return json.dumps({"format": FORMAT, "version": VERSION if self.unk_shapes else 1, "kind": self.kind,
+                           "lowercase": self.lowercase, "vocab_limit": self.vocab_limit, "seq_len": self.seq_len,
+                           **shapes, "tokenizer": json.loads(self.backend.to_str())})
 
     @classmethod
     def from_json(cls, text: str) -> "TextTokenizer":
@@ -122,19 +157,20 @@ class TextTokenizer:
             data = json.loads(text)
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError("not a cct text tokenizer")
-            if data.get("version") != VERSION:
+            if data.get("version") not in (1, VERSION):
                 raise ValueError(f"unsupported version {data.get('version')!r}")
             backend = Tokenizer.from_str(json.dumps(data["tokenizer"]))
             seq_len = data.get("seq_len")  # absent from tokenizers saved before it existed
             return cls(backend, kind=data["kind"], lowercase=bool(data["lowercase"]),
-                       vocab_limit=int(data["vocab_limit"]), seq_len=int(seq_len) if seq_len is not None else None)
+                       vocab_limit=int(data["vocab_limit"]), seq_len=int(seq_len) if seq_len is not None else None,
+                       unk_shapes=bool(data.get("unk_shapes", False)))
         except Exception as e:  # json/KeyError/TypeError/AssertionError, and tokenizers raises plain Exception
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CCTError(f"unreadable text tokenizer: {detail[:200]}") from None
 
     def __repr__(self) -> str:
         return (f"TextTokenizer(kind={self.kind!r}, lowercase={self.lowercase}, vocab_size={self.vocab_size}, "
-                f"seq_len={self.seq_len})")
+                f"seq_len={self.seq_len}, unk_shapes={self.unk_shapes})")
 
 
 def load_word_vectors(path: str | Path, tokenizer: TextTokenizer, embedding: nn.Embedding) -> int:
@@ -171,7 +207,7 @@ def load_word_vectors(path: str | Path, tokenizer: TextTokenizer, embedding: nn.
             first = False
             word = " ".join(fields[:-dim])  # a few GloVe tokens contain spaces
             index = tokenizer.token_to_id(word.lower() if tokenizer.lowercase else word)
-            if index is None or index in (UNK_ID, PAD_ID) or index in found:
+            if index is None or index in tokenizer.special_ids or index in found:
                 continue
             try:
                 values = [float(v) for v in fields[-dim:]]
