@@ -78,9 +78,7 @@ def breakdown(model_name: str, *, precision: str, batch_size: int, rounds: int, 
     torch.manual_seed(0)
     recipe = recipe or recipes.default_recipe(model_name)
     cfg = recipes.make_config(model_name, "", "", recipe=recipe, batch_size=batch_size, precision=prec)
-    rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
-             if getattr(cfg, k) is not None}
-    net = use_kernels(create_model(model_name, **rates), kernels).train()
+    net = use_kernels(create_model(model_name, **recipes.drop_rates(cfg)), kernels).train()
     if not isinstance(net, CCT):
         raise SystemExit(f"{model_name}: this script breaks down image models only")
     params = list(net.parameters())

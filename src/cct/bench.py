@@ -145,8 +145,7 @@ def benchmark(model: str = "cct_2_3x2_32_keras", *, batch_size: int = 128, infer
     recipe = recipe or recipes.default_recipe(model)
     cfg = recipes.make_config(model, "", "", recipe=recipe, batch_size=batch_size, precision=prec)
     # the model as `cct train` builds it for this recipe: its dropout rates decide the attention path
-    drop_rates = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
-                  if getattr(cfg, k) is not None}
+    drop_rates = recipes.drop_rates(cfg)
     net = use_kernels(create_model(model, **drop_rates), kernels)
     macs = count_macs(net)  # the model as defined, at its native input size
     net = net.to(dev)

@@ -294,6 +294,14 @@ TEXT_ONLY = ("label_level", "tokenizer", "vocab_size", "min_frequency", "lowerca
              "kernel_size", "word_vectors", "token_dropout", "fgm", "embedding_std")
 
 
+DROP_RATES = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+def drop_rates(cfg: TrainConfig) -> dict:
+    """The dropout rates a config sets, as model overrides (unset: the model's own)."""
+    return {name: getattr(cfg, name) for name in DROP_RATES if getattr(cfg, name) is not None}
+
+
 def make_config(model: str, data: str, out: str, recipe: str | None = None, **overrides) -> TrainConfig:
     """A `TrainConfig`: the dataclass defaults, then the recipe's values, then `overrides`."""
     recipe = recipe or default_recipe(model)
@@ -391,7 +399,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.procs >= 0, f"--procs must be 0 (one per core) or positive, got {cfg.procs}")
     need(cfg.loader_workers >= 0, f"--loader-workers must be non-negative, got {cfg.loader_workers}")
     need(0 < cfg.stream_threshold <= 1, f"--stream-threshold must be in (0, 1], got {cfg.stream_threshold}")
-    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+    for name in DROP_RATES:
         need(getattr(cfg, name) is None or 0 <= getattr(cfg, name) < 1,
              f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
     need(cfg.log_interval >= 1, f"--log-interval must be at least 1, got {cfg.log_interval}")

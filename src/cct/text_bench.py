@@ -125,8 +125,7 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
     if cfg is not None:  # as `cct train` runs this recipe
         precision = cfg.precision if precision == "auto" else precision
         threads = threads or cfg.workers or None
-        overrides.update(recipe_model_overrides(cfg), **{k: getattr(cfg, k) for k in (
-            "drop_rate", "attn_drop_rate", "drop_path_rate") if getattr(cfg, k) is not None})
+        overrides.update(recipe_model_overrides(cfg), **recipes.drop_rates(cfg))  # as `cct train` builds it
     threads = configure_threads(threads)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)

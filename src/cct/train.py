@@ -44,7 +44,7 @@ from .kernels import fuse, use_kernels
 from .kinds import RunInputs, TextPreprocessing
 from .model import num_params
 from .preprocess import Preprocessing
-from .recipes import TrainConfig, make_config, mixing_off, validate
+from .recipes import TrainConfig, drop_rates, make_config, mixing_off, validate
 from .registry import create_model, model_kind
 from .runlock import hold_run_lock
 from .resume import is_finished, last_state, read_last, restore, resume_config
@@ -65,8 +65,7 @@ def _build_model(cfg: TrainConfig, inputs: RunInputs, *, num_classes: int, devic
     classes = inputs.classes
     if num_classes < len(classes):
         raise CCTError(f"--num-classes {num_classes} is fewer than the data's {len(classes)} classes")
-    overrides = dict(num_classes=num_classes, **inputs.model_overrides, **{k: getattr(cfg, k) for k in (
-        "drop_rate", "attn_drop_rate", "drop_path_rate") if getattr(cfg, k) is not None})
+    overrides = dict(num_classes=num_classes, **inputs.model_overrides, **drop_rates(cfg))
     model = (pretrained_image_model(cfg.model, pretrained, classes, quiet=quiet, **overrides) if pretrained and
              model_kind(cfg.model) == "image" else create_model(cfg.model, pretrained=pretrained, **overrides))
     model.class_names = list(classes)
