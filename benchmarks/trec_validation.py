@@ -12,7 +12,8 @@ scored or printed. One thread per process, so two variants can run side by side 
 
 The defaults are the text recipe's as of its eighth round (FGM 2.0, no token dropout), in fp32; `--precision bf16`
 trains as the recipe does where its trial picks bf16 (ninth round). Since the fifteenth round the recipe is those
-defaults plus `--unk-shapes --kernel-size 4 --attn-drop-rate 0 --label-smoothing 0.2`. Earlier rounds in
+defaults plus `--unk-shapes --kernel-size 4 --attn-drop-rate 0 --label-smoothing 0.2`, and since the sixteenth
+`--fine-aux 0.5` as well (a second head on the fine labels, trained beside the first). Earlier rounds in
 benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no FGM): their flags are on top of those.
 
     .venv/bin/python benchmarks/trec_validation.py --tag recipe
@@ -24,6 +25,8 @@ benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no 
     .venv/bin/python benchmarks/trec_validation.py --tag unk --precision bf16 --min-frequency 1 --unk-alpha 0.25
     .venv/bin/python benchmarks/trec_validation.py --tag recipe15 --precision bf16 --unk-shapes --kernel-size 4 \
         --attn-drop-rate 0 --label-smoothing 0.2 --seeds 0,1,2,3,4,5,6,7,8,9
+    .venv/bin/python benchmarks/trec_validation.py --tag recipe16 --precision bf16 --unk-shapes --kernel-size 4 \
+        --attn-drop-rate 0 --label-smoothing 0.2 --fine-aux 0.5 --seeds 0,1,2,3,4,5,6,7,8,9
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
@@ -108,6 +111,8 @@ def parse_args() -> argparse.Namespace:
                         "with its Snowball stem (snowball; needs the snowballstemmer package)")
     p.add_argument("--unk-shapes", action="store_true", help="an unknown word becomes one of three [UNK]s by its "
                    "shape: with a digit, capitalised (not first), or other (the recipe's `--unk-shapes`)")
+    p.add_argument("--fine-aux", type=float, default=0.0, help="also train the model's second head on the fine "
+                   "labels, loss weight W (the recipe's `--fine-aux`; 0: off)")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--tag", default="")
     a = p.parse_args()
@@ -122,8 +127,8 @@ def parse_args() -> argparse.Namespace:
 
 def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tensor] | None) -> dict:
     torch.manual_seed(seed)
-    train, val = data_mod.split_set(RawTexts(ds.train_texts, ds.train_labels), num_classes=ds.num_classes,
-                                    train_limit=None, val_split=0.1, seed=seed)
+    train, val = data_mod.split_set(RawTexts(ds.train_texts, ds.train_labels, ds.train_fine if a.fine_aux else None),
+                                    num_classes=ds.num_classes, train_limit=None, val_split=0.1, seed=seed)
     tokenizer = TextTokenizer.train(train.texts, kind=a.tokenizer, lowercase=True, vocab_size=a.vocab_size,
                                     min_frequency=a.min_frequency, unk_shapes=a.unk_shapes)
     train_texts, val_texts = train.texts, val.texts
@@ -153,7 +158,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
         if member:
             torch.manual_seed(member_seed)
         result, p = train_one(a, tokenizer, ids, mask, labels, num_classes, val, val_ids, val_mask, grams, val_grams,
-                              fine, ds.num_classes, counts, member_seed)
+                              fine, ds.num_classes, counts, member_seed,
+                              (train.aux, len(ds.fine_classes)) if a.fine_aux else None)
         results.append(result)
         probs.append(p)
     result = results[0]
@@ -191,12 +197,15 @@ def unk_backoff(tokenizer: TextTokenizer, texts, kind: str):
 
 
 def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, val, val_ids, val_mask, grams,
-              val_grams, fine, coarse_classes, counts, seed: int) -> tuple[dict, torch.Tensor]:
+              val_grams, fine, coarse_classes, counts, seed: int,
+              fine_aux: tuple[torch.Tensor, int] | None = None) -> tuple[dict, torch.Tensor]:
     """One model trained on the split; its result and its last epoch's validation probabilities."""
+    aux, aux_classes = fine_aux if fine_aux is not None else (None, 0)
     model = use_kernels(create_model(a.model, num_classes=num_classes, vocab_size=tokenizer.vocab_size, seq_len=64,
                                      kernel_size=a.kernel_size, embedding_std=a.embedding_std,
                                      word_embedding_dim=a.word_embedding_dim,
                                      positional_embedding=a.positional_embedding,
+                                     aux_classes=aux_classes,
                                      **{k: getattr(a, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")
                                         if getattr(a, k) is not None}), "fast")
     if a.char_ngrams:
@@ -234,6 +243,7 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
             idx = order[i:i + a.batch_size]
             length = int(mask[idx].sum(1).max())
             x, m, y = ids[idx, :length].clone(), mask[idx, :length], labels[idx]
+            y_fine = aux[idx] if aux is not None else None
             if a.char_ngrams:
                 model.embedding.grams = grams[idx, :length]
             if a.token_dropout > 0:
@@ -246,6 +256,15 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
                 if a.mix > 0 and epoch < a.epochs - a.mix_off_epochs else None
 
             def batch_loss() -> torch.Tensor:
+                if y_fine is not None:  # the second head on the fine labels (-1: none), mixed as the main one
+                    with autocast(a.precision):
+                        out, out_fine = model(x, m, None if lam is None else torch.tensor(lam), with_aux=True)
+                    out, out_fine = out.float(), out_fine.float()
+                    ce = lambda o, t: F.cross_entropy(o, t, label_smoothing=a.label_smoothing, ignore_index=-1)
+                    if lam is None:
+                        return ce(out, y) + a.fine_aux * ce(out_fine, y_fine)
+                    return lam * (ce(out, y) + a.fine_aux * ce(out_fine, y_fine)) + \
+                        (1 - lam) * (ce(out, y.flip(0)) + a.fine_aux * ce(out_fine, y_fine.flip(0)))
                 with autocast(a.precision):
                     out = model(x, m) if lam is None else model(x, m, torch.tensor(lam))
                 out = out.float()

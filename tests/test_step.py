@@ -269,3 +269,49 @@ def test_fgm_is_a_text_option():
         make_train_step(create_model(MODEL), torch.optim.SGD(create_model(MODEL).parameters(), lr=1.0),
                         TextAugmentConfig(fgm=1.0), precision="fp32", device="cpu", label_smoothing=0.0,
                         num_classes=10, generator=torch.Generator())
+
+
+# ---------------------------------------------------------------------- the fine labels' second head (text)
+def test_fine_aux_adds_the_second_heads_loss_and_reports_the_first():
+    torch.manual_seed(0)
+    model = create_model("text_cct_2", num_classes=3, vocab_size=30, seq_len=8, kernel_size=2, drop_rate=0.0,
+                         attn_drop_rate=0.0, drop_path_rate=0.0, aux_classes=4)
+    reference = copy.deepcopy(model)
+    batch, labels = _token_batch()
+    fine = torch.tensor([0, 3, -1, 1, 2, 3])  # -1: a text without a fine label adds nothing
+    logits, aux_logits = reference(batch.ids, batch.mask, with_aux=True)
+    main = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    has = fine >= 0
+    aux = F.cross_entropy(aux_logits[has], fine[has], label_smoothing=0.1, reduction="sum") / len(fine)
+    expected = torch.autograd.grad(main + 0.5 * aux, list(reference.parameters()))
+    step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                           TextAugmentConfig(label_smoothing=0.1, fine_aux=0.5), precision="fp32", device="cpu",
+                           label_smoothing=0.1, num_classes=3, generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    step(TokenBatch(batch.ids, batch.mask, fine), labels, 1.0)
+    for b, p, g in zip(before, model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), b - g, atol=2e-5, rtol=1e-4)
+    assert step.totals()[0] == pytest.approx(main.item(), rel=1e-5)  # the run's loss is the first head's
+    head = model.aux_head.weight.detach().clone()
+    step(batch, labels, 1.0)  # a batch without fine labels (a validation or benchmark batch) trains no second head
+    assert torch.equal(model.aux_head.weight, head)
+
+
+def test_fine_aux_targets_are_smoothed_and_mixed_as_the_main_ones():
+    model = create_model("text_cct_2", num_classes=3, vocab_size=30, seq_len=8, aux_classes=4)
+    step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                           TextAugmentConfig(label_smoothing=0.2, mixup_alpha=0.4, fine_aux=0.5), precision="fp32",
+                           device="cpu", label_smoothing=0.2, num_classes=3, generator=torch.Generator())
+    fine = torch.tensor([2, -1, 0])
+    plain = step._aux_targets(fine, [None, None], torch.zeros(3, 4))
+    torch.testing.assert_close(plain, torch.tensor([[0.05, 0.05, 0.85, 0.05], [0, 0, 0, 0], [0.85, 0.05, 0.05, 0.05]]))
+    mixed = step._aux_targets(fine, [None, None, torch.tensor(0.3)], torch.zeros(3, 4))
+    torch.testing.assert_close(mixed, 0.3 * plain + 0.7 * plain.flip(0))
+
+
+def test_fine_aux_is_a_text_option():
+    validate(make_config("text_cct_2", "d", "o", fine_aux=0.5))
+    with pytest.raises(CCTError, match="--fine-aux.* is for text models"):
+        validate(make_config(MODEL, "d", "o", fine_aux=0.5))
+    with pytest.raises(CCTError, match="--fine-aux must be non-negative"):
+        validate(make_config("text_cct_2", "d", "o", fine_aux=-1.0))

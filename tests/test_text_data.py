@@ -8,7 +8,7 @@ from PIL import Image
 
 from cct.errors import CCTError
 from cct.kinds import detect_kind
-from cct.text_data import load_text, read_table, read_trec
+from cct.text_data import hold_out_test, load_text, read_table, read_trec
 
 SHARED_TREC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trec"
 
@@ -37,6 +37,16 @@ def test_trec_coarse_labels_named_as_written(tmp_path):
     assert ds.test_texts == ["Where is Lima ?", "Who is he ?"] and ds.test_labels.tolist() == [2, 1]
     assert ds.skipped == [] and len(ds.reported) == 1
     assert "train_5500.label:4: malformed fine label 'NUM:How'" in ds.reported[0]
+
+
+def test_trec_coarse_labels_carry_the_fine_ones_for_the_second_head(tmp_path):
+    ds = load_text(trec(tmp_path, TREC_TRAIN))
+    assert ds.fine_classes == ["DESC:manner", "HUM:ind", "LOC:city", "LOC:country"]
+    assert ds.train_fine.tolist() == [0, 2, 1, -1, 3]  # the malformed 'NUM:How' line has none
+    held, _ = hold_out_test(load_text(tmp_path / "train_5500.label"), fraction=0.4, seed=0)
+    kept = [ds.train_texts.index(t) for t in held.train_texts]
+    assert held.train_fine.tolist() == ds.train_fine[kept].tolist()  # still each text's own
+    assert read_trec(tmp_path, label_level="fine").train_fine is None
 
 
 def test_trec_fine_labels_skip_malformed_line(tmp_path):
@@ -69,8 +79,9 @@ def test_shared_trec():
     assert torch.bincount(ds.train_labels).tolist() == [86, 1162, 1248, 1219, 834, 895]
     assert any(r.startswith(f"{SHARED_TREC / 'train_5500.label'}:4451: malformed fine label 'NUM:How'")
                for r in ds.reported)
+    assert len(ds.fine_classes) == 50 and int((ds.train_fine >= 0).sum()) == 5443 and ds.train_fine[4450] == -1
     fine = load_text(SHARED_TREC, label_level="fine")
-    assert len(fine.train_texts) == 5443 and fine.num_classes == 50
+    assert len(fine.train_texts) == 5443 and fine.num_classes == 50 and fine.classes == ds.fine_classes
     assert [s.split(": ")[0] for s in fine.skipped] == [f"{SHARED_TREC / 'train_5500.label'}:4451"]
 
 

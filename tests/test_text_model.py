@@ -165,6 +165,23 @@ def test_timm_interface():
     assert model(torch.randint(0, 20, (2, 10))).shape == (2, 128)
 
 
+def test_second_head_trains_beside_the_first_and_predicts_nothing():
+    plain = create_text_model("text_cct_2", vocab_size=20)
+    model = create_text_model("text_cct_2", vocab_size=20, aux_classes=7)
+    assert plain.aux_head is None and model.aux_head.out_features == 7
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters()) == 128 * 7 + 7
+    model.eval()
+    ids, mask = torch.randint(2, 20, (3, 9)), torch.ones(3, 9, dtype=torch.bool)
+    logits, aux = model(ids, mask, with_aux=True)
+    assert logits.shape == (3, 6) and aux.shape == (3, 7)
+    assert torch.equal(model(ids, mask), logits)  # predictions are the first head's, the same pooled features
+    features, token_mask = model.forward_features(ids, mask)
+    pooled = model.forward_head(features, pre_logits=True, mask=token_mask)
+    assert torch.allclose(aux, model.aux_head(pooled))
+    with pytest.raises(AssertionError, match="aux_classes"):
+        plain(ids, mask, with_aux=True)
+
+
 def test_config_round_trip():
     cfg = get_text_config("text_cct_4", kernel_size=2, vocab_size=77)
     assert TextConfig.from_dict(cfg.to_dict()) == cfg
@@ -226,6 +243,9 @@ def test_official_layout_loads_for_every_kernel(tmp_path, kernel):
         assert torch.equal(mine[OFFICIAL_TO_CCT(key)], value), key
     with pytest.raises(CheckpointError, match=f"kernel_size={kernel}"):
         create_text_model("text_cct_2", pretrained=path, kernel_size=3 if kernel != 3 else 2)
+    # a model with a second head (`--fine-aux`) keeps its own: the official models have none
+    aux = create_text_model("text_cct_2", pretrained=path, kernel_size=kernel, aux_classes=5)
+    assert torch.equal(aux.state_dict()["head.weight"], state["classifier.fc.weight"]) and aux.aux_head.out_features == 5
 
 
 @pytest.mark.parametrize("kernel", [2, 4])

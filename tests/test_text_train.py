@@ -79,6 +79,13 @@ def test_cct_train_end_to_end(kind, tmp_path, capsys):
     assert 0.0 <= results["test_top1"] <= 1.0 and results["seq_len"] == 8
     assert "tokenizer: word" in err and "trained on 54 training texts" in err
     assert "texts/s)" in err and "images/s" not in err  # the closing line counts texts
+    # the text recipe's second head on TREC's fine labels (all "other" here: one per coarse class)
+    model = cct.load_checkpoint(out / "last.pt")
+    if kind == "trec":
+        assert "fine labels: a second head trained on the source's 3, loss weight 0.5" in err
+        assert model.cfg.aux_classes == 3 and model.aux_head.out_features == 3
+    else:
+        assert "fine labels: none in this source" in err and model.aux_head is None
 
 
 def test_a_source_without_a_test_set_holds_one_out_for_train_and_eval(tmp_path, capsys):

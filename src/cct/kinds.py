@@ -55,21 +55,25 @@ DATA_KINDS = ("auto",) + KINDS
 # ---------------------------------------------------------------------- text inputs
 @dataclass
 class TokenBatch:
-    """Token ids (N, L) padded with [PAD] and their mask (N, L), True for real tokens (left-aligned)."""
+    """Token ids (N, L) padded with [PAD] and their mask (N, L), True for real tokens (left-aligned).
+    `aux`: training only, the texts' labels for a model's second head (`--fine-aux`), int64 (N,), -1 for none."""
     ids: torch.Tensor
     mask: torch.Tensor
+    aux: torch.Tensor | None = None
 
     def __post_init__(self):
         assert self.ids.dtype == torch.int64 and self.mask.dtype == torch.bool and self.ids.shape == self.mask.shape
+        assert self.aux is None or (self.aux.dtype == torch.int64 and self.aux.shape == self.ids.shape[:1])
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def __getitem__(self, rows) -> "TokenBatch":
-        return TokenBatch(self.ids[rows], self.mask[rows])
+        return TokenBatch(self.ids[rows], self.mask[rows], None if self.aux is None else self.aux[rows])
 
     def split(self, size: int) -> list["TokenBatch"]:
-        return [TokenBatch(i, m) for i, m in zip(self.ids.split(size), self.mask.split(size))]
+        auxes = self.aux.split(size) if self.aux is not None else [None] * len(self.ids.split(size))
+        return [TokenBatch(i, m, a) for i, m, a in zip(self.ids.split(size), self.mask.split(size), auxes)]
 
     def trimmed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) cut to the batch's longest text: the models ignore padding, so only the cost changes."""
@@ -143,17 +147,21 @@ class TextAugmentConfig:
     """Text augmentation: each real token becomes [UNK] with probability `token_dropout` (0: off); word
     mixup with the reversed batch, λ ~ Beta(mixup_alpha, mixup_alpha) per batch (0: off), its soft targets
     label-smoothed by `label_smoothing` as timm's Mixup does for images. `fgm` > 0: adversarial word vectors
-    (FGM, Miyato et al. 2017), applied by `cct.step.TrainStep`, since they need the batch's gradient."""
+    (FGM, Miyato et al. 2017), applied by `cct.step.TrainStep`, since they need the batch's gradient.
+    `fine_aux` > 0: batches carrying fine labels (`TokenBatch.aux`) also train the model's second head, the
+    step's loss plus `fine_aux` × that head's."""
     token_dropout: float = 0.0
     mixup_alpha: float = 0.0
     label_smoothing: float = 0.0
     fgm: float = 0.0
+    fine_aux: float = 0.0
 
     def __post_init__(self):
         assert 0.0 <= self.token_dropout < 1.0, f"token_dropout must be in [0, 1), got {self.token_dropout}"
         assert self.mixup_alpha >= 0.0, f"mixup_alpha must be non-negative, got {self.mixup_alpha}"
         assert 0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"
         assert self.fgm >= 0.0, f"fgm must be non-negative, got {self.fgm}"
+        assert self.fine_aux >= 0.0, f"fine_aux must be non-negative, got {self.fine_aux}"
 
 
 def augment_images(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, aug_cfg: AugmentConfig,

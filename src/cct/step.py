@@ -2,8 +2,9 @@
 
 `TrainStep` is the per-batch work of `cct train`, and `cct bench` times the very same object, so a
 benchmark measures exactly what training does. Its body is one ordered list, as nanoGPT's loop:
-set lr → augment (→ scale down, at a reduced resolution) → forward → loss → backward (→ the adversarial
-pass, for text with FGM) → gradient exchange → step → zero_grad → metrics.
+set lr → augment (→ scale down, at a reduced resolution) → forward → loss (+ the fine labels' head's, for
+text with `--fine-aux`) → backward (→ the adversarial pass, for text with FGM) → gradient exchange → step →
+zero_grad → metrics.
 The learning-rate schedule is a small pure function of the step (`lr_at`); which parameters get
 weight decay is part of the recipe (`param_groups`). The batch's kind (uint8 images, token batches)
 is settled by its augmentation config (`cct.kinds.augmenter`): the step itself sees the model's
@@ -160,9 +161,9 @@ def augment_config(cfg: TrainConfig, mean: tuple | None, std: tuple | None) -> A
 
 
 def text_augment_config(cfg: TrainConfig) -> TextAugmentConfig:
-    """The recipe's text augmentation: token dropout, word mixup, label smoothing and FGM."""
+    """The recipe's text augmentation: token dropout, word mixup, label smoothing, FGM and the fine labels' head."""
     return TextAugmentConfig(token_dropout=cfg.token_dropout, mixup_alpha=cfg.mixup_alpha,
-                             label_smoothing=cfg.label_smoothing, fgm=cfg.fgm)
+                             label_smoothing=cfg.label_smoothing, fgm=cfg.fgm, fine_aux=cfg.fine_aux)
 
 
 # ---------------------------------------------------------------------- the step
@@ -199,6 +200,8 @@ class TrainStep:
         self.shared: tuple[bool, ...] = ()
         self.resolution: int | None = None  # progressive resizing: the input side of the next steps (None: native)
         self.fgm = aug_cfg.fgm if isinstance(aug_cfg, TextAugmentConfig) else 0.0
+        self.fine_aux = aug_cfg.fine_aux if isinstance(aug_cfg, TextAugmentConfig) else 0.0
+        self.aux_labels: torch.Tensor | None = None  # the batch's fine labels, while `fine_aux` trains on them
         self.table = word_embedding(model) if self.fgm else None
         self.reset_totals()
 
@@ -234,6 +237,8 @@ class TrainStep:
                                      mix=mix)
         args = [a.to(self.device, non_blocking=True) for a in args]
         targets = targets.to(self.device, non_blocking=True)
+        aux = getattr(inputs, "aux", None) if self.fine_aux else None  # a text batch's fine labels, mixed as `args`
+        self.aux_labels = None if aux is None else aux.to(self.device, non_blocking=True)
         reduced = self.resolution is not None and self.resolution != args[0].shape[-2]
         if reduced:  # progressive resizing: augmented at full size, then scaled down
             args[0] = resize_batch(args[0], self.resolution)
@@ -272,13 +277,32 @@ class TrainStep:
                          grid: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward (inside `grid`, if given) → loss → backward onto the gradients; returns the detached
         (logits, loss)."""
+        aux = self.aux_labels
         with autocast(self.precision, self.device), grid if grid is not None else contextlib.nullcontext():
-            logits = self.model(*args)
+            logits = self.model(*args) if aux is None else self.model(*args, with_aux=True)
+        if aux is not None:
+            logits, aux_logits = logits
         # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
         smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        loss = total = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        if aux is not None:  # the fine labels' head: a second task, left out of the loss the run reports
+            total = loss + self.fine_aux * F.cross_entropy(aux_logits.float(), self._aux_targets(aux, args, aux_logits))
+            loss = torch.where(torch.isfinite(total), loss, total)  # a non-finite total still stops the step
+        (self.scaler.scale(total) if self.scaler is not None else total).backward()
         return logits.detach(), loss.detach()
+
+    def _aux_targets(self, aux: torch.Tensor, args: list[torch.Tensor], aux_logits: torch.Tensor) -> torch.Tensor:
+        """Soft targets of the fine labels, smoothed and word-mixed as the main ones (λ is the model's third
+        argument when mixing); a text without a fine label (-1) gets a zero row, so adds no loss."""
+        n = aux_logits.shape[-1]
+        has = (aux >= 0).unsqueeze(1).float()
+        off = self.label_smoothing / n
+        y = torch.full((len(aux), n), off, device=aux.device).scatter_(
+            1, aux.clamp(min=0).view(-1, 1), 1.0 - self.label_smoothing + off) * has
+        if len(args) == 3:
+            lam = args[2].float()
+            y = y * lam + y.flip(0) * (1.0 - lam)
+        return y
 
     def adversarial_backward(self, args: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """FGM (Miyato et al. 2017): the batch's loss again with the word-vector table moved `fgm` along its

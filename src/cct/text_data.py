@@ -63,11 +63,18 @@ class TextDataset:
     source: str  # human-readable description of what was loaded
     skipped: list[str] = field(default_factory=list)  # "file:line: why", lines left out
     reported: list[str] = field(default_factory=list)  # "file:line: what", odd lines kept
+    # TREC with coarse labels: each training text's fine label (an index into `fine_classes`; -1 where malformed),
+    # for the text recipe's second head (`--fine-aux`)
+    train_fine: torch.Tensor | None = None
+    fine_classes: list[str] | None = None
 
     def __post_init__(self):
         assert self.train_labels.dtype == torch.int64 and len(self.train_labels) == len(self.train_texts)
         assert (self.test_texts is None) == (self.test_labels is None)
         assert self.test_texts is None or len(self.test_labels) == len(self.test_texts)
+        assert (self.train_fine is None) == (self.fine_classes is None)
+        assert self.train_fine is None or (self.train_fine.dtype == torch.int64 and
+                                           len(self.train_fine) == len(self.train_texts))
 
     @property
     def num_classes(self) -> int:
@@ -138,7 +145,7 @@ def read_trec(folder: str | Path, *, label_level: str = "coarse") -> TextDataset
         [folder / name for name in TREC_FILES[1:] if (folder / name).is_file()]  # no test file: one is held out
     skipped: list[str] = []
     reported: list[str] = []
-    splits = []
+    splits, fine_names = [], []  # fine_names: the training file's fine labels (None: malformed)
     for path in files:
         rows = []
         for number, line in enumerate(lines_of(_decode(path)), start=1):
@@ -156,9 +163,17 @@ def read_trec(folder: str | Path, *, label_level: str = "coarse") -> TextDataset
                     continue
                 reported.append(f"{where}: malformed fine label {label!r}, kept for its coarse label {coarse}")
             rows.append((text, coarse if label_level == "coarse" else label, where))
+            if not splits:
+                fine_names.append(label if re.fullmatch(r"[a-z]+", fine) else None)
         splits.append(rows)
-    return _dataset(splits[0], splits[1] if len(splits) > 1 else None, f"TREC {folder} ({label_level} labels)",
-                    skipped=skipped, reported=reported)
+    ds = _dataset(splits[0], splits[1] if len(splits) > 1 else None, f"TREC {folder} ({label_level} labels)",
+                  skipped=skipped, reported=reported)
+    if label_level != "coarse":
+        return ds
+    fine_classes = sorted({name for name in fine_names if name is not None})
+    index = {name: i for i, name in enumerate(fine_classes)}
+    return replace(ds, train_fine=torch.tensor([index.get(name, -1) for name in fine_names], dtype=torch.int64),
+                   fine_classes=fine_classes)
 
 
 # ---------------------------------------------------------------------- CSV / TSV
@@ -391,7 +406,8 @@ def _with_test(ds: TextDataset, rows: list[int]) -> TextDataset:
     test = set(rows)
     keep = [i for i in range(len(ds.train_texts)) if i not in test]
     return replace(ds, train_texts=[ds.train_texts[i] for i in keep], train_labels=ds.train_labels[keep],
-                   test_texts=[ds.train_texts[i] for i in rows], test_labels=ds.train_labels[rows])
+                   test_texts=[ds.train_texts[i] for i in rows], test_labels=ds.train_labels[rows],
+                   train_fine=None if ds.train_fine is None else ds.train_fine[keep])
 
 
 def hold_out_test(ds: TextDataset, *, fraction: float, seed: int) -> tuple[TextDataset, dict | None]:

@@ -43,6 +43,7 @@ class TextConfig:
     word_embedding_dim: int = 300
     seq_len: int = 64  # token ids per text the model is built for (sizes its positional embedding)
     num_classes: int = 6
+    aux_classes: int = 0  # > 0: a second head on the pooled features, trained beside the first (`--fine-aux`)
     padding_idx: int = 1  # the official Embedder's
     embedding_std: float = 1.0  # word vectors start N(0, embedding_std²): nn.Embedding's N(0, 1), as the official
     # conv tokenizer (cct: conv → ReLU → max-pool; cvt/vit: patches of `kernel_size` words)
@@ -68,6 +69,7 @@ class TextConfig:
         assert self.positional_embedding in POSITIONAL_EMBEDDINGS, \
             f"positional_embedding must be one of {POSITIONAL_EMBEDDINGS}, got {self.positional_embedding!r}"
         for name, least in (("vocab_size", 2), ("word_embedding_dim", 1), ("seq_len", 1), ("num_classes", 0),
+                            ("aux_classes", 0),
                             ("padding_idx", 0), ("kernel_size", 1), ("stride", 1), ("padding", 0), ("pool_kernel", 1),
                             ("pool_stride", 1), ("pool_padding", 0), ("embed_dim", 1), ("depth", 1), ("num_heads", 1)):
             value = getattr(self, name)  # a bool is an int to Python, never a width or a count here
@@ -225,6 +227,8 @@ class TextCCT(ClassifierHead, nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.attention_pool = nn.Linear(D, 1) if cfg.pooling == "seq" else None
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        # training only: fine labels (TREC's 50) as a second task; predictions use `head` alone
+        self.aux_head = nn.Linear(D, cfg.aux_classes) if cfg.aux_classes > 0 else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -294,9 +298,15 @@ class TextCCT(ClassifierHead, nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, token_ids: torch.Tensor, mask: torch.Tensor | None = None,
-                mix: torch.Tensor | None = None) -> torch.Tensor:
+                mix: torch.Tensor | None = None, *, with_aux: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, num_classes); with `with_aux` (training with `aux_classes`), (logits, aux logits)."""
         x, token_mask = self.forward_features(token_ids, mask, mix)
-        return self.forward_head(x, mask=token_mask)
+        if not with_aux:
+            return self.forward_head(x, mask=token_mask)
+        assert self.aux_head is not None, "with_aux needs a model built with aux_classes > 0"
+        pooled = self.forward_head(x, pre_logits=True, mask=token_mask)
+        return self.head(pooled), self.aux_head(pooled)
 
     def extra_repr(self) -> str:
         return f"family={self.cfg.family!r}, seq_len={self.cfg.seq_len}, tokens={self.num_tokens}, " \
@@ -364,6 +374,8 @@ def create_text_model(name: str, *, pretrained: str | Path | None = None, **over
             raise CheckpointError(f"{pretrained}: its conv has kernel size {conv.shape[2]}; "
                                   f"pass kernel_size={conv.shape[2]}")
         state = _with_tail_positions(state, model)
+        if model.aux_head is not None:  # a training-only head the official models do not have: the model's own
+            state.update({k: v for k, v in model.state_dict().items() if k.startswith("aux_head.")})
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:

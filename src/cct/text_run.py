@@ -15,7 +15,7 @@ so a few steps on the run's first batch, in each precision, decide (`trial_preci
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -40,15 +40,18 @@ SHOWN_LINES = 5  # odd input lines listed one by one; the rest are counted
 
 @dataclass
 class RawTexts:
-    """A split before tokenization (what `split_set` subsets): texts and int64 labels."""
+    """A split before tokenization (what `split_set` subsets): texts and int64 labels, and the fine labels of
+    `--fine-aux` (`aux`, -1 for none) where they are used."""
     texts: list[str]
     labels: torch.Tensor
+    aux: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: torch.Tensor) -> "RawTexts":
-        return RawTexts([self.texts[i] for i in indices.tolist()], self.labels[indices].contiguous())
+        return RawTexts([self.texts[i] for i in indices.tolist()], self.labels[indices].contiguous(),
+                        None if self.aux is None else self.aux[indices].contiguous())
 
 
 def _report(lines: list[str], quiet: bool) -> None:
@@ -66,7 +69,7 @@ def _tokenize(tokenizer: TextTokenizer, part: RawTexts | None, seq_len: int) -> 
     width = ids.shape[1]
     ids = torch.nn.functional.pad(ids, (0, seq_len - width), value=tokenizer.pad_id)
     mask = torch.nn.functional.pad(mask, (0, seq_len - width), value=False)
-    return TextSet(TokenBatch(ids.contiguous(), mask.contiguous()), part.labels), truncated
+    return TextSet(TokenBatch(ids.contiguous(), mask.contiguous(), part.aux), part.labels), truncated
 
 
 def train_tokenizer(cfg: TrainConfig, texts: list[str], seq_len: int) -> TextTokenizer:
@@ -121,7 +124,13 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
                    f" (held out: --test-split {cfg.test_split:g}, seed {cfg.seed})" if split_record else "") +
                f", {dataset.num_classes} classes")
     _report(dataset.reported + dataset.skipped, quiet)
-    train_raw, val_raw = data_mod.split_set(RawTexts(dataset.train_texts, dataset.train_labels),
+    fine = dataset.train_fine if cfg.fine_aux > 0 else None
+    if cfg.fine_aux > 0:
+        log(quiet, f"fine labels: a second head trained on the source's {len(dataset.fine_classes)}, loss weight "
+                   f"{cfg.fine_aux:g} (--fine-aux)" if fine is not None else
+                   "fine labels: none in this source (TREC's, with --label-level coarse), so --fine-aux trains no "
+                   "second head")
+    train_raw, val_raw = data_mod.split_set(RawTexts(dataset.train_texts, dataset.train_labels, fine),
                                             num_classes=dataset.num_classes, train_limit=cfg.train_limit,
                                             val_split=cfg.val_split, seed=cfg.seed)
     if len(train_raw) == 0:
@@ -135,6 +144,7 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     log(quiet, f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size} ids (limit {tokenizer.vocab_limit}), "
                f"{'lower-cased' if tokenizer.lowercase else 'cased'}, trained on {len(train_raw)} training texts")
     sets, truncated = {}, {}
+    val_raw = replace(val_raw, aux=None) if val_raw is not None else None  # the second head trains only
     for name, part in (("train", train_raw), ("val", val_raw), ("test", test_raw)):
         sets[name], truncated[name] = _tokenize(tokenizer, part, seq_len)
     if any(truncated.values()):
@@ -154,6 +164,8 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
             log(quiet, f"word vectors: {found} of {tokenizer.vocab_size} vocabulary rows from {cfg.word_vectors}")
 
     overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len, **recipe_model_overrides(cfg))
+    if fine is not None:
+        overrides["aux_classes"] = len(dataset.fine_classes)
     results = {"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
                "skipped_lines": len(dataset.skipped)}
     if settled_by_trial(cfg.precision, precision, device):
@@ -171,6 +183,7 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     return RunInputs(
         kind="text", classes=list(dataset.classes), train_set=sets["train"], val_set=sets["val"], test_set=sets["test"],
         prep=TextPreprocessing(seq_len, precision=precision, batch_size=cfg.eval_batch_size),
-        aug_cfg=text_augment_config(cfg), model_overrides=overrides,
+        aug_cfg=replace(text_augment_config(cfg), fine_aux=cfg.fine_aux if fine is not None else 0.0),
+        model_overrides=overrides,
         skipped=len(dataset.skipped), results=results, setup_model=setup, precision=precision,
         split_record=split_record)
