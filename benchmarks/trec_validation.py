@@ -120,6 +120,8 @@ def parse_args() -> argparse.Namespace:
         p.error("--mlm-epochs maps words to tokens for --kernel-size 2 only")
     if a.fgm_ngrams and not (a.char_ngrams and a.fgm > 0 and a.adv_steps == 1):
         p.error("--fgm-ngrams needs --char-ngrams and FGM (--fgm > 0, --adv-steps 1)")
+    if a.fine_aux and a.fine:
+        p.error("--fine trains on the fine labels already; --fine-aux adds a head for them beside the coarse one")
     if a.unk_backoff != "none" and a.unk_shapes:
         p.error("--unk-backoff rewrites texts lower-cased, so --unk-shapes would see no capitals")
     return a
