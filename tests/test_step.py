@@ -259,12 +259,17 @@ def test_fgm_adds_the_gradient_at_the_moved_word_vectors(monkeypatch, fgm):
                                                              label_smoothing=0.1).item(), rel=1e-5)
 
 
-def test_fgm_is_a_text_option():
-    validate(make_config("text_cct_2", "d", "o", fgm=0.5))
-    with pytest.raises(CCTError, match="--fgm.* is for text models"):
-        validate(make_config(MODEL, "d", "o", fgm=1.0))
-    with pytest.raises(CCTError, match="--fgm must be non-negative"):
-        validate(make_config("text_cct_2", "d", "o", fgm=-1.0))
+@pytest.mark.parametrize("name,value", [("fgm", 1.0), ("fine_aux", 0.5)])
+def test_text_step_options_are_refused_for_image_models_and_below_zero(name, value):
+    flag = "--" + name.replace("_", "-")
+    validate(make_config("text_cct_2", "d", "o", **{name: value}))
+    with pytest.raises(CCTError, match=f"{flag}.* is for text models"):
+        validate(make_config(MODEL, "d", "o", **{name: value}))
+    with pytest.raises(CCTError, match=f"{flag} must be non-negative"):
+        validate(make_config("text_cct_2", "d", "o", **{name: -1.0}))
+
+
+def test_fgm_needs_a_word_embedding():
     with pytest.raises(AssertionError, match="one word embedding"):
         make_train_step(create_model(MODEL), torch.optim.SGD(create_model(MODEL).parameters(), lr=1.0),
                         TextAugmentConfig(fgm=1.0), precision="fp32", device="cpu", label_smoothing=0.0,
@@ -302,16 +307,8 @@ def test_fine_aux_targets_are_smoothed_and_mixed_as_the_main_ones():
     step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0),
                            TextAugmentConfig(label_smoothing=0.2, mixup_alpha=0.4, fine_aux=0.5), precision="fp32",
                            device="cpu", label_smoothing=0.2, num_classes=3, generator=torch.Generator())
-    fine = torch.tensor([2, -1, 0])
-    plain = step._aux_targets(fine, [None, None], torch.zeros(3, 4))
+    batch = TokenBatch(torch.full((3, 2), 5), torch.ones(3, 2, dtype=torch.bool), torch.tensor([2, -1, 0]))
+    plain = step._aux_targets(batch, [batch.ids, batch.mask])
     torch.testing.assert_close(plain, torch.tensor([[0.05, 0.05, 0.85, 0.05], [0, 0, 0, 0], [0.85, 0.05, 0.05, 0.05]]))
-    mixed = step._aux_targets(fine, [None, None, torch.tensor(0.3)], torch.zeros(3, 4))
+    mixed = step._aux_targets(batch, [batch.ids, batch.mask, torch.tensor(0.3)])
     torch.testing.assert_close(mixed, 0.3 * plain + 0.7 * plain.flip(0))
-
-
-def test_fine_aux_is_a_text_option():
-    validate(make_config("text_cct_2", "d", "o", fine_aux=0.5))
-    with pytest.raises(CCTError, match="--fine-aux.* is for text models"):
-        validate(make_config(MODEL, "d", "o", fine_aux=0.5))
-    with pytest.raises(CCTError, match="--fine-aux must be non-negative"):
-        validate(make_config("text_cct_2", "d", "o", fine_aux=-1.0))

@@ -366,9 +366,11 @@ def random_erasing(x: Tensor, generator: torch.Generator, p: float = 0.25, mode:
 
 
 def mixup_target(labels: Tensor, num_classes: int, lam: float | Tensor, smoothing: float = 0.0) -> Tensor:
-    """timm's mixup_target: label-smoothed one-hots of labels and of the reversed batch, mixed by lam."""
+    """timm's mixup_target: label-smoothed one-hots of labels and of the reversed batch, mixed by lam. A label
+    of -1 (none: a text without a fine label, `cct.step.TrainStep`'s second head) gives a row of zeros."""
     off = smoothing / num_classes
-    y1 = torch.full((len(labels), num_classes), off).scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
+    y1 = torch.full((len(labels), num_classes), off).scatter_(1, labels.clamp(min=0).view(-1, 1), 1.0 - smoothing + off)
+    y1 = y1 * (labels >= 0).unsqueeze(1)
     return y1 * lam + y1.flip(0) * (1.0 - lam)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
+from .augment import mixup_target
 from .errors import CCTError
 from .kinds import TextAugmentConfig, augmenter
 from .model import any_token_grid, count_macs
@@ -201,7 +202,9 @@ class TrainStep:
         self.resolution: int | None = None  # progressive resizing: the input side of the next steps (None: native)
         self.fgm = aug_cfg.fgm if isinstance(aug_cfg, TextAugmentConfig) else 0.0
         self.fine_aux = aug_cfg.fine_aux if isinstance(aug_cfg, TextAugmentConfig) else 0.0
-        self.aux_labels: torch.Tensor | None = None  # the batch's fine labels, while `fine_aux` trains on them
+        head = getattr(getattr(model, "module", model), "aux_head", None)  # through DDP
+        self.aux_classes = head.out_features if head is not None else 0
+        self.aux_targets: torch.Tensor | None = None  # the batch's fine labels' soft targets, while `fine_aux` trains
         self.table = word_embedding(model) if self.fgm else None
         self.reset_totals()
 
@@ -235,10 +238,9 @@ class TrainStep:
             group["lr"] = lr
         args, targets = self.augment(inputs, labels, self.generator, self.aug_cfg, num_classes=self.num_classes,
                                      mix=mix)
+        self.aux_targets = self._aux_targets(inputs, args)
         args = [a.to(self.device, non_blocking=True) for a in args]
         targets = targets.to(self.device, non_blocking=True)
-        aux = getattr(inputs, "aux", None) if self.fine_aux else None  # a text batch's fine labels, mixed as `args`
-        self.aux_labels = None if aux is None else aux.to(self.device, non_blocking=True)
         reduced = self.resolution is not None and self.resolution != args[0].shape[-2]
         if reduced:  # progressive resizing: augmented at full size, then scaled down
             args[0] = resize_batch(args[0], self.resolution)
@@ -277,7 +279,7 @@ class TrainStep:
                          grid: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward (inside `grid`, if given) → loss → backward onto the gradients; returns the detached
         (logits, loss)."""
-        aux = self.aux_labels
+        aux = self.aux_targets
         with autocast(self.precision, self.device), grid if grid is not None else contextlib.nullcontext():
             logits = self.model(*args) if aux is None else self.model(*args, with_aux=True)
         if aux is not None:
@@ -286,23 +288,21 @@ class TrainStep:
         smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
         loss = total = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
         if aux is not None:  # the fine labels' head: a second task, left out of the loss the run reports
-            total = loss + self.fine_aux * F.cross_entropy(aux_logits.float(), self._aux_targets(aux, args, aux_logits))
+            total = loss + self.fine_aux * F.cross_entropy(aux_logits.float(), aux)
             loss = torch.where(torch.isfinite(total), loss, total)  # a non-finite total still stops the step
         (self.scaler.scale(total) if self.scaler is not None else total).backward()
         return logits.detach(), loss.detach()
 
-    def _aux_targets(self, aux: torch.Tensor, args: list[torch.Tensor], aux_logits: torch.Tensor) -> torch.Tensor:
-        """Soft targets of the fine labels, smoothed and word-mixed as the main ones (λ is the model's third
-        argument when mixing); a text without a fine label (-1) gets a zero row, so adds no loss."""
-        n = aux_logits.shape[-1]
-        has = (aux >= 0).unsqueeze(1).float()
-        off = self.label_smoothing / n
-        y = torch.full((len(aux), n), off, device=aux.device).scatter_(
-            1, aux.clamp(min=0).view(-1, 1), 1.0 - self.label_smoothing + off) * has
-        if len(args) == 3:
-            lam = args[2].float()
-            y = y * lam + y.flip(0) * (1.0 - lam)
-        return y
+    def _aux_targets(self, inputs, args: list[torch.Tensor]) -> torch.Tensor | None:
+        """On the device, the soft targets of a text batch's fine labels (`TokenBatch.aux`; None without them or
+        `fine_aux`): smoothed and word-mixed as the main ones (λ is the model's third argument when mixing), a
+        text without a fine label (-1) a zero row, so it adds no loss. Made once a step, for FGM's pass too."""
+        aux = getattr(inputs, "aux", None) if self.fine_aux else None
+        if aux is None:
+            return None
+        assert self.aux_classes, "fine labels to train on need a model with a second head (aux_classes > 0)"
+        lam = float(args[2]) if len(args) == 3 else 1.0
+        return mixup_target(aux, self.aux_classes, lam, self.label_smoothing).to(self.device, non_blocking=True)
 
     def adversarial_backward(self, args: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """FGM (Miyato et al. 2017): the batch's loss again with the word-vector table moved `fgm` along its
