@@ -13,7 +13,8 @@ scored or printed. One thread per process, so two variants can run side by side 
 The defaults are the text recipe's as of its eighth round (FGM 2.0, no token dropout), in fp32; `--precision bf16`
 trains as the recipe does where its trial picks bf16 (ninth round). Since the fifteenth round the recipe is those
 defaults plus `--unk-shapes --kernel-size 4 --attn-drop-rate 0 --label-smoothing 0.2`, and since the sixteenth
-`--fine-aux 0.5` as well (a second head on the fine labels, trained beside the first). Earlier rounds in
+`--fine-aux 0.5` as well (a second head on the fine labels, trained beside the first); the seventeenth round tried
+FGM's move measured per text (`--fgm-norm text --fgm E`) instead of over the table. Earlier rounds in
 benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no FGM): their flags are on top of those.
 
     .venv/bin/python benchmarks/trec_validation.py --tag recipe
@@ -27,12 +28,15 @@ benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no 
         --attn-drop-rate 0 --label-smoothing 0.2 --seeds 0,1,2,3,4,5,6,7,8,9
     .venv/bin/python benchmarks/trec_validation.py --tag recipe16 --precision bf16 --unk-shapes --kernel-size 4 \
         --attn-drop-rate 0 --label-smoothing 0.2 --fine-aux 0.5 --seeds 0,1,2,3,4,5,6,7,8,9
+    .venv/bin/python benchmarks/trec_validation.py --tag text1 --precision bf16 --unk-shapes --kernel-size 4 \
+        --attn-drop-rate 0 --label-smoothing 0.2 --fine-aux 0.5 --fgm-norm text --fgm 1.0 --seeds 0,1,2,3,4
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -48,7 +52,7 @@ from cct.kernels import fuse, use_kernels
 from cct.registry import create_model
 from cct.runtime import autocast
 from cct.recipes import make_config
-from cct.step import lr_at, make_optimizer, word_embedding
+from cct.step import lr_at, make_optimizer, word_embedding, word_embedding_module, word_outputs
 from cct.text_data import load_text
 from cct.text_run import RawTexts
 from cct.tokenizer import UNK_ID, TextTokenizer
@@ -88,6 +92,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--adv-steps", type=int, default=1, help="with --fgm: 1 is FGM; K > 1 is PGD (Madry et al. "
                    "2018): K moves of fgm/K, each along the gradient at the last point, projected to within fgm; the "
                    "last point's gradient is added to the clean one")
+    p.add_argument("--fgm-norm", default="table", choices=("table", "text"),
+                   help="with --fgm: table moves the word-vector table by fgm along its gradient, normalised over "
+                        "the whole table; text moves each text's word vectors (each occurrence apart) by fgm along "
+                        "their own gradient (Miyato et al. 2017's form; the recipe's `--fgm-norm`)")
     p.add_argument("--ema", type=float, default=0.0, help="also score an EMA of the weights with this decay per step")
     p.add_argument("--swa", type=int, default=0, help="also score the average of the last N epochs' weights")
     p.add_argument("--char-ngrams", type=int, default=0, help="fastText-style: add to each word's vector the mean of "
@@ -122,6 +130,8 @@ def parse_args() -> argparse.Namespace:
         p.error("--fgm-ngrams needs --char-ngrams and FGM (--fgm > 0, --adv-steps 1)")
     if a.fine_aux and a.fine:
         p.error("--fine trains on the fine labels already; --fine-aux adds a head for them beside the coarse one")
+    if a.fgm_norm == "text" and not (a.fgm > 0 and a.adv_steps == 1 and not a.char_ngrams):
+        p.error("--fgm-norm text needs FGM (--fgm > 0, --adv-steps 1) and no --char-ngrams")
     if a.unk_backoff != "none" and a.unk_shapes:
         p.error("--unk-backoff rewrites texts lower-cased, so --unk-shapes would see no capitals")
     return a
@@ -234,6 +244,7 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
         return probs
 
     table = word_embedding(model)  # FGM moves it
+    words = word_embedding_module(model) if a.fgm_norm == "text" else None  # or its outputs, text by text
     ema = copy.deepcopy(model) if a.ema else None
     averaged, n_averaged = None, 0
     g = torch.Generator().manual_seed(seed)
@@ -277,8 +288,13 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
                     (1 - lam) * F.cross_entropy(out, y.flip(0), label_smoothing=a.label_smoothing)
 
             opt.zero_grad(set_to_none=True)
-            batch_loss().backward()
-            if a.fgm > 0 and a.adv_steps == 1:  # the table's gradient is nonzero only in the batch's rows
+            with word_outputs(words) if words is not None else contextlib.nullcontext([]) as kept:
+                batch_loss().backward()
+            if words is not None:  # each text's own word vectors, normalised per text (as cct.step.TrainStep)
+                grad = kept[0].grad  # (B, L, word_dim); padded positions get none (masked)
+                with word_outputs(words, a.fgm * grad / (grad.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-12)):
+                    batch_loss().backward()
+            elif a.fgm > 0 and a.adv_steps == 1:  # the table's gradient is nonzero only in the batch's rows
                 tables = [table] + ([model.embedding.table] if a.char_ngrams and a.fgm_ngrams else [])
                 norm = torch.stack([t.grad.norm() for t in tables]).norm() + 1e-12
                 shifts = [a.fgm * t.grad / norm for t in tables]

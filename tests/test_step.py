@@ -259,6 +259,53 @@ def test_fgm_adds_the_gradient_at_the_moved_word_vectors(monkeypatch, fgm):
                                                              label_smoothing=0.1).item(), rel=1e-5)
 
 
+def test_fgm_per_text_moves_each_texts_word_vectors_by_fgm(monkeypatch):
+    model, (batch, labels) = _text_model(), _token_batch()
+    reference = copy.deepcopy(model)
+    fgm = 0.5
+    # by hand: a zero shift added to the word vectors, its gradient taken, then the loss again at fgm along it,
+    # normalised text by text (padded positions get no gradient, so they do not move)
+    zero = torch.zeros(6, 8, reference.cfg.word_embedding_dim, requires_grad=True)
+    handle = reference.embedding.register_forward_hook(lambda m, i, out: out + zero)
+    loss = F.cross_entropy(reference(batch.ids, batch.mask), labels, label_smoothing=0.1)
+    *expected, g = torch.autograd.grad(loss, [*reference.parameters(), zero])
+    handle.remove()
+    assert torch.all(g[~batch.mask] == 0) and torch.all(g.flatten(1).norm(dim=1) > 0)
+    shift = fgm * g / g.flatten(1).norm(dim=1).view(-1, 1, 1)
+    handle = reference.embedding.register_forward_hook(lambda m, i, out: out + shift)
+    loss = F.cross_entropy(reference(batch.ids, batch.mask), labels, label_smoothing=0.1)
+    expected = [a + b for a, b in zip(expected, torch.autograd.grad(loss, list(reference.parameters())))]
+    handle.remove()
+    aug = TextAugmentConfig(label_smoothing=0.1, fgm=fgm, fgm_norm="text")
+    step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), aug, precision="fp32", device="cpu",
+                           label_smoothing=0.1, num_classes=3, generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = _count_backward(monkeypatch)
+    step(batch, labels, 1.0)
+    assert calls["n"] == 2
+    for b, p, g in zip(before, model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), b - g, atol=2e-5, rtol=1e-4)
+    # the step's hooks are gone: the model predicts as before it
+    assert not model.embedding._forward_hooks
+    # and the table-normalised move is another one
+    other = _text_model()
+    make_train_step(other, torch.optim.SGD(other.parameters(), lr=1.0), TextAugmentConfig(label_smoothing=0.1,
+                    fgm=fgm), precision="fp32", device="cpu", label_smoothing=0.1, num_classes=3,
+                    generator=torch.Generator().manual_seed(1))(batch, labels, 1.0)
+    assert not torch.allclose(other.head.weight, model.head.weight, atol=1e-6)
+
+
+def test_fgm_norm_is_checked():
+    validate(make_config("text_cct_2", "d", "o", fgm=1.0, fgm_norm="table"))
+    validate(make_config("text_cct_2", "d", "o", fgm=0.0))  # FGM off: the recipe's fgm_norm is unused, not an error
+    with pytest.raises(CCTError, match="--fgm-norm text .* needs --fgm > 0"):
+        make_config("text_cct_2", "d", "o", fgm=0.0, fgm_norm="text")
+    with pytest.raises(CCTError, match="--fgm-norm.* is for text models"):
+        validate(make_config(MODEL, "d", "o", fgm_norm="text"))
+    with pytest.raises(AssertionError, match="fgm_norm must be one of"):
+        TextAugmentConfig(fgm=1.0, fgm_norm="batch")
+
+
 @pytest.mark.parametrize("name,value", [("fgm", 1.0), ("fine_aux", 0.5)])
 def test_text_step_options_are_refused_for_image_models_and_below_zero(name, value):
     flag = "--" + name.replace("_", "-")

@@ -50,6 +50,7 @@ from .tokenizer import PAD_ID, UNK_ID
 
 KINDS = ("image", "text")
 DATA_KINDS = ("auto",) + KINDS
+FGM_NORMS = ("table", "text")  # what an FGM move's length is measured over (TextAugmentConfig.fgm_norm)
 
 
 # ---------------------------------------------------------------------- text inputs
@@ -147,13 +148,16 @@ class TextAugmentConfig:
     """Text augmentation: each real token becomes [UNK] with probability `token_dropout` (0: off); word
     mixup with the reversed batch, λ ~ Beta(mixup_alpha, mixup_alpha) per batch (0: off), its soft targets
     label-smoothed by `label_smoothing` as timm's Mixup does for images. `fgm` > 0: adversarial word vectors
-    (FGM, Miyato et al. 2017), applied by `cct.step.TrainStep`, since they need the batch's gradient.
+    (FGM, Miyato et al. 2017), applied by `cct.step.TrainStep`, since they need the batch's gradient; the
+    move is `fgm` long over the word-vector table (`fgm_norm` "table") or over each text's own word vectors
+    ("text").
     `fine_aux` > 0: batches carrying fine labels (`TokenBatch.aux`) also train the model's second head, the
     step's loss plus `fine_aux` × that head's."""
     token_dropout: float = 0.0
     mixup_alpha: float = 0.0
     label_smoothing: float = 0.0
     fgm: float = 0.0
+    fgm_norm: str = "table"
     fine_aux: float = 0.0
 
     def __post_init__(self):
@@ -161,6 +165,7 @@ class TextAugmentConfig:
         assert self.mixup_alpha >= 0.0, f"mixup_alpha must be non-negative, got {self.mixup_alpha}"
         assert 0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"
         assert self.fgm >= 0.0, f"fgm must be non-negative, got {self.fgm}"
+        assert self.fgm_norm in FGM_NORMS, f"fgm_norm must be one of {FGM_NORMS}, got {self.fgm_norm!r}"
         assert self.fine_aux >= 0.0, f"fine_aux must be non-negative, got {self.fine_aux}"
 
 

@@ -164,7 +164,8 @@ def augment_config(cfg: TrainConfig, mean: tuple | None, std: tuple | None) -> A
 def text_augment_config(cfg: TrainConfig) -> TextAugmentConfig:
     """The recipe's text augmentation: token dropout, word mixup, label smoothing, FGM and the fine labels' head."""
     return TextAugmentConfig(token_dropout=cfg.token_dropout, mixup_alpha=cfg.mixup_alpha,
-                             label_smoothing=cfg.label_smoothing, fgm=cfg.fgm, fine_aux=cfg.fine_aux)
+                             label_smoothing=cfg.label_smoothing, fgm=cfg.fgm, fgm_norm=cfg.fgm_norm,
+                             fine_aux=cfg.fine_aux)
 
 
 # ---------------------------------------------------------------------- the step
@@ -201,11 +202,13 @@ class TrainStep:
         self.shared: tuple[bool, ...] = ()
         self.resolution: int | None = None  # progressive resizing: the input side of the next steps (None: native)
         self.fgm = aug_cfg.fgm if isinstance(aug_cfg, TextAugmentConfig) else 0.0
+        per_text = self.fgm and aug_cfg.fgm_norm == "text"
         self.fine_aux = aug_cfg.fine_aux if isinstance(aug_cfg, TextAugmentConfig) else 0.0
         head = getattr(getattr(model, "module", model), "aux_head", None)  # through DDP
         self.aux_classes = head.out_features if head is not None else 0
         self.aux_targets: torch.Tensor | None = None  # the batch's fine labels' soft targets, while `fine_aux` trains
         self.table = word_embedding(model) if self.fgm else None
+        self.words = word_embedding_module(model) if per_text else None  # FGM moves its outputs, text by text
         self.reset_totals()
 
     def reset_totals(self) -> None:
@@ -245,8 +248,9 @@ class TrainStep:
         if reduced:  # progressive resizing: augmented at full size, then scaled down
             args[0] = resize_batch(args[0], self.resolution)
         # every rank runs backward, finite or not (DDP exchanges inside it); the ranks then agree
-        logits, loss = self.forward_backward(args, targets, any_token_grid(self.model) if reduced else None)
-        checked = loss if not self.fgm else loss + self.adversarial_backward(args, targets)
+        with word_outputs(self.words) if self.words is not None else contextlib.nullcontext([]) as words:
+            logits, loss = self.forward_backward(args, targets, any_token_grid(self.model) if reduced else None)
+        checked = loss if not self.fgm else loss + self.adversarial_backward(args, targets, words)
         if self.sync_grads:  # the gradients, the loss's finiteness and the flags in one exchange
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             finite, self.shared = distributed.average_gradients(params, finite=bool(torch.isfinite(checked)),
@@ -304,11 +308,20 @@ class TrainStep:
         lam = float(args[2]) if len(args) == 3 else 1.0
         return mixup_target(aux, self.aux_classes, lam, self.label_smoothing).to(self.device, non_blocking=True)
 
-    def adversarial_backward(self, args: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        """FGM (Miyato et al. 2017): the batch's loss again with the word-vector table moved `fgm` along its
-        gradient, backpropagated onto the same gradients; returns that loss. The gradient is normalised over
-        the whole table, whose rows outside the batch have none, so only the batch's words move; the table is
-        put back bit for bit before the optimiser steps."""
+    def adversarial_backward(self, args: list[torch.Tensor], targets: torch.Tensor,
+                             words: list[torch.Tensor]) -> torch.Tensor:
+        """FGM (Miyato et al. 2017): the batch's loss again with the word vectors moved `fgm` along their
+        gradient, backpropagated onto the same gradients; returns that loss.
+
+        `fgm_norm` "table": the gradient is normalised over the whole table, whose rows outside the batch have
+        none, so only the batch's words move, each by one vector wherever it occurs; the table is put back bit
+        for bit before the optimiser steps. "text": the clean pass's word vectors (`words`, kept by
+        `word_outputs`) move, each text's by `fgm` along its own gradient, every occurrence apart."""
+        if self.words is not None:
+            grad = words[0].grad  # (B, L, word_dim); padded positions have none (the model masks them)
+            shift = self.fgm * grad / (grad.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-12)
+            with word_outputs(self.words, shift):
+                return self.forward_backward(args, targets)[1]
         grad = self.table.grad  # a GradScaler's scale cancels in the normalisation
         saved = self.table.detach().clone()
         with torch.no_grad():
@@ -336,12 +349,37 @@ class TrainStep:
             self.lookahead.load_state_dict(state["lookahead"])
 
 
+def word_embedding_module(model: nn.Module) -> nn.Embedding:
+    """A text model's one `nn.Embedding` (through any wrapper)."""
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    assert len(tables) == 1, f"FGM needs a text model with one word embedding, found {len(tables)} nn.Embedding"
+    assert tables[0].weight.requires_grad, "FGM moves the word vectors along their gradient: they must be trained"
+    return tables[0]
+
+
 def word_embedding(model: nn.Module) -> nn.Parameter:
     """A text model's word-vector table: its one `nn.Embedding`'s weight (through any wrapper)."""
-    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    assert len(tables) == 1, f"FGM needs a text model with one word embedding, found {len(tables)} nn.Embedding"
-    assert tables[0].requires_grad, "FGM moves the word vectors along their gradient: they must be trained"
-    return tables[0]
+    return word_embedding_module(model).weight
+
+
+@contextlib.contextmanager
+def word_outputs(embedding: nn.Embedding, shift: torch.Tensor | None = None) -> typing.Iterator[list[torch.Tensor]]:
+    """Within it, the embedding's outputs (B, L, word_dim) are kept, their gradients retained, in the list it
+    gives (`shift` None), or moved by `shift` (FGM's pass with `fgm_norm` "text")."""
+    kept: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if shift is not None:
+            return out + shift.to(out.dtype)
+        out.retain_grad()
+        kept.append(out)
+        return None
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield kept
+    finally:
+        handle.remove()
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg: AugmentConfig | TextAugmentConfig, *,
