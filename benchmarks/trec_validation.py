@@ -36,7 +36,6 @@ Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -52,7 +51,7 @@ from cct.kernels import fuse, use_kernels
 from cct.registry import create_model
 from cct.runtime import autocast
 from cct.recipes import make_config
-from cct.step import lr_at, make_optimizer, word_embedding, word_embedding_module, word_outputs
+from cct.step import lr_at, make_optimizer, per_text_shift, word_embedding, word_embedding_module, word_outputs
 from cct.text_data import load_text
 from cct.text_run import RawTexts
 from cct.tokenizer import UNK_ID, TextTokenizer
@@ -269,30 +268,25 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
                 if a.mix > 0 and epoch < a.epochs - a.mix_off_epochs else None
 
             def batch_loss() -> torch.Tensor:
-                if y_fine is not None:  # the second head on the fine labels (-1: none), mixed as the main one
-                    with autocast(a.precision):
-                        out, out_fine = model(x, m, None if lam is None else torch.tensor(lam), with_aux=True)
-                    out, out_fine = out.float(), out_fine.float()
-                    ce = lambda o, t: F.cross_entropy(o, t, label_smoothing=a.label_smoothing, ignore_index=-1)
-                    if lam is None:
-                        return ce(out, y) + a.fine_aux * ce(out_fine, y_fine)
-                    return lam * (ce(out, y) + a.fine_aux * ce(out_fine, y_fine)) + \
-                        (1 - lam) * (ce(out, y.flip(0)) + a.fine_aux * ce(out_fine, y_fine.flip(0)))
                 with autocast(a.precision):
-                    out = model(x, m) if lam is None else model(x, m, torch.tensor(lam))
-                out = out.float()
+                    out = model(x, m, None if lam is None else torch.tensor(lam), with_aux=y_fine is not None)
+                out, out_fine = (out[0].float(), out[1].float()) if y_fine is not None else (out.float(), None)
+                ce = lambda o, t: F.cross_entropy(o, t, label_smoothing=a.label_smoothing, ignore_index=-1)
+
+                def loss(t: torch.Tensor, t_fine: torch.Tensor | None) -> torch.Tensor:
+                    # plus the second head's on the fine labels (-1: none), where it trains
+                    return ce(out, t) if out_fine is None else ce(out, t) + a.fine_aux * ce(out_fine, t_fine)
+
                 if lam is None:
-                    return F.cross_entropy(out, y, label_smoothing=a.label_smoothing)
+                    return loss(y, y_fine)
                 # word mixup with the reversed batch, as the recipe
-                return lam * F.cross_entropy(out, y, label_smoothing=a.label_smoothing) + \
-                    (1 - lam) * F.cross_entropy(out, y.flip(0), label_smoothing=a.label_smoothing)
+                return lam * loss(y, y_fine) + (1 - lam) * loss(y.flip(0), None if y_fine is None else y_fine.flip(0))
 
             opt.zero_grad(set_to_none=True)
-            with word_outputs(words) if words is not None else contextlib.nullcontext([]) as kept:
+            with word_outputs(words) as kept:
                 batch_loss().backward()
             if words is not None:  # each text's own word vectors, normalised per text (as cct.step.TrainStep)
-                grad = kept[0].grad  # (B, L, word_dim); padded positions get none (masked)
-                with word_outputs(words, a.fgm * grad / (grad.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-12)):
+                with word_outputs(words, per_text_shift(kept[0].grad, a.fgm)):
                     batch_loss().backward()
             elif a.fgm > 0 and a.adv_steps == 1:  # the table's gradient is nonzero only in the batch's rows
                 tables = [table] + ([model.embedding.table] if a.char_ngrams and a.fgm_ngrams else [])

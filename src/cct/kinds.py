@@ -73,7 +73,7 @@ class TokenBatch:
         return TokenBatch(self.ids[rows], self.mask[rows], None if self.aux is None else self.aux[rows])
 
     def split(self, size: int) -> list["TokenBatch"]:
-        auxes = self.aux.split(size) if self.aux is not None else [None] * len(self.ids.split(size))
+        auxes = self.aux.split(size) if self.aux is not None else itertools.repeat(None)
         return [TokenBatch(i, m, a) for i, m, a in zip(self.ids.split(size), self.mask.split(size), auxes)]
 
     def trimmed(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -248,7 +248,7 @@ class TrainStep:
         if reduced:  # progressive resizing: augmented at full size, then scaled down
             args[0] = resize_batch(args[0], self.resolution)
         # every rank runs backward, finite or not (DDP exchanges inside it); the ranks then agree
-        with word_outputs(self.words) if self.words is not None else contextlib.nullcontext([]) as words:
+        with word_outputs(self.words) as words:
             logits, loss = self.forward_backward(args, targets, any_token_grid(self.model) if reduced else None)
         checked = loss if not self.fgm else loss + self.adversarial_backward(args, targets, words)
         if self.sync_grads:  # the gradients, the loss's finiteness and the flags in one exchange
@@ -318,9 +318,7 @@ class TrainStep:
         for bit before the optimiser steps. "text": the clean pass's word vectors (`words`, kept by
         `word_outputs`) move, each text's by `fgm` along its own gradient, every occurrence apart."""
         if self.words is not None:
-            grad = words[0].grad  # (B, L, word_dim); padded positions have none (the model masks them)
-            shift = self.fgm * grad / (grad.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-12)
-            with word_outputs(self.words, shift):
+            with word_outputs(self.words, per_text_shift(words[0].grad, self.fgm)):
                 return self.forward_backward(args, targets)[1]
         grad = self.table.grad  # a GradScaler's scale cancels in the normalisation
         saved = self.table.detach().clone()
@@ -363,10 +361,15 @@ def word_embedding(model: nn.Module) -> nn.Parameter:
 
 
 @contextlib.contextmanager
-def word_outputs(embedding: nn.Embedding, shift: torch.Tensor | None = None) -> typing.Iterator[list[torch.Tensor]]:
+def word_outputs(embedding: nn.Embedding | None,
+                 shift: torch.Tensor | None = None) -> typing.Iterator[list[torch.Tensor]]:
     """Within it, the embedding's outputs (B, L, word_dim) are kept, their gradients retained, in the list it
-    gives (`shift` None), or moved by `shift` (FGM's pass with `fgm_norm` "text")."""
+    gives (`shift` None), or moved by `shift` (FGM's pass with `fgm_norm` "text"); `embedding` None: nothing
+    is hooked and the list stays empty."""
     kept: list[torch.Tensor] = []
+    if embedding is None:
+        yield kept
+        return
 
     def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
         if shift is not None:
@@ -380,6 +383,12 @@ def word_outputs(embedding: nn.Embedding, shift: torch.Tensor | None = None) -> 
         yield kept
     finally:
         handle.remove()
+
+
+def per_text_shift(grad: torch.Tensor, length: float) -> torch.Tensor:
+    """`grad` (B, L, word_dim), the gradient of a batch's word vectors, scaled to L2 norm `length` text by text:
+    FGM's move with `fgm_norm` "text" (padded positions have no gradient, so they do not move)."""
+    return length * grad / (grad.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-12)
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, aug_cfg: AugmentConfig | TextAugmentConfig, *,
