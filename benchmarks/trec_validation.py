@@ -14,7 +14,9 @@ The defaults are the text recipe's as of its eighth round (FGM 2.0, no token dro
 trains as the recipe does where its trial picks bf16 (ninth round). Since the fifteenth round the recipe is those
 defaults plus `--unk-shapes --kernel-size 4 --attn-drop-rate 0 --label-smoothing 0.2`, and since the sixteenth
 `--fine-aux 0.5` as well (a second head on the fine labels, trained beside the first); the seventeenth round tried
-FGM's move measured per text (`--fgm-norm text --fgm E`) instead of over the table. Earlier rounds in
+FGM's move measured per text (`--fgm-norm text --fgm E`) instead of over the table, and the recipe has been those
+flags plus `--fgm-norm text --fgm 1.0` since; the eighteenth tried a move per word (`--fgm-norm word`), PGD and
+FreeLB in the per-text norm (`--adv-steps K [--adv-average]`). Earlier rounds in
 benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no FGM): their flags are on top of those.
 
     .venv/bin/python benchmarks/trec_validation.py --tag recipe
@@ -30,6 +32,8 @@ benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no 
         --attn-drop-rate 0 --label-smoothing 0.2 --fine-aux 0.5 --seeds 0,1,2,3,4,5,6,7,8,9
     .venv/bin/python benchmarks/trec_validation.py --tag text1 --precision bf16 --unk-shapes --kernel-size 4 \
         --attn-drop-rate 0 --label-smoothing 0.2 --fine-aux 0.5 --fgm-norm text --fgm 1.0 --seeds 0,1,2,3,4
+    .venv/bin/python benchmarks/trec_validation.py --tag freelb --precision bf16 --unk-shapes --kernel-size 4 \
+        --attn-drop-rate 0 --label-smoothing 0.2 --fine-aux 0.5 --fgm-norm text --fgm 1.0 --adv-steps 2 --adv-average
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
@@ -91,10 +95,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--adv-steps", type=int, default=1, help="with --fgm: 1 is FGM; K > 1 is PGD (Madry et al. "
                    "2018): K moves of fgm/K, each along the gradient at the last point, projected to within fgm; the "
                    "last point's gradient is added to the clean one")
-    p.add_argument("--fgm-norm", default="table", choices=("table", "text"),
+    p.add_argument("--fgm-norm", default="table", choices=("table", "text", "word"),
                    help="with --fgm: table moves the word-vector table by fgm along its gradient, normalised over "
                         "the whole table; text moves each text's word vectors (each occurrence apart) by fgm along "
-                        "their own gradient (Miyato et al. 2017's form; the recipe's `--fgm-norm`)")
+                        "their own gradient (Miyato et al. 2017's form; the recipe's `--fgm-norm`); word moves each "
+                        "word vector of each text by fgm along its own gradient. With text or word, --adv-steps K "
+                        "is PGD in that norm")
+    p.add_argument("--adv-average", action="store_true", help="with --adv-steps K > 1 and --fgm-norm text or word: "
+                   "add the mean of all K points' gradients to the clean one (FreeLB, Zhu et al. 2020), not the "
+                   "last point's alone")
     p.add_argument("--ema", type=float, default=0.0, help="also score an EMA of the weights with this decay per step")
     p.add_argument("--swa", type=int, default=0, help="also score the average of the last N epochs' weights")
     p.add_argument("--char-ngrams", type=int, default=0, help="fastText-style: add to each word's vector the mean of "
@@ -129,8 +138,10 @@ def parse_args() -> argparse.Namespace:
         p.error("--fgm-ngrams needs --char-ngrams and FGM (--fgm > 0, --adv-steps 1)")
     if a.fine_aux and a.fine:
         p.error("--fine trains on the fine labels already; --fine-aux adds a head for them beside the coarse one")
-    if a.fgm_norm == "text" and not (a.fgm > 0 and a.adv_steps == 1 and not a.char_ngrams):
-        p.error("--fgm-norm text needs FGM (--fgm > 0, --adv-steps 1) and no --char-ngrams")
+    if a.fgm_norm != "table" and not (a.fgm > 0 and not a.char_ngrams):
+        p.error(f"--fgm-norm {a.fgm_norm} needs FGM (--fgm > 0) and no --char-ngrams")
+    if a.adv_average and not (a.adv_steps > 1 and a.fgm_norm != "table"):
+        p.error("--adv-average needs --adv-steps K > 1 and --fgm-norm text or word")
     if a.unk_backoff != "none" and a.unk_shapes:
         p.error("--unk-backoff rewrites texts lower-cased, so --unk-shapes would see no capitals")
     return a
@@ -243,7 +254,13 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
         return probs
 
     table = word_embedding(model)  # FGM moves it
-    words = word_embedding_module(model) if a.fgm_norm == "text" else None  # or its outputs, text by text
+    words = word_embedding_module(model) if a.fgm_norm != "table" else None  # or its outputs, text by text
+    if a.fgm_norm == "word":  # each position's own move, of length fgm (padding: no gradient, no move)
+        move = lambda grad, length: length * grad / (grad.norm(dim=-1, keepdim=True) + 1e-12)
+        project = lambda s, length: s * (length / (s.norm(dim=-1, keepdim=True) + 1e-12)).clamp(max=1)
+    else:
+        move = per_text_shift
+        project = lambda s, length: s * (length / (s.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-12)).clamp(max=1)
     ema = copy.deepcopy(model) if a.ema else None
     averaged, n_averaged = None, 0
     g = torch.Generator().manual_seed(seed)
@@ -285,9 +302,23 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
             opt.zero_grad(set_to_none=True)
             with word_outputs(words) as kept:
                 batch_loss().backward()
-            if words is not None:  # each text's own word vectors, normalised per text (as cct.step.TrainStep)
-                with word_outputs(words, per_text_shift(kept[0].grad, a.fgm)):
+            if words is not None and a.adv_steps == 1:  # each text's own word vectors, normalised per text
+                with word_outputs(words, move(kept[0].grad, a.fgm)):  # (as cct.step.TrainStep)
                     batch_loss().backward()
+            elif words is not None:  # PGD (or FreeLB) on the word vectors' outputs, in the per-text/word norm
+                clean = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
+                grad, shift, summed = kept[0].grad, torch.zeros_like(kept[0]), None
+                for k in range(a.adv_steps):
+                    shift = project(shift + move(grad, a.fgm / a.adv_steps), a.fgm).detach().requires_grad_()
+                    model.zero_grad(set_to_none=True)
+                    with word_outputs(words, shift):
+                        (batch_loss() / (a.adv_steps if a.adv_average else 1)).backward()
+                    grad = shift.grad
+                    if a.adv_average or k == a.adv_steps - 1:
+                        summed = {p: p.grad + (summed[p] if summed else 0) for p in clean if p.grad is not None}
+                for p in model.parameters():
+                    if p in clean:
+                        p.grad = clean[p] + summed.get(p, 0)
             elif a.fgm > 0 and a.adv_steps == 1:  # the table's gradient is nonzero only in the batch's rows
                 tables = [table] + ([model.embedding.table] if a.char_ngrams and a.fgm_ngrams else [])
                 norm = torch.stack([t.grad.norm() for t in tables]).norm() + 1e-12
