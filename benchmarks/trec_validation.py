@@ -302,8 +302,8 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
             opt.zero_grad(set_to_none=True)
             with word_outputs(words) as kept:
                 batch_loss().backward()
-            if words is not None and a.adv_steps == 1:  # each text's own word vectors, normalised per text
-                with word_outputs(words, move(kept[0].grad, a.fgm)):  # (as cct.step.TrainStep)
+            if words is not None and a.adv_steps == 1:  # each text's own word vectors, moved per text (as
+                with word_outputs(words, move(kept[0].grad, a.fgm)):  # cct.step.TrainStep) or per word
                     batch_loss().backward()
             elif words is not None:  # PGD (or FreeLB) on the word vectors' outputs, in the per-text/word norm
                 clean = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
