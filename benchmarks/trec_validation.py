@@ -306,19 +306,16 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
                 with word_outputs(words, move(kept[0].grad, a.fgm)):  # cct.step.TrainStep) or per word
                     batch_loss().backward()
             elif words is not None:  # PGD (or FreeLB) on the word vectors' outputs, in the per-text/word norm
-                clean = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
-                grad, shift, summed = kept[0].grad, torch.zeros_like(kept[0]), None
+                grad, shift = kept[0].grad, torch.zeros_like(kept[0])
                 for k in range(a.adv_steps):
                     shift = project(shift + move(grad, a.fgm / a.adv_steps), a.fgm).detach().requires_grad_()
-                    model.zero_grad(set_to_none=True)
                     with word_outputs(words, shift):
-                        (batch_loss() / (a.adv_steps if a.adv_average else 1)).backward()
-                    grad = shift.grad
-                    if a.adv_average or k == a.adv_steps - 1:
-                        summed = {p: p.grad + (summed[p] if summed else 0) for p in clean if p.grad is not None}
-                for p in model.parameters():
-                    if p in clean:
-                        p.grad = clean[p] + summed.get(p, 0)
+                        loss = batch_loss()
+                    if a.adv_average or k == a.adv_steps - 1:  # onto the clean gradients (FreeLB: a K-th each)
+                        (loss / (a.adv_steps if a.adv_average else 1)).backward()
+                        grad = shift.grad
+                    else:  # PGD's inner points only steer the move
+                        grad, = torch.autograd.grad(loss, shift)
             elif a.fgm > 0 and a.adv_steps == 1:  # the table's gradient is nonzero only in the batch's rows
                 tables = [table] + ([model.embedding.table] if a.char_ngrams and a.fgm_ngrams else [])
                 norm = torch.stack([t.grad.norm() for t in tables]).norm() + 1e-12
