@@ -16,7 +16,8 @@ defaults plus `--unk-shapes --kernel-size 4 --attn-drop-rate 0 --label-smoothing
 `--fine-aux 0.5` as well (a second head on the fine labels, trained beside the first); the seventeenth round tried
 FGM's move measured per text (`--fgm-norm text --fgm E`) instead of over the table, and the recipe has been those
 flags plus `--fgm-norm text --fgm 1.0` since; the eighteenth tried a move per word (`--fgm-norm word`), PGD and
-FreeLB in the per-text norm (`--adv-steps K [--adv-average]`). Earlier rounds in
+FreeLB in the per-text norm (`--adv-steps K [--adv-average]`); the nineteenth virtual adversarial training
+(`--vat E`, beside FGM or with `--fgm 0` instead of it) and a KL term at FGM's point (`--adv-kl W`). Earlier rounds in
 benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no FGM): their flags are on top of those.
 
     .venv/bin/python benchmarks/trec_validation.py --tag recipe
@@ -34,6 +35,8 @@ benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no 
         --attn-drop-rate 0 --label-smoothing 0.2 --fine-aux 0.5 --fgm-norm text --fgm 1.0 --seeds 0,1,2,3,4
     .venv/bin/python benchmarks/trec_validation.py --tag freelb --precision bf16 --unk-shapes --kernel-size 4 \
         --attn-drop-rate 0 --label-smoothing 0.2 --fine-aux 0.5 --fgm-norm text --fgm 1.0 --adv-steps 2 --adv-average
+    .venv/bin/python benchmarks/trec_validation.py --tag vat --precision bf16 --unk-shapes --kernel-size 4 \
+        --attn-drop-rate 0 --label-smoothing 0.2 --fine-aux 0.5 --fgm-norm text --fgm 1.0 --vat 1.0
 
 Results and the choices they led to: benchmarks/README.md ("Text: TREC-6").
 """
@@ -104,6 +107,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--adv-average", action="store_true", help="with --adv-steps K > 1 and --fgm-norm text or word: "
                    "add the mean of all K points' gradients to the clean one (FreeLB, Zhu et al. 2020), not the "
                    "last point's alone")
+    p.add_argument("--adv-kl", type=float, default=0.0, help="with --fgm-norm text: at FGM's moved point, also "
+                   "W x KL(clean || moved) of the first head's predictions, the clean ones held fixed (TRADES, Zhang "
+                   "et al. 2019; 0: off)")
+    p.add_argument("--vat", type=float, default=0.0, help="with --fgm-norm text: virtual adversarial training "
+                   "(Miyato et al. 2017): also W x KL(clean || moved) at each text's word vectors moved this far in "
+                   "the direction one power iteration finds from a random start, no labels involved (0: off; two more "
+                   "passes a step)")
+    p.add_argument("--vat-xi", type=float, default=0.1, help="with --vat: the power iteration's probe length per text")
+    p.add_argument("--vat-weight", type=float, default=1.0, help="with --vat: W")
     p.add_argument("--ema", type=float, default=0.0, help="also score an EMA of the weights with this decay per step")
     p.add_argument("--swa", type=int, default=0, help="also score the average of the last N epochs' weights")
     p.add_argument("--char-ngrams", type=int, default=0, help="fastText-style: add to each word's vector the mean of "
@@ -138,8 +150,12 @@ def parse_args() -> argparse.Namespace:
         p.error("--fgm-ngrams needs --char-ngrams and FGM (--fgm > 0, --adv-steps 1)")
     if a.fine_aux and a.fine:
         p.error("--fine trains on the fine labels already; --fine-aux adds a head for them beside the coarse one")
-    if a.fgm_norm != "table" and not (a.fgm > 0 and not a.char_ngrams):
-        p.error(f"--fgm-norm {a.fgm_norm} needs FGM (--fgm > 0) and no --char-ngrams")
+    if a.fgm_norm != "table" and not ((a.fgm > 0 or a.vat > 0) and not a.char_ngrams):
+        p.error(f"--fgm-norm {a.fgm_norm} needs FGM (--fgm > 0) or --vat, and no --char-ngrams")
+    if (a.vat or a.adv_kl) and a.fgm_norm != "text":
+        p.error("--vat and --adv-kl need --fgm-norm text")
+    if a.adv_kl and not (a.fgm > 0 and a.adv_steps == 1):
+        p.error("--adv-kl needs FGM (--fgm > 0, --adv-steps 1)")
     if a.adv_average and not (a.adv_steps > 1 and a.fgm_norm != "table"):
         p.error("--adv-average needs --adv-steps K > 1 and --fgm-norm text or word")
     if a.unk_backoff != "none" and a.unk_shapes:
@@ -264,6 +280,7 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
     ema = copy.deepcopy(model) if a.ema else None
     averaged, n_averaged = None, 0
     g = torch.Generator().manual_seed(seed)
+    g_vat = torch.Generator().manual_seed(seed + 10_000)  # apart, so the batch order stays the recipe's
     step, t0, history = 0, time.time(), []
     model.train()
     for epoch in range(a.epochs):
@@ -284,10 +301,16 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
             lam = float(torch.distributions.Beta(a.mix, a.mix).sample()) \
                 if a.mix > 0 and epoch < a.epochs - a.mix_off_epochs else None
 
-            def batch_loss() -> torch.Tensor:
+            outs: list[torch.Tensor] = []  # each pass's first-head logits, for --adv-kl
+
+            def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
                 with autocast(a.precision):
                     out = model(x, m, None if lam is None else torch.tensor(lam), with_aux=y_fine is not None)
-                out, out_fine = (out[0].float(), out[1].float()) if y_fine is not None else (out.float(), None)
+                return (out[0].float(), out[1].float()) if y_fine is not None else (out.float(), None)
+
+            def batch_loss() -> torch.Tensor:
+                out, out_fine = forward()
+                outs.append(out)
                 ce = lambda o, t: F.cross_entropy(o, t, label_smoothing=a.label_smoothing, ignore_index=-1)
 
                 def loss(t: torch.Tensor, t_fine: torch.Tensor | None) -> torch.Tensor:
@@ -302,9 +325,21 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
             opt.zero_grad(set_to_none=True)
             with word_outputs(words) as kept:
                 batch_loss().backward()
-            if words is not None and a.adv_steps == 1:  # each text's own word vectors, moved per text (as
+            clean = outs[0].detach().log_softmax(1)
+            kl = lambda o: F.kl_div(o.log_softmax(1), clean, log_target=True, reduction="batchmean")
+            if a.vat > 0:  # one power iteration from a random direction, then the loss at the point it finds
+                probe = per_text_shift(torch.randn(kept[0].shape, generator=g_vat) * m.unsqueeze(-1), a.vat_xi)
+                probe.requires_grad_()
+                with word_outputs(words, probe):
+                    grad, = torch.autograd.grad(kl(forward()[0]), probe)
+                with word_outputs(words, per_text_shift(grad, a.vat)):
+                    (a.vat_weight * kl(forward()[0])).backward()
+            if a.fgm == 0:
+                pass
+            elif words is not None and a.adv_steps == 1:  # each text's own word vectors, moved per text (as
                 with word_outputs(words, move(kept[0].grad, a.fgm)):  # cct.step.TrainStep) or per word
-                    batch_loss().backward()
+                    loss = batch_loss()
+                    (loss + a.adv_kl * kl(outs[-1]) if a.adv_kl else loss).backward()
             elif words is not None:  # PGD (or FreeLB) on the word vectors' outputs, in the per-text/word norm
                 grad, shift = kept[0].grad, torch.zeros_like(kept[0])
                 for k in range(a.adv_steps):

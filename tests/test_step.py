@@ -1,6 +1,7 @@
 """cct.step: the learning-rate schedule, weight-decay groups, and the training step itself (CPU)."""
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,12 +10,12 @@ import torch.nn.functional as F
 from cct import create_model
 from cct.errors import CCTError
 from cct.evaluate import evaluate
-from cct.kinds import TextAugmentConfig, TokenBatch
+from cct.kinds import TextAugmentConfig, TokenBatch, augmenter
 from cct.kernels import use_kernels
 from cct.preprocess import Preprocessing
 from cct.recipes import make_config, validate
 from cct.step import (NonFiniteLossError, augment_config, lr_at, make_optimizer, make_train_step, param_groups,
-                      resize_batch, resolution_at, schedule_steps)
+                      resize_batch, resolution_at, schedule_steps, VAT_PROBE)
 from cct.tokenizer import PAD_ID
 from helpers import MODEL
 
@@ -295,6 +296,62 @@ def test_fgm_per_text_moves_each_texts_word_vectors_by_fgm(monkeypatch):
     assert not torch.allclose(other.head.weight, model.head.weight, atol=1e-6)
 
 
+def _shifted(model, batch, shift):
+    """The model's logits with `shift` added to its word vectors."""
+    handle = model.embedding.register_forward_hook(lambda m, i, out: out + shift)
+    try:
+        return model(batch.ids, batch.mask)
+    finally:
+        handle.remove()
+
+
+def _per_text(x: torch.Tensor, length: float) -> torch.Tensor:
+    return length * x / x.flatten(1).norm(dim=1).view(-1, 1, 1)
+
+
+@pytest.mark.parametrize("fgm", [0.0, 0.5])
+def test_vat_adds_the_kl_gradient_at_the_virtually_adversarial_word_vectors(monkeypatch, fgm):
+    model, (batch, labels) = _text_model(), _token_batch()
+    reference = copy.deepcopy(model)
+    vat, dim = 2.0, reference.cfg.word_embedding_dim
+    aug = TextAugmentConfig(label_smoothing=0.1, fgm=fgm, fgm_norm="text", vat=vat)
+    # by hand: the clean pass (and FGM's, per text), then VAT: a random direction drawn as the step draws it,
+    # masked and scaled to the probe's length per text, the KL's gradient there, the KL again at vat along it
+    zero = torch.zeros(6, 8, dim, requires_grad=True)
+    logits = _shifted(reference, batch, zero)
+    loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    *expected, g = torch.autograd.grad(loss, [*reference.parameters(), zero])
+    if fgm:
+        loss = F.cross_entropy(_shifted(reference, batch, _per_text(g, fgm)), labels, label_smoothing=0.1)
+        expected = [a + b for a, b in zip(expected, torch.autograd.grad(loss, list(reference.parameters())))]
+    clean = logits.detach().log_softmax(-1)
+    kl = lambda out: F.kl_div(out.log_softmax(-1), clean, log_target=True, reduction="batchmean")
+    drawn = torch.Generator().manual_seed(1)
+    augmenter(aug)(batch, labels, drawn, aug, num_classes=3, mix=True)  # whatever the augmentation draws first
+    probe = _per_text(torch.randn(6, 8, dim, generator=drawn) * batch.mask.unsqueeze(-1), VAT_PROBE)
+    probe.requires_grad_()
+    direction, = torch.autograd.grad(kl(_shifted(reference, batch, probe)), probe)
+    assert torch.all(direction[~batch.mask] == 0)  # padded positions do not move
+    loss = kl(_shifted(reference, batch, _per_text(direction, vat)))
+    assert loss > 0
+    expected = [a + b for a, b in zip(expected, torch.autograd.grad(loss, list(reference.parameters())))]
+    step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), aug, precision="fp32", device="cpu",
+                           label_smoothing=0.1, num_classes=3, generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = _count_backward(monkeypatch)
+    step(batch, labels, 1.0)
+    assert calls["n"] == (3 if fgm else 2)  # the probe's gradient is taken by autograd.grad, on it alone
+    for b, p, g in zip(before, model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), b - g, atol=2e-5, rtol=1e-4)
+    assert not model.embedding._forward_hooks
+    # without VAT the step lands elsewhere
+    other = _text_model()
+    make_train_step(other, torch.optim.SGD(other.parameters(), lr=1.0), replace(aug, vat=0.0), precision="fp32",
+                    device="cpu", label_smoothing=0.1, num_classes=3,
+                    generator=torch.Generator().manual_seed(1))(batch, labels, 1.0)
+    assert not torch.allclose(other.head.weight, model.head.weight, atol=1e-6)
+
+
 def test_fgm_norm_is_checked():
     validate(make_config("text_cct_2", "d", "o", fgm=1.0, fgm_norm="table"))
     validate(make_config("text_cct_2", "d", "o", fgm=0.0))  # FGM off: the recipe's fgm_norm is unused, not an error
@@ -306,7 +363,7 @@ def test_fgm_norm_is_checked():
         TextAugmentConfig(fgm=1.0, fgm_norm="batch")
 
 
-@pytest.mark.parametrize("name,value", [("fgm", 1.0), ("fine_aux", 0.5)])
+@pytest.mark.parametrize("name,value", [("fgm", 1.0), ("vat", 1.0), ("fine_aux", 0.5)])
 def test_text_step_options_are_refused_for_image_models_and_below_zero(name, value):
     flag = "--" + name.replace("_", "-")
     validate(make_config("text_cct_2", "d", "o", **{name: value}))

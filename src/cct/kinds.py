@@ -150,7 +150,9 @@ class TextAugmentConfig:
     label-smoothed by `label_smoothing` as timm's Mixup does for images. `fgm` > 0: adversarial word vectors
     (FGM, Miyato et al. 2017), applied by `cct.step.TrainStep`, since they need the batch's gradient; the
     move is `fgm` long over the word-vector table (`fgm_norm` "table") or over each text's own word vectors
-    ("text").
+    ("text"). `vat` > 0: virtual adversarial training (Miyato et al. 2017), also applied by the step: each
+    text's word vectors move `vat` in the direction that changes the predictions most, and the step also trains
+    on the KL divergence between the clean and the moved predictions.
     `fine_aux` > 0: batches carrying fine labels (`TokenBatch.aux`) also train the model's second head, the
     step's loss plus `fine_aux` × that head's."""
     token_dropout: float = 0.0
@@ -158,6 +160,7 @@ class TextAugmentConfig:
     label_smoothing: float = 0.0
     fgm: float = 0.0
     fgm_norm: str = "table"
+    vat: float = 0.0
     fine_aux: float = 0.0
 
     def __post_init__(self):
@@ -166,6 +169,7 @@ class TextAugmentConfig:
         assert 0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"
         assert self.fgm >= 0.0, f"fgm must be non-negative, got {self.fgm}"
         assert self.fgm_norm in FGM_NORMS, f"fgm_norm must be one of {FGM_NORMS}, got {self.fgm_norm!r}"
+        assert self.vat >= 0.0, f"vat must be non-negative, got {self.vat}"
         assert self.fine_aux >= 0.0, f"fine_aux must be non-negative, got {self.fine_aux}"
 
 

@@ -176,6 +176,10 @@ class TrainConfig:
                                 "table (the batch's words move together, more where the loss is larger) or each "
                                 "text's own word vectors (every text moves by --fgm, as Miyato et al.)",
                        choices=FGM_NORMS)
+    vat: float = _f(0.0, "text models: virtual adversarial training (Miyato et al. 2017): each step also trains on "
+                         "the KL divergence between the clean predictions and those with each text's word vectors "
+                         "moved this far (L2 norm) in the direction one power iteration finds; no labels used; two "
+                         "more passes a step (0: off)")
     embedding_std: float | None = _f(None, "text models: word vectors start N(0, std²) (default: the text recipe's, "
                                            "0.1; the official models' is 1)")
     fine_aux: float = _f(0.0, "text models on TREC (coarse labels): also train a second head on the fine labels, "
@@ -305,7 +309,7 @@ IMAGE_ONLY = ("img_size", "resize_mode", "in_chans", "skip_bad_images", "stream"
               "rrc_interpolation", "rand_augment", "auto_augment", "erasing", "cutmix_alpha", "mix_prob",
               "switch_prob", "mix_mode", "tta", "tta_translate")
 TEXT_ONLY = ("label_level", "tokenizer", "vocab_size", "min_frequency", "lowercase", "unk_shapes", "seq_len",
-             "kernel_size", "word_vectors", "token_dropout", "fgm", "fgm_norm", "embedding_std",
+             "kernel_size", "word_vectors", "token_dropout", "fgm", "fgm_norm", "vat", "embedding_std",
              "fine_aux")
 
 
@@ -432,6 +436,8 @@ def validate(cfg: TrainConfig) -> None:
     need(0.0 <= cfg.token_dropout < 1.0, f"--token-dropout must be in [0, 1), got {cfg.token_dropout}")
     need(cfg.fgm >= 0.0, f"--fgm must be non-negative, got {cfg.fgm}")
     need(text or not cfg.fgm, "--fgm (adversarial word vectors) is for text models")
+    need(cfg.vat >= 0.0, f"--vat must be non-negative, got {cfg.vat}")
+    need(text or not cfg.vat, "--vat (virtual adversarial word vectors) is for text models")
     need(cfg.fine_aux >= 0.0, f"--fine-aux must be non-negative, got {cfg.fine_aux}")
     need(text or not cfg.fine_aux, "--fine-aux (a head on TREC's fine labels) is for text models")
     need(not (text and cfg.tta), "--tta (flip averaging) is for image models")

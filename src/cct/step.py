@@ -128,6 +128,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
 # (on the 2-core test machine 0.27 ms against 2.1 ms a step for cct_2_3x2_32_keras; bench_cpu.py)
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
+# VAT's probe: how far (L2 norm per text) the power iteration's random start moves the word vectors, small beside
+# the move itself yet well above bf16's rounding of them (benchmarks/trec_validation.py's --vat-xi default)
+VAT_PROBE = 0.1
+
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, *, precision: str = "fp32") -> torch.optim.Optimizer:
     """The recipe's AdamW over `param_groups`, fused where the device has the kernel; or, with
@@ -162,9 +166,10 @@ def augment_config(cfg: TrainConfig, mean: tuple | None, std: tuple | None) -> A
 
 
 def text_augment_config(cfg: TrainConfig) -> TextAugmentConfig:
-    """The recipe's text augmentation: token dropout, word mixup, label smoothing, FGM and the fine labels' head."""
+    """The recipe's text augmentation: token dropout, word mixup, label smoothing, FGM, VAT and the fine labels'
+    head."""
     return TextAugmentConfig(token_dropout=cfg.token_dropout, mixup_alpha=cfg.mixup_alpha,
-                             label_smoothing=cfg.label_smoothing, fgm=cfg.fgm, fgm_norm=cfg.fgm_norm,
+                             label_smoothing=cfg.label_smoothing, fgm=cfg.fgm, fgm_norm=cfg.fgm_norm, vat=cfg.vat,
                              fine_aux=cfg.fine_aux)
 
 
@@ -202,13 +207,15 @@ class TrainStep:
         self.shared: tuple[bool, ...] = ()
         self.resolution: int | None = None  # progressive resizing: the input side of the next steps (None: native)
         self.fgm = aug_cfg.fgm if isinstance(aug_cfg, TextAugmentConfig) else 0.0
-        per_text = self.fgm and aug_cfg.fgm_norm == "text"
+        self.fgm_per_text = bool(self.fgm) and aug_cfg.fgm_norm == "text"
+        self.vat = aug_cfg.vat if isinstance(aug_cfg, TextAugmentConfig) else 0.0
         self.fine_aux = aug_cfg.fine_aux if isinstance(aug_cfg, TextAugmentConfig) else 0.0
         head = getattr(getattr(model, "module", model), "aux_head", None)  # through DDP
         self.aux_classes = head.out_features if head is not None else 0
         self.aux_targets: torch.Tensor | None = None  # the batch's fine labels' soft targets, while `fine_aux` trains
         self.table = word_embedding(model) if self.fgm else None
-        self.words = word_embedding_module(model) if per_text else None  # FGM moves its outputs, text by text
+        # FGM (per text) and VAT move its outputs, text by text
+        self.words = word_embedding_module(model) if self.fgm_per_text or self.vat else None
         self.reset_totals()
 
     def reset_totals(self) -> None:
@@ -251,6 +258,8 @@ class TrainStep:
         with word_outputs(self.words) as words:
             logits, loss = self.forward_backward(args, targets, any_token_grid(self.model) if reduced else None)
         checked = loss if not self.fgm else loss + self.adversarial_backward(args, targets, words)
+        if self.vat:
+            checked = checked + self.virtual_adversarial_backward(args, logits, words)
         if self.sync_grads:  # the gradients, the loss's finiteness and the flags in one exchange
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             finite, self.shared = distributed.average_gradients(params, finite=bool(torch.isfinite(checked)),
@@ -317,7 +326,7 @@ class TrainStep:
         none, so only the batch's words move, each by one vector wherever it occurs; the table is put back bit
         for bit before the optimiser steps. "text": the clean pass's word vectors (`words`, kept by
         `word_outputs`) move, each text's by `fgm` along its own gradient, every occurrence apart."""
-        if self.words is not None:
+        if self.fgm_per_text:
             with word_outputs(self.words, per_text_shift(words[0].grad, self.fgm)):
                 return self.forward_backward(args, targets)[1]
         grad = self.table.grad  # a GradScaler's scale cancels in the normalisation
@@ -328,6 +337,27 @@ class TrainStep:
         with torch.no_grad():
             self.table.copy_(saved)
         return loss
+
+    def virtual_adversarial_backward(self, args: list[torch.Tensor], logits: torch.Tensor,
+                                     words: list[torch.Tensor]) -> torch.Tensor:
+        """VAT (Miyato et al. 2017): KL(clean ‖ moved) of the first head's predictions, the clean ones (`logits`)
+        held fixed, with each text's word vectors moved `vat` in the direction one power iteration finds from a
+        random one (a probe `VAT_PROBE` long per text), backpropagated onto the same gradients; returns that KL.
+        The labels play no part, so it asks the model to be smooth where FGM asks it to be right."""
+        clean = logits.float().log_softmax(-1)
+        inner = getattr(self.model, "module", self.model)  # the probe trains nothing: no DDP exchange for it
+
+        def kl(model: nn.Module, shift: torch.Tensor) -> torch.Tensor:
+            with word_outputs(self.words, shift), autocast(self.precision, self.device):
+                out = model(*args)
+            return F.kl_div(out.float().log_softmax(-1), clean, log_target=True, reduction="batchmean")
+
+        noise = torch.randn(words[0].shape, generator=self.generator).to(self.device) * args[1].unsqueeze(-1)
+        probe = per_text_shift(noise, VAT_PROBE).requires_grad_()
+        direction, = torch.autograd.grad(kl(inner, probe), probe)
+        loss = kl(self.model, per_text_shift(direction, self.vat))
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss.detach()
 
     def state_dict(self) -> dict:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen.cpu(),

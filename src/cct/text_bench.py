@@ -10,7 +10,8 @@ images, and the result has the same keys with "sequences" for "images".
 
 That plain step is the one `benchmarks/compare_official.py` sets beside the official code's. With a recipe
 (`cct bench --model text_cct_2 --recipe text`) the timed step is what `cct train` runs per batch instead
-(`cct.step.make_train_step`: the recipe's optimiser, word mixup and FGM, whose second pass doubles the cost),
+(`cct.step.make_train_step`: the recipe's optimiser, word mixup, FGM, whose second pass doubles the cost, and
+VAT where the recipe has it, two passes more),
 on the model as the recipe builds it (its kernel size and word-vector scale), at the recipe's precision and
 threads unless `precision` / `threads` say otherwise. Precision "auto" is settled as `cct train` settles it
 for a text model: on a CPU with native bf16, by a trial of a few steps in each (`cct.text_run.trial_precision`).
@@ -176,7 +177,7 @@ def benchmark_text(model: str = "text_cct_2", *, batch_size: int = 128, infer_ba
             optimizer = make_optimizer(net, cfg, precision=prec)
             step = make_train_step(net, optimizer, text_augment_config(cfg), precision=prec, device=dev, label_smoothing=cfg.label_smoothing,
                                    num_classes=num_classes, generator=torch.Generator().manual_seed(seed + 1))
-            passes = 2 if cfg.fgm else 1
+            passes = 1 + bool(cfg.fgm) + 2 * bool(cfg.vat)  # VAT: its probe, then its own pass
 
             def train_step() -> None:
                 i = next(counter) % POOL
