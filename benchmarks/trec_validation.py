@@ -334,7 +334,7 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
                     grad, = torch.autograd.grad(kl(forward()[0]), probe)
                 with word_outputs(words, per_text_shift(grad, a.vat)):
                     (a.vat_weight * kl(forward()[0])).backward()
-            if a.fgm == 0:
+            if a.fgm == 0:  # VAT alone, or no adversary
                 pass
             elif words is not None and a.adv_steps == 1:  # each text's own word vectors, moved per text (as
                 with word_outputs(words, move(kept[0].grad, a.fgm)):  # cct.step.TrainStep) or per word
