@@ -145,7 +145,7 @@ def test_default_recipe_and_config_for_text_models():
     cfg = make_config("text_cct_2", "d", "o")
     assert cfg.recipe == "text" and cfg.token_dropout == 0.0 and cfg.schedule == "cosine"
     assert cfg.fgm == 1.0 and cfg.fgm_norm == "text"  # each text's word vectors moved, not the table
-    assert cfg.vat == 0.0  # VAT (--vat) is an option: level with the recipe on 20 splits (benchmarks/README.md)
+    assert cfg.vat == 0.0  # VAT (--vat) is an option: short of its rule on 20 splits, level on 10 fresh ones
     assert cfg.val_split == 0 and not cfg.restore_best  # all training texts, the last epoch tested
     assert cfg.precision == "auto"  # settled by a trial on CPUs with native bf16 (the next test)
     from cct.recipes import RECIPE_MODELS
