@@ -17,7 +17,11 @@ defaults plus `--unk-shapes --kernel-size 4 --attn-drop-rate 0 --label-smoothing
 FGM's move measured per text (`--fgm-norm text --fgm E`) instead of over the table, and the recipe has been those
 flags plus `--fgm-norm text --fgm 1.0` since; the eighteenth tried a move per word (`--fgm-norm word`), PGD and
 FreeLB in the per-text norm (`--adv-steps K [--adv-average]`); the nineteenth virtual adversarial training
-(`--vat E`, beside FGM or with `--fgm 0` instead of it) and a KL term at FGM's point (`--adv-kl W`). Earlier rounds in
+(`--vat E`, beside FGM or with `--fgm 0` instead of it) and a KL term at FGM's point (`--adv-kl W`); the twentieth
+scored the second head's vote on the same weights: whenever `--fine-aux` trains that head, each split also prints
+`fine_sum` (its probabilities alone, each fine class's summed into its coarse one), `heads` (those plus the first
+head's) and `heads_log` (their log-probabilities added), and `--save-heads FILE` keeps both heads' validation
+probabilities for other weights (the recipe's `--fine-vote 2` came from them). Earlier rounds in
 benchmarks/README.md ran with the defaults of their time (token dropout 0.1, no FGM): their flags are on top of those.
 
     .venv/bin/python benchmarks/trec_validation.py --tag recipe
@@ -143,6 +147,8 @@ def parse_args() -> argparse.Namespace:
                    "labels, loss weight W (the recipe's `--fine-aux`; 0: off)")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--tag", default="")
+    p.add_argument("--save-heads", default="", help="with --fine-aux: save the last epoch's validation probabilities "
+                   "of both heads to this file ({seed} is replaced by the split's seed)")
     a = p.parse_args()
     if a.mlm_epochs and a.kernel_size != 2:
         p.error("--mlm-epochs maps words to tokens for --kernel-size 2 only")
@@ -197,7 +203,7 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             torch.manual_seed(member_seed)
         result, p = train_one(a, tokenizer, ids, mask, labels, num_classes, val, val_ids, val_mask, grams, val_grams,
                               fine, ds.num_classes, counts, member_seed,
-                              (train.aux, len(ds.fine_classes)) if a.fine_aux else None)
+                              (train.aux, len(ds.fine_classes), fine_parent(ds)) if a.fine_aux else None)
         results.append(result)
         probs.append(p)
     result = results[0]
@@ -236,9 +242,9 @@ def unk_backoff(tokenizer: TextTokenizer, texts, kind: str):
 
 def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, val, val_ids, val_mask, grams,
               val_grams, fine, coarse_classes, counts, seed: int,
-              fine_aux: tuple[torch.Tensor, int] | None = None) -> tuple[dict, torch.Tensor]:
+              fine_aux: tuple[torch.Tensor, int, torch.Tensor] | None = None) -> tuple[dict, torch.Tensor]:
     """One model trained on the split; its result and its last epoch's validation probabilities."""
-    aux, aux_classes = fine_aux if fine_aux is not None else (None, 0)
+    aux, aux_classes, aux_parent = fine_aux if fine_aux is not None else (None, 0, None)
     model = use_kernels(create_model(a.model, num_classes=num_classes, vocab_size=tokenizer.vocab_size, seq_len=64,
                                      kernel_size=a.kernel_size, embedding_std=a.embedding_std,
                                      word_embedding_dim=a.word_embedding_dim,
@@ -396,6 +402,8 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
         history.append(val_probs(model))
     scores = [accuracy(probs, val.labels) for probs in history]
     result = dict(seed=seed, last=scores[-1], best=max(scores), seconds=round(time.time() - t0))
+    if aux is not None:  # inference only, on the same weights: the fine head summed into coarse, and both heads
+        result.update(head_scores(a, model, val_ids, val_mask, val.labels, aux_parent, coarse_classes, seed))
     if ema is not None:
         result["ema"] = accuracy(val_probs(ema), val.labels)
     if averaged is not None:
@@ -403,6 +411,28 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
         copy_.load_state_dict(averaged)
         result["swa"] = accuracy(val_probs(copy_), val.labels)
     return result, history[-1]
+
+
+def fine_parent(ds) -> torch.Tensor:
+    """(fine classes,): each fine class's coarse class, read from its name (`LOC:city` → LOC)."""
+    return torch.tensor([ds.classes.index(name.split(":")[0]) for name in ds.fine_classes])
+
+
+def head_scores(a: argparse.Namespace, model, ids, mask, labels, parent: torch.Tensor, coarse_classes: int,
+                seed: int) -> dict:
+    """Validation top-1 of the second (fine) head, its probabilities summed into the coarse classes, and of the two
+    heads together: the mean of their coarse probabilities (`heads`) and of their log-probabilities (`heads_log`)."""
+    model.eval()
+    with torch.no_grad(), autocast(a.precision):
+        out, out_fine = model(ids, mask, with_aux=True)
+    model.train()
+    p = out.float().softmax(1)
+    p_fine = torch.zeros(len(p), coarse_classes).index_add_(1, parent, out_fine.float().softmax(1))
+    if a.save_heads:  # for combinations scored afterwards
+        torch.save(dict(probs=p, fine_probs=out_fine.float().softmax(1), parent=parent, labels=labels),
+                   a.save_heads.format(seed=seed))
+    return dict(fine_sum=accuracy(p_fine, labels), heads=accuracy(p + p_fine, labels),
+                heads_log=accuracy(p.log() + p_fine.clamp_min(1e-12).log(), labels))
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:

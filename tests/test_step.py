@@ -363,7 +363,7 @@ def test_fgm_norm_is_checked():
         TextAugmentConfig(fgm=1.0, fgm_norm="batch")
 
 
-@pytest.mark.parametrize("name,value", [("fgm", 1.0), ("vat", 1.0), ("fine_aux", 0.5)])
+@pytest.mark.parametrize("name,value", [("fgm", 1.0), ("vat", 1.0), ("fine_aux", 0.5), ("fine_vote", 2.0)])
 def test_text_step_options_are_refused_for_image_models_and_below_zero(name, value):
     flag = "--" + name.replace("_", "-")
     validate(make_config("text_cct_2", "d", "o", **{name: value}))

@@ -43,6 +43,7 @@ def test_trec_coarse_labels_carry_the_fine_ones_for_the_second_head(tmp_path):
     ds = load_text(trec(tmp_path, TREC_TRAIN))
     assert ds.fine_classes == ["DESC:manner", "HUM:ind", "LOC:city", "LOC:country"]
     assert ds.train_fine.tolist() == [0, 2, 1, -1, 3]  # the malformed 'NUM:How' line has none
+    assert ds.fine_parent == [0, 1, 2, 2]  # each fine class's coarse one, for the vote (`--fine-vote`)
     held, _ = hold_out_test(load_text(tmp_path / "train_5500.label"), fraction=0.4, seed=0)
     kept = [ds.train_texts.index(t) for t in held.train_texts]
     assert held.train_fine.tolist() == ds.train_fine[kept].tolist()  # still each text's own
@@ -80,6 +81,7 @@ def test_shared_trec():
     assert any(r.startswith(f"{SHARED_TREC / 'train_5500.label'}:4451: malformed fine label 'NUM:How'")
                for r in ds.reported)
     assert len(ds.fine_classes) == 50 and int((ds.train_fine >= 0).sum()) == 5443 and ds.train_fine[4450] == -1
+    assert [ds.fine_parent.count(c) for c in range(6)] == [2, 4, 22, 4, 5, 13]  # TREC's 50 fine classes by coarse
     fine = load_text(SHARED_TREC, label_level="fine")
     assert len(fine.train_texts) == 5443 and fine.num_classes == 50 and fine.classes == ds.fine_classes
     assert [s.split(": ")[0] for s in fine.skipped] == [f"{SHARED_TREC / 'train_5500.label'}:4451"]

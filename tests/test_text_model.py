@@ -4,9 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import cct
 from cct.errors import CheckpointError
 from cct.text_model import (TEXT_VARIANTS, TextCCT, TextConfig, create_text_model, get_text_config,
                             official_text_state_dict)
+from cct.tokenizer import TextTokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_text_cct_2.pt"
 # The fixture is the state_dict() of the official text_cct_2(kernel_size=4, vocab_size=50, num_classes=6), built
@@ -165,7 +167,7 @@ def test_timm_interface():
     assert model(torch.randint(0, 20, (2, 10))).shape == (2, 128)
 
 
-def test_second_head_trains_beside_the_first_and_predicts_nothing():
+def test_second_head_trains_beside_the_first_and_predicts_nothing_without_aux_vote():
     plain = create_text_model("text_cct_2", vocab_size=20)
     model = create_text_model("text_cct_2", vocab_size=20, aux_classes=7)
     assert plain.aux_head is None and model.aux_head.out_features == 7
@@ -180,6 +182,66 @@ def test_second_head_trains_beside_the_first_and_predicts_nothing():
     assert torch.allclose(aux, model.aux_head(pooled))
     with pytest.raises(AssertionError, match="aux_classes"):
         plain(ids, mask, with_aux=True)
+
+
+def _voting(**overrides):
+    torch.manual_seed(0)
+    settings = dict(vocab_size=20, num_classes=3, aux_classes=5, aux_vote=2.0, aux_parent=[0, 0, 1, 2, 2])
+    return create_text_model("text_cct_2", **{**settings, **overrides}).eval()
+
+
+def _by_hand(logits: torch.Tensor, aux: torch.Tensor, w: float) -> torch.Tensor:
+    """log((p + w·q) / (1 + w)), q the aux probabilities of classes 0+1, 2 and 3+4 (the parents above)."""
+    q = aux.float().softmax(-1)
+    q = torch.stack([q[:, 0] + q[:, 1], q[:, 2], q[:, 3] + q[:, 4]], 1)
+    return ((logits.float().softmax(-1) + w * q) / (1 + w)).log()
+
+
+def test_the_second_head_votes_in_predictions_with_aux_vote():
+    model = _voting()
+    ids, mask = torch.randint(2, 20, (4, 9)), torch.ones(4, 9, dtype=torch.bool)
+    logits, aux = model(ids, mask, with_aux=True)  # training reads both heads as they are
+    features, token_mask = model.forward_features(ids, mask)
+    pooled = model.forward_head(features, pre_logits=True, mask=token_mask)
+    assert torch.equal(logits, model.head(pooled)) and torch.equal(aux, model.aux_head(pooled))
+    out = model(ids, mask)
+    assert out.dtype == torch.float32 and torch.allclose(out, _by_hand(logits, aux, 2.0), atol=1e-6)
+    assert torch.allclose(out.softmax(-1).sum(-1), torch.ones(4))  # log-probabilities: softmax gives them back
+    assert torch.allclose(model.forward_head(features, mask=token_mask), out)  # timm's forward = head(features)
+    # padding changes nothing, as for the first head alone
+    padded = torch.cat([ids, torch.ones(4, 7, dtype=torch.long)], 1)
+    padded_mask = torch.cat([mask, torch.zeros(4, 7, dtype=torch.bool)], 1)
+    assert torch.allclose(model(padded, padded_mask), out, atol=1e-5)
+    # under bf16 autocast the heads run in bf16, and the mixture in float32 from their outputs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, low_aux = model(ids, mask, with_aux=True)
+        mixed = model(ids, mask)
+    assert low.dtype == torch.bfloat16 and mixed.dtype == torch.float32
+    assert torch.allclose(mixed, _by_hand(low, low_aux, 2.0), atol=1e-6)
+
+
+def test_aux_vote_is_checked_and_a_new_classifier_stops_it():
+    for bad, match in ((dict(aux_parent=None), "aux_vote needs aux_parent"),
+                       (dict(aux_parent=[0, 1, 2]), "aux_parent must give each of the 5"),
+                       (dict(aux_parent=[0, 0, 1, 2, 3]), "aux_parent must give each of the 5"),
+                       (dict(aux_vote=-1.0), "aux_vote must be non-negative")):
+        with pytest.raises(AssertionError, match=match):
+            _voting(**bad)
+    model = _voting()
+    ids = torch.randint(2, 20, (2, 9))
+    model.reset_classifier(4)
+    assert model.cfg.aux_vote == 0.0 and model.cfg.aux_parent is None
+    assert torch.equal(model(ids), model(ids, with_aux=True)[0]) and model(ids).shape == (2, 4)
+
+
+def test_a_voting_model_round_trips_through_a_checkpoint(tmp_path):
+    model = _voting()
+    ids = torch.randint(2, 20, (3, 9))
+    model.tokenizer = TextTokenizer.train(["what is it ?", "who is he ?"], vocab_size=20)
+    path = cct.save_checkpoint(model, tmp_path / "vote.pt", tokenizer=model.tokenizer.to_json())
+    loaded = cct.load_checkpoint(path).eval()
+    assert loaded.cfg.aux_vote == 2.0 and loaded.cfg.aux_parent == [0, 0, 1, 2, 2]
+    assert torch.equal(loaded(ids), model(ids))
 
 
 def test_config_round_trip():

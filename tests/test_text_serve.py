@@ -121,10 +121,13 @@ def test_onnx_export_of_a_one_token_model(tmp_path):
     assert diff <= 1e-4 and opset == 18 and (tmp_path / "one.onnx").is_file()
 
 
-def test_onnx_export_parity_dynamic_length_and_predict_without_a_torch_model(tmp_path, capsys, monkeypatch):
+# plain, and with a second head that votes (`--fine-vote`: its 5 classes summed into the 4)
+@pytest.mark.parametrize("overrides", [{}, dict(aux_classes=5, aux_vote=2.0, aux_parent=[0, 1, 1, 2, 3])])
+def test_onnx_export_parity_dynamic_length_and_predict_without_a_torch_model(overrides, tmp_path, capsys,
+                                                                             monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    ckpt = _checkpoint(tmp_path)
+    ckpt = _checkpoint(tmp_path, **overrides)
     onnx_path = tmp_path / "text.onnx"
     assert main(["export", str(ckpt), "--format", "onnx", "--output", str(onnx_path)]) == 0
     assert "max |diff| against PyTorch" in capsys.readouterr().out

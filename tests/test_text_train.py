@@ -83,7 +83,10 @@ def test_cct_train_end_to_end(kind, tmp_path, capsys):
     model = cct.load_checkpoint(out / "last.pt")
     if kind == "trec":
         assert "fine labels: a second head trained on the source's 3, loss weight 0.5" in err
+        assert "predictions weigh it 2 × the first head (--fine-vote)" in err
         assert model.cfg.aux_classes == 3 and model.aux_head.out_features == 3
+        # HUM:other, LOC:other, NUM:other: each fine class votes for its own coarse one
+        assert model.cfg.aux_vote == 2.0 and model.cfg.aux_parent == [0, 1, 2]
     else:
         assert "fine labels: none in this source" in err and model.aux_head is None
 

@@ -77,6 +77,11 @@ class TextDataset:
                                            len(self.train_fine) == len(self.train_texts))
 
     @property
+    def fine_parent(self) -> list[int] | None:
+        """Each fine class's coarse class, an index into `classes` (TREC writes its fine labels COARSE:fine)."""
+        return None if self.fine_classes is None else [self.classes.index(n.split(":")[0]) for n in self.fine_classes]
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 

@@ -41,7 +41,8 @@ def text_record(model: TextCCT, eval_record: dict | None = None) -> dict:
     record.update(inputs={"token_ids": "int64 (batch, length)", "mask": "bool (batch, length), True for real tokens"},
                   length="1 to seq_len tokens, padded with [PAD] (id 1) to the longest text of the batch",
                   tokenizer=f"metadata {ONNX_TOKENIZER_KEY}: cct TextTokenizer JSON",
-                  output="logits (no softmax)")
+                  output="logits (no softmax)" if not model.cfg.aux_vote else
+                  "log-probabilities of both heads' vote (softmax gives the probabilities)")
     return record
 
 

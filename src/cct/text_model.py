@@ -44,6 +44,10 @@ class TextConfig:
     seq_len: int = 64  # token ids per text the model is built for (sizes its positional embedding)
     num_classes: int = 6
     aux_classes: int = 0  # > 0: a second head on the pooled features, trained beside the first (`--fine-aux`)
+    # > 0: predictions add this many times the second head's probabilities, each of its classes counted for the
+    # first head's class `aux_parent` names (TREC: a fine label's coarse one; `--fine-vote`)
+    aux_vote: float = 0.0
+    aux_parent: list[int] | None = None
     padding_idx: int = 1  # the official Embedder's
     embedding_std: float = 1.0  # word vectors start N(0, embedding_std²): nn.Embedding's N(0, 1), as the official
     # conv tokenizer (cct: conv → ReLU → max-pool; cvt/vit: patches of `kernel_size` words)
@@ -91,6 +95,12 @@ class TextConfig:
         assert self.embedding_std > 0, f"embedding_std must be positive, got {self.embedding_std}"
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             assert 0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}"
+        assert self.aux_vote >= 0.0, f"aux_vote must be non-negative, got {self.aux_vote}"
+        if self.aux_parent is not None:
+            self.aux_parent = [int(c) for c in self.aux_parent]  # a list, as the checkpoint's JSON-like config
+            assert len(self.aux_parent) == self.aux_classes and all(0 <= c < self.num_classes for c in self.aux_parent), \
+                f"aux_parent must give each of the {self.aux_classes} aux classes one of the {self.num_classes} classes"
+        assert not self.aux_vote or self.aux_parent is not None, "aux_vote needs aux_parent (each aux class's class)"
 
     @property
     def pooling(self) -> str:
@@ -227,8 +237,11 @@ class TextCCT(ClassifierHead, nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.attention_pool = nn.Linear(D, 1) if cfg.pooling == "seq" else None
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        # training only: fine labels (TREC's 50) as a second task; predictions use `head` alone
+        # fine labels (TREC's 50) as a second task; predictions use `head` alone unless `aux_vote`
         self.aux_head = nn.Linear(D, cfg.aux_classes) if cfg.aux_classes > 0 else None
+        if cfg.aux_vote:  # (aux_classes, num_classes): sums the aux probabilities into the first head's classes
+            self.register_buffer("aux_to_main", F.one_hot(torch.tensor(cfg.aux_parent), cfg.num_classes).float(),
+                                 persistent=False)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -295,7 +308,19 @@ class TextCCT(ClassifierHead, nn.Module):
             x = (self.pool_weights(x, mask).unsqueeze(1) @ x).squeeze(1)  # (B, D) sequence pooling
         else:
             x = x[:, 0]  # class token
-        return x if pre_logits else self.head(x)
+        if pre_logits:
+            return x
+        return self.head(x) if not self.cfg.aux_vote else self.vote(self.head(x), self.aux_head(x))
+
+    def vote(self, logits: torch.Tensor, aux_logits: torch.Tensor) -> torch.Tensor:
+        """Both heads' prediction, log((p + w·q) / (1 + w)) with w = `aux_vote`, p the first head's probabilities
+        and q the second's summed into the first head's classes: float32 log-probabilities (B, num_classes),
+        which softmax, argmax and cross-entropy read as logits (softmax gives back the mixture)."""
+        w = self.cfg.aux_vote
+        # a broadcast sum, not a matmul, which autocast would run in 16 bits
+        q = (aux_logits.float().softmax(-1).unsqueeze(-1) * self.aux_to_main).sum(1)  # (B, num_classes)
+        p = logits.float().softmax(-1) + w * q
+        return (p / (1 + w)).clamp_min(torch.finfo(torch.float32).tiny).log()  # no -inf where both underflow
 
     def forward(self, token_ids: torch.Tensor, mask: torch.Tensor | None = None,
                 mix: torch.Tensor | None = None, *, with_aux: bool = False
@@ -307,6 +332,11 @@ class TextCCT(ClassifierHead, nn.Module):
         assert self.aux_head is not None, "with_aux needs a model built with aux_classes > 0"
         pooled = self.forward_head(x, pre_logits=True, mask=token_mask)
         return self.head(pooled), self.aux_head(pooled)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's: a new first head; the second head's classes no longer map onto its classes, so it stops voting."""
+        super().reset_classifier(num_classes, global_pool)
+        self.cfg.aux_vote, self.cfg.aux_parent = 0.0, None
 
     def extra_repr(self) -> str:
         return f"family={self.cfg.family!r}, seq_len={self.cfg.seq_len}, tokens={self.num_tokens}, " \
@@ -374,7 +404,7 @@ def create_text_model(name: str, *, pretrained: str | Path | None = None, **over
             raise CheckpointError(f"{pretrained}: its conv has kernel size {conv.shape[2]}; "
                                   f"pass kernel_size={conv.shape[2]}")
         state = _with_tail_positions(state, model)
-        if model.aux_head is not None:  # a training-only head the official models do not have: the model's own
+        if model.aux_head is not None:  # a second head the official models do not have: the model's own
             state.update({k: v for k, v in model.state_dict().items() if k.startswith("aux_head.")})
         try:
             model.load_state_dict(state, strict=True)

@@ -127,7 +127,9 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     fine = dataset.train_fine if cfg.fine_aux > 0 else None
     if cfg.fine_aux > 0:
         log(quiet, f"fine labels: a second head trained on the source's {len(dataset.fine_classes)}, loss weight "
-                   f"{cfg.fine_aux:g} (--fine-aux)" if fine is not None else
+                   f"{cfg.fine_aux:g} (--fine-aux)" + (
+                       f"; predictions weigh it {cfg.fine_vote:g} × the first head (--fine-vote)" if cfg.fine_vote
+                       else "; predictions use the first head alone (--fine-vote 0)") if fine is not None else
                    "fine labels: none in this source (TREC's, with --label-level coarse), so --fine-aux trains no "
                    "second head")
     train_raw, val_raw = data_mod.split_set(RawTexts(dataset.train_texts, dataset.train_labels, fine),
@@ -166,6 +168,8 @@ def text_inputs(cfg: TrainConfig, *, checkpoint: dict | None, precision: str, qu
     overrides = dict(vocab_size=tokenizer.vocab_size, seq_len=seq_len, **recipe_model_overrides(cfg))
     if fine is not None:
         overrides["aux_classes"] = len(dataset.fine_classes)
+        if cfg.fine_vote:
+            overrides.update(aux_vote=cfg.fine_vote, aux_parent=dataset.fine_parent)
     results = {"seq_len": seq_len, "vocab_size": tokenizer.vocab_size, "truncated_texts": truncated,
                "skipped_lines": len(dataset.skipped)}
     if settled_by_trial(cfg.precision, precision, device):
