@@ -203,7 +203,7 @@ def run_seed(a: argparse.Namespace, ds, seed: int, fine: tuple[dict, torch.Tenso
             torch.manual_seed(member_seed)
         result, p = train_one(a, tokenizer, ids, mask, labels, num_classes, val, val_ids, val_mask, grams, val_grams,
                               fine, ds.num_classes, counts, member_seed,
-                              (train.aux, len(ds.fine_classes), fine_parent(ds)) if a.fine_aux else None)
+                              (train.aux, len(ds.fine_classes), torch.tensor(ds.fine_parent)) if a.fine_aux else None)
         results.append(result)
         probs.append(p)
     result = results[0]
@@ -411,11 +411,6 @@ def train_one(a: argparse.Namespace, tokenizer, ids, mask, labels, num_classes, 
         copy_.load_state_dict(averaged)
         result["swa"] = accuracy(val_probs(copy_), val.labels)
     return result, history[-1]
-
-
-def fine_parent(ds) -> torch.Tensor:
-    """(fine classes,): each fine class's coarse class, read from its name (`LOC:city` → LOC)."""
-    return torch.tensor([ds.classes.index(name.split(":")[0]) for name in ds.fine_classes])
 
 
 def head_scores(a: argparse.Namespace, model, ids, mask, labels, parent: torch.Tensor, coarse_classes: int,
