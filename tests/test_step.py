@@ -406,6 +406,30 @@ def test_fine_aux_adds_the_second_heads_loss_and_reports_the_first():
     assert torch.equal(model.aux_head.weight, head)
 
 
+def test_a_voting_model_trains_as_the_same_model_without_the_vote():
+    """`aux_vote` changes what `forward` predicts, not what the step trains: the first head's own logits (its loss,
+    VAT's KL) and the second head's, with FGM and VAT on, and on a batch without fine labels."""
+    def trained(**vote) -> list[list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = create_model("text_cct_2", num_classes=3, vocab_size=30, seq_len=8, kernel_size=2, drop_rate=0.0,
+                             attn_drop_rate=0.0, drop_path_rate=0.0, aux_classes=4, **vote)
+        step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                               TextAugmentConfig(label_smoothing=0.1, fgm=0.5, fgm_norm="text", vat=2.0,
+                                                 fine_aux=0.5), precision="fp32", device="cpu",
+                               label_smoothing=0.1, num_classes=3, generator=torch.Generator().manual_seed(1))
+        batch, labels = _token_batch()
+        weights = []
+        for b in (TokenBatch(batch.ids, batch.mask, torch.tensor([0, 3, -1, 1, 2, 3])), batch):
+            step(b, labels, 1.0)
+            weights.append([p.detach().clone() for p in model.parameters()])
+        return weights
+
+    plain, voting = trained(), trained(aux_vote=2.0, aux_parent=[0, 1, 1, 2])
+    for after_plain, after_voting in zip(plain, voting):
+        for a, b in zip(after_plain, after_voting):
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
 def test_fine_aux_targets_are_smoothed_and_mixed_as_the_main_ones():
     model = create_model("text_cct_2", num_classes=3, vocab_size=30, seq_len=8, aux_classes=4)
     step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0),

@@ -294,9 +294,7 @@ class TrainStep:
         (logits, loss)."""
         aux = self.aux_targets
         with autocast(self.precision, self.device), grid if grid is not None else contextlib.nullcontext():
-            logits = self.model(*args) if aux is None else self.model(*args, with_aux=True)
-        if aux is not None:
-            logits, aux_logits = logits
+            logits, aux_logits = self._heads(self.model, args)
         # mixed (soft) targets already carry the smoothing: augment_batch applies it, as timm's Mixup does
         smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
         loss = total = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
@@ -305,6 +303,11 @@ class TrainStep:
             loss = torch.where(torch.isfinite(total), loss, total)  # a non-finite total still stops the step
         (self.scaler.scale(total) if self.scaler is not None else total).backward()
         return logits.detach(), loss.detach()
+
+    def _heads(self, model: nn.Module, args: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first head's logits and the second head's (None without one). A text model's `forward` may predict
+        with both heads (`aux_vote`); the step trains, reports and perturbs the first head's own logits."""
+        return model(*args, with_aux=True) if self.aux_classes else (model(*args), None)
 
     def _aux_targets(self, inputs, args: list[torch.Tensor]) -> torch.Tensor | None:
         """On the device, the soft targets of a text batch's fine labels (`TokenBatch.aux`; None without them or
@@ -349,7 +352,7 @@ class TrainStep:
 
         def kl(model: nn.Module, shift: torch.Tensor) -> torch.Tensor:
             with word_outputs(self.words, shift), autocast(self.precision, self.device):
-                out = model(*args)
+                out = self._heads(model, args)[0]
             return F.kl_div(out.float().log_softmax(-1), clean, log_target=True, reduction="batchmean")
 
         noise = torch.randn(words[0].shape, generator=self.generator).to(self.device) * args[1].unsqueeze(-1)
