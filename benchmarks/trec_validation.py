@@ -529,8 +529,8 @@ def main() -> None:
     fine = None
     if a.fine:
         fds = load_text(a.data, label_level="fine")
-        parent = torch.tensor([ds.classes.index(c.split(":")[0]) for c in fds.classes])
-        fine = ({t: int(label) for t, label in zip(fds.train_texts, fds.train_labels)}, parent)
+        assert fds.classes == ds.fine_classes  # the fine labels' names are the coarse read's `fine_classes`
+        fine = ({t: int(label) for t, label in zip(fds.train_texts, fds.train_labels)}, torch.tensor(ds.fine_parent))
     results = []
     for seed in (int(s) for s in a.seeds.split(",")):
         results.append(run_seed(a, ds, seed, fine))
